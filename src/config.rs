@@ -1,0 +1,748 @@
+//! YAML config: a file struct that rejects unknown keys, validated into the runtime [`Config`].
+//!
+//! Parsing and validation are separate on purpose: the file struct mirrors the YAML a user
+//! writes (DESIGN §3), the runtime struct is what the hot path reads (provider indexes,
+//! allow-lists as bit sets, durations), so no request ever re-interprets config text.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::provider::{self, Provider, ProviderKind};
+
+/// Default config path, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/byokd.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// A duration written as `10s`, `5m`, `90d`, `250ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `10s`, `5m`, `90d`; the error says what a valid value looks like.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 500ms, 10s, 5m, 90d"))
+}
+
+// ---------- the file as written ----------
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub admin: AdminFile,
+    pub tls: Option<TlsFile>,
+    pub identity: Option<Vec<IdentityFile>>,
+    pub kms: Option<KmsFile>,
+    pub store: Option<StoreFile>,
+    #[serde(default)]
+    pub key_cache: KeyCacheFile,
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderFile>,
+    #[serde(default)]
+    pub upstream: UpstreamFile,
+    #[serde(default)]
+    pub defaults: PolicyFile,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, PolicyFile>,
+    pub pricing: Option<PathBuf>,
+    pub audit: Option<AuditFile>,
+    pub shared_state: Option<SharedStateFile>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub metrics: MetricsFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: Option<SocketAddr>,
+    pub token_sha256: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum IdentityFile {
+    Header(HeaderSourceFile),
+    Bearer(EmptyFile),
+    Mtls(MtlsSourceFile),
+    Passthrough(PassthroughFile),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyFile {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderSourceFile {
+    #[serde(default = "default_tenant_header")]
+    pub name: String,
+    pub only_from: Option<String>,
+}
+
+fn default_tenant_header() -> String {
+    "x-tenant-id".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsSourceFile {
+    pub uri_san_prefix: Option<String>,
+    pub subject_cn: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassthroughFile {
+    pub key_header: Option<String>,
+    pub provider_header: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsFile {
+    pub local: Option<LocalKmsFile>,
+    pub aws: Option<AwsKmsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalKmsFile {
+    pub keks: BTreeMap<String, PathBuf>,
+    pub active: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsKmsFile {
+    pub key_id: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub file: Option<FileStoreFile>,
+    pub postgres: Option<PostgresFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStoreFile {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresFile {
+    pub url: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCacheFile {
+    pub ttl: Option<Dur>,
+    pub stale_ttl: Option<Dur>,
+    pub max_entries: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderFile {
+    pub kind: Option<String>,
+    pub base_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// Extra PEM CA bundle trusted for upstream TLS, on top of the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Option<Dur>,
+    pub pool_idle_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub default_provider: Option<String>,
+    pub allowed_providers: Option<Vec<String>>,
+    pub fallback: Option<Vec<String>>,
+    pub passthrough: Option<bool>,
+    pub limits: Option<serde_json::Value>,
+    pub budget: Option<serde_json::Value>,
+    pub failover: Option<BTreeMap<String, Vec<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    pub file: Option<PathBuf>,
+    pub on_error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedStateFile {
+    pub redis: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_header_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub max_body_bytes: Option<u64>,
+    pub header_timeout: Option<Dur>,
+    pub first_byte_timeout: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
+    pub drain_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    pub max_tenants: Option<usize>,
+}
+
+// ---------- the validated runtime config ----------
+
+/// Where the tenant id may come from, in the order they are tried.
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    Header { name: http::HeaderName },
+    Bearer,
+}
+
+#[derive(Debug, Clone)]
+pub enum KmsConfig {
+    Local {
+        keks: Vec<(String, PathBuf)>,
+        active: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    File { path: PathBuf },
+}
+
+/// A tenant's policy with provider names resolved to indexes into [`Config::providers`].
+#[derive(Debug, Clone)]
+pub struct TenantPolicy {
+    pub default_provider: usize,
+    /// Bit i set = provider i allowed. Providers are capped at 64 in validation.
+    pub allowed: u64,
+    /// Use `_platform` keys when the tenant has none for a provider.
+    pub platform_fallback: bool,
+}
+
+impl TenantPolicy {
+    pub fn allows(&self, provider: usize) -> bool {
+        provider < 64 && self.allowed & (1u64 << provider) != 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    pub header_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 32 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyCacheConfig {
+    pub ttl: Duration,
+    pub max_entries: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token_sha256: Option<[u8; 32]>,
+    pub identity: Vec<IdentitySource>,
+    pub kms: KmsConfig,
+    pub store: StoreConfig,
+    pub key_cache: KeyCacheConfig,
+    pub providers: Vec<Arc<Provider>>,
+    pub defaults: TenantPolicy,
+    /// Tenants with config overrides; the key is the canonical tenant name.
+    pub tenants: HashMap<Arc<str>, TenantPolicy>,
+    pub upstream: UpstreamConfig,
+    pub limits: Limits,
+    pub pricing: Option<PathBuf>,
+    pub max_metric_tenants: usize,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Parses YAML text as if read from `path` (relative paths resolve against its folder).
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file: FileConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!("{e}\nhint: see the configuration reference in README.md"),
+        })?;
+        validate(file, path)
+    }
+
+    pub fn provider_index(&self, name: &str) -> Option<usize> {
+        self.providers.iter().position(|p| &*p.name == name)
+    }
+
+    /// The policy for `tenant`: its override or the defaults.
+    pub fn policy(&self, tenant: &str) -> &TenantPolicy {
+        self.tenants.get(tenant).unwrap_or(&self.defaults)
+    }
+}
+
+/// Checks tenant id syntax: `[A-Za-z0-9_.:-]{1,128}`.
+pub fn valid_tenant_id(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
+    let invalid = |field: &str, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        message,
+    };
+    let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let resolve = |p: &Path| -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
+    let not_yet = |field: &str| {
+        invalid(
+            field,
+            "not available in this version of byokd yet (see the roadmap in README.md)".into(),
+        )
+    };
+    if file.tls.is_some() {
+        return Err(not_yet("tls"));
+    }
+    if file.audit.is_some() {
+        return Err(not_yet("audit"));
+    }
+    if file.shared_state.is_some() {
+        return Err(not_yet("shared_state"));
+    }
+
+    // Providers: built-ins first, then config entries override or add.
+    let mut providers: Vec<Provider> = provider::builtins();
+    for (name, pf) in &file.providers {
+        let field = format!("providers.{name}");
+        if !valid_tenant_id(name) || name == "v1" || name == "byokd" {
+            return Err(invalid(
+                &field,
+                "provider names use [A-Za-z0-9_.:-] and cannot be `v1` or `byokd`".into(),
+            ));
+        }
+        let existing = providers.iter().position(|p| &*p.name == name.as_str());
+        let kind = match (&pf.kind, existing) {
+            (Some(k), _) => ProviderKind::parse(k).ok_or_else(|| {
+                invalid(
+                    &format!("{field}.kind"),
+                    format!("unknown kind `{k}`; use one of openai, anthropic, gemini, azure, ollama"),
+                )
+            })?,
+            (None, Some(i)) => providers[i].kind,
+            (None, None) => {
+                return Err(invalid(
+                    &format!("{field}.kind"),
+                    "a provider that is not built in needs a kind".into(),
+                ));
+            }
+        };
+        let base_url = match (&pf.base_url, existing) {
+            (Some(u), _) => u.clone(),
+            (None, Some(i)) => providers[i].base_url.clone(),
+            (None, None) => {
+                return Err(invalid(
+                    &format!("{field}.base_url"),
+                    "a provider that is not built in needs a base_url".into(),
+                ));
+            }
+        };
+        let p = Provider::new(name, kind, &base_url)
+            .map_err(|m| invalid(&format!("{field}.base_url"), m))?;
+        match existing {
+            Some(i) => providers[i] = p,
+            None => providers.push(p),
+        }
+    }
+    // Azure has no public default host: it is usable only once configured.
+    providers.retain(|p| !p.base_url.is_empty());
+    if providers.len() > 64 {
+        return Err(invalid("providers", "at most 64 providers are supported".into()));
+    }
+    let index = |name: &str| providers.iter().position(|p| &*p.name == name);
+
+    let policy = |field: &str, pf: &PolicyFile, base: Option<&TenantPolicy>| {
+        let default_provider = match &pf.default_provider {
+            Some(n) => index(n).ok_or_else(|| {
+                invalid(
+                    &format!("{field}.default_provider"),
+                    format!("unknown provider `{n}`"),
+                )
+            })?,
+            None => match base {
+                Some(b) => b.default_provider,
+                None => index("openai").unwrap_or(0),
+            },
+        };
+        let allowed = match &pf.allowed_providers {
+            Some(list) => {
+                let mut bits = 0u64;
+                for n in list {
+                    let i = index(n).ok_or_else(|| {
+                        invalid(
+                            &format!("{field}.allowed_providers"),
+                            format!("unknown provider `{n}`"),
+                        )
+                    })?;
+                    bits |= 1 << i;
+                }
+                bits
+            }
+            None => match base {
+                Some(b) => b.allowed,
+                None => u64::MAX,
+            },
+        };
+        let platform_fallback = match &pf.fallback {
+            Some(list) => {
+                for f in list {
+                    if f != "platform" {
+                        return Err(invalid(
+                            &format!("{field}.fallback"),
+                            format!("unknown fallback `{f}`; the only one is `platform`"),
+                        ));
+                    }
+                }
+                !list.is_empty()
+            }
+            None => base.is_some_and(|b| b.platform_fallback),
+        };
+        for (k, present) in [
+            ("limits", pf.limits.is_some()),
+            ("budget", pf.budget.is_some()),
+            ("failover", pf.failover.is_some()),
+            ("passthrough", pf.passthrough.is_some()),
+        ] {
+            if present {
+                return Err(not_yet(&format!("{field}.{k}")));
+            }
+        }
+        Ok::<_, ConfigError>(TenantPolicy {
+            default_provider,
+            allowed,
+            platform_fallback,
+        })
+    };
+    let defaults = policy("defaults", &file.defaults, None)?;
+    let mut tenants = HashMap::new();
+    for (name, pf) in &file.tenants {
+        if !valid_tenant_id(name) {
+            return Err(invalid(
+                &format!("tenants.{name}"),
+                "tenant ids use [A-Za-z0-9_.:-]{1,128}".into(),
+            ));
+        }
+        let p = policy(&format!("tenants.{name}"), pf, Some(&defaults))?;
+        tenants.insert(Arc::<str>::from(name.as_str()), p);
+    }
+
+    let identity = match &file.identity {
+        None => vec![
+            IdentitySource::Header {
+                name: http::HeaderName::from_static("x-tenant-id"),
+            },
+            IdentitySource::Bearer,
+        ],
+        Some(list) => {
+            let mut out = Vec::new();
+            for (i, src) in list.iter().enumerate() {
+                let field = format!("identity[{i}]");
+                out.push(match src {
+                    IdentityFile::Header(h) => {
+                        if h.only_from.is_some() {
+                            return Err(not_yet(&format!("{field}.header.only_from")));
+                        }
+                        IdentitySource::Header {
+                            name: http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
+                                .map_err(|_| invalid(&field, format!("`{}` is not a header name", h.name)))?,
+                        }
+                    }
+                    IdentityFile::Bearer(_) => IdentitySource::Bearer,
+                    IdentityFile::Mtls(_) => return Err(not_yet(&format!("{field}.mtls"))),
+                    IdentityFile::Passthrough(_) => {
+                        return Err(not_yet(&format!("{field}.passthrough")));
+                    }
+                });
+            }
+            if out.is_empty() {
+                return Err(invalid("identity", "list at least one identity source".into()));
+            }
+            out
+        }
+    };
+
+    let kms = match file.kms {
+        None => KmsConfig::Local {
+            keks: vec![("k1".into(), resolve(Path::new(".byokd/kek-k1")))],
+            active: "k1".into(),
+        },
+        Some(KmsFile { aws: Some(_), .. }) => return Err(not_yet("kms.aws")),
+        Some(KmsFile {
+            local: Some(l),
+            aws: None,
+        }) => {
+            if !l.keks.contains_key(&l.active) {
+                return Err(invalid(
+                    "kms.local.active",
+                    format!("`{}` is not one of kms.local.keks", l.active),
+                ));
+            }
+            KmsConfig::Local {
+                keks: l.keks.iter().map(|(k, p)| (k.clone(), resolve(p))).collect(),
+                active: l.active,
+            }
+        }
+        Some(KmsFile {
+            local: None,
+            aws: None,
+        }) => return Err(invalid("kms", "set kms.local or kms.aws".into())),
+    };
+
+    let store = match file.store {
+        None => StoreConfig::File {
+            path: resolve(Path::new(".byokd/keys.json")),
+        },
+        Some(StoreFile {
+            postgres: Some(_), ..
+        }) => return Err(not_yet("store.postgres")),
+        Some(StoreFile {
+            file: Some(f),
+            postgres: None,
+        }) => StoreConfig::File {
+            path: resolve(&f.path),
+        },
+        Some(StoreFile {
+            file: None,
+            postgres: None,
+        }) => return Err(invalid("store", "set store.file or store.postgres".into())),
+    };
+    if file.key_cache.stale_ttl.is_some() {
+        return Err(not_yet("key_cache.stale_ttl"));
+    }
+
+    let admin_token_sha256 = match &file.admin.token_sha256 {
+        None => None,
+        Some(h) => {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(h.trim(), &mut out).map_err(|_| {
+                invalid(
+                    "admin.token_sha256",
+                    "expected 64 hex characters (sha256sum of the admin token)".into(),
+                )
+            })?;
+            Some(out)
+        }
+    };
+
+    let d = Limits::default();
+    let l = &file.limits;
+    let limits = Limits {
+        max_header_bytes: l.max_header_bytes.unwrap_or(d.max_header_bytes),
+        max_headers: l.max_headers.unwrap_or(d.max_headers),
+        max_body_bytes: l.max_body_bytes.unwrap_or(d.max_body_bytes),
+        header_timeout: l.header_timeout.map_or(d.header_timeout, |x| x.0),
+        first_byte_timeout: l.first_byte_timeout.map_or(d.first_byte_timeout, |x| x.0),
+        idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |x| x.0),
+        drain_timeout: l.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+    };
+    if limits.max_header_bytes < 1024 || limits.max_headers == 0 {
+        return Err(invalid(
+            "limits",
+            "max_header_bytes must be at least 1024 and max_headers at least 1".into(),
+        ));
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        listen: file.listen.unwrap_or(([127, 0, 0, 1], 8787).into()),
+        admin_listen: file.admin.listen.unwrap_or(([127, 0, 0, 1], 9787).into()),
+        admin_token_sha256,
+        identity,
+        kms,
+        store,
+        key_cache: KeyCacheConfig {
+            ttl: file
+                .key_cache
+                .ttl
+                .map_or(Duration::from_secs(300), |d| d.0),
+            max_entries: file.key_cache.max_entries.unwrap_or(100_000),
+        },
+        providers: providers.into_iter().map(Arc::new).collect(),
+        defaults,
+        tenants,
+        upstream: UpstreamConfig {
+            ca_file: file.upstream.ca_file.as_deref().map(resolve),
+            connect_timeout: file
+                .upstream
+                .connect_timeout
+                .map_or(Duration::from_secs(10), |d| d.0),
+            pool_idle_timeout: file
+                .upstream
+                .pool_idle_timeout
+                .map_or(Duration::from_secs(90), |d| d.0),
+        },
+        limits,
+        pricing: file.pricing.as_deref().map(resolve),
+        max_metric_tenants: file.metrics.max_tenants.unwrap_or(10_000),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(y: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(y, Path::new("/etc/byokd/byokd.yaml"))
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = parse("providers:\n  openai: { kind: openai, base_url: \"https://api.openai.com\" }\n")
+            .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9787");
+        assert_eq!(c.limits.max_body_bytes, 32 * 1024 * 1024);
+        assert!(matches!(&c.store, StoreConfig::File { path } if path == Path::new("/etc/byokd/.byokd/keys.json")));
+        let openai = c.provider_index("openai").unwrap();
+        assert_eq!(c.defaults.default_provider, openai);
+        assert!(c.defaults.allows(openai));
+        // Azure has no default host, so it only exists when configured.
+        assert!(c.provider_index("azure").is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = parse("listen: 127.0.0.1:1\nlisten_typo: 1\n").unwrap_err().to_string();
+        assert!(err.contains("listen_typo"), "{err}");
+        assert!(err.contains("byokd.yaml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_with_the_field() {
+        let err = parse("defaults:\n  allowed_providers: [nope]\n").unwrap_err().to_string();
+        assert!(err.contains("defaults.allowed_providers") && err.contains("nope"), "{err}");
+        let err = parse("limits: { idle_timeout: forever }\n").unwrap_err().to_string();
+        assert!(err.contains("forever"), "{err}");
+    }
+
+    #[test]
+    fn tenant_overrides_inherit_defaults() {
+        let c = parse(
+            "defaults: { default_provider: openai, allowed_providers: [openai, anthropic] }\n\
+             tenants:\n  acme: { allowed_providers: [anthropic] }\n",
+        )
+        .unwrap();
+        let a = c.provider_index("anthropic").unwrap();
+        let o = c.provider_index("openai").unwrap();
+        let acme = c.policy("acme");
+        assert!(acme.allows(a) && !acme.allows(o));
+        assert_eq!(acme.default_provider, o);
+        assert!(c.policy("other").allows(o));
+    }
+
+    #[test]
+    fn tenant_id_syntax() {
+        assert!(valid_tenant_id("acme-1.eu:prod_x"));
+        assert!(!valid_tenant_id(""));
+        assert!(!valid_tenant_id("a b"));
+        assert!(!valid_tenant_id(&"a".repeat(129)));
+    }
+}

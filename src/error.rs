@@ -1,0 +1,258 @@
+//! Every error byokd itself answers with, mapped to HTTP in one place.
+//!
+//! Each step of the data flow has its own error enum; [`ProxyError`] wraps them and is
+//! the only place that decides the status code, the stable `x-byokd-error` code, who is
+//! to blame, and the provider-shaped body the client sees. Details stay in the `#[source]`
+//! chain for `tracing`; the client gets a short message and the request id.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::provider::ErrorShape;
+
+/// Name of the response header carrying the stable error code.
+pub const ERROR_HEADER: &str = "x-byokd-error";
+
+/// The route step could not map the path to a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route for this path; use /v1/..., /{{provider}}/... or /byokd/...")]
+    UnknownRoute,
+    #[error("provider `{0}` is not configured")]
+    UnknownProvider(String),
+}
+
+/// The identify step found no tenant, or found two.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentifyError {
+    #[error("no tenant identity: send a platform token as the API key or the tenant header")]
+    NoIdentity,
+    #[error("the tenant header is not a valid tenant id ([A-Za-z0-9_.:-]{{1,128}})")]
+    BadTenantId,
+    #[error("tenant is not known to byokd")]
+    UnknownTenant,
+    #[error("identity sources disagree about the tenant")]
+    Conflict,
+}
+
+/// The admit step refused the request before it reached the provider.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("provider `{0}` is not allowed for this tenant")]
+    ProviderNotAllowed(String),
+}
+
+/// The credential step has no usable key.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("no key registered for provider `{0}` for this tenant")]
+    NoKey(String),
+    #[error("the key could not be decrypted right now")]
+    Unavailable(#[source] crate::keys::KeyError),
+}
+
+/// The request broke a configured size limit.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("request headers exceed the configured limit")]
+    HeadersTooLarge,
+    #[error("request body exceeds the configured limit of {0} bytes")]
+    BodyTooLarge(u64),
+}
+
+/// The forward step could not get a response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("upstream could not be reached")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream sent no response within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("upstream request could not be built")]
+    BadUpstreamRequest(#[source] http::Error),
+    #[error("the stored key cannot be sent as a header")]
+    InvalidCredential,
+}
+
+/// Who caused an error: decides log level and whether an operator must act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// Everything byokd answers with instead of forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Identify(#[from] IdentifyError),
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+/// The stable codes of DESIGN §3, each with exactly one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    UnknownTenant,
+    IdentityConflict,
+    ProviderNotAllowed,
+    NoKey,
+    UnknownRoute,
+    BodyTooLarge,
+    HeadersTooLarge,
+    KeyUnavailable,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownTenant => "unknown_tenant",
+            Self::IdentityConflict => "identity_conflict",
+            Self::ProviderNotAllowed => "provider_not_allowed",
+            Self::NoKey => "no_key",
+            Self::UnknownRoute => "unknown_route",
+            Self::BodyTooLarge => "body_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::KeyUnavailable => "key_unavailable",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::UnknownTenant | Self::IdentityConflict => StatusCode::UNAUTHORIZED,
+            Self::ProviderNotAllowed | Self::NoKey => StatusCode::FORBIDDEN,
+            Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::KeyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl ProxyError {
+    pub fn kind(&self) -> Code {
+        match self {
+            Self::Route(RouteError::UnknownRoute | RouteError::UnknownProvider(_)) => {
+                Code::UnknownRoute
+            }
+            Self::Identify(
+                IdentifyError::NoIdentity | IdentifyError::BadTenantId | IdentifyError::UnknownTenant,
+            ) => Code::UnknownTenant,
+            Self::Identify(IdentifyError::Conflict) => Code::IdentityConflict,
+            Self::Admit(AdmitError::ProviderNotAllowed(_)) => Code::ProviderNotAllowed,
+            Self::Credential(CredentialError::NoKey(_)) => Code::NoKey,
+            Self::Credential(CredentialError::Unavailable(_)) => Code::KeyUnavailable,
+            Self::Limit(LimitError::HeadersTooLarge) => Code::HeadersTooLarge,
+            Self::Limit(LimitError::BodyTooLarge(_)) => Code::BodyTooLarge,
+            Self::Forward(ForwardError::Unreachable(_) | ForwardError::BadUpstreamRequest(_)) => {
+                Code::UpstreamUnreachable
+            }
+            Self::Forward(ForwardError::Timeout(_)) => Code::UpstreamTimeout,
+            Self::Forward(ForwardError::InvalidCredential) => Code::KeyUnavailable,
+        }
+    }
+
+    /// The stable code: `x-byokd-error` value, metric label, `code` field.
+    pub fn code(&self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.kind().status()
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::Route(_) | Self::Identify(_) | Self::Admit(_) | Self::Limit(_) => Blame::Client,
+            Self::Credential(CredentialError::NoKey(_)) => Blame::Client,
+            Self::Credential(CredentialError::Unavailable(_)) => Blame::Internal,
+            Self::Forward(ForwardError::BadUpstreamRequest(_) | ForwardError::InvalidCredential) => {
+                Blame::Internal
+            }
+            Self::Forward(ForwardError::Unreachable(_) | ForwardError::Timeout(_)) => {
+                Blame::Upstream
+            }
+        }
+    }
+
+    /// Seconds after which a retry may succeed, for the codes that have one.
+    fn retry_after(&self) -> Option<&'static str> {
+        match self {
+            Self::Credential(CredentialError::Unavailable(_))
+            | Self::Forward(ForwardError::InvalidCredential) => Some("1"),
+            _ => None,
+        }
+    }
+
+    /// The response the client sees: provider-shaped body, status, `x-byokd-error`.
+    pub fn to_response(&self, shape: ErrorShape, request_id: &str) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let message = format!("byokd: {} (request id {request_id})", self);
+        let body = shape.error_body(status, self.code(), &message);
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if let Some(secs) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the public table of DESIGN §3: code and status for every error.
+    #[test]
+    fn status_and_code_table() {
+        let cases: Vec<(ProxyError, &str, u16)> = vec![
+            (RouteError::UnknownRoute.into(), "unknown_route", 404),
+            (RouteError::UnknownProvider("x".into()).into(), "unknown_route", 404),
+            (IdentifyError::NoIdentity.into(), "unknown_tenant", 401),
+            (IdentifyError::BadTenantId.into(), "unknown_tenant", 401),
+            (IdentifyError::UnknownTenant.into(), "unknown_tenant", 401),
+            (IdentifyError::Conflict.into(), "identity_conflict", 401),
+            (AdmitError::ProviderNotAllowed("x".into()).into(), "provider_not_allowed", 403),
+            (CredentialError::NoKey("x".into()).into(), "no_key", 403),
+            (
+                CredentialError::Unavailable(crate::keys::KeyError::Corrupt("t".into())).into(),
+                "key_unavailable",
+                503,
+            ),
+            (LimitError::HeadersTooLarge.into(), "headers_too_large", 431),
+            (LimitError::BodyTooLarge(1).into(), "body_too_large", 413),
+            (
+                ForwardError::Timeout(std::time::Duration::from_secs(1)).into(),
+                "upstream_timeout",
+                504,
+            ),
+        ];
+        for (err, code, status) in cases {
+            assert_eq!(err.code(), code, "{err:?}");
+            assert_eq!(err.status().as_u16(), status, "{err:?}");
+            let resp = err.to_response(ErrorShape::OpenAi, "rid");
+            assert_eq!(resp.headers()[ERROR_HEADER], code);
+        }
+    }
+}

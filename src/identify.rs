@@ -1,0 +1,78 @@
+//! The identify step: which tenant is calling.
+//!
+//! Sources are tried in config order. The first that names a tenant wins, but every source
+//! is consulted: two sources naming different tenants is `identity_conflict`, never resolved
+//! silently. A tenant exists once it has a key or a token in the store, or a config entry.
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, IdentitySource, valid_tenant_id};
+use crate::error::IdentifyError;
+use crate::keys::store::Snapshot;
+
+/// Headers an SDK puts its `api_key` in; any of them may carry a platform token.
+const TOKEN_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];
+
+pub fn identify(cfg: &Config, snap: &Snapshot, headers: &HeaderMap) -> Result<Arc<str>, IdentifyError> {
+    let mut found: Option<Arc<str>> = None;
+    for src in &cfg.identity {
+        let t = match src {
+            IdentitySource::Header { name } => from_header(cfg, snap, headers, name)?,
+            IdentitySource::Bearer => from_token(snap, headers),
+        };
+        match (&found, t) {
+            (None, Some(t)) => found = Some(t),
+            (Some(a), Some(b)) if *a != b => return Err(IdentifyError::Conflict),
+            _ => {}
+        }
+    }
+    found.ok_or(IdentifyError::NoIdentity)
+}
+
+fn from_header(
+    cfg: &Config,
+    snap: &Snapshot,
+    headers: &HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<Arc<str>>, IdentifyError> {
+    let Some(v) = headers.get(name) else {
+        return Ok(None);
+    };
+    let t = v.to_str().map_err(|_| IdentifyError::BadTenantId)?;
+    if !valid_tenant_id(t) {
+        return Err(IdentifyError::BadTenantId);
+    }
+    canonical(cfg, snap, t).map(Some).ok_or(IdentifyError::UnknownTenant)
+}
+
+/// The shared `Arc<str>` for a tenant name, so later steps never allocate it.
+pub fn canonical(cfg: &Config, snap: &Snapshot, t: &str) -> Option<Arc<str>> {
+    snap.tenants
+        .get_key_value(t)
+        .map(|(k, _)| k.clone())
+        .or_else(|| cfg.tenants.get_key_value(t).map(|(k, _)| k.clone()))
+}
+
+/// A platform token in whichever header the SDK used. Only the SHA-256 is compared: the
+/// map lookup is on a digest the caller cannot steer, so timing reveals nothing of the token.
+fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Option<Arc<str>> {
+    if snap.tokens.is_empty() {
+        return None;
+    }
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let others = TOKEN_HEADERS
+        .iter()
+        .filter_map(|h| headers.get(*h).map(|v| v.as_bytes()));
+    for candidate in bearer.into_iter().chain(others) {
+        let digest: [u8; 32] = Sha256::digest(candidate.trim_ascii()).into();
+        if let Some(t) = snap.tokens.get(&digest) {
+            return Some(t.clone());
+        }
+    }
+    None
+}

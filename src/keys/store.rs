@@ -1,0 +1,203 @@
+//! Key and token records, and the file store (the embedded default).
+//!
+//! The store holds only ciphertext, wrapped data keys and SHA-256 token hashes. Writers
+//! (the CLI, the admin API) take an exclusive lock, read, modify, write a temp file and
+//! rename it over the old one, so `serve` never sees a half-written file; `serve` watches
+//! the folder and swaps in a fresh [`Snapshot`] when the file changes.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::KeyError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    Active,
+    Retired,
+    Revoked,
+}
+
+/// One stored key version. `Debug` shows no secret because the record holds none: only
+/// ciphertext and the wrapped data key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    pub id: String,
+    pub tenant: String,
+    pub provider: String,
+    #[serde(default)]
+    pub label: Option<String>,
+    pub version: u32,
+    pub state: KeyState,
+    /// Unix seconds.
+    pub created_at: i64,
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    pub masked: String,
+    pub kek_id: String,
+    /// Base64 of the wrapped data key.
+    pub wrapped_dek: String,
+    /// Base64 of the 96-bit nonce.
+    pub nonce: String,
+    /// Base64 of ciphertext || tag.
+    pub ciphertext: String,
+}
+
+impl KeyRecord {
+    /// Active and not expired at `now` (unix seconds).
+    pub fn usable(&self, now: i64) -> bool {
+        self.state == KeyState::Active && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// A platform token: only its SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    pub id: String,
+    pub tenant: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    pub created_at: i64,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The whole store file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreData {
+    #[serde(default = "one")]
+    pub format: u32,
+    #[serde(default)]
+    pub keys: Vec<KeyRecord>,
+    #[serde(default)]
+    pub tokens: Vec<TokenRecord>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The file store. Cheap to construct; every operation opens the file afresh.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the store; a missing file is an empty store, a corrupt one an error.
+    pub fn load(&self) -> Result<StoreData, KeyError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                KeyError::Corrupt(format!("store file {} is not valid: {e}", self.path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreData::default()),
+            Err(e) => Err(KeyError::io(&self.path, e)),
+        }
+    }
+
+    /// Read-modify-write under an exclusive lock, replaced atomically by rename.
+    pub fn update<T>(&self, f: impl FnOnce(&mut StoreData) -> Result<T, KeyError>) -> Result<T, KeyError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| KeyError::io(dir, e))?;
+        let lock_path = self.path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| KeyError::io(&lock_path, e))?;
+        lock.lock().map_err(|e| KeyError::io(&lock_path, e))?;
+        let mut data = self.load()?;
+        let out = f(&mut data)?;
+        let bytes = serde_json::to_vec_pretty(&data)
+            .map_err(|e| KeyError::Corrupt(format!("cannot encode store: {e}")))?;
+        let tmp = self.path.with_extension("tmp");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| KeyError::io(&tmp, e))?;
+            file.write_all(&bytes).map_err(|e| KeyError::io(&tmp, e))?;
+            file.sync_all().map_err(|e| KeyError::io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(|e| KeyError::io(&self.path, e))?;
+        drop(lock);
+        Ok(out)
+    }
+}
+
+/// What one tenant has in the store.
+#[derive(Debug, Default)]
+pub struct TenantEntry {
+    pub name: Arc<str>,
+    /// Active, unexpired-at-load records, newest version first. Expiry is rechecked per request.
+    pub keys: Vec<Arc<KeyRecord>>,
+}
+
+/// An immutable index of the store, swapped atomically when the store changes.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub tenants: HashMap<Arc<str>, TenantEntry>,
+    /// SHA-256 of a platform token => tenant.
+    pub tokens: HashMap<[u8; 32], Arc<str>>,
+}
+
+impl Snapshot {
+    pub fn build(data: &StoreData) -> Self {
+        let mut s = Snapshot::default();
+        for r in &data.keys {
+            let entry = s.entry(&r.tenant);
+            if r.state == KeyState::Active {
+                entry.keys.push(Arc::new(r.clone()));
+            }
+        }
+        for e in s.tenants.values_mut() {
+            e.keys.sort_by(|a, b| b.version.cmp(&a.version).then(b.created_at.cmp(&a.created_at)));
+        }
+        for t in data.tokens.iter().filter(|t| !t.revoked) {
+            let mut h = [0u8; 32];
+            if hex::decode_to_slice(&t.sha256, &mut h).is_ok() {
+                let name = s.entry(&t.tenant).name.clone();
+                s.tokens.insert(h, name);
+            }
+        }
+        s
+    }
+
+    fn entry(&mut self, tenant: &str) -> &mut TenantEntry {
+        self.tenants
+            .entry(Arc::from(tenant))
+            .or_insert_with_key(|k| TenantEntry {
+                name: k.clone(),
+                keys: Vec::new(),
+            })
+    }
+
+    /// The newest usable key of `tenant` for `provider`.
+    pub fn key_for(&self, tenant: &str, provider: &str, now: i64) -> Option<&Arc<KeyRecord>> {
+        self.tenants
+            .get(tenant)?
+            .keys
+            .iter()
+            .find(|r| r.provider == provider && r.usable(now))
+    }
+}

@@ -1,0 +1,26 @@
+//! byokd: a bring-your-own-key sidecar for LLM APIs.
+//!
+//! ```text
+//! listener ─► route ─► identify ─► admit ─► credential ─► rewrite ─► forward ─► meter ─► record
+//! accept.rs   route.rs identify.rs admit.rs keys/        rewrite.rs forward.rs usage.rs metrics.rs
+//! ```
+//!
+//! [`pipeline`] runs the steps in that order over one request; [`error`] maps every step's
+//! error to HTTP in one place; [`server`] assembles a running instance from a [`config::Config`];
+//! [`admin`] serves metrics and health; [`provider`] knows each provider's wire format.
+
+pub mod accept;
+pub mod admin;
+pub mod admit;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod identify;
+pub mod keys;
+pub mod metrics;
+pub mod pipeline;
+pub mod provider;
+pub mod rewrite;
+pub mod route;
+pub mod server;
+pub mod usage;

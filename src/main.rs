@@ -1,0 +1,300 @@
+//! The `byokd` command: serve, manage keys and tokens, check config.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use zeroize::Zeroizing;
+
+use byokd::config::{Config, DEFAULT_CONFIG_PATH, parse_duration};
+use byokd::keys::PlainKey;
+use byokd::keys::manage::{self, NewKey};
+
+#[derive(Parser)]
+#[command(name = "byokd", version, about = "Bring-your-own-key sidecar proxy for LLM APIs")]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, env = "BYOKD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (data listener) and the admin listener.
+    Serve {
+        /// Data listener address (overrides `listen`).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin listener address (overrides `admin.listen`).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Register, list and revoke provider keys. Secrets are read from stdin, never argv.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Local key-encryption keys.
+    Kek {
+        #[command(subcommand)]
+        cmd: KekCmd,
+    },
+    /// Platform tokens: the API key an app sends to byokd to name its tenant.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Register a key: `echo -n "$KEY" | byokd keys add --tenant acme --provider openai`.
+    Add {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// Expiry, e.g. 90d.
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// List keys, masked.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every version of a key.
+    Revoke { key_id: String },
+}
+
+#[derive(Subcommand)]
+enum KekCmd {
+    /// Write a new 32-byte KEK file (0600). Refuses to overwrite.
+    Generate {
+        /// Where to write it; defaults to the active KEK path from the config.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a platform token for a tenant; printed once, stored as SHA-256.
+    New {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a platform token by id.
+    Revoke { token_id: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse and validate the config file.
+    Check,
+}
+
+fn init_tracing(serving: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if serving { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("BYOKD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_target(true)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.cmd, Cmd::Serve { .. }));
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the cause chain on one line, without a backtrace.
+            eprintln!("byokd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let load = || Config::load(&cli.config).map_err(anyhow::Error::from);
+    match cli.cmd {
+        Cmd::Serve { listen, admin_listen } => {
+            let mut cfg = load()?;
+            if let Some(a) = listen {
+                cfg.listen = a;
+            }
+            if let Some(a) = admin_listen {
+                cfg.admin_listen = a;
+            }
+            serve(cfg).await
+        }
+        Cmd::Config { cmd: ConfigCmd::Check } => {
+            let cfg = load()?;
+            println!(
+                "{}: ok ({} providers, {} tenant overrides)",
+                cfg.path.display(),
+                cfg.providers.len(),
+                cfg.tenants.len()
+            );
+            Ok(())
+        }
+        Cmd::Keys { cmd } => keys(load()?, cmd).await,
+        Cmd::Kek {
+            cmd: KekCmd::Generate { out },
+        } => {
+            let cfg = load()?;
+            let path = match out {
+                Some(p) => p,
+                None => match &cfg.kms {
+                    byokd::config::KmsConfig::Local { keks, active } => keks
+                        .iter()
+                        .find(|(id, _)| id == active)
+                        .map(|(_, p)| p.clone())
+                        .context("the active KEK has no path")?,
+                },
+            };
+            byokd::keys::kms::create_kek_file(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            println!("wrote a new 32-byte KEK to {} (mode 0600)", path.display());
+            println!("add it under kms.local.keks with a new id, make it `active`, then run `byokd keys rewrap`");
+            Ok(())
+        }
+        Cmd::Token { cmd } => {
+            let cfg = load()?;
+            let store = byokd::server::store(&cfg);
+            match cmd {
+                TokenCmd::New { tenant } => {
+                    let (token, rec) = manage::new_token(&store, &tenant)?;
+                    eprintln!("token {} for tenant {}: shown once, store it now", rec.id, rec.tenant);
+                    println!("{}", token.as_str());
+                }
+                TokenCmd::Revoke { token_id } => {
+                    manage::revoke_token(&store, &token_id)?;
+                    println!("revoked {token_id}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
+    let store = byokd::server::store(&cfg);
+    match cmd {
+        KeysCmd::Add {
+            tenant,
+            provider,
+            label,
+            expires_in,
+        } => {
+            let p = cfg
+                .provider_index(&provider)
+                .map(|i| cfg.providers[i].clone())
+                .with_context(|| format!("unknown provider `{provider}`"))?;
+            let secret = read_secret()?;
+            let kms = byokd::server::kms(&cfg)?;
+            let rec = manage::add_key(
+                &store,
+                kms.as_ref(),
+                NewKey {
+                    tenant: &tenant,
+                    provider: &p,
+                    secret: &secret,
+                    label,
+                    expires_in,
+                },
+            )
+            .await?;
+            println!("{} {} {} {}", rec.id, rec.tenant, rec.provider, rec.masked);
+            Ok(())
+        }
+        KeysCmd::List { tenant, json } => {
+            let list = manage::list_keys(&store, tenant.as_deref())?;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "id": r.id, "tenant": r.tenant, "provider": r.provider,
+                            "label": r.label, "version": r.version, "state": r.state,
+                            "masked": r.masked, "created_at": r.created_at,
+                            "expires_at": r.expires_at, "kek_id": r.kek_id,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} LABEL", "ID", "TENANT", "PROVIDER", "VER", "STATE", "KEY");
+                for r in &list {
+                    println!(
+                        "{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} {}",
+                        r.id,
+                        r.tenant,
+                        r.provider,
+                        r.version,
+                        format!("{:?}", r.state).to_lowercase(),
+                        r.masked,
+                        r.label.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeysCmd::Revoke { key_id } => {
+            let n = manage::revoke_key(&store, &key_id)?;
+            println!("revoked {key_id} ({n} version(s))");
+            Ok(())
+        }
+    }
+}
+
+/// The secret from stdin: one line, trailing newline dropped. Refuses a terminal-less empty read.
+fn read_secret() -> Result<PlainKey> {
+    let mut buf = Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_to_string(&mut buf)
+        .context("cannot read the key from stdin")?;
+    let key = buf.trim();
+    if key.is_empty() {
+        bail!("no key on stdin: pipe it in, e.g. `printf %s \"$KEY\" | byokd keys add ...`");
+    }
+    Ok(PlainKey::new(key.to_string()))
+}
+
+async fn serve(cfg: Config) -> Result<()> {
+    let running = byokd::server::start(cfg).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+    }
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The record step: Prometheus series, the label cardinality cap, and the access log line.
+//!
+//! Metric names and labels are public (DESIGN §3). `tenant` and `model` label values are
+//! capped: past `metrics.max_tenants` distinct values, new ones fold into `__other__`, so a
+//! SaaS with a million tenants cannot blow up the scrape.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::keys::KeySource;
+use crate::usage::{Outcome, Usage};
+
+pub const OTHER: &str = "__other__";
+
+/// Label values admitted so far, capped.
+#[derive(Debug)]
+struct LabelCap {
+    seen: DashMap<Box<str>, ()>,
+    max: usize,
+}
+
+impl LabelCap {
+    fn new(max: usize) -> Self {
+        Self {
+            seen: DashMap::new(),
+            max,
+        }
+    }
+
+    fn get<'a>(&self, v: &'a str) -> &'a str {
+        if self.seen.contains_key(v) {
+            return v;
+        }
+        if self.seen.len() >= self.max {
+            return OTHER;
+        }
+        self.seen.insert(v.into(), ());
+        v
+    }
+}
+
+/// Every series byokd exports.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    tokens: IntCounterVec,
+    duration: HistogramVec,
+    ttfb: HistogramVec,
+    overhead: Histogram,
+    rejections: IntCounterVec,
+    decryptions: IntCounterVec,
+    cache_hits: IntCounter,
+    upstream_errors: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    tenants: LabelCap,
+    models: LabelCap,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
+];
+
+impl Metrics {
+    pub fn new(max_tenants: usize) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let requests = counter(
+            "byokd_requests_total",
+            "Requests by tenant, provider, model and HTTP status code.",
+            &["tenant", "provider", "model", "code"],
+        )?;
+        let tokens = counter(
+            "byokd_tokens_total",
+            "Tokens by disjoint type: input, cached_input, cache_write, output, reasoning.",
+            &["tenant", "provider", "model", "type"],
+        )?;
+        let rejections = counter(
+            "byokd_rejections_total",
+            "Requests byokd answered itself, by error code.",
+            &["tenant", "reason"],
+        )?;
+        let decryptions = counter(
+            "byokd_key_decryptions_total",
+            "Key decryptions through the KMS or local KEK (key-cache misses).",
+            &["tenant", "provider"],
+        )?;
+        let upstream_errors = counter(
+            "byokd_upstream_errors_total",
+            "Failed upstream attempts by kind: connect, timeout, body.",
+            &["provider", "kind"],
+        )?;
+        let config_reloads = counter(
+            "byokd_config_reloads_total",
+            "Store and config reloads by result.",
+            &["result"],
+        )?;
+        let hist = |name: &str, help: &str, buckets: &[f64]| -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                &["provider"],
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let duration = hist(
+            "byokd_request_duration_seconds",
+            "Whole request duration, to the end of the response body.",
+            LATENCY_BUCKETS,
+        )?;
+        let ttfb = hist(
+            "byokd_time_to_first_byte_seconds",
+            "Time until the upstream response headers arrived.",
+            LATENCY_BUCKETS,
+        )?;
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new(
+                "byokd_overhead_seconds",
+                "Time inside byokd before the upstream request left.",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(overhead.clone()))?;
+        let cache_hits = IntCounter::new(
+            "byokd_key_cache_hits_total",
+            "Requests served from the plaintext key cache.",
+        )?;
+        registry.register(Box::new(cache_hits.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            tokens,
+            duration,
+            ttfb,
+            overhead,
+            rejections,
+            decryptions,
+            cache_hits,
+            upstream_errors,
+            config_reloads,
+            tenants: LabelCap::new(max_tenants),
+            models: LabelCap::new(max_tenants),
+        })
+    }
+
+    /// Prometheus text exposition of every series.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    pub fn key_lookup(&self, tenant: &str, provider: &str, decrypted: bool) {
+        if decrypted {
+            let t = self.tenants.get(tenant);
+            self.decryptions.with_label_values(&[t, provider]).inc();
+        } else {
+            self.cache_hits.inc();
+        }
+    }
+
+    pub fn overhead(&self, started: Instant) {
+        self.overhead.observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn first_byte(&self, provider: &str, started: Instant) {
+        self.ttfb
+            .with_label_values(&[provider])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, provider: &str, kind: &str) {
+        self.upstream_errors.with_label_values(&[provider, kind]).inc();
+    }
+
+    /// A request byokd answered itself.
+    pub fn rejected(&self, tenant: &str, provider: &str, code: &str, status: http::StatusCode) {
+        let t = self.tenants.get(tenant);
+        self.rejections.with_label_values(&[t, code]).inc();
+        self.requests
+            .with_label_values(&[t, provider, "", status.as_str()])
+            .inc();
+    }
+
+    fn completed(&self, r: &Recorder, usage: &Usage) {
+        let t = self.tenants.get(&r.tenant);
+        let model = self.models.get(usage.model.as_deref().unwrap_or(""));
+        let provider = &*r.provider;
+        self.requests
+            .with_label_values(&[t, provider, model, r.status.as_str()])
+            .inc();
+        for (kind, n) in [
+            ("input", usage.input),
+            ("cached_input", usage.cached_input),
+            ("cache_write", usage.cache_write),
+            ("output", usage.output),
+            ("reasoning", usage.reasoning),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .with_label_values(&[t, provider, model, kind])
+                    .inc_by(n);
+            }
+        }
+        self.duration
+            .with_label_values(&[provider])
+            .observe(r.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Everything needed to record one forwarded request when its body ends.
+#[derive(Debug)]
+pub struct Recorder {
+    pub metrics: Arc<Metrics>,
+    pub tenant: Arc<str>,
+    pub provider: Arc<str>,
+    pub status: http::StatusCode,
+    pub started: Instant,
+    pub request_id: crate::pipeline::RequestId,
+    pub key_source: KeySource,
+}
+
+impl Recorder {
+    pub fn finish(self, usage: Usage, outcome: Outcome, bytes: u64) {
+        self.metrics.completed(&self, &usage);
+        tracing::info!(
+            target: "byokd::access",
+            request_id = %self.request_id,
+            tenant = %self.tenant,
+            provider = %self.provider,
+            status = self.status.as_u16(),
+            model = usage.model.as_deref().unwrap_or(""),
+            input_tokens = usage.input,
+            cached_input_tokens = usage.cached_input,
+            cache_write_tokens = usage.cache_write,
+            output_tokens = usage.output,
+            reasoning_tokens = usage.reasoning,
+            usage_found = usage.found,
+            key_source = self.key_source.as_str(),
+            bytes,
+            outcome = outcome.as_str(),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_cap_folds_into_other() {
+        let cap = LabelCap::new(2);
+        assert_eq!(cap.get("a"), "a");
+        assert_eq!(cap.get("b"), "b");
+        assert_eq!(cap.get("c"), OTHER);
+        assert_eq!(cap.get("a"), "a");
+    }
+}

@@ -1,0 +1,253 @@
+//! Runs the steps of the data flow, in order, over one request. The only file that knows
+//! the order: route ► identify ► admit ► credential ► rewrite ► forward ► meter ► record.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{Request, Response};
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::admit::admit;
+use crate::config::{Config, IdentitySource};
+use crate::error::{LimitError, ProxyError};
+use crate::forward::{IdleTimeout, Upstream};
+use crate::identify::identify;
+use crate::keys::{KeySource, Keyring};
+use crate::metrics::{Metrics, Recorder};
+use crate::provider::{ErrorShape, Provider};
+use crate::rewrite::{rewrite, strip_hop_by_hop};
+use crate::route::{Target, route};
+use crate::usage::{MeteredBody, scanner_for};
+
+/// What the data listener answers with: a metered upstream body or byokd's own error.
+pub type ProxyBody = Either<MeteredBody<IdleTimeout<Incoming>>, Full<Bytes>>;
+
+/// A short random id per request, for logs and error messages; formatted only when used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// Thread-local xorshift seeded from the OS: unique enough for correlation, no shared
+    /// counter cache line between cores.
+    pub fn new() -> Self {
+        thread_local! {
+            static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+                let mut b = [0u8; 8];
+                let _ = getrandom::fill(&mut b);
+                u64::from_le_bytes(b) | 1
+            });
+        }
+        STATE.with(|s| {
+            let mut x = s.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.set(x);
+            RequestId(x)
+        })
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Per-request state shared by the steps.
+#[derive(Debug)]
+struct RequestCtx {
+    id: RequestId,
+    started: Instant,
+    shape: ErrorShape,
+    tenant: Option<Arc<str>>,
+    provider: Option<Arc<Provider>>,
+}
+
+/// Everything a request needs, built once at start.
+#[derive(Debug)]
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub keyring: Arc<Keyring>,
+    pub metrics: Arc<Metrics>,
+    upstream: Upstream,
+    /// Identity headers to strip before forwarding.
+    tenant_headers: Vec<HeaderName>,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, keyring: Arc<Keyring>, metrics: Arc<Metrics>, upstream: Upstream) -> Self {
+        let tenant_headers = config
+            .identity
+            .iter()
+            .filter_map(|s| match s {
+                IdentitySource::Header { name } => Some(name.clone()),
+                IdentitySource::Bearer => None,
+            })
+            .collect();
+        Self {
+            config,
+            keyring,
+            metrics,
+            upstream,
+            tenant_headers,
+        }
+    }
+
+    /// Answers one request. Never fails: errors become provider-shaped responses.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let mut ctx = RequestCtx {
+            id: RequestId::new(),
+            started: Instant::now(),
+            shape: ErrorShape::OpenAi,
+            tenant: None,
+            provider: None,
+        };
+        match self.run(req, &mut ctx).await {
+            Ok(resp) => resp,
+            Err(e) => self.reject(&ctx, &e),
+        }
+    }
+
+    fn reject(&self, ctx: &RequestCtx, e: &ProxyError) -> Response<ProxyBody> {
+        let tenant = ctx.tenant.as_deref().unwrap_or("");
+        let provider = ctx.provider.as_ref().map_or("", |p| &*p.name);
+        self.metrics.rejected(tenant, provider, e.code(), e.status());
+        match e.blame() {
+            crate::error::Blame::Client => tracing::info!(
+                target: "byokd::access", request_id = %ctx.id, tenant, provider,
+                status = e.status().as_u16(), error = e.code(), detail = %e,
+            ),
+            _ => tracing::warn!(
+                target: "byokd::access", request_id = %ctx.id, tenant, provider,
+                status = e.status().as_u16(), error = e.code(), detail = %ErrorChain(e),
+            ),
+        }
+        e.to_response(ctx.shape, &ctx.id.to_string()).map(Either::Right)
+    }
+
+    async fn run(&self, req: Request<Incoming>, ctx: &mut RequestCtx) -> Result<Response<ProxyBody>, ProxyError> {
+        let cfg = &*self.config;
+        let (mut parts, body) = req.into_parts();
+
+        // route: pure path parsing; it also fixes the error shape the app's SDK expects.
+        let route = route(cfg, parts.uri.path())?;
+        if let Target::Named(i) = route.target {
+            ctx.shape = cfg.providers[i].error_shape();
+        }
+        check_header_limits(&parts.headers, cfg)?;
+
+        // identify
+        let snapshot = self.keyring.snapshot();
+        let tenant = identify(cfg, &snapshot, &parts.headers)?;
+        drop(snapshot);
+        ctx.tenant = Some(tenant.clone());
+        let policy = cfg.policy(&tenant);
+        let idx = match route.target {
+            Target::Default => policy.default_provider,
+            Target::Named(i) => i,
+        };
+        let provider = cfg.providers[idx].clone();
+        ctx.shape = provider.error_shape();
+        ctx.provider = Some(provider.clone());
+
+        // admit
+        admit(policy, idx, &provider)?;
+        let max_body = cfg.limits.max_body_bytes;
+        if declared_length(&parts.headers).is_some_and(|n| n > max_body) {
+            return Err(LimitError::BodyTooLarge(max_body).into());
+        }
+
+        // credential
+        let credential = self
+            .keyring
+            .credential(&tenant, &provider, policy.platform_fallback, ctx.id)
+            .await?;
+        if let Some(c) = &credential {
+            self.metrics.key_lookup(&tenant, &provider.name, c.decrypted);
+        }
+
+        // rewrite
+        rewrite(&mut parts, &provider, &route, credential.as_ref(), &self.tenant_headers)?;
+
+        // forward
+        let upstream_req = Request::from_parts(parts, Limited::new(body, max_body as usize));
+        self.metrics.overhead(ctx.started);
+        let resp = match self.upstream.send(upstream_req).await {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = match e.kind() {
+                    crate::error::Code::UpstreamTimeout => "timeout",
+                    crate::error::Code::BodyTooLarge => "body_too_large",
+                    _ => "connect",
+                };
+                self.metrics.upstream_error(&provider.name, kind);
+                return Err(e);
+            }
+        };
+        self.metrics.first_byte(&provider.name, ctx.started);
+
+        // meter + record: the body streams through; usage is recorded when it ends.
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        let scanner = if rparts.status.is_success() {
+            scanner_for(
+                provider.dialect(),
+                rparts.headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+            )
+        } else {
+            crate::usage::Scanner::Off
+        };
+        let recorder = Recorder {
+            metrics: self.metrics.clone(),
+            tenant,
+            provider: provider.name.clone(),
+            status: rparts.status,
+            started: ctx.started,
+            request_id: ctx.id,
+            key_source: credential.as_ref().map_or(KeySource::None, |c| c.source),
+        };
+        let body = MeteredBody::new(rbody, scanner, recorder);
+        Ok(Response::from_parts(rparts, Either::Left(body)))
+    }
+}
+
+fn declared_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn check_header_limits(h: &http::HeaderMap, cfg: &Config) -> Result<(), LimitError> {
+    if h.len() > cfg.limits.max_headers {
+        return Err(LimitError::HeadersTooLarge);
+    }
+    let bytes: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if bytes > cfg.limits.max_header_bytes {
+        return Err(LimitError::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// Displays an error with its whole `source` chain, for operator logs only.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

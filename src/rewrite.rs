@@ -1,0 +1,211 @@
+//! The rewrite step: turn the app's request into the provider-native one, in place.
+//!
+//! The headers are edited in the map the request arrived with (no copy): hop-by-hop headers,
+//! the app's own auth, byokd's own headers and `Host` are removed; the provider's auth is
+//! injected. The URI is rebuilt from the provider's base URL, so the host never comes from
+//! the request.
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Version, request};
+
+use crate::error::ForwardError;
+use crate::keys::Credential;
+use crate::provider::{Provider, ProviderKind};
+use crate::route::Route;
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Auth the app may have sent to byokd (SDK api keys, platform tokens).
+const CLIENT_AUTH: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+];
+
+/// byokd's own request headers (identity, passthrough) that must not reach a provider.
+const BYOKD_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-tenant-id"),
+    HeaderName::from_static("x-user-api-key"),
+    HeaderName::from_static("x-user-provider"),
+];
+
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. Used in both
+/// directions.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        // Rare: only then pay for collecting the named headers.
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Rewrites `parts` for `provider`; `tenant_headers` are the configured identity headers.
+pub fn rewrite(
+    parts: &mut request::Parts,
+    provider: &Provider,
+    route: &Route,
+    credential: Option<&Credential>,
+    tenant_headers: &[HeaderName],
+) -> Result<(), ForwardError> {
+    let path = route.upstream_path(parts.uri.path());
+    let query = parts.uri.query();
+    let uri = match query {
+        Some(q) if has_key_param(q) => provider.upstream_uri(path, strip_key_param(q).as_deref()),
+        _ => provider.upstream_uri(path, query),
+    }
+    .map_err(ForwardError::BadUpstreamRequest)?;
+    parts.uri = uri;
+    // The pooled client negotiates HTTP/2 itself (ALPN); the app's version is irrelevant.
+    parts.version = Version::HTTP_11;
+
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    h.remove(header::HOST);
+    for n in CLIENT_AUTH.iter().chain(&BYOKD_HEADERS).chain(tenant_headers) {
+        h.remove(n);
+    }
+    if h.keys().any(|k| k.as_str().starts_with("x-byokd-")) {
+        let own: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-byokd-"))
+            .cloned()
+            .collect();
+        for n in own {
+            h.remove(n);
+        }
+    }
+    // The usage scanner reads plain bytes; LLM responses are small next to their latency,
+    // so identity encoding costs less than decompressing a copy.
+    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    if provider.kind == ProviderKind::Anthropic && !h.contains_key(&ANTHROPIC_VERSION) {
+        h.insert(ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01"));
+    }
+    if let Some(c) = credential {
+        let (name, _) = provider.auth_header();
+        let value = c
+            .value
+            .header_value()
+            .ok_or(ForwardError::InvalidCredential)?;
+        h.insert(name, value);
+    }
+    Ok(())
+}
+
+fn has_key_param(q: &str) -> bool {
+    q.split('&').any(|p| p == "key" || p.starts_with("key="))
+}
+
+/// The query without `key=...` (Gemini's API-key parameter).
+fn strip_key_param(q: &str) -> Option<String> {
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|p| !(*p == "key" || p.starts_with("key=")))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{AuthValue, KeySource};
+    use crate::provider::builtins;
+    use crate::route::Target;
+    use std::sync::Arc;
+
+    fn cred(prefix: &str) -> Credential {
+        Credential {
+            value: AuthValue::new(prefix, b"sk-provider-key-123456"),
+            record: Arc::new(crate::keys::store::KeyRecord {
+                id: "key_1".into(),
+                tenant: "t".into(),
+                provider: "p".into(),
+                label: None,
+                version: 1,
+                state: crate::keys::store::KeyState::Active,
+                created_at: 0,
+                expires_at: None,
+                masked: String::new(),
+                kek_id: String::new(),
+                wrapped_dek: String::new(),
+                nonce: String::new(),
+                ciphertext: String::new(),
+            }),
+            source: KeySource::Tenant,
+            decrypted: false,
+        }
+    }
+
+    #[test]
+    fn gemini_rewrite_strips_key_param_and_client_auth() {
+        let p = builtins().into_iter().find(|p| &*p.name == "gemini").unwrap();
+        let req = http::Request::builder()
+            .uri("/gemini/v1beta/models/m:streamGenerateContent?alt=sse&key=AIzaCLIENT")
+            .header("x-goog-api-key", "client")
+            .header("host", "127.0.0.1:8787")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("x-byokd-debug", "1")
+            .header("x-tenant-id", "acme")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        let r = Route { target: Target::Named(0), strip: "/gemini".len() };
+        rewrite(&mut parts, &p, &r, Some(&cred("")), &[]).unwrap();
+        assert_eq!(
+            parts.uri.to_string(),
+            "https://generativelanguage.googleapis.com/v1beta/models/m:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(parts.headers["x-goog-api-key"], "sk-provider-key-123456");
+        assert!(parts.headers["x-goog-api-key"].is_sensitive());
+        for gone in ["host", "connection", "x-hop", "x-byokd-debug", "x-tenant-id"] {
+            assert!(!parts.headers.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn anthropic_gets_version_and_x_api_key() {
+        let p = builtins().into_iter().find(|p| &*p.name == "anthropic").unwrap();
+        let req = http::Request::builder()
+            .uri("/anthropic/v1/messages")
+            .header("authorization", "Bearer platform-token")
+            .header("x-api-key", "platform-token")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        let r = Route { target: Target::Named(0), strip: "/anthropic".len() };
+        rewrite(&mut parts, &p, &r, Some(&cred("")), &[]).unwrap();
+        assert_eq!(parts.headers["x-api-key"], "sk-provider-key-123456");
+        assert_eq!(parts.headers["anthropic-version"], "2023-06-01");
+        assert!(!parts.headers.contains_key("authorization"));
+    }
+
+    #[test]
+    fn key_param_variants() {
+        assert_eq!(strip_key_param("key=a&alt=sse").as_deref(), Some("alt=sse"));
+        assert_eq!(strip_key_param("key=a"), None);
+        assert!(!has_key_param("monkey=1&keys=2"));
+    }
+}

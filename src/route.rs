@@ -1,0 +1,85 @@
+//! The route step: which provider a path goes to, and which path the provider sees.
+//!
+//! `/v1/...` goes to the tenant's default provider with the path unchanged; `/{provider}/...`
+//! goes to the named provider with the rest of the path; `/byokd/...` is byokd's own.
+
+use crate::config::Config;
+use crate::error::RouteError;
+
+/// Where a request goes before the tenant is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The tenant's `default_provider` (OpenAI wire format by convention).
+    Default,
+    /// A provider by index into `Config::providers`.
+    Named(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub target: Target,
+    /// Bytes of the request path that name the provider (`/anthropic`); the rest goes upstream.
+    pub strip: usize,
+}
+
+impl Route {
+    /// The path sent upstream, below the provider's base URL; starts with `/`.
+    pub fn upstream_path<'a>(&self, request_path: &'a str) -> &'a str {
+        match request_path.get(self.strip..) {
+            Some(p) if !p.is_empty() => p,
+            _ => "/",
+        }
+    }
+}
+
+pub fn route(cfg: &Config, path: &str) -> Result<Route, RouteError> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(RouteError::UnknownRoute);
+    };
+    let (first, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    match first {
+        "v1" => Ok(Route {
+            target: Target::Default,
+            strip: 0,
+        }),
+        "byokd" | "" => Err(RouteError::UnknownRoute),
+        name => {
+            let idx = cfg
+                .provider_index(name)
+                .ok_or_else(|| RouteError::UnknownProvider(name.chars().take(64).collect()))?;
+            Ok(Route {
+                target: Target::Named(idx),
+                strip: path.len() - tail.len(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let cfg = Config::from_yaml("{}", std::path::Path::new("/x/byokd.yaml")).unwrap();
+        let p = "/v1/chat/completions";
+        let r = route(&cfg, p).unwrap();
+        assert_eq!((r.target, r.upstream_path(p)), (Target::Default, p));
+        let p = "/anthropic/v1/messages";
+        let r = route(&cfg, p).unwrap();
+        assert_eq!(r.target, Target::Named(cfg.provider_index("anthropic").unwrap()));
+        assert_eq!(r.upstream_path(p), "/v1/messages");
+        let p = "/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent";
+        assert_eq!(
+            route(&cfg, p).unwrap().upstream_path(p),
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+        );
+        assert_eq!(route(&cfg, "/openai").unwrap().upstream_path("/openai"), "/");
+        assert!(route(&cfg, "/nope/v1/x").is_err());
+        assert!(route(&cfg, "/byokd/usage").is_err());
+        assert!(route(&cfg, "/").is_err());
+    }
+}

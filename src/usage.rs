@@ -1,0 +1,565 @@
+//! The meter step: an incremental usage scanner, and the body wrapper that feeds it.
+//!
+//! The response streams through untouched, frame by frame. The scanner never parses the whole
+//! body: for SSE it looks at complete `data:` lines and parses only those that carry usage
+//! (found with a SIMD substring search); for JSON it keeps a bounded head (for `model`) and a
+//! bounded tail (for the trailing `usage` object) and parses just that slice at the end.
+//! Memory per request is bounded by [`MAX_LINE`] + [`JSON_HEAD`] + 2 × [`JSON_TAIL`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use memchr::memmem;
+use serde::Deserialize;
+
+use crate::metrics::Recorder;
+
+/// Longest SSE line kept across frames; longer lines (huge content deltas) are skipped.
+pub const MAX_LINE: usize = 256 * 1024;
+/// Bytes kept from the start of a JSON body to find `model`.
+pub const JSON_HEAD: usize = 4096;
+/// Bytes kept from the end of a JSON body to find `usage`.
+pub const JSON_TAIL: usize = 64 * 1024;
+
+/// How a provider reports usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI chat completions and compatibles: `usage.prompt_tokens`, `completion_tokens`.
+    OpenAi,
+    /// Anthropic messages: `input_tokens` excludes cache reads and writes.
+    Anthropic,
+    /// Not metered (yet): passes through.
+    None,
+}
+
+/// Token counts in DESIGN §3's disjoint types, plus the model the provider reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub output: u64,
+    pub reasoning: u64,
+    pub model: Option<String>,
+    /// Whether any usage object was seen.
+    pub found: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawUsage {
+    // OpenAI chat
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptDetails>,
+    completion_tokens_details: Option<CompletionDetails>,
+    // Anthropic
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PromptDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CompletionDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Applies a usage object. For OpenAI the object is complete; for Anthropic streams,
+    /// later objects (message_delta) carry cumulative counts, so each field present
+    /// replaces the earlier value and nothing is ever summed.
+    fn apply(&mut self, dialect: Dialect, u: &RawUsage) {
+        self.found = true;
+        match dialect {
+            Dialect::OpenAi => {
+                let cached = u
+                    .prompt_tokens_details
+                    .as_ref()
+                    .and_then(|d| d.cached_tokens)
+                    .unwrap_or(0);
+                let reasoning = u
+                    .completion_tokens_details
+                    .as_ref()
+                    .and_then(|d| d.reasoning_tokens)
+                    .unwrap_or(0);
+                let prompt = u.prompt_tokens.unwrap_or(0);
+                let completion = u.completion_tokens.unwrap_or(0);
+                self.input = prompt.saturating_sub(cached);
+                self.cached_input = cached;
+                self.output = completion.saturating_sub(reasoning);
+                self.reasoning = reasoning;
+            }
+            Dialect::Anthropic => {
+                if let Some(v) = u.input_tokens {
+                    self.input = v;
+                }
+                if let Some(v) = u.cache_read_input_tokens {
+                    self.cached_input = v;
+                }
+                if let Some(v) = u.cache_creation_input_tokens {
+                    self.cache_write = v;
+                }
+                if let Some(v) = u.output_tokens {
+                    self.output = v;
+                }
+            }
+            Dialect::None => {}
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.input + self.cached_input + self.cache_write + self.output + self.reasoning
+    }
+}
+
+/// Incremental, synchronous and pure: fixtures can be fed in arbitrary chunks.
+pub trait UsageScanner {
+    fn feed(&mut self, chunk: &[u8]);
+    fn finish(&mut self) -> Usage;
+}
+
+/// Picks the scanner for a response from its dialect and content type.
+pub fn scanner_for(dialect: Dialect, content_type: Option<&[u8]>) -> Scanner {
+    let ct = content_type.unwrap_or_default();
+    if dialect == Dialect::None {
+        Scanner::Off
+    } else if memmem::find(ct, b"text/event-stream").is_some() {
+        Scanner::Sse(SseScanner::new(dialect))
+    } else if memmem::find(ct, b"json").is_some() {
+        Scanner::Json(JsonScanner::new(dialect))
+    } else {
+        Scanner::Off
+    }
+}
+
+/// Enum dispatch: one concrete type in the body wrapper, no allocation, no vtable.
+#[derive(Debug)]
+pub enum Scanner {
+    Sse(SseScanner),
+    Json(JsonScanner),
+    Off,
+}
+
+impl UsageScanner for Scanner {
+    fn feed(&mut self, chunk: &[u8]) {
+        match self {
+            Self::Sse(s) => s.feed(chunk),
+            Self::Json(s) => s.feed(chunk),
+            Self::Off => {}
+        }
+    }
+
+    fn finish(&mut self) -> Usage {
+        match self {
+            Self::Sse(s) => s.finish(),
+            Self::Json(s) => s.finish(),
+            Self::Off => Usage::default(),
+        }
+    }
+}
+
+/// Server-sent events: scans complete `data:` lines.
+#[derive(Debug)]
+pub struct SseScanner {
+    dialect: Dialect,
+    partial: Vec<u8>,
+    /// The current line grew past [`MAX_LINE`] and is being skipped.
+    skipping: bool,
+    usage: Usage,
+}
+
+impl SseScanner {
+    pub fn new(dialect: Dialect) -> Self {
+        Self {
+            dialect,
+            partial: Vec::new(),
+            skipping: false,
+            usage: Usage::default(),
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        match self.dialect {
+            Dialect::OpenAi => {
+                #[derive(Deserialize)]
+                struct Chunk {
+                    model: Option<String>,
+                    usage: Option<RawUsage>,
+                }
+                let has_usage = usage_value_at(data, b"\"usage\"").is_some();
+                if has_usage || self.usage.model.is_none() {
+                    if let Ok(c) = serde_json::from_slice::<Chunk>(data) {
+                        if self.usage.model.is_none() {
+                            self.usage.model = c.model;
+                        }
+                        if let Some(u) = c.usage {
+                            self.usage.apply(self.dialect, &u);
+                        }
+                    }
+                }
+            }
+            Dialect::Anthropic => {
+                if memmem::find(data, b"\"message_start\"").is_some() {
+                    #[derive(Deserialize)]
+                    struct Start {
+                        message: Msg,
+                    }
+                    #[derive(Deserialize)]
+                    struct Msg {
+                        model: Option<String>,
+                        usage: Option<RawUsage>,
+                    }
+                    if let Ok(s) = serde_json::from_slice::<Start>(data) {
+                        if s.message.model.is_some() {
+                            self.usage.model = s.message.model;
+                        }
+                        if let Some(u) = s.message.usage {
+                            self.usage.apply(self.dialect, &u);
+                        }
+                    }
+                } else if memmem::find(data, b"\"message_delta\"").is_some() {
+                    #[derive(Deserialize)]
+                    struct Delta {
+                        usage: Option<RawUsage>,
+                    }
+                    if let Ok(Delta { usage: Some(u) }) = serde_json::from_slice::<Delta>(data) {
+                        self.usage.apply(self.dialect, &u);
+                    }
+                }
+            }
+            Dialect::None => {}
+        }
+    }
+}
+
+/// Position just after `key` when it is an object key whose value is not `null`.
+fn usage_value_at(hay: &[u8], key: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = memmem::find(&hay[from..], key) {
+        let after = from + p + key.len();
+        let rest = &hay[after..];
+        let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        if rest[colon] == b':' {
+            let v = &rest[colon + 1..];
+            let start = v.iter().position(|b| !b.is_ascii_whitespace())?;
+            if v[start..].starts_with(b"null") {
+                return None;
+            }
+            return Some(after + colon + 1 + start);
+        }
+        from = after;
+    }
+    None
+}
+
+impl UsageScanner for SseScanner {
+    fn feed(&mut self, mut chunk: &[u8]) {
+        if !self.partial.is_empty() || self.skipping {
+            match memchr::memchr(b'\n', chunk) {
+                None => {
+                    if !self.skipping {
+                        if self.partial.len() + chunk.len() > MAX_LINE {
+                            self.partial.clear();
+                            self.skipping = true;
+                        } else {
+                            self.partial.extend_from_slice(chunk);
+                        }
+                    }
+                    return;
+                }
+                Some(i) => {
+                    if !self.skipping && self.partial.len() + i <= MAX_LINE {
+                        self.partial.extend_from_slice(&chunk[..i]);
+                        let line = std::mem::take(&mut self.partial);
+                        self.line(&line);
+                        self.partial = line;
+                    }
+                    self.partial.clear();
+                    self.skipping = false;
+                    chunk = &chunk[i + 1..];
+                }
+            }
+        }
+        let mut start = 0;
+        for i in memchr::memchr_iter(b'\n', chunk) {
+            self.line(&chunk[start..i]);
+            start = i + 1;
+        }
+        let rest = &chunk[start..];
+        if rest.len() > MAX_LINE {
+            self.skipping = true;
+        } else {
+            self.partial.extend_from_slice(rest);
+        }
+    }
+
+    fn finish(&mut self) -> Usage {
+        if !self.partial.is_empty() && !self.skipping {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line);
+        }
+        std::mem::take(&mut self.usage)
+    }
+}
+
+/// A JSON body: bounded head and tail, parsed once at the end.
+#[derive(Debug)]
+pub struct JsonScanner {
+    dialect: Dialect,
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl JsonScanner {
+    pub fn new(dialect: Dialect) -> Self {
+        Self {
+            dialect,
+            head: Vec::new(),
+            tail: Vec::new(),
+        }
+    }
+}
+
+impl UsageScanner for JsonScanner {
+    fn feed(&mut self, chunk: &[u8]) {
+        if self.head.len() < JSON_HEAD {
+            let n = (JSON_HEAD - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..n]);
+        }
+        if chunk.len() >= JSON_TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
+            return;
+        }
+        self.tail.extend_from_slice(chunk);
+        // Amortised: compact only when the buffer is twice the window.
+        if self.tail.len() > 2 * JSON_TAIL {
+            let cut = self.tail.len() - JSON_TAIL;
+            self.tail.drain(..cut);
+        }
+    }
+
+    fn finish(&mut self) -> Usage {
+        let mut usage = Usage::default();
+        if let Some(at) = usage_value_at(&self.head, b"\"model\"") {
+            let mut it = serde_json::Deserializer::from_slice(&self.head[at..]).into_iter::<String>();
+            if let Some(Ok(m)) = it.next() {
+                usage.model = Some(m);
+            }
+        }
+        // The top-level usage object closes the body, so the last occurrence is it.
+        let tail = &self.tail;
+        let mut end = tail.len();
+        while let Some(p) = memmem::rfind(&tail[..end], b"\"usage\"") {
+            if let Some(at) = usage_value_at(&tail[p..], b"\"usage\"") {
+                let mut it =
+                    serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<RawUsage>();
+                if let Some(Ok(u)) = it.next() {
+                    usage.apply(self.dialect, &u);
+                    break;
+                }
+            }
+            end = p;
+        }
+        usage
+    }
+}
+
+/// Wraps the upstream response body: frames pass through unchanged; the scanner sees each
+/// data frame; the recorder fires exactly once, at end of stream, on error, or on drop
+/// (client went away), so a cancelled stream is still metered for what was sent.
+pub struct MeteredBody<B> {
+    inner: B,
+    scanner: Scanner,
+    recorder: Option<Recorder>,
+    bytes: u64,
+}
+
+impl<B> MeteredBody<B> {
+    pub fn new(inner: B, scanner: Scanner, recorder: Recorder) -> Self {
+        Self {
+            inner,
+            scanner,
+            recorder: Some(recorder),
+            bytes: 0,
+        }
+    }
+
+    fn complete(&mut self, outcome: Outcome) {
+        if let Some(r) = self.recorder.take() {
+            let usage = self.scanner.finish();
+            r.finish(usage, outcome, self.bytes);
+        }
+    }
+}
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Complete,
+    UpstreamError,
+    ClientGone,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::UpstreamError => "upstream_error",
+            Self::ClientGone => "client_gone",
+        }
+    }
+}
+
+impl<B> Drop for MeteredBody<B> {
+    fn drop(&mut self) {
+        self.complete(Outcome::ClientGone);
+    }
+}
+
+impl<B> Body for MeteredBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                    this.scanner.feed(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.complete(Outcome::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.complete(Outcome::UpstreamError),
+            Poll::Ready(None) => this.complete(Outcome::Complete),
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_split(mut s: impl UsageScanner, body: &[u8], step: usize) -> Usage {
+        for c in body.chunks(step.max(1)) {
+            s.feed(c);
+        }
+        s.finish()
+    }
+
+    const OPENAI_SSE: &str = concat!(
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi \\\"usage\\\": 5\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":120,\"completion_tokens\":30,\"total_tokens\":150,\"prompt_tokens_details\":{\"cached_tokens\":100},\"completion_tokens_details\":{\"reasoning_tokens\":10}}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    const ANTHROPIC_SSE: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-20250514\",\"content\":[],\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":7,\"cache_read_input_tokens\":300,\"output_tokens\":1}}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":42}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n"
+    );
+
+    #[test]
+    fn openai_sse_any_split() {
+        for step in [1, 2, 3, 7, 64, 4096] {
+            let u = feed_split(SseScanner::new(Dialect::OpenAi), OPENAI_SSE.as_bytes(), step);
+            assert_eq!((u.input, u.cached_input, u.output, u.reasoning), (20, 100, 20, 10), "step {step}");
+            assert_eq!(u.model.as_deref(), Some("gpt-4o-2024-08-06"));
+            assert_eq!(u.total(), 150);
+        }
+    }
+
+    #[test]
+    fn anthropic_sse_takes_last_cumulative_output() {
+        for step in [1, 5, 13, 4096] {
+            let u = feed_split(SseScanner::new(Dialect::Anthropic), ANTHROPIC_SSE.as_bytes(), step);
+            assert_eq!(
+                (u.input, u.cached_input, u.cache_write, u.output),
+                (25, 300, 7, 42),
+                "step {step}"
+            );
+            assert_eq!(u.model.as_deref(), Some("claude-sonnet-4-20250514"));
+        }
+    }
+
+    #[test]
+    fn json_bodies_both_dialects() {
+        let oa = r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"the word \"usage\": here"}}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21},"system_fingerprint":"fp"}"#;
+        for step in [1, 3, 50, 10_000] {
+            let u = feed_split(JsonScanner::new(Dialect::OpenAi), oa.as_bytes(), step);
+            assert_eq!((u.input, u.output, u.model.as_deref()), (9, 12, Some("gpt-4o-mini")));
+        }
+        let an = r#"{"id":"msg","type":"message","role":"assistant","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":4,"output_tokens":5}}"#;
+        let u = feed_split(JsonScanner::new(Dialect::Anthropic), an.as_bytes(), 7);
+        assert_eq!((u.input, u.cached_input, u.output), (10, 4, 5));
+        assert_eq!(u.model.as_deref(), Some("claude-3-5-haiku-20241022"));
+    }
+
+    #[test]
+    fn huge_lines_are_skipped_with_bounded_memory() {
+        let mut s = SseScanner::new(Dialect::OpenAi);
+        let big = vec![b'x'; 1024 * 1024];
+        s.feed(b"data: {\"model\":\"m\",\"content\":\"");
+        for _ in 0..4 {
+            s.feed(&big);
+            assert!(s.partial.capacity() <= 2 * MAX_LINE);
+        }
+        s.feed(b"\"}\n");
+        s.feed(OPENAI_SSE.as_bytes());
+        let u = s.finish();
+        assert_eq!(u.total(), 150);
+    }
+
+    #[test]
+    fn large_json_keeps_bounded_tail() {
+        let mut s = JsonScanner::new(Dialect::OpenAi);
+        s.feed(br#"{"model":"m","choices":[{"message":{"content":""#);
+        let filler = vec![b'a'; 10_000];
+        for _ in 0..100 {
+            s.feed(&filler);
+            assert!(s.tail.len() <= 2 * JSON_TAIL + filler.len());
+        }
+        s.feed(br#""}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
+        let u = s.finish();
+        assert_eq!((u.input, u.output), (1, 2));
+    }
+}
