@@ -79,7 +79,14 @@ pub async fn serve<F, Fut, B>(
     }
     drop(listener);
     let open = graceful.count();
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(open, ?drain, "drain timeout reached; closing remaining connections");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open,
+            ?drain,
+            "drain timeout reached; closing remaining connections"
+        );
     }
 }

@@ -42,7 +42,9 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -424,7 +426,9 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             (Some(k), _) => ProviderKind::parse(k).ok_or_else(|| {
                 invalid(
                     &format!("{field}.kind"),
-                    format!("unknown kind `{k}`; use one of openai, anthropic, gemini, azure, ollama"),
+                    format!(
+                        "unknown kind `{k}`; use one of openai, anthropic, gemini, azure, ollama"
+                    ),
                 )
             })?,
             (None, Some(i)) => providers[i].kind,
@@ -455,7 +459,10 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     // Azure has no public default host: it is usable only once configured.
     providers.retain(|p| !p.base_url.is_empty());
     if providers.len() > 64 {
-        return Err(invalid("providers", "at most 64 providers are supported".into()));
+        return Err(invalid(
+            "providers",
+            "at most 64 providers are supported".into(),
+        ));
     }
     let index = |name: &str| providers.iter().position(|p| &*p.name == name);
 
@@ -551,8 +558,12 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                             return Err(not_yet(&format!("{field}.header.only_from")));
                         }
                         IdentitySource::Header {
-                            name: http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
-                                .map_err(|_| invalid(&field, format!("`{}` is not a header name", h.name)))?,
+                            name: http::HeaderName::from_bytes(
+                                h.name.to_ascii_lowercase().as_bytes(),
+                            )
+                            .map_err(|_| {
+                                invalid(&field, format!("`{}` is not a header name", h.name))
+                            })?,
                         }
                     }
                     IdentityFile::Bearer(_) => IdentitySource::Bearer,
@@ -563,7 +574,10 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 });
             }
             if out.is_empty() {
-                return Err(invalid("identity", "list at least one identity source".into()));
+                return Err(invalid(
+                    "identity",
+                    "list at least one identity source".into(),
+                ));
             }
             out
         }
@@ -586,7 +600,11 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 ));
             }
             KmsConfig::Local {
-                keks: l.keks.iter().map(|(k, p)| (k.clone(), resolve(p))).collect(),
+                keks: l
+                    .keks
+                    .iter()
+                    .map(|(k, p)| (k.clone(), resolve(p)))
+                    .collect(),
                 active: l.active,
             }
         }
@@ -659,10 +677,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         kms,
         store,
         key_cache: KeyCacheConfig {
-            ttl: file
-                .key_cache
-                .ttl
-                .map_or(Duration::from_secs(300), |d| d.0),
+            ttl: file.key_cache.ttl.map_or(Duration::from_secs(300), |d| d.0),
             max_entries: file.key_cache.max_entries.unwrap_or(100_000),
         },
         providers: providers.into_iter().map(Arc::new).collect(),
@@ -695,12 +710,15 @@ mod tests {
 
     #[test]
     fn minimal_file_gets_documented_defaults() {
-        let c = parse("providers:\n  openai: { kind: openai, base_url: \"https://api.openai.com\" }\n")
-            .unwrap();
+        let c =
+            parse("providers:\n  openai: { kind: openai, base_url: \"https://api.openai.com\" }\n")
+                .unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9787");
         assert_eq!(c.limits.max_body_bytes, 32 * 1024 * 1024);
-        assert!(matches!(&c.store, StoreConfig::File { path } if path == Path::new("/etc/byokd/.byokd/keys.json")));
+        assert!(
+            matches!(&c.store, StoreConfig::File { path } if path == Path::new("/etc/byokd/.byokd/keys.json"))
+        );
         let openai = c.provider_index("openai").unwrap();
         assert_eq!(c.defaults.default_provider, openai);
         assert!(c.defaults.allows(openai));
@@ -710,16 +728,25 @@ mod tests {
 
     #[test]
     fn unknown_key_is_an_error_naming_it() {
-        let err = parse("listen: 127.0.0.1:1\nlisten_typo: 1\n").unwrap_err().to_string();
+        let err = parse("listen: 127.0.0.1:1\nlisten_typo: 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen_typo"), "{err}");
         assert!(err.contains("byokd.yaml"), "{err}");
     }
 
     #[test]
     fn bad_values_are_errors_with_the_field() {
-        let err = parse("defaults:\n  allowed_providers: [nope]\n").unwrap_err().to_string();
-        assert!(err.contains("defaults.allowed_providers") && err.contains("nope"), "{err}");
-        let err = parse("limits: { idle_timeout: forever }\n").unwrap_err().to_string();
+        let err = parse("defaults:\n  allowed_providers: [nope]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("defaults.allowed_providers") && err.contains("nope"),
+            "{err}"
+        );
+        let err = parse("limits: { idle_timeout: forever }\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("forever"), "{err}");
     }
 

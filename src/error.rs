@@ -151,7 +151,9 @@ impl ProxyError {
                 Code::UnknownRoute
             }
             Self::Identify(
-                IdentifyError::NoIdentity | IdentifyError::BadTenantId | IdentifyError::UnknownTenant,
+                IdentifyError::NoIdentity
+                | IdentifyError::BadTenantId
+                | IdentifyError::UnknownTenant,
             ) => Code::UnknownTenant,
             Self::Identify(IdentifyError::Conflict) => Code::IdentityConflict,
             Self::Admit(AdmitError::ProviderNotAllowed(_)) => Code::ProviderNotAllowed,
@@ -181,9 +183,9 @@ impl ProxyError {
             Self::Route(_) | Self::Identify(_) | Self::Admit(_) | Self::Limit(_) => Blame::Client,
             Self::Credential(CredentialError::NoKey(_)) => Blame::Client,
             Self::Credential(CredentialError::Unavailable(_)) => Blame::Internal,
-            Self::Forward(ForwardError::BadUpstreamRequest(_) | ForwardError::InvalidCredential) => {
-                Blame::Internal
-            }
+            Self::Forward(
+                ForwardError::BadUpstreamRequest(_) | ForwardError::InvalidCredential,
+            ) => Blame::Internal,
             Self::Forward(ForwardError::Unreachable(_) | ForwardError::Timeout(_)) => {
                 Blame::Upstream
             }
@@ -228,12 +230,20 @@ mod tests {
     fn status_and_code_table() {
         let cases: Vec<(ProxyError, &str, u16)> = vec![
             (RouteError::UnknownRoute.into(), "unknown_route", 404),
-            (RouteError::UnknownProvider("x".into()).into(), "unknown_route", 404),
+            (
+                RouteError::UnknownProvider("x".into()).into(),
+                "unknown_route",
+                404,
+            ),
             (IdentifyError::NoIdentity.into(), "unknown_tenant", 401),
             (IdentifyError::BadTenantId.into(), "unknown_tenant", 401),
             (IdentifyError::UnknownTenant.into(), "unknown_tenant", 401),
             (IdentifyError::Conflict.into(), "identity_conflict", 401),
-            (AdmitError::ProviderNotAllowed("x".into()).into(), "provider_not_allowed", 403),
+            (
+                AdmitError::ProviderNotAllowed("x".into()).into(),
+                "provider_not_allowed",
+                403,
+            ),
             (CredentialError::NoKey("x".into()).into(), "no_key", 403),
             (
                 CredentialError::Unavailable(crate::keys::KeyError::Corrupt("t".into())).into(),

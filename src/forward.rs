@@ -53,7 +53,9 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// The rustls client config: webpki roots plus the configured extra CA bundle.
-pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, ClientBuildError> {
+pub fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, ClientBuildError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -105,10 +107,15 @@ impl Upstream {
     }
 
     /// Sends the request; resolves when the response headers arrive.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<IdleTimeout<Incoming>>, ProxyError> {
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<IdleTimeout<Incoming>>, ProxyError> {
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.first_byte_timeout).into()),
-            Ok(Err(e)) if body_too_large(&e) => Err(LimitError::BodyTooLarge(self.max_body_bytes).into()),
+            Ok(Err(e)) if body_too_large(&e) => {
+                Err(LimitError::BodyTooLarge(self.max_body_bytes).into())
+            }
             Ok(Err(e)) => Err(ForwardError::Unreachable(e).into()),
             Ok(Ok(resp)) => Ok(resp.map(|b| IdleTimeout::new(b, self.idle_timeout))),
         }

@@ -16,7 +16,11 @@ use crate::keys::store::Snapshot;
 /// Headers an SDK puts its `api_key` in; any of them may carry a platform token.
 const TOKEN_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];
 
-pub fn identify(cfg: &Config, snap: &Snapshot, headers: &HeaderMap) -> Result<Arc<str>, IdentifyError> {
+pub fn identify(
+    cfg: &Config,
+    snap: &Snapshot,
+    headers: &HeaderMap,
+) -> Result<Arc<str>, IdentifyError> {
     let mut found: Option<Arc<str>> = None;
     for src in &cfg.identity {
         let t = match src {
@@ -45,7 +49,9 @@ fn from_header(
     if !valid_tenant_id(t) {
         return Err(IdentifyError::BadTenantId);
     }
-    canonical(cfg, snap, t).map(Some).ok_or(IdentifyError::UnknownTenant)
+    canonical(cfg, snap, t)
+        .map(Some)
+        .ok_or(IdentifyError::UnknownTenant)
 }
 
 /// The shared `Arc<str>` for a tenant name, so later steps never allocate it.

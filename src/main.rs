@@ -14,7 +14,11 @@ use byokd::keys::PlainKey;
 use byokd::keys::manage::{self, NewKey};
 
 #[derive(Parser)]
-#[command(name = "byokd", version, about = "Bring-your-own-key sidecar proxy for LLM APIs")]
+#[command(
+    name = "byokd",
+    version,
+    about = "Bring-your-own-key sidecar proxy for LLM APIs"
+)]
 struct Cli {
     /// Config file.
     #[arg(long, global = true, env = "BYOKD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -143,7 +147,10 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let load = || Config::load(&cli.config).map_err(anyhow::Error::from);
     match cli.cmd {
-        Cmd::Serve { listen, admin_listen } => {
+        Cmd::Serve {
+            listen,
+            admin_listen,
+        } => {
             let mut cfg = load()?;
             if let Some(a) = listen {
                 cfg.listen = a;
@@ -153,7 +160,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             serve(cfg).await
         }
-        Cmd::Config { cmd: ConfigCmd::Check } => {
+        Cmd::Config {
+            cmd: ConfigCmd::Check,
+        } => {
             let cfg = load()?;
             println!(
                 "{}: ok ({} providers, {} tenant overrides)",
@@ -181,7 +190,9 @@ async fn run(cli: Cli) -> Result<()> {
             byokd::keys::kms::create_kek_file(&path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
             println!("wrote a new 32-byte KEK to {} (mode 0600)", path.display());
-            println!("add it under kms.local.keks with a new id, make it `active`, then run `byokd keys rewrap`");
+            println!(
+                "add it under kms.local.keks with a new id, make it `active`, then run `byokd keys rewrap`"
+            );
             Ok(())
         }
         Cmd::Token { cmd } => {
@@ -190,7 +201,10 @@ async fn run(cli: Cli) -> Result<()> {
             match cmd {
                 TokenCmd::New { tenant } => {
                     let (token, rec) = manage::new_token(&store, &tenant)?;
-                    eprintln!("token {} for tenant {}: shown once, store it now", rec.id, rec.tenant);
+                    eprintln!(
+                        "token {} for tenant {}: shown once, store it now",
+                        rec.id, rec.tenant
+                    );
                     println!("{}", token.as_str());
                 }
                 TokenCmd::Revoke { token_id } => {
@@ -249,7 +263,10 @@ async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} LABEL", "ID", "TENANT", "PROVIDER", "VER", "STATE", "KEY");
+                println!(
+                    "{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} LABEL",
+                    "ID", "TENANT", "PROVIDER", "VER", "STATE", "KEY"
+                );
                 for r in &list {
                     println!(
                         "{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} {}",

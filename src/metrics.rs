@@ -78,11 +78,12 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 impl Metrics {
     pub fn new(max_tenants: usize) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
         let requests = counter(
             "byokd_requests_total",
             "Requests by tenant, provider, model and HTTP status code.",
@@ -113,14 +114,15 @@ impl Metrics {
             "Store and config reloads by result.",
             &["result"],
         )?;
-        let hist = |name: &str, help: &str, buckets: &[f64]| -> Result<HistogramVec, prometheus::Error> {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                &["provider"],
-            )?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
+        let hist =
+            |name: &str, help: &str, buckets: &[f64]| -> Result<HistogramVec, prometheus::Error> {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    &["provider"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
         let duration = hist(
             "byokd_request_duration_seconds",
             "Whole request duration, to the end of the response body.",
@@ -188,7 +190,9 @@ impl Metrics {
     }
 
     pub fn upstream_error(&self, provider: &str, kind: &str) {
-        self.upstream_errors.with_label_values(&[provider, kind]).inc();
+        self.upstream_errors
+            .with_label_values(&[provider, kind])
+            .inc();
     }
 
     /// A request byokd answered itself.

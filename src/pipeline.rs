@@ -86,7 +86,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, keyring: Arc<Keyring>, metrics: Arc<Metrics>, upstream: Upstream) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        keyring: Arc<Keyring>,
+        metrics: Arc<Metrics>,
+        upstream: Upstream,
+    ) -> Self {
         let tenant_headers = config
             .identity
             .iter()
@@ -122,7 +127,8 @@ impl Proxy {
     fn reject(&self, ctx: &RequestCtx, e: &ProxyError) -> Response<ProxyBody> {
         let tenant = ctx.tenant.as_deref().unwrap_or("");
         let provider = ctx.provider.as_ref().map_or("", |p| &*p.name);
-        self.metrics.rejected(tenant, provider, e.code(), e.status());
+        self.metrics
+            .rejected(tenant, provider, e.code(), e.status());
         match e.blame() {
             crate::error::Blame::Client => tracing::info!(
                 target: "byokd::access", request_id = %ctx.id, tenant, provider,
@@ -133,10 +139,15 @@ impl Proxy {
                 status = e.status().as_u16(), error = e.code(), detail = %ErrorChain(e),
             ),
         }
-        e.to_response(ctx.shape, &ctx.id.to_string()).map(Either::Right)
+        e.to_response(ctx.shape, &ctx.id.to_string())
+            .map(Either::Right)
     }
 
-    async fn run(&self, req: Request<Incoming>, ctx: &mut RequestCtx) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn run(
+        &self,
+        req: Request<Incoming>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let cfg = &*self.config;
         let (mut parts, body) = req.into_parts();
 
@@ -174,11 +185,18 @@ impl Proxy {
             .credential(&tenant, &provider, policy.platform_fallback, ctx.id)
             .await?;
         if let Some(c) = &credential {
-            self.metrics.key_lookup(&tenant, &provider.name, c.decrypted);
+            self.metrics
+                .key_lookup(&tenant, &provider.name, c.decrypted);
         }
 
         // rewrite
-        rewrite(&mut parts, &provider, &route, credential.as_ref(), &self.tenant_headers)?;
+        rewrite(
+            &mut parts,
+            &provider,
+            &route,
+            credential.as_ref(),
+            &self.tenant_headers,
+        )?;
 
         // forward
         let upstream_req = Request::from_parts(parts, Limited::new(body, max_body as usize));
@@ -203,7 +221,10 @@ impl Proxy {
         let scanner = if rparts.status.is_success() {
             scanner_for(
                 provider.dialect(),
-                rparts.headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+                rparts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .map(|v| v.as_bytes()),
             )
         } else {
             crate::usage::Scanner::Off

@@ -84,7 +84,11 @@ pub fn rewrite(
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     h.remove(header::HOST);
-    for n in CLIENT_AUTH.iter().chain(&BYOKD_HEADERS).chain(tenant_headers) {
+    for n in CLIENT_AUTH
+        .iter()
+        .chain(&BYOKD_HEADERS)
+        .chain(tenant_headers)
+    {
         h.remove(n);
     }
     if h.keys().any(|k| k.as_str().starts_with("x-byokd-")) {
@@ -99,7 +103,10 @@ pub fn rewrite(
     }
     // The usage scanner reads plain bytes; LLM responses are small next to their latency,
     // so identity encoding costs less than decompressing a copy.
-    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     if provider.kind == ProviderKind::Anthropic && !h.contains_key(&ANTHROPIC_VERSION) {
         h.insert(ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01"));
     }
@@ -160,7 +167,10 @@ mod tests {
 
     #[test]
     fn gemini_rewrite_strips_key_param_and_client_auth() {
-        let p = builtins().into_iter().find(|p| &*p.name == "gemini").unwrap();
+        let p = builtins()
+            .into_iter()
+            .find(|p| &*p.name == "gemini")
+            .unwrap();
         let req = http::Request::builder()
             .uri("/gemini/v1beta/models/m:streamGenerateContent?alt=sse&key=AIzaCLIENT")
             .header("x-goog-api-key", "client")
@@ -172,7 +182,10 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, ()) = req.into_parts();
-        let r = Route { target: Target::Named(0), strip: "/gemini".len() };
+        let r = Route {
+            target: Target::Named(0),
+            strip: "/gemini".len(),
+        };
         rewrite(&mut parts, &p, &r, Some(&cred("")), &[]).unwrap();
         assert_eq!(
             parts.uri.to_string(),
@@ -180,14 +193,23 @@ mod tests {
         );
         assert_eq!(parts.headers["x-goog-api-key"], "sk-provider-key-123456");
         assert!(parts.headers["x-goog-api-key"].is_sensitive());
-        for gone in ["host", "connection", "x-hop", "x-byokd-debug", "x-tenant-id"] {
+        for gone in [
+            "host",
+            "connection",
+            "x-hop",
+            "x-byokd-debug",
+            "x-tenant-id",
+        ] {
             assert!(!parts.headers.contains_key(gone), "{gone}");
         }
     }
 
     #[test]
     fn anthropic_gets_version_and_x_api_key() {
-        let p = builtins().into_iter().find(|p| &*p.name == "anthropic").unwrap();
+        let p = builtins()
+            .into_iter()
+            .find(|p| &*p.name == "anthropic")
+            .unwrap();
         let req = http::Request::builder()
             .uri("/anthropic/v1/messages")
             .header("authorization", "Bearer platform-token")
@@ -195,7 +217,10 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, ()) = req.into_parts();
-        let r = Route { target: Target::Named(0), strip: "/anthropic".len() };
+        let r = Route {
+            target: Target::Named(0),
+            strip: "/anthropic".len(),
+        };
         rewrite(&mut parts, &p, &r, Some(&cred("")), &[]).unwrap();
         assert_eq!(parts.headers["x-api-key"], "sk-provider-key-123456");
         assert_eq!(parts.headers["anthropic-version"], "2023-06-01");

@@ -70,14 +70,20 @@ mod tests {
         assert_eq!((r.target, r.upstream_path(p)), (Target::Default, p));
         let p = "/anthropic/v1/messages";
         let r = route(&cfg, p).unwrap();
-        assert_eq!(r.target, Target::Named(cfg.provider_index("anthropic").unwrap()));
+        assert_eq!(
+            r.target,
+            Target::Named(cfg.provider_index("anthropic").unwrap())
+        );
         assert_eq!(r.upstream_path(p), "/v1/messages");
         let p = "/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent";
         assert_eq!(
             route(&cfg, p).unwrap().upstream_path(p),
             "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
         );
-        assert_eq!(route(&cfg, "/openai").unwrap().upstream_path("/openai"), "/");
+        assert_eq!(
+            route(&cfg, "/openai").unwrap().upstream_path("/openai"),
+            "/"
+        );
         assert!(route(&cfg, "/nope/v1/x").is_err());
         assert!(route(&cfg, "/byokd/usage").is_err());
         assert!(route(&cfg, "/").is_err());

@@ -84,7 +84,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     if let Some(dir) = store.path().parent() {
         std::fs::create_dir_all(dir).map_err(|e| KeyError::io(dir, e))?;
     }
-    let keyring = Arc::new(Keyring::new(kms, &data, cfg.key_cache.ttl, cfg.key_cache.max_entries));
+    let keyring = Arc::new(Keyring::new(
+        kms,
+        &data,
+        cfg.key_cache.ttl,
+        cfg.key_cache.max_entries,
+    ));
     let watch = crate::keys::watch::watch(store, keyring.clone(), metrics.clone())?;
     let upstream = Upstream::new(&cfg.upstream, &cfg.limits)?;
     let proxy = Arc::new(Proxy::new(cfg.clone(), keyring, metrics.clone(), upstream));
@@ -96,14 +101,18 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     };
     let data_listener = bind(cfg.listen).await?;
     let admin_listener = bind(cfg.admin_listen).await?;
-    let data_addr = data_listener.local_addr().map_err(|source| StartError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-        addr: cfg.admin_listen,
-        source,
-    })?;
+    let data_addr = data_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.admin_listen,
+            source,
+        })?;
 
     let (tx, rx) = watch::channel(false);
     let admin = Arc::new(Admin {

@@ -339,7 +339,8 @@ impl UsageScanner for JsonScanner {
         }
         if chunk.len() >= JSON_TAIL {
             self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
             return;
         }
         self.tail.extend_from_slice(chunk);
@@ -353,7 +354,8 @@ impl UsageScanner for JsonScanner {
     fn finish(&mut self) -> Usage {
         let mut usage = Usage::default();
         if let Some(at) = usage_value_at(&self.head, b"\"model\"") {
-            let mut it = serde_json::Deserializer::from_slice(&self.head[at..]).into_iter::<String>();
+            let mut it =
+                serde_json::Deserializer::from_slice(&self.head[at..]).into_iter::<String>();
             if let Some(Ok(m)) = it.next() {
                 usage.model = Some(m);
             }
@@ -501,8 +503,16 @@ mod tests {
     #[test]
     fn openai_sse_any_split() {
         for step in [1, 2, 3, 7, 64, 4096] {
-            let u = feed_split(SseScanner::new(Dialect::OpenAi), OPENAI_SSE.as_bytes(), step);
-            assert_eq!((u.input, u.cached_input, u.output, u.reasoning), (20, 100, 20, 10), "step {step}");
+            let u = feed_split(
+                SseScanner::new(Dialect::OpenAi),
+                OPENAI_SSE.as_bytes(),
+                step,
+            );
+            assert_eq!(
+                (u.input, u.cached_input, u.output, u.reasoning),
+                (20, 100, 20, 10),
+                "step {step}"
+            );
             assert_eq!(u.model.as_deref(), Some("gpt-4o-2024-08-06"));
             assert_eq!(u.total(), 150);
         }
@@ -511,7 +521,11 @@ mod tests {
     #[test]
     fn anthropic_sse_takes_last_cumulative_output() {
         for step in [1, 5, 13, 4096] {
-            let u = feed_split(SseScanner::new(Dialect::Anthropic), ANTHROPIC_SSE.as_bytes(), step);
+            let u = feed_split(
+                SseScanner::new(Dialect::Anthropic),
+                ANTHROPIC_SSE.as_bytes(),
+                step,
+            );
             assert_eq!(
                 (u.input, u.cached_input, u.cache_write, u.output),
                 (25, 300, 7, 42),
@@ -526,7 +540,10 @@ mod tests {
         let oa = r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"the word \"usage\": here"}}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21},"system_fingerprint":"fp"}"#;
         for step in [1, 3, 50, 10_000] {
             let u = feed_split(JsonScanner::new(Dialect::OpenAi), oa.as_bytes(), step);
-            assert_eq!((u.input, u.output, u.model.as_deref()), (9, 12, Some("gpt-4o-mini")));
+            assert_eq!(
+                (u.input, u.output, u.model.as_deref()),
+                (9, 12, Some("gpt-4o-mini"))
+            );
         }
         let an = r#"{"id":"msg","type":"message","role":"assistant","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":4,"output_tokens":5}}"#;
         let u = feed_split(JsonScanner::new(Dialect::Anthropic), an.as_bytes(), 7);

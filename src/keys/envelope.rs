@@ -49,24 +49,47 @@ impl Binding<'_> {
 }
 
 /// AES-256-GCM with a random 96-bit nonce; returns (nonce, ciphertext || tag).
-pub fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<([u8; NONCE_LEN], Vec<u8>), KeyError> {
-    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| KeyError::Corrupt("key length".into()))?;
+pub fn seal(
+    key: &[u8; 32],
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<([u8; NONCE_LEN], Vec<u8>), KeyError> {
+    let cipher =
+        Aes256Gcm::new_from_slice(key).map_err(|_| KeyError::Corrupt("key length".into()))?;
     let mut nonce = [0u8; NONCE_LEN];
     random_bytes(&mut nonce)?;
     let ct = cipher
-        .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| KeyError::Corrupt("encryption failed".into()))?;
     Ok((nonce, ct))
 }
 
 /// Decrypts and authenticates; a wrong key, binding or tampered byte is [`KeyError::Decrypt`].
-pub fn open(key: &[u8; 32], nonce: &[u8], ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-    let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| KeyError::Corrupt("key length".into()))?;
+pub fn open(
+    key: &[u8; 32],
+    nonce: &[u8],
+    ciphertext: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let cipher =
+        Aes256Gcm::new_from_slice(key).map_err(|_| KeyError::Corrupt("key length".into()))?;
     let nonce: [u8; NONCE_LEN] = nonce
         .try_into()
         .map_err(|_| KeyError::Corrupt("nonce length".into()))?;
     cipher
-        .decrypt(&Nonce::from(nonce), Payload { msg: ciphertext, aad })
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
         .map(Zeroizing::new)
         .map_err(|_| KeyError::Decrypt)
 }
@@ -76,22 +99,45 @@ mod tests {
     use super::*;
 
     fn binding(tenant: &str) -> Binding<'_> {
-        Binding { tenant, provider: "openai", key_id: "key_1", version: 1 }
+        Binding {
+            tenant,
+            provider: "openai",
+            key_id: "key_1",
+            version: 1,
+        }
     }
 
     #[test]
     fn round_trip_and_binding() {
         let k = new_data_key().unwrap();
         let (n, ct) = seal(&k, b"sk-secret", &binding("acme").aad()).unwrap();
-        assert_eq!(&*open(&k, &n, &ct, &binding("acme").aad()).unwrap(), b"sk-secret");
+        assert_eq!(
+            &*open(&k, &n, &ct, &binding("acme").aad()).unwrap(),
+            b"sk-secret"
+        );
         // Moved to another tenant: refuses.
-        assert!(matches!(open(&k, &n, &ct, &binding("evil").aad()), Err(KeyError::Decrypt)));
+        assert!(matches!(
+            open(&k, &n, &ct, &binding("evil").aad()),
+            Err(KeyError::Decrypt)
+        ));
         let mut tampered = ct.clone();
         tampered[0] ^= 1;
         assert!(open(&k, &n, &tampered, &binding("acme").aad()).is_err());
         // Field boundaries are unambiguous.
-        let a = Binding { tenant: "ab", provider: "c", key_id: "k", version: 1 }.aad();
-        let b = Binding { tenant: "a", provider: "bc", key_id: "k", version: 1 }.aad();
+        let a = Binding {
+            tenant: "ab",
+            provider: "c",
+            key_id: "k",
+            version: 1,
+        }
+        .aad();
+        let b = Binding {
+            tenant: "a",
+            provider: "bc",
+            key_id: "k",
+            version: 1,
+        }
+        .aad();
         assert_ne!(a, b);
     }
 }

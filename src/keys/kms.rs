@@ -26,8 +26,15 @@ pub struct WrappedKey {
 /// Wraps fresh data keys and unwraps stored ones, bound to the key's identity.
 pub trait Kms: Send + Sync {
     /// A new data key (plaintext, for sealing now) and its wrapped form (for the record).
-    fn generate_data_key<'a>(&'a self, binding: Binding<'a>) -> KmsFuture<'a, (DataKey, WrappedKey)>;
-    fn decrypt<'a>(&'a self, wrapped: &'a WrappedKey, binding: Binding<'a>) -> KmsFuture<'a, DataKey>;
+    fn generate_data_key<'a>(
+        &'a self,
+        binding: Binding<'a>,
+    ) -> KmsFuture<'a, (DataKey, WrappedKey)>;
+    fn decrypt<'a>(
+        &'a self,
+        wrapped: &'a WrappedKey,
+        binding: Binding<'a>,
+    ) -> KmsFuture<'a, DataKey>;
 }
 
 /// Local KEK files; `active` wraps new keys, every listed one can unwrap.
@@ -76,7 +83,10 @@ impl LocalKek {
 }
 
 impl Kms for LocalKek {
-    fn generate_data_key<'a>(&'a self, binding: Binding<'a>) -> KmsFuture<'a, (DataKey, WrappedKey)> {
+    fn generate_data_key<'a>(
+        &'a self,
+        binding: Binding<'a>,
+    ) -> KmsFuture<'a, (DataKey, WrappedKey)> {
         Box::pin(async move {
             let dek = envelope::new_data_key()?;
             let kek = self.kek(&self.active)?;
@@ -94,7 +104,11 @@ impl Kms for LocalKek {
         })
     }
 
-    fn decrypt<'a>(&'a self, wrapped: &'a WrappedKey, binding: Binding<'a>) -> KmsFuture<'a, DataKey> {
+    fn decrypt<'a>(
+        &'a self,
+        wrapped: &'a WrappedKey,
+        binding: Binding<'a>,
+    ) -> KmsFuture<'a, DataKey> {
         Box::pin(async move {
             let kek = self.kek(&wrapped.kek_id)?;
             if wrapped.blob.len() < NONCE_LEN {
@@ -134,7 +148,10 @@ pub fn create_kek_file(path: &Path) -> Result<(), KeyError> {
 fn read_kek_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyError> {
     let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| KeyError::io(path, e))?);
     let k: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-        KeyError::Corrupt(format!("KEK file {} must hold exactly 32 bytes", path.display()))
+        KeyError::Corrupt(format!(
+            "KEK file {} must hold exactly 32 bytes",
+            path.display()
+        ))
     })?;
     Ok(Zeroizing::new(k))
 }
@@ -149,11 +166,22 @@ mod tests {
         let path = dir.path().join("kek-k1");
         let kms = LocalKek::load(&[("k1".into(), path.clone())], "k1").unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let b = Binding { tenant: "acme", provider: "openai", key_id: "k", version: 1 };
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let b = Binding {
+            tenant: "acme",
+            provider: "openai",
+            key_id: "k",
+            version: 1,
+        };
         let (dek, wrapped) = kms.generate_data_key(b).await.unwrap();
         assert_eq!(*kms.decrypt(&wrapped, b).await.unwrap(), *dek);
-        let other = Binding { tenant: "evil", ..b };
+        let other = Binding {
+            tenant: "evil",
+            ..b
+        };
         assert!(kms.decrypt(&wrapped, other).await.is_err());
     }
 }

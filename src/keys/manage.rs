@@ -42,7 +42,11 @@ fn check_tenant(tenant: &str) -> Result<(), KeyError> {
 }
 
 /// Seals and stores a new key; returns its record (which holds no plaintext).
-pub async fn add_key(store: &FileStore, kms: &dyn Kms, new: NewKey<'_>) -> Result<KeyRecord, KeyError> {
+pub async fn add_key(
+    store: &FileStore,
+    kms: &dyn Kms,
+    new: NewKey<'_>,
+) -> Result<KeyRecord, KeyError> {
     if new.tenant != PLATFORM_TENANT {
         check_tenant(new.tenant)?;
     }
@@ -90,7 +94,11 @@ pub async fn add_key(store: &FileStore, kms: &dyn Kms, new: NewKey<'_>) -> Resul
 pub fn revoke_key(store: &FileStore, key_id: &str) -> Result<usize, KeyError> {
     let n = store.update(|d| {
         let mut n = 0;
-        for r in d.keys.iter_mut().filter(|r| r.id == key_id && r.state != KeyState::Revoked) {
+        for r in d
+            .keys
+            .iter_mut()
+            .filter(|r| r.id == key_id && r.state != KeyState::Revoked)
+        {
             r.state = KeyState::Revoked;
             n += 1;
         }
@@ -113,7 +121,10 @@ pub fn list_keys(store: &FileStore, tenant: Option<&str>) -> Result<Vec<KeyRecor
 }
 
 /// The token text (shown once) and its record.
-pub fn new_token(store: &FileStore, tenant: &str) -> Result<(Zeroizing<String>, TokenRecord), KeyError> {
+pub fn new_token(
+    store: &FileStore,
+    tenant: &str,
+) -> Result<(Zeroizing<String>, TokenRecord), KeyError> {
     check_tenant(tenant)?;
     let mut raw = Zeroizing::new([0u8; 32]);
     envelope::random_bytes(raw.as_mut())?;

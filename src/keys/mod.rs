@@ -227,7 +227,12 @@ impl Keyring {
         );
     }
 
-    async fn decrypt(&self, r: &KeyRecord, prefix: &str, request_id: crate::pipeline::RequestId) -> Result<AuthValue, KeyError> {
+    async fn decrypt(
+        &self,
+        r: &KeyRecord,
+        prefix: &str,
+        request_id: crate::pipeline::RequestId,
+    ) -> Result<AuthValue, KeyError> {
         let binding = Binding {
             tenant: &r.tenant,
             provider: &r.provider,

@@ -76,6 +76,9 @@ mod tests {
         let a = AuthValue::new("Bearer ", canary.as_bytes());
         let dbg = format!("{p:?} {a:?} {:?}", a.header_value().unwrap());
         assert!(!dbg.contains("canary"), "{dbg}");
-        assert_eq!(a.header_value().unwrap().as_bytes(), format!("Bearer {canary}").as_bytes());
+        assert_eq!(
+            a.header_value().unwrap().as_bytes(),
+            format!("Bearer {canary}").as_bytes()
+        );
     }
 }

@@ -103,7 +103,10 @@ impl FileStore {
     pub fn load(&self) -> Result<StoreData, KeyError> {
         match std::fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                KeyError::Corrupt(format!("store file {} is not valid: {e}", self.path.display()))
+                KeyError::Corrupt(format!(
+                    "store file {} is not valid: {e}",
+                    self.path.display()
+                ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreData::default()),
             Err(e) => Err(KeyError::io(&self.path, e)),
@@ -111,7 +114,10 @@ impl FileStore {
     }
 
     /// Read-modify-write under an exclusive lock, replaced atomically by rename.
-    pub fn update<T>(&self, f: impl FnOnce(&mut StoreData) -> Result<T, KeyError>) -> Result<T, KeyError> {
+    pub fn update<T>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| KeyError::io(dir, e))?;
         let lock_path = self.path.with_extension("lock");
@@ -171,7 +177,11 @@ impl Snapshot {
             }
         }
         for e in s.tenants.values_mut() {
-            e.keys.sort_by(|a, b| b.version.cmp(&a.version).then(b.created_at.cmp(&a.created_at)));
+            e.keys.sort_by(|a, b| {
+                b.version
+                    .cmp(&a.version)
+                    .then(b.created_at.cmp(&a.created_at))
+            });
         }
         for t in data.tokens.iter().filter(|t| !t.revoked) {
             let mut h = [0u8; 32];

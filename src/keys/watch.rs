@@ -24,7 +24,11 @@ impl std::fmt::Debug for StoreWatch {
     }
 }
 
-pub fn watch(store: FileStore, keyring: Arc<Keyring>, metrics: Arc<Metrics>) -> Result<StoreWatch, notify::Error> {
+pub fn watch(
+    store: FileStore,
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+) -> Result<StoreWatch, notify::Error> {
     let path = store.path().to_path_buf();
     let dir = path
         .parent()
@@ -59,7 +63,11 @@ pub fn watch(store: FileStore, keyring: Arc<Keyring>, metrics: Arc<Metrics>) -> 
                 Ok(Ok(data)) => {
                     keyring.replace(&data);
                     metrics.config_reloads.with_label_values(&["ok"]).inc();
-                    tracing::info!(keys = data.keys.len(), tokens = data.tokens.len(), "store reloaded");
+                    tracing::info!(
+                        keys = data.keys.len(),
+                        tokens = data.tokens.len(),
+                        "store reloaded"
+                    );
                 }
                 Ok(Err(e)) => {
                     metrics.config_reloads.with_label_values(&["error"]).inc();

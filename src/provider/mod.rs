@@ -143,7 +143,11 @@ impl Provider {
                 p.scheme = s.clone();
                 p.authority = a.clone();
             }
-            _ => return Err(format!("`{base_url}` must be an absolute http:// or https:// URL")),
+            _ => {
+                return Err(format!(
+                    "`{base_url}` must be an absolute http:// or https:// URL"
+                ));
+            }
         }
         if uri.query().is_some() {
             return Err(format!("`{base_url}` must not carry a query"));
@@ -163,9 +167,7 @@ impl Provider {
     /// The header carrying the provider key, and the prefix before the key in its value.
     pub fn auth_header(&self) -> (HeaderName, &'static str) {
         match self.kind {
-            ProviderKind::OpenAi | ProviderKind::Ollama => {
-                (http::header::AUTHORIZATION, "Bearer ")
-            }
+            ProviderKind::OpenAi | ProviderKind::Ollama => (http::header::AUTHORIZATION, "Bearer "),
             ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), ""),
             ProviderKind::Gemini => (HeaderName::from_static("x-goog-api-key"), ""),
             ProviderKind::Azure => (HeaderName::from_static("api-key"), ""),
@@ -187,7 +189,9 @@ impl Provider {
 
     /// The upstream URI for a request path (already stripped of the `/{provider}` prefix).
     pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut pq = String::with_capacity(self.prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        let mut pq = String::with_capacity(
+            self.prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
         pq.push_str(&self.prefix);
         pq.push_str(path);
         if let Some(q) = query {
@@ -239,11 +243,23 @@ pub fn mask(key: &str) -> String {
 pub fn builtins() -> Vec<Provider> {
     let table = [
         ("openai", ProviderKind::OpenAi, "https://api.openai.com"),
-        ("anthropic", ProviderKind::Anthropic, "https://api.anthropic.com"),
-        ("gemini", ProviderKind::Gemini, "https://generativelanguage.googleapis.com"),
+        (
+            "anthropic",
+            ProviderKind::Anthropic,
+            "https://api.anthropic.com",
+        ),
+        (
+            "gemini",
+            ProviderKind::Gemini,
+            "https://generativelanguage.googleapis.com",
+        ),
         ("azure", ProviderKind::Azure, ""),
         ("mistral", ProviderKind::OpenAi, "https://api.mistral.ai"),
-        ("openrouter", ProviderKind::OpenAi, "https://openrouter.ai/api"),
+        (
+            "openrouter",
+            ProviderKind::OpenAi,
+            "https://openrouter.ai/api",
+        ),
         ("groq", ProviderKind::OpenAi, "https://api.groq.com/openai"),
         ("deepseek", ProviderKind::OpenAi, "https://api.deepseek.com"),
         ("together", ProviderKind::OpenAi, "https://api.together.xyz"),
@@ -261,9 +277,17 @@ mod tests {
 
     #[test]
     fn upstream_uri_keeps_path_and_query_under_the_base_prefix() {
-        let p = Provider::new("openrouter", ProviderKind::OpenAi, "https://openrouter.ai/api/").unwrap();
+        let p = Provider::new(
+            "openrouter",
+            ProviderKind::OpenAi,
+            "https://openrouter.ai/api/",
+        )
+        .unwrap();
         let u = p.upstream_uri("/v1/chat/completions", Some("a=b")).unwrap();
-        assert_eq!(u.to_string(), "https://openrouter.ai/api/v1/chat/completions?a=b");
+        assert_eq!(
+            u.to_string(),
+            "https://openrouter.ai/api/v1/chat/completions?a=b"
+        );
     }
 
     #[test]

@@ -1,0 +1,435 @@
+//! Test harness: an in-process fake provider that speaks the real wire formats (JSON and SSE,
+//! paced) and records what it received, a byokd started in-process on port 0, and a client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use byokd::config::Config;
+use byokd::keys::PlainKey;
+use byokd::keys::manage::{self, NewKey};
+
+/// One request as the fake provider saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+/// State shared between the fake and the test.
+#[derive(Debug, Default)]
+pub struct FakeState {
+    pub seen: Mutex<Vec<Seen>>,
+    /// Streams whose body was dropped before the last event was sent.
+    pub cancelled: Mutex<u32>,
+    pub completed: Mutex<u32>,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<FakeState>,
+}
+
+impl FakeUpstream {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen()
+            .pop()
+            .expect("the fake provider received no request")
+    }
+}
+
+type FakeBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(status: u16, ct: &str, body: impl Into<Bytes>) -> Response<FakeBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", ct)
+        .header("connection", "keep-alive")
+        .header("keep-alive", "timeout=5")
+        .header("x-fake-provider", "1")
+        .body(Full::new(body.into()).boxed())
+        .unwrap()
+}
+
+/// Drop guard counting streams that ended early.
+struct StreamGuard {
+    state: Arc<FakeState>,
+    done: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.done {
+            *self.state.completed.lock().unwrap() += 1;
+        } else {
+            *self.state.cancelled.lock().unwrap() += 1;
+        }
+    }
+}
+
+fn sse(state: Arc<FakeState>, events: Vec<String>, pace: Duration) -> Response<FakeBody> {
+    let stream = async_stream(state, events, pace);
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(StreamBody::new(stream).boxed())
+        .unwrap()
+}
+
+fn async_stream(
+    state: Arc<FakeState>,
+    events: Vec<String>,
+    pace: Duration,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let mut guard = StreamGuard { state, done: false };
+        let n = events.len();
+        for (i, e) in events.into_iter().enumerate() {
+            if tx.send(Bytes::from(e)).await.is_err() {
+                return;
+            }
+            if i + 1 < n && !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+        }
+        guard.done = true;
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+    })
+}
+
+pub const OPENAI_USAGE: (u64, u64, u64, u64) = (120, 100, 30, 10);
+
+fn openai_events(n: usize, model: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+        ));
+    }
+    v.push(format!(
+        "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":120,\"completion_tokens\":30,\"total_tokens\":150,\"prompt_tokens_details\":{{\"cached_tokens\":100}},\"completion_tokens_details\":{{\"reasoning_tokens\":10}}}}}}\n\n"
+    ));
+    v.push("data: [DONE]\n\n".into());
+    v
+}
+
+fn openai_json(model: &str) -> String {
+    format!(
+        "{{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"Hello from the fake\"}},\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":11,\"completion_tokens\":7,\"total_tokens\":18}}}}"
+    )
+}
+
+fn anthropic_events(n: usize) -> Vec<String> {
+    let mut v = vec![
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-20250514\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":7,\"cache_read_input_tokens\":300,\"output_tokens\":1}}}\n\n".to_string(),
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n".to_string(),
+    ];
+    for i in 0..n {
+        v.push(format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"tok{i} \"}}}}\n\n"
+        ));
+    }
+    v.push(
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n".into(),
+    );
+    v.push("event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":42}}\n\n".into());
+    v.push("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into());
+    v
+}
+
+const ANTHROPIC_JSON: &str = "{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-3-5-haiku-20241022\",\"content\":[{\"type\":\"text\",\"text\":\"Hello from the fake\"}],\"stop_reason\":\"end_turn\",\"stop_sequence\":null,\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":4,\"output_tokens\":5}}";
+
+fn gemini_events(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"tok{i}\"}}],\"role\":\"model\"}}}}],\"modelVersion\":\"gemini-2.0-flash\"}}\r\n\r\n"))
+        .collect()
+}
+
+fn header_num(h: &HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.parse().ok()
+}
+
+async fn fake_handle(state: Arc<FakeState>, req: Request<Incoming>) -> Response<FakeBody> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let seen = Seen {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+        version: parts.version,
+    };
+    state.seen.lock().unwrap().push(seen);
+    let h = &parts.headers;
+    if let Some(ms) = header_num(h, "x-fake-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(status) = header_num(h, "x-fake-status") {
+        return full(
+            status as u16,
+            "application/json",
+            r#"{"error":{"message":"fake upstream error","type":"server_error"}}"#,
+        );
+    }
+    let pace = Duration::from_millis(header_num(h, "x-fake-pace-ms").unwrap_or(0));
+    let n = header_num(h, "x-fake-events").unwrap_or(3) as usize;
+    let streaming = memchr::memmem::find(&body, b"\"stream\":true").is_some()
+        || memchr::memmem::find(&body, b"\"stream\": true").is_some();
+    let path = parts.uri.path();
+    if path.ends_with("/chat/completions") {
+        let model = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["model"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "gpt-4o-mini".into());
+        if streaming {
+            sse(state, openai_events(n, &model), pace)
+        } else {
+            full(200, "application/json", openai_json(&model))
+        }
+    } else if path.ends_with("/v1/messages") {
+        if streaming {
+            sse(state, anthropic_events(n), pace)
+        } else {
+            full(200, "application/json", ANTHROPIC_JSON)
+        }
+    } else if path.contains(":streamGenerateContent") {
+        sse(state, gemini_events(n), pace)
+    } else if path.contains(":generateContent") {
+        full(
+            200,
+            "application/json",
+            r#"{"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"totalTokenCount":4},"modelVersion":"gemini-2.0-flash"}"#,
+        )
+    } else if path.ends_with("/models") {
+        full(200, "application/json", r#"{"object":"list","data":[]}"#)
+    } else {
+        full(
+            404,
+            "application/json",
+            r#"{"error":{"message":"fake: no such path"}}"#,
+        )
+    }
+}
+
+/// Starts the fake provider on 127.0.0.1:0 (HTTP/1.1 and h2c).
+pub async fn fake_upstream() -> FakeUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(FakeState::default());
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let st = st.clone();
+                    async move { Ok::<_, Infallible>(fake_handle(st, req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    FakeUpstream { addr, state }
+}
+
+/// A config whose providers all point at the fake, on port 0, in a temp folder.
+pub fn config_yaml(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
+identity:
+  - header: {{ name: x-tenant-id }}
+  - bearer: {{}}
+kms:
+  local: {{ keks: {{ k1: .byokd/kek-k1 }}, active: k1 }}
+store:
+  file: {{ path: .byokd/keys.json }}
+providers:
+  openai: {{ kind: openai, base_url: "{upstream}" }}
+  anthropic: {{ kind: anthropic, base_url: "{upstream}" }}
+  gemini: {{ kind: gemini, base_url: "{upstream}" }}
+  azure: {{ kind: azure, base_url: "{upstream}" }}
+  mistral: {{ base_url: "{upstream}/mistral-api" }}
+  ollama: {{ base_url: "{upstream}" }}
+defaults:
+  default_provider: openai
+  allowed_providers: [openai, anthropic, gemini, azure, mistral, ollama]
+{extra}"#
+    )
+}
+
+/// A temp folder with a config file in it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Env {
+    pub fn new(yaml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("byokd.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        Self { dir, config_path }
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).unwrap()
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join(".byokd/keys.json")
+    }
+
+    /// Registers a key through the library, as `byokd keys add` does.
+    pub async fn add_key(&self, tenant: &str, provider: &str, secret: &str) -> String {
+        let cfg = self.config();
+        let p = cfg.providers[cfg.provider_index(provider).unwrap()].clone();
+        let kms = byokd::server::kms(&cfg).unwrap();
+        let rec = manage::add_key(
+            &byokd::server::store(&cfg),
+            kms.as_ref(),
+            NewKey {
+                tenant,
+                provider: &p,
+                secret: &PlainKey::new(secret.into()),
+                label: None,
+                expires_in: None,
+            },
+        )
+        .await
+        .unwrap();
+        rec.id
+    }
+
+    pub fn new_token(&self, tenant: &str) -> String {
+        let cfg = self.config();
+        let (t, _) = manage::new_token(&byokd::server::store(&cfg), tenant).unwrap();
+        t.to_string()
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// A response read to the end.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn code(&self) -> &str {
+        self.headers
+            .get("x-byokd-error")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
+
+pub async fn send(c: &TestClient, req: Request<Full<Bytes>>) -> Got {
+    let resp = c.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GET the admin `/metrics` text.
+pub async fn metrics(admin: SocketAddr) -> String {
+    let got = send(
+        &client(),
+        request("GET", &format!("http://{admin}/metrics"), &[], ""),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    got.text()
+}
+
+/// The value of one sample line, e.g. `byokd_tokens_total{...}`, matched by all `parts`.
+pub fn sample(metrics: &str, name: &str, parts: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub const CANARY_OPENAI: &str = "sk-canary-OPENAI-7d1f0c93b2a4e5f6";
+pub const CANARY_ANTHROPIC: &str = "sk-ant-canary-ANTHROPIC-55aa11bb22cc";
+pub const CANARY_GEMINI: &str = "AIzacanary-GEMINI-0123456789abcdefghij";

@@ -1,0 +1,902 @@
+//! The data plane end to end, in-process: routes, rewrite, identity, errors, streaming,
+//! metering, against the fake provider.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+
+struct Harness {
+    env: Env,
+    up: FakeUpstream,
+    byokd: byokd::server::Running,
+}
+
+impl Harness {
+    async fn new(extra: &str) -> Self {
+        let up = fake_upstream().await;
+        let env = Env::new(&config_yaml(&up.url(), extra));
+        env.add_key("acme", "openai", CANARY_OPENAI).await;
+        env.add_key("acme", "anthropic", CANARY_ANTHROPIC).await;
+        env.add_key("acme", "gemini", CANARY_GEMINI).await;
+        env.add_key("acme", "azure", "azurekey0123456789abcdef0123456789")
+            .await;
+        env.add_key("acme", "mistral", "mistral-key-0123456789")
+            .await;
+        let byokd = byokd::server::start(env.config()).await.unwrap();
+        Self { env, up, byokd }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.byokd.data_addr, path)
+    }
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+const CHAT_STREAM: &str =
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+const MESSAGES: &str = r#"{"model":"claude-3-5-haiku-20241022","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
+const MESSAGES_STREAM: &str = r#"{"model":"claude-sonnet-4-20250514","max_tokens":16,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test]
+async fn openai_default_route_injects_key_and_strips_client_auth() {
+    let h = Harness::new("").await;
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &h.url("/v1/chat/completions?trace=1"),
+            &[
+                ("x-tenant-id", "acme"),
+                ("authorization", "Bearer app-secret"),
+                ("x-api-key", "app-secret"),
+                ("x-byokd-debug", "1"),
+                ("content-type", "application/json"),
+                ("openai-organization", "org-1"),
+            ],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        got.json()["choices"][0]["message"]["content"],
+        "Hello from the fake"
+    );
+    let seen = h.up.last();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/v1/chat/completions")
+    );
+    assert_eq!(seen.query.as_deref(), Some("trace=1"));
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+    assert_eq!(seen.headers["host"], h.up.addr.to_string().as_str());
+    assert_eq!(seen.headers["openai-organization"], "org-1");
+    for gone in ["x-api-key", "x-tenant-id", "x-byokd-debug"] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} reached the provider"
+        );
+    }
+    assert_eq!(
+        seen.body.as_ref(),
+        CHAT.as_bytes(),
+        "request body must pass unchanged"
+    );
+}
+
+#[tokio::test]
+async fn each_provider_gets_its_own_auth_path_and_query() {
+    let h = Harness::new("").await;
+    let c = client();
+    let tenant = ("x-tenant-id", "acme");
+
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[tenant, ("authorization", "Bearer x"), ("x-api-key", "x")],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let s = h.up.last();
+    assert_eq!(s.path, "/v1/messages");
+    assert_eq!(s.headers["x-api-key"], CANARY_ANTHROPIC);
+    assert_eq!(s.headers["anthropic-version"], "2023-06-01");
+    assert!(!s.headers.contains_key("authorization"));
+
+    // An SDK-sent anthropic-version is kept.
+    send(
+        &c,
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[tenant, ("anthropic-version", "2024-01-01")],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!(h.up.last().headers["anthropic-version"], "2024-01-01");
+
+    let got = send(&c, request("POST", &h.url("/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=AIzaAPPKEY"), &[tenant, ("x-goog-api-key", "AIzaAPPKEY")], "{}")).await;
+    assert_eq!(got.status, 200);
+    let s = h.up.last();
+    assert_eq!(
+        s.path,
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+    );
+    assert_eq!(s.query.as_deref(), Some("alt=sse"));
+    assert_eq!(s.headers["x-goog-api-key"], CANARY_GEMINI);
+
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/azure/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"),
+            &[tenant, ("api-key", "app")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let s = h.up.last();
+    assert_eq!(s.path, "/openai/deployments/gpt4o/chat/completions");
+    assert_eq!(s.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(s.headers["api-key"], "azurekey0123456789abcdef0123456789");
+
+    // An OpenAI-compatible built-in with a base path.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/mistral/v1/chat/completions"),
+            &[tenant],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let s = h.up.last();
+    assert_eq!(s.path, "/mistral-api/v1/chat/completions");
+    assert_eq!(s.headers["authorization"], "Bearer mistral-key-0123456789");
+
+    // Ollama needs no key: forwarded without auth.
+    send(
+        &c,
+        request(
+            "POST",
+            &h.url("/ollama/v1/chat/completions"),
+            &[tenant, ("authorization", "Bearer app")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert!(!h.up.last().headers.contains_key("authorization"));
+}
+
+#[tokio::test]
+async fn platform_token_identifies_the_tenant_and_never_goes_upstream() {
+    let h = Harness::new("").await;
+    let token = h.env.new_token("acme");
+    tokio::time::sleep(Duration::from_millis(700)).await; // live reload of the store
+    let c = client();
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("authorization", &format!("Bearer {token}"))],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let s = h.up.last();
+    assert_eq!(
+        s.headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+    assert!(!format!("{:?}", s.headers).contains(&token));
+    // The Anthropic SDK 1.x puts it in x-api-key.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[("x-api-key", &token)],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    // Token says acme, header says another tenant: refused, never resolved silently.
+    h.env
+        .add_key("other", "openai", "sk-other-0123456789abcdef")
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("x-tenant-id", "other"),
+            ],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (401, "identity_conflict")
+    );
+    // A wrong token is no identity.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("authorization", "Bearer byokd_wrong")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (401, "unknown_tenant"));
+}
+
+#[tokio::test]
+async fn errors_have_status_header_and_provider_shape() {
+    let h = Harness::new("tenants:\n  limited: { allowed_providers: [openai] }\n").await;
+    h.env
+        .add_key("limited", "openai", "sk-limited-0123456789abcdef")
+        .await;
+    h.env
+        .add_key("nokeys", "openai", "sk-nokeys-0123456789abcdef")
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let c = client();
+
+    // No identity, OpenAI shape.
+    let got = send(
+        &c,
+        request("POST", &h.url("/v1/chat/completions"), &[], CHAT),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (401, "unknown_tenant"));
+    let j = got.json();
+    assert_eq!(j["error"]["code"], "unknown_tenant");
+    assert_eq!(j["error"]["type"], "authentication_error");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request id")
+    );
+
+    // Unknown tenant via header; invalid tenant syntax.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "ghost")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (401, "unknown_tenant"));
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "bad tenant!")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (401, "unknown_tenant"));
+
+    // Anthropic shape.
+    let got = send(
+        &c,
+        request("POST", &h.url("/anthropic/v1/messages"), &[], MESSAGES),
+    )
+    .await;
+    assert_eq!(got.status, 401);
+    let j = got.json();
+    assert_eq!(j["type"], "error");
+    assert_eq!(j["error"]["type"], "authentication_error");
+
+    // provider_not_allowed, Gemini shape.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/gemini/v1beta/models/m:generateContent"),
+            &[("x-tenant-id", "limited")],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (403, "provider_not_allowed")
+    );
+    assert_eq!(got.json()["error"]["status"], "PERMISSION_DENIED");
+    assert_eq!(got.json()["error"]["code"], 403);
+
+    // no_key: the tenant exists but has no anthropic key.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[("x-tenant-id", "nokeys")],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (403, "no_key"));
+    assert_eq!(got.json()["error"]["type"], "permission_error");
+
+    // unknown_route.
+    for path in ["/nope/v1/chat", "/byokd/anything", "/"] {
+        let got = send(
+            &c,
+            request("GET", &h.url(path), &[("x-tenant-id", "acme")], ""),
+        )
+        .await;
+        assert_eq!(
+            (got.status.as_u16(), got.code()),
+            (404, "unknown_route"),
+            "{path}"
+        );
+    }
+
+    // None of these reached the provider.
+    assert!(
+        h.up.seen().is_empty(),
+        "a rejected request reached the provider"
+    );
+
+    let m = metrics(h.byokd.admin_addr).await;
+    assert!(
+        sample(
+            &m,
+            "byokd_rejections_total",
+            &["reason=\"no_key\"", "tenant=\"nokeys\""]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(sample(&m, "byokd_requests_total", &["code=\"401\""]).unwrap() >= 1.0);
+}
+
+#[tokio::test]
+async fn size_limits_are_enforced_in_provider_shape() {
+    let h =
+        Harness::new("limits: { max_body_bytes: 1000, max_header_bytes: 2048, max_headers: 20 }\n")
+            .await;
+    let c = client();
+    let big = "x".repeat(5000);
+    // Declared length over the limit: refused before the provider.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[("x-tenant-id", "acme")],
+            &big,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (413, "body_too_large"));
+    assert_eq!(got.json()["error"]["type"], "request_too_large");
+    // Chunked (no content-length): cut while streaming.
+    let stream = futures_util::stream::iter((0..10).map(|_| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+            b'a';
+            500
+        ])))
+    }));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(h.url("/v1/chat/completions"))
+        .header("x-tenant-id", "acme")
+        .body(http_body_util::StreamBody::new(stream))
+        .unwrap();
+    let chunked: hyper_util::client::legacy::Client<_, _> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let resp = chunked.request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers()["x-byokd-error"], "body_too_large");
+
+    let long = "v".repeat(3000);
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme"), ("x-long", &long)],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (431, "headers_too_large")
+    );
+    let many: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("x-h{i}"), "1".to_string()))
+        .collect();
+    let mut headers: Vec<(&str, &str)> =
+        many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    headers.push(("x-tenant-id", "acme"));
+    let got = send(
+        &c,
+        request("POST", &h.url("/v1/chat/completions"), &headers, CHAT),
+    )
+    .await;
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (431, "headers_too_large")
+    );
+    assert_eq!(got.json()["error"]["code"], "headers_too_large");
+}
+
+#[tokio::test]
+async fn upstream_unreachable_and_timeout() {
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let up = fake_upstream().await;
+    let yaml = config_yaml(&up.url(), "limits: { first_byte_timeout: 300ms }\n").replace(
+        &format!("openai: {{ kind: openai, base_url: \"{}\" }}", up.url()),
+        &format!("openai: {{ kind: openai, base_url: \"http://{dead}\" }}"),
+    );
+    let env = Env::new(&yaml);
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    env.add_key("acme", "anthropic", CANARY_ANTHROPIC).await;
+    let b = byokd::server::start(env.config()).await.unwrap();
+    let c = client();
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &format!("http://{}/v1/chat/completions", b.data_addr),
+            &[("x-tenant-id", "acme")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (502, "upstream_unreachable")
+    );
+    assert_eq!(got.json()["error"]["type"], "api_error");
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &format!("http://{}/anthropic/v1/messages", b.data_addr),
+            &[("x-tenant-id", "acme"), ("x-fake-delay-ms", "2000")],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (504, "upstream_timeout"));
+    assert_eq!(got.json()["type"], "error");
+    // Upstream HTTP errors pass through unchanged, without the byokd header.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &format!("http://{}/anthropic/v1/messages", b.data_addr),
+            &[("x-tenant-id", "acme"), ("x-fake-status", "529")],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!(got.status.as_u16(), 529);
+    assert_eq!(got.code(), "");
+    assert_eq!(got.json()["error"]["message"], "fake upstream error");
+    let m = metrics(b.admin_addr).await;
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_upstream_errors_total",
+            &["provider=\"openai\"", "kind=\"connect\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_upstream_errors_total",
+            &["provider=\"anthropic\"", "kind=\"timeout\""]
+        ),
+        Some(1.0)
+    );
+}
+
+/// Reads a streaming response, returning each frame's arrival time since `t0`.
+async fn frame_times(
+    resp: http::Response<hyper::body::Incoming>,
+    t0: Instant,
+) -> (Vec<Duration>, String) {
+    let mut body = resp.into_body();
+    let mut times = Vec::new();
+    let mut text = String::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            times.push(t0.elapsed());
+            text.push_str(&String::from_utf8_lossy(&d));
+        }
+    }
+    (times, text)
+}
+
+#[tokio::test]
+async fn sse_streams_at_the_providers_pace_and_is_metered() {
+    let h = Harness::new("").await;
+    let c = client();
+    let t0 = Instant::now();
+    let resp = c
+        .request(request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[
+                ("x-tenant-id", "acme"),
+                ("x-fake-pace-ms", "200"),
+                ("x-fake-events", "4"),
+            ],
+            CHAT_STREAM,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let (times, text) = frame_times(resp, t0).await;
+    // 4 content events + usage + [DONE], 200 ms apart: frames arrive spread out, not at once.
+    assert!(
+        times.len() >= 5,
+        "expected separate frames, got {}",
+        times.len()
+    );
+    let first = times[0];
+    let last = *times.last().unwrap();
+    assert!(
+        first < Duration::from_millis(400),
+        "first event late: {first:?}"
+    );
+    assert!(
+        last - first >= Duration::from_millis(800),
+        "events bunched: {times:?}"
+    );
+    assert!(text.contains("tok0") && text.ends_with("data: [DONE]\n\n"));
+
+    // Anthropic stream too.
+    let resp = c
+        .request(request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[("x-tenant-id", "acme"), ("x-fake-events", "2")],
+            MESSAGES_STREAM,
+        ))
+        .await
+        .unwrap();
+    let (_, text) = frame_times(resp, Instant::now()).await;
+    assert!(text.contains("message_stop"));
+
+    // Non-streaming bodies of both.
+    send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme")],
+            r#"{"model":"gpt-4.1","messages":[]}"#,
+        ),
+    )
+    .await;
+    send(
+        &c,
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[("x-tenant-id", "acme")],
+            MESSAGES,
+        ),
+    )
+    .await;
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let m = metrics(h.byokd.admin_addr).await;
+    let tok = |model: &str, ty: &str| {
+        sample(
+            &m,
+            "byokd_tokens_total",
+            &[
+                "tenant=\"acme\"",
+                &format!("model=\"{model}\""),
+                &format!("type=\"{ty}\""),
+            ],
+        )
+    };
+    // OpenAI stream: prompt 120 (100 cached), completion 30 (10 reasoning).
+    assert_eq!(tok("gpt-4o-mini", "input"), Some(20.0));
+    assert_eq!(tok("gpt-4o-mini", "cached_input"), Some(100.0));
+    assert_eq!(tok("gpt-4o-mini", "output"), Some(20.0));
+    assert_eq!(tok("gpt-4o-mini", "reasoning"), Some(10.0));
+    // Anthropic stream: cumulative output taken once (42), cache counts separate.
+    assert_eq!(tok("claude-sonnet-4-20250514", "input"), Some(25.0));
+    assert_eq!(tok("claude-sonnet-4-20250514", "cached_input"), Some(300.0));
+    assert_eq!(tok("claude-sonnet-4-20250514", "cache_write"), Some(7.0));
+    assert_eq!(tok("claude-sonnet-4-20250514", "output"), Some(42.0));
+    // JSON bodies.
+    assert_eq!(tok("gpt-4.1", "input"), Some(11.0));
+    assert_eq!(tok("gpt-4.1", "output"), Some(7.0));
+    assert_eq!(tok("claude-3-5-haiku-20241022", "input"), Some(10.0));
+    assert_eq!(tok("claude-3-5-haiku-20241022", "cached_input"), Some(4.0));
+    assert_eq!(tok("claude-3-5-haiku-20241022", "output"), Some(5.0));
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_requests_total",
+            &[
+                "tenant=\"acme\"",
+                "provider=\"openai\"",
+                "model=\"gpt-4o-mini\"",
+                "code=\"200\""
+            ]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &m,
+            "byokd_request_duration_seconds_count",
+            &["provider=\"openai\""]
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert!(sample(&m, "byokd_key_cache_hits_total", &[]).unwrap() >= 1.0);
+    assert!(
+        sample(
+            &m,
+            "byokd_key_decryptions_total",
+            &["tenant=\"acme\"", "provider=\"openai\""]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    // Upstream hop-by-hop response headers are not passed on.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert!(!got.headers.contains_key("keep-alive"));
+    assert_eq!(got.headers["x-fake-provider"], "1");
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let h = Harness::new("").await;
+    let c = client();
+    let resp = c
+        .request(request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[
+                ("x-tenant-id", "acme"),
+                ("x-fake-pace-ms", "100"),
+                ("x-fake-events", "100"),
+            ],
+            CHAT_STREAM,
+        ))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    drop(c);
+    let t = Instant::now();
+    while *h.up.state.cancelled.lock().unwrap() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "upstream stream was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*h.up.state.completed.lock().unwrap(), 0);
+    // Metered as a request even though the client left.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let m = metrics(h.byokd.admin_addr).await;
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_requests_total",
+            &["tenant=\"acme\"", "code=\"200\""]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn request_body_streams_to_the_provider() {
+    let h = Harness::new("").await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(4);
+    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+    )));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(h.url("/v1/chat/completions"))
+        .header("x-tenant-id", "acme")
+        .body(body)
+        .unwrap();
+    let c: hyper_util::client::legacy::Client<_, _> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let pending = tokio::spawn(async move { c.request(req).await.map(|r| r.status()) });
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        br#"{"model":"gpt-4o-mini","#,
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        br#""messages":[]}"#,
+    ))))
+    .await
+    .unwrap();
+    drop(tx);
+    assert_eq!(pending.await.unwrap().unwrap(), 200);
+    assert_eq!(
+        h.up.last().body.as_ref(),
+        br#"{"model":"gpt-4o-mini","messages":[]}"#
+    );
+}
+
+#[tokio::test]
+async fn http2_cleartext_clients_are_served() {
+    let h = Harness::new("").await;
+    let got = send(
+        &h2c_client(),
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        h.up.last().headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+}
+
+#[tokio::test]
+async fn revocation_and_new_keys_apply_live() {
+    let h = Harness::new("").await;
+    let c = client();
+    let id = h
+        .env
+        .add_key("beta", "openai", "sk-beta-first-0123456789")
+        .await;
+    let t = Instant::now();
+    loop {
+        let got = send(
+            &c,
+            request(
+                "POST",
+                &h.url("/v1/chat/completions"),
+                &[("x-tenant-id", "beta")],
+                CHAT,
+            ),
+        )
+        .await;
+        if got.status == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "new key not live after 2 s: {}",
+            got.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        h.up.last().headers["authorization"],
+        "Bearer sk-beta-first-0123456789"
+    );
+    byokd::keys::manage::revoke_key(&byokd::server::store(&h.env.config()), &id).unwrap();
+    let t = Instant::now();
+    loop {
+        let got = send(
+            &c,
+            request(
+                "POST",
+                &h.url("/v1/chat/completions"),
+                &[("x-tenant-id", "beta")],
+                CHAT,
+            ),
+        )
+        .await;
+        if got.status == 403 {
+            assert_eq!(got.code(), "no_key");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "revoked key still served after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A corrupt store at run time keeps the last good state.
+    std::fs::write(h.env.store_path(), b"{ not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let m = metrics(h.byokd.admin_addr).await;
+    assert!(sample(&m, "byokd_config_reloads_total", &["result=\"error\""]).unwrap() >= 1.0);
+}
+
+#[tokio::test]
+async fn platform_fallback_uses_the_platform_key() {
+    let h = Harness::new("tenants:\n  small: { fallback: [platform] }\n").await;
+    h.env
+        .add_key("_platform", "anthropic", "sk-ant-platform-0123456789")
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[("x-tenant-id", "small")],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        h.up.last().headers["x-api-key"],
+        "sk-ant-platform-0123456789"
+    );
+}
