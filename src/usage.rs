@@ -198,14 +198,14 @@ impl SseScanner {
                     usage: Option<RawUsage>,
                 }
                 let has_usage = usage_value_at(data, b"\"usage\"").is_some();
-                if has_usage || self.usage.model.is_none() {
-                    if let Ok(c) = serde_json::from_slice::<Chunk>(data) {
-                        if self.usage.model.is_none() {
-                            self.usage.model = c.model;
-                        }
-                        if let Some(u) = c.usage {
-                            self.usage.apply(self.dialect, &u);
-                        }
+                if (has_usage || self.usage.model.is_none())
+                    && let Ok(c) = serde_json::from_slice::<Chunk>(data)
+                {
+                    if self.usage.model.is_none() {
+                        self.usage.model = c.model;
+                    }
+                    if let Some(u) = c.usage {
+                        self.usage.apply(self.dialect, &u);
                     }
                 }
             }

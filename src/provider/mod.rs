@@ -199,11 +199,11 @@ impl Provider {
             pq.push_str(q);
         }
         let pq = PathAndQuery::try_from(pq)?;
-        Ok(Uri::builder()
+        Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(pq)
-            .build()?)
+            .build()
     }
 
     /// Registration-time format check; the message never contains the key.

@@ -1,0 +1,428 @@
+//! The real `byokd` binary: CLI key management, live reload while serving, graceful SIGTERM
+//! drain, and the canary-key leak check over every output byokd produces.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_byokd");
+
+fn byokd(cfg: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("BYOKD_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        pipe.write_all(s.as_bytes()).unwrap();
+    }
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Served {
+    child: Child,
+    data: String,
+    admin: String,
+    out: std::path::PathBuf,
+    err: std::path::PathBuf,
+}
+
+impl Served {
+    fn logs(&self) -> String {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.out).unwrap_or_default(),
+            std::fs::read_to_string(&self.err).unwrap_or_default()
+        )
+    }
+}
+
+async fn serve(env: &Env) -> Served {
+    let (dp, ap) = (free_port(), free_port());
+    let out = env.dir.path().join("serve.out");
+    let err = env.dir.path().join("serve.err");
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&env.config_path)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{dp}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{ap}"),
+        ])
+        // The most verbose logging byokd has: the canary must not appear even here.
+        .env("BYOKD_LOG", "trace")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let s = Served {
+        child,
+        data: format!("http://127.0.0.1:{dp}"),
+        admin: format!("127.0.0.1:{ap}"),
+        out,
+        err,
+    };
+    let t = Instant::now();
+    loop {
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            client().request(request(
+                "GET",
+                &format!("http://{}/readyz", s.admin),
+                &[],
+                "",
+            )),
+        )
+        .await
+            && r.status() == 200
+        {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "byokd did not become ready: {}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test]
+async fn keys_cli_live_reload_drain_and_no_canary_anywhere() {
+    let up = fake_upstream().await;
+    let env = Env::new(&config_yaml(&up.url(), ""));
+    let cfg = env.config_path.clone();
+
+    // keys add: the secret comes from stdin; the KEK is created 0600 with a warning.
+    let add = byokd(
+        &cfg,
+        &[
+            "keys",
+            "add",
+            "--tenant",
+            "acme",
+            "--provider",
+            "openai",
+            "--label",
+            "prod",
+        ],
+        Some(&format!("{CANARY_OPENAI}\n")),
+    );
+    let add_out = String::from_utf8_lossy(&add.stdout).to_string();
+    let add_err = String::from_utf8_lossy(&add.stderr).to_string();
+    assert!(add.status.success(), "{add_err}");
+    assert!(
+        add_out.starts_with("key_") && add_out.contains("sk-...e5f6"),
+        "{add_out}"
+    );
+    assert!(
+        add_err.contains("development"),
+        "first run must warn about the local KEK: {add_err}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let kek = env.dir.path().join(".byokd/kek-k1");
+    assert_eq!(
+        std::fs::metadata(&kek).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let key_id = add_out.split_whitespace().next().unwrap().to_string();
+    let add2 = byokd(
+        &cfg,
+        &["keys", "add", "--tenant", "acme", "--provider", "anthropic"],
+        Some(CANARY_ANTHROPIC),
+    );
+    assert!(add2.status.success());
+
+    // Bad input: empty stdin, wrong format; neither echoes the secret.
+    let empty = byokd(
+        &cfg,
+        &["keys", "add", "--tenant", "acme", "--provider", "openai"],
+        None,
+    );
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("stdin"));
+    let wrong = byokd(
+        &cfg,
+        &["keys", "add", "--tenant", "acme", "--provider", "anthropic"],
+        Some(CANARY_OPENAI),
+    );
+    assert!(!wrong.status.success());
+    assert!(!String::from_utf8_lossy(&wrong.stderr).contains(CANARY_OPENAI));
+
+    let served = serve(&env).await;
+    let c = client();
+    let chat = |headers: Vec<(&'static str, String)>, body: &'static str| {
+        let mut req = request(
+            "POST",
+            &format!("{}/v1/chat/completions", served.data),
+            &[],
+            body,
+        );
+        for (k, v) in headers {
+            req.headers_mut().insert(k, v.parse().unwrap());
+        }
+        req
+    };
+    let got = send(&c, chat(vec![("x-tenant-id", "acme".into())], CHAT)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        up.last().headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+    let mut bodies = vec![got.text()];
+    for (h, v) in [("x-tenant-id", "ghost"), ("x-tenant-id", "acme")] {
+        let got = send(
+            &c,
+            request(
+                "POST",
+                &format!("{}/gemini/v1beta/models/m:generateContent", served.data),
+                &[(h, v), ("x-api-key", CANARY_OPENAI)],
+                "{}",
+            ),
+        )
+        .await;
+        assert!(got.status.is_client_error());
+        bodies.push(got.text());
+    }
+
+    // A platform token issued while serving works within 2 s.
+    let tok = byokd(&cfg, &["token", "new", "--tenant", "acme"], None);
+    assert!(tok.status.success());
+    let token = String::from_utf8_lossy(&tok.stdout).trim().to_string();
+    assert!(token.starts_with("byokd_"));
+    let t = Instant::now();
+    while send(
+        &c,
+        chat(vec![("authorization", format!("Bearer {token}"))], CHAT),
+    )
+    .await
+    .status
+        != 200
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "token not live after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // keys list: masked only, human and JSON.
+    for args in [
+        &["keys", "list"][..],
+        &["keys", "list", "--tenant", "acme", "--json"][..],
+    ] {
+        let out = byokd(&cfg, args, None);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            text.contains(&key_id) && text.contains("sk-...e5f6"),
+            "{text}"
+        );
+        bodies.push(text);
+    }
+
+    // Revoke while serving: refused within 2 s.
+    let rev = byokd(&cfg, &["keys", "revoke", &key_id], None);
+    assert!(rev.status.success());
+    let t = Instant::now();
+    loop {
+        let got = send(&c, chat(vec![("x-tenant-id", "acme".into())], CHAT)).await;
+        if got.status == 403 {
+            assert_eq!(got.code(), "no_key");
+            bodies.push(got.text());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "revoked key still served after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // SIGTERM during a stream: the stream finishes, new connections are refused, exit 0.
+    let resp = c
+        .request(request(
+            "POST",
+            &format!("{}/anthropic/v1/messages", served.data),
+            &[
+                ("x-tenant-id", "acme"),
+                ("x-fake-pace-ms", "150"),
+                ("x-fake-events", "8"),
+            ],
+            r#"{"model":"claude-3-5-haiku-20241022","stream":true,"max_tokens":5,"messages":[]}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let metrics_text = metrics(served.admin.parse().unwrap()).await;
+    let mut served = served;
+    sigterm(&served.child);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("tok7") && text.contains("message_stop"),
+        "stream cut by shutdown: {text}"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = served.child.wait().unwrap();
+        (s, served)
+    })
+    .await
+    .unwrap();
+    let (status, served) = status;
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        served.logs()
+    );
+    assert!(
+        client()
+            .request(request(
+                "GET",
+                &format!("{}/v1/models", served.data),
+                &[],
+                ""
+            ))
+            .await
+            .is_err(),
+        "still accepting after SIGTERM"
+    );
+
+    // The canary (and the platform token) appear nowhere byokd writes.
+    let logs = served.logs();
+    assert!(
+        logs.contains("byokd::access"),
+        "expected access log lines: {logs}"
+    );
+    assert!(logs.contains("key_decrypt"), "expected audit lines");
+    let store = std::fs::read_to_string(env.store_path()).unwrap();
+    let outputs = [
+        ("serve stdout/stderr", logs),
+        ("/metrics", metrics_text),
+        ("store file", store),
+        (
+            "cli outputs and error bodies",
+            bodies.join("\n") + &add_out + &add_err,
+        ),
+    ];
+    use base64::Engine as _;
+    for canary in [CANARY_OPENAI, CANARY_ANTHROPIC] {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(canary);
+        for (what, text) in &outputs {
+            assert!(!text.contains(canary), "canary key leaked into {what}");
+            assert!(
+                !text.contains(&canary[3..20]),
+                "part of the canary leaked into {what}"
+            );
+            assert!(
+                !text.contains(&b64[..16]),
+                "base64 of the canary leaked into {what}"
+            );
+        }
+    }
+    for (what, text) in &outputs {
+        assert!(!text.contains(&token), "platform token leaked into {what}");
+    }
+}
+
+#[tokio::test]
+async fn corrupt_store_is_a_clear_error_at_start() {
+    let env = Env::new(&config_yaml("http://127.0.0.1:9", ""));
+    std::fs::create_dir_all(env.dir.path().join(".byokd")).unwrap();
+    std::fs::write(env.store_path(), b"{\"keys\": [ oops").unwrap();
+    let out = byokd(
+        &env.config_path,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("keys.json") && err.contains("not valid"),
+        "{err}"
+    );
+    let list = byokd(&env.config_path, &["keys", "list"], None);
+    assert!(!list.status.success());
+}
+
+#[tokio::test]
+async fn config_check_and_kek_generate() {
+    let env = Env::new(&config_yaml("http://127.0.0.1:9", ""));
+    let ok = byokd(&env.config_path, &["config", "check"], None);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(
+        &env.config_path,
+        "listen: 127.0.0.1:1\nlimits: { idle_timout: 5s }\n",
+    )
+    .unwrap();
+    let bad = byokd(&env.config_path, &["config", "check"], None);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("idle_timout") && err.contains("line 2"),
+        "{err}"
+    );
+    let out = env.dir.path().join("kek-k2");
+    let env2 = Env::new(&config_yaml("http://127.0.0.1:9", ""));
+    let gen_ = byokd(
+        &env2.config_path,
+        &["kek", "generate", "--out", out.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        gen_.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen_.stderr)
+    );
+    assert_eq!(std::fs::read(&out).unwrap().len(), 32);
+    let again = byokd(
+        &env2.config_path,
+        &["kek", "generate", "--out", out.to_str().unwrap()],
+        None,
+    );
+    assert!(!again.status.success(), "must refuse to overwrite a KEK");
+}
