@@ -1,1 +1,117 @@
-fn main() {}
+//! The per-request path inside byokd before the upstream request leaves: route, identify,
+//! credential from a warm cache, rewrite. Later work measures against these numbers.
+//!
+//! Run: `cargo bench --bench hot_path`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+
+use byokd::config::Config;
+use byokd::identify::identify;
+use byokd::keys::manage::{self, NewKey};
+use byokd::keys::{Keyring, PlainKey};
+use byokd::pipeline::RequestId;
+use byokd::rewrite::rewrite;
+use byokd::route::route;
+
+/// Polls a future that must complete without waiting (a warm-cache lookup).
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("expected a warm, synchronous path"),
+    }
+}
+
+fn setup() -> (tempfile::TempDir, Arc<Config>, Keyring, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("byokd.yaml");
+    std::fs::write(&path, "defaults: { default_provider: openai }\n").unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let kms = byokd::server::kms(&cfg).unwrap();
+    let store = byokd::server::store(&cfg);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let openai = cfg.providers[cfg.provider_index("openai").unwrap()].clone();
+    // 1,000 tenants with a key each, so lookups hit a realistically sized map.
+    for i in 0..1000 {
+        let secret = PlainKey::new(format!("sk-bench-{i:06}-abcdefghijklmnop"));
+        rt.block_on(manage::add_key(
+            &store,
+            kms.as_ref(),
+            NewKey { tenant: &format!("tenant-{i}"), provider: &openai, secret: &secret, label: None, expires_in: None },
+        ))
+        .unwrap();
+    }
+    let (token, _) = manage::new_token(&store, "tenant-500").unwrap();
+    let keyring = Keyring::new(kms, &store.load().unwrap(), cfg.key_cache.ttl, cfg.key_cache.max_entries);
+    (dir, Arc::new(cfg), keyring, token.to_string())
+}
+
+fn request(headers: &[(&str, &str)]) -> http::request::Parts {
+    let mut b = http::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("host", "127.0.0.1:8787")
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("user-agent", "OpenAI/Python 1.99.0")
+        .header("x-stainless-lang", "python")
+        .header("x-stainless-package-version", "1.99.0")
+        .header("content-length", "120");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+fn bench(c: &mut Criterion) {
+    let (_dir, cfg, keyring, token) = setup();
+    let openai = cfg.providers[cfg.provider_index("openai").unwrap()].clone();
+    let by_header = request(&[("x-tenant-id", "tenant-500"), ("authorization", "Bearer unused")]);
+    let bearer = format!("Bearer {token}");
+    let by_token = request(&[("authorization", bearer.as_str())]);
+    // Warm the cache.
+    ready(keyring.credential("tenant-500", &openai, false, RequestId::new())).unwrap();
+
+    c.bench_function("route", |b| b.iter(|| route(&cfg, black_box("/v1/chat/completions")).unwrap()));
+    c.bench_function("identify/header", |b| {
+        b.iter(|| identify(&cfg, &keyring.snapshot(), black_box(&by_header.headers)).unwrap())
+    });
+    c.bench_function("identify/bearer_sha256", |b| {
+        b.iter(|| identify(&cfg, &keyring.snapshot(), black_box(&by_token.headers)).unwrap())
+    });
+    c.bench_function("credential/warm_cache", |b| {
+        b.iter(|| ready(keyring.credential(black_box("tenant-500"), &openai, false, RequestId::new())).unwrap())
+    });
+    c.bench_function("request_parts_clone (baseline for rewrite)", |b| b.iter(|| black_box(by_header.clone())));
+    let cred = ready(keyring.credential("tenant-500", &openai, false, RequestId::new())).unwrap();
+    let r = route(&cfg, "/v1/chat/completions").unwrap();
+    c.bench_function("rewrite (incl. parts clone)", |b| {
+        b.iter(|| {
+            let mut p = by_header.clone();
+            rewrite(&mut p, &openai, &r, cred.as_ref(), &[]).unwrap();
+            p
+        })
+    });
+    c.bench_function("hot_path/route+identify+credential+rewrite (incl. parts clone)", |b| {
+        b.iter(|| {
+            let mut p = by_header.clone();
+            let r = route(&cfg, p.uri.path()).unwrap();
+            let tenant = identify(&cfg, &keyring.snapshot(), &p.headers).unwrap();
+            let policy = cfg.policy(&tenant);
+            let provider = &cfg.providers[policy.default_provider];
+            let cred = ready(keyring.credential(&tenant, provider, false, RequestId::new())).unwrap();
+            rewrite(&mut p, provider, &r, cred.as_ref(), &[]).unwrap();
+            p
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
