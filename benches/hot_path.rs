@@ -36,7 +36,9 @@ fn setup() -> (tempfile::TempDir, Arc<Config>, Keyring, String) {
     let cfg = Config::load(&path).unwrap();
     let kms = byokd::server::kms(&cfg).unwrap();
     let store = byokd::server::store(&cfg);
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let openai = cfg.providers[cfg.provider_index("openai").unwrap()].clone();
     // 1,000 tenants with a key each, so lookups hit a realistically sized map.
     for i in 0..1000 {
@@ -44,12 +46,23 @@ fn setup() -> (tempfile::TempDir, Arc<Config>, Keyring, String) {
         rt.block_on(manage::add_key(
             &store,
             kms.as_ref(),
-            NewKey { tenant: &format!("tenant-{i}"), provider: &openai, secret: &secret, label: None, expires_in: None },
+            NewKey {
+                tenant: &format!("tenant-{i}"),
+                provider: &openai,
+                secret: &secret,
+                label: None,
+                expires_in: None,
+            },
         ))
         .unwrap();
     }
     let (token, _) = manage::new_token(&store, "tenant-500").unwrap();
-    let keyring = Keyring::new(kms, &store.load().unwrap(), cfg.key_cache.ttl, cfg.key_cache.max_entries);
+    let keyring = Keyring::new(
+        kms,
+        &store.load().unwrap(),
+        cfg.key_cache.ttl,
+        cfg.key_cache.max_entries,
+    );
     (dir, Arc::new(cfg), keyring, token.to_string())
 }
 
@@ -73,13 +86,18 @@ fn request(headers: &[(&str, &str)]) -> http::request::Parts {
 fn bench(c: &mut Criterion) {
     let (_dir, cfg, keyring, token) = setup();
     let openai = cfg.providers[cfg.provider_index("openai").unwrap()].clone();
-    let by_header = request(&[("x-tenant-id", "tenant-500"), ("authorization", "Bearer unused")]);
+    let by_header = request(&[
+        ("x-tenant-id", "tenant-500"),
+        ("authorization", "Bearer unused"),
+    ]);
     let bearer = format!("Bearer {token}");
     let by_token = request(&[("authorization", bearer.as_str())]);
     // Warm the cache.
     ready(keyring.credential("tenant-500", &openai, false, RequestId::new())).unwrap();
 
-    c.bench_function("route", |b| b.iter(|| route(&cfg, black_box("/v1/chat/completions")).unwrap()));
+    c.bench_function("route", |b| {
+        b.iter(|| route(&cfg, black_box("/v1/chat/completions")).unwrap())
+    });
     c.bench_function("identify/header", |b| {
         b.iter(|| identify(&cfg, &keyring.snapshot(), black_box(&by_header.headers)).unwrap())
     });
@@ -87,9 +105,14 @@ fn bench(c: &mut Criterion) {
         b.iter(|| identify(&cfg, &keyring.snapshot(), black_box(&by_token.headers)).unwrap())
     });
     c.bench_function("credential/warm_cache", |b| {
-        b.iter(|| ready(keyring.credential(black_box("tenant-500"), &openai, false, RequestId::new())).unwrap())
+        b.iter(|| {
+            ready(keyring.credential(black_box("tenant-500"), &openai, false, RequestId::new()))
+                .unwrap()
+        })
     });
-    c.bench_function("request_parts_clone (baseline for rewrite)", |b| b.iter(|| black_box(by_header.clone())));
+    c.bench_function("request_parts_clone (baseline for rewrite)", |b| {
+        b.iter(|| black_box(by_header.clone()))
+    });
     let cred = ready(keyring.credential("tenant-500", &openai, false, RequestId::new())).unwrap();
     let r = route(&cfg, "/v1/chat/completions").unwrap();
     c.bench_function("rewrite (incl. parts clone)", |b| {
@@ -99,18 +122,22 @@ fn bench(c: &mut Criterion) {
             p
         })
     });
-    c.bench_function("hot_path/route+identify+credential+rewrite (incl. parts clone)", |b| {
-        b.iter(|| {
-            let mut p = by_header.clone();
-            let r = route(&cfg, p.uri.path()).unwrap();
-            let tenant = identify(&cfg, &keyring.snapshot(), &p.headers).unwrap();
-            let policy = cfg.policy(&tenant);
-            let provider = &cfg.providers[policy.default_provider];
-            let cred = ready(keyring.credential(&tenant, provider, false, RequestId::new())).unwrap();
-            rewrite(&mut p, provider, &r, cred.as_ref(), &[]).unwrap();
-            p
-        })
-    });
+    c.bench_function(
+        "hot_path/route+identify+credential+rewrite (incl. parts clone)",
+        |b| {
+            b.iter(|| {
+                let mut p = by_header.clone();
+                let r = route(&cfg, p.uri.path()).unwrap();
+                let tenant = identify(&cfg, &keyring.snapshot(), &p.headers).unwrap();
+                let policy = cfg.policy(&tenant);
+                let provider = &cfg.providers[policy.default_provider];
+                let cred =
+                    ready(keyring.credential(&tenant, provider, false, RequestId::new())).unwrap();
+                rewrite(&mut p, provider, &r, cred.as_ref(), &[]).unwrap();
+                p
+            })
+        },
+    );
 }
 
 criterion_group!(benches, bench);

@@ -410,6 +410,9 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     if file.shared_state.is_some() {
         return Err(not_yet("shared_state"));
     }
+    if file.pricing.is_some() {
+        return Err(not_yet("pricing"));
+    }
 
     // Providers: built-ins first, then config entries override or add.
     let mut providers: Vec<Provider> = provider::builtins();
@@ -763,6 +766,18 @@ mod tests {
         assert!(acme.allows(a) && !acme.allows(o));
         assert_eq!(acme.default_provider, o);
         assert!(c.policy("other").allows(o));
+    }
+
+    #[test]
+    fn planned_keys_are_refused_not_ignored() {
+        for y in [
+            "pricing: pricing.yaml\n",
+            "tls: { cert: a, key: b }\n",
+            "store: { postgres: { url: x } }\n",
+        ] {
+            let err = parse(y).unwrap_err().to_string();
+            assert!(err.contains("not available in this version"), "{y}: {err}");
+        }
     }
 
     #[test]

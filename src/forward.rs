@@ -190,3 +190,21 @@ where
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_ca_bundle_errors_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        let err = tls_config(Some(&missing)).unwrap_err().to_string();
+        assert!(err.contains("nope.pem"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = tls_config(Some(&empty)).unwrap_err().to_string();
+        assert!(err.contains("no PEM certificates"), "{err}");
+        assert!(tls_config(None).is_ok());
+    }
+}

@@ -114,7 +114,12 @@ enum ConfigCmd {
 
 fn init_tracing(serving: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if serving { "info" } else { "warn" };
+    // CLI commands print their result on stdout; stderr gets warnings and the audit trail.
+    let default = if serving {
+        "info"
+    } else {
+        "warn,byokd::audit=info"
+    };
     let filter = EnvFilter::try_from_env("BYOKD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .json()

@@ -106,7 +106,7 @@ impl Metrics {
         )?;
         let upstream_errors = counter(
             "byokd_upstream_errors_total",
-            "Failed upstream attempts by kind: connect, timeout, body.",
+            "Failed upstream attempts by kind: connect, timeout, body_too_large.",
             &["provider", "kind"],
         )?;
         let config_reloads = counter(

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# End-to-end load bench: the same POST /v1/chat/completions through
+#   (a) nothing (wrk straight to the upstream),
+#   (b) a tuned nginx doing plain header-injection proxying (the cost target), and
+#   (c) byokd (identify + policy + credential + rewrite + metered streaming).
+# The upstream is an nginx returning a fixed chat-completion JSON. Everything runs on
+# 127.0.0.1; each run is bounded by DURATION. Needs: nginx, wrk (Debian: nginx-light wrk).
+#
+#   bash benches/e2e/load.sh            # DURATION=10s CONNECTIONS=32 by default
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-32}
+THREADS=${THREADS:-1}
+command -v nginx >/dev/null && command -v wrk >/dev/null || {
+  echo "needs nginx and wrk: apt-get install -y nginx-light wrk" >&2; exit 2; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+cargo build --release --quiet
+BIN=target/release/byokd
+UP=18080; NGX=18081; BYOKD=18082; ADMIN=18083
+BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
+KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
+
+cat > "$work/nginx.conf" <<NGX
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/body; proxy_temp_path $work/proxy;
+  fastcgi_temp_path $work/fcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;
+  upstream provider { server 127.0.0.1:$UP; keepalive 64; }
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '$BODY'; }
+  }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://provider;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer $KEY";
+      proxy_set_header x-tenant-id "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }
+  }
+}
+NGX
+nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+
+cat > "$work/byokd.yaml" <<YAML
+listen: 127.0.0.1:$BYOKD
+admin: { listen: 127.0.0.1:$ADMIN }
+providers:
+  openai: { kind: openai, base_url: "http://127.0.0.1:$UP" }
+YAML
+printf %s "$KEY" | $BIN --config "$work/byokd.yaml" keys add --tenant acme --provider openai >/dev/null 2>&1
+BYOKD_LOG=warn $BIN --config "$work/byokd.yaml" serve >"$work/byokd.log" 2>&1 & pids+=($!)
+
+for port in $UP $NGX $BYOKD; do
+  for _ in $(seq 100); do curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/v1/chat/completions" -H 'x-tenant-id: acme' && break; sleep 0.1; done
+done
+
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-tenant-id"] = "acme"
+wrk.headers["authorization"] = "Bearer app-placeholder"
+LUA
+
+run() {
+  local name=$1 port=$2
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $4}' <<<"$out")
+  printf '| %-32s | %10s | %8s | %8s | %s |\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
+}
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $(nproc) cores shared by client, proxy and upstream"
+echo "| path | req/s | p50 | p99 | non-2xx |"
+echo "|---|---:|---:|---:|---:|"
+run "direct to upstream (no proxy)" $UP
+run "nginx header-injection proxy" $NGX
+run "byokd" $BYOKD
+curl -s "http://127.0.0.1:$ADMIN/metrics" | grep -E '^byokd_tokens_total.*type="input"' | head -1
