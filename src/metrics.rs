@@ -5,6 +5,7 @@
 //! SaaS with a million tenants cannot blow up the scrape.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -22,6 +23,8 @@ pub const OTHER: &str = "__other__";
 #[derive(Debug)]
 struct LabelCap {
     seen: DashMap<Box<str>, ()>,
+    /// Counted apart from the map: `DashMap::len` would lock every shard.
+    admitted: AtomicUsize,
     max: usize,
 }
 
@@ -29,6 +32,7 @@ impl LabelCap {
     fn new(max: usize) -> Self {
         Self {
             seen: DashMap::new(),
+            admitted: AtomicUsize::new(0),
             max,
         }
     }
@@ -37,10 +41,13 @@ impl LabelCap {
         if self.seen.contains_key(v) {
             return v;
         }
-        if self.seen.len() >= self.max {
+        // Racing first sightings may admit a few past the cap; the bound stays small and fixed.
+        if self.admitted.load(Ordering::Relaxed) >= self.max {
             return OTHER;
         }
-        self.seen.insert(v.into(), ());
+        if self.seen.insert(v.into(), ()).is_none() {
+            self.admitted.fetch_add(1, Ordering::Relaxed);
+        }
         v
     }
 }

@@ -900,3 +900,19 @@ async fn platform_fallback_uses_the_platform_key() {
         "sk-ant-platform-0123456789"
     );
 }
+
+#[tokio::test]
+async fn one_store_change_is_one_reload_not_a_loop() {
+    let h = Harness::new("").await;
+    h.env
+        .add_key("gamma", "openai", "sk-gamma-0123456789abcdef")
+        .await;
+    // Long enough for a feedback loop (reload -> read -> event -> reload) to show many times.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = metrics(h.byokd.admin_addr).await;
+    let reloads = sample(&m, "byokd_config_reloads_total", &["result=\"ok\""]).unwrap_or(0.0);
+    assert!(
+        (1.0..=2.0).contains(&reloads),
+        "one write caused {reloads} reloads"
+    );
+}

@@ -140,13 +140,16 @@ impl Keyring {
     pub fn replace(&self, data: &StoreData) {
         let snap = Snapshot::build(data);
         let now = unix_now();
-        self.cache.retain(|id, e| {
-            snap.tenants.values().any(|t| {
-                t.keys
-                    .iter()
-                    .any(|r| *r.id == **id && r.version == e.version && r.usable(now))
-            })
-        });
+        let usable: std::collections::HashSet<(&str, u32)> = snap
+            .tenants
+            .values()
+            .flat_map(|t| t.keys.iter())
+            .filter(|r| r.usable(now))
+            .map(|r| (r.id.as_str(), r.version))
+            .collect();
+        self.cache
+            .retain(|id, e| usable.contains(&(&**id, e.version)));
+        drop(usable);
         self.snapshot.store(Arc::new(snap));
     }
 

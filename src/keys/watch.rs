@@ -37,7 +37,15 @@ pub fn watch(
     let name = path.file_name().map(|n| n.to_os_string());
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let handler = move |res: notify::Result<notify::Event>| {
+        // Only writes matter: our own reads of the file raise access events, and reacting to
+        // those would reload in a loop.
         if let Ok(ev) = res
+            && matches!(
+                ev.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Remove(_)
+            )
             && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
         {
             let _ = tx.send(());
