@@ -26,21 +26,33 @@ UP=18080; NGX=18081; BYOKD=18082; ADMIN=18083
 BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
 KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
 
-cat > "$work/nginx.conf" <<NGX
+common_http="access_log off; keepalive_requests 1000000;
+  client_body_temp_path $work/body; proxy_temp_path $work/proxy;
+  fastcgi_temp_path $work/fcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;"
+# The upstream: its own nginx, one worker, so it is not counted in the proxies' CPU.
+cat > "$work/upstream.conf" <<NGX
 worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
+pid $work/upstream.pid;
+error_log $work/upstream-error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/body; proxy_temp_path $work/proxy;
-  fastcgi_temp_path $work/fcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;
-  upstream provider { server 127.0.0.1:$UP; keepalive 64; }
+  $common_http
   server {
     listen 127.0.0.1:$UP;
     location / { default_type application/json; return 200 '$BODY'; }
   }
+}
+NGX
+# The reference proxy: nginx tuned for plain header injection (auto workers, upstream
+# keepalive, no buffering, no access log).
+cat > "$work/proxy.conf" <<NGX
+worker_processes auto;
+pid $work/proxy.pid;
+error_log $work/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  $common_http
+  upstream provider { server 127.0.0.1:$UP; keepalive 64; }
   server {
     listen 127.0.0.1:$NGX;
     location / {
@@ -55,7 +67,9 @@ http {
   }
 }
 NGX
-nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$work/upstream.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$work/proxy.conf" -g 'daemon off;' & pids+=($!)
+NGINX_PROXY_PID=$!
 
 cat > "$work/byokd.yaml" <<YAML
 listen: 127.0.0.1:$BYOKD
@@ -64,7 +78,8 @@ providers:
   openai: { kind: openai, base_url: "http://127.0.0.1:$UP" }
 YAML
 printf %s "$KEY" | $BIN --config "$work/byokd.yaml" keys add --tenant acme --provider openai >/dev/null 2>&1
-BYOKD_LOG=warn $BIN --config "$work/byokd.yaml" serve >"$work/byokd.log" 2>&1 & pids+=($!)
+BYOKD_LOG=warn TOKIO_WORKER_THREADS=${BYOKD_THREADS:-2} $BIN --config "$work/byokd.yaml" serve >"$work/byokd.log" 2>&1 & pids+=($!)
+BYOKD_PID=$!
 
 for port in $UP $NGX $BYOKD; do
   for _ in $(seq 100); do curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/v1/chat/completions" -H 'x-tenant-id: acme' && break; sleep 0.1; done
@@ -78,19 +93,35 @@ wrk.headers["x-tenant-id"] = "acme"
 wrk.headers["authorization"] = "Bearer app-placeholder"
 LUA
 
+# CPU ticks (user+system) of a process and its children (nginx workers).
+ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
 run() {
-  local name=$1 port=$2
+  local name=$1 port=$2 pid=${3:-}
+  local before=0 after=0
+  [ -n "$pid" ] && before=$(ticks "$pid")
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
+  [ -n "$pid" ] && after=$(ticks "$pid")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $4}' <<<"$out")
-  printf '| %-32s | %10s | %8s | %8s | %s |\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  cpu="-"
+  [ -n "$pid" ] && cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+  printf '| %-32s | %10s | %8s | %8s | %8s | %s |\n' "$name" "$rps" "$p50" "$p99" "$cpu" "${non2xx:-0}"
 }
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $(nproc) cores shared by client, proxy and upstream"
-echo "| path | req/s | p50 | p99 | non-2xx |"
-echo "|---|---:|---:|---:|---:|"
+echo "| path | req/s | p50 | p99 | proxy CPU µs/req | non-2xx |"
+echo "|---|---:|---:|---:|---:|---:|"
 run "direct to upstream (no proxy)" $UP
-run "nginx header-injection proxy" $NGX
-run "byokd" $BYOKD
+run "nginx header-injection proxy" $NGX "$NGINX_PROXY_PID"
+run "byokd" $BYOKD "$BYOKD_PID"
 curl -s "http://127.0.0.1:$ADMIN/metrics" | grep -E '^byokd_tokens_total.*type="input"' | head -1
