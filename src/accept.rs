@@ -32,6 +32,16 @@ pub fn data_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The admin listener's builder: small requests only, and no slow-loris on the probe port.
+pub fn admin_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    b.http2().timer(TokioTimer::new());
+    b
+}
+
 /// Serves `listener` until `shutdown` flips to true, then stops accepting and waits up to
 /// `drain` for in-flight requests and streams to finish.
 pub async fn serve<F, Fut, B>(
@@ -48,7 +58,10 @@ pub async fn serve<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    // Connection tasks live here so the ones still open after the drain can be cut.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
@@ -68,7 +81,7 @@ pub async fn serve<F, Fut, B>(
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -89,4 +102,5 @@ pub async fn serve<F, Fut, B>(
             "drain timeout reached; closing remaining connections"
         );
     }
+    conns.shutdown().await;
 }

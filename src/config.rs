@@ -373,6 +373,12 @@ impl Config {
     }
 }
 
+/// Tenant ids starting with `_` are byokd's own (`_platform`): no request, token or config
+/// override may claim one.
+pub fn reserved_tenant_id(t: &str) -> bool {
+    t.starts_with('_')
+}
+
 /// Checks tenant id syntax: `[A-Za-z0-9_.:-]{1,128}`.
 pub fn valid_tenant_id(t: &str) -> bool {
     !t.is_empty()
@@ -534,10 +540,10 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     let defaults = policy("defaults", &file.defaults, None)?;
     let mut tenants = HashMap::new();
     for (name, pf) in &file.tenants {
-        if !valid_tenant_id(name) {
+        if !valid_tenant_id(name) || reserved_tenant_id(name) {
             return Err(invalid(
                 &format!("tenants.{name}"),
-                "tenant ids use [A-Za-z0-9_.:-]{1,128}".into(),
+                "tenant ids use [A-Za-z0-9_.:-]{1,128} and do not start with `_` (reserved)".into(),
             ));
         }
         let p = policy(&format!("tenants.{name}"), pf, Some(&defaults))?;
@@ -585,6 +591,22 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             out
         }
     };
+
+    let listen = file.listen.unwrap_or(([127, 0, 0, 1], 8787).into());
+    if !listen.ip().is_loopback()
+        && identity
+            .iter()
+            .any(|s| matches!(s, IdentitySource::Header { .. }))
+    {
+        return Err(invalid(
+            "identity",
+            format!(
+                "the header source trusts the tenant header as-is, so it is only allowed on a \
+                 loopback listener, and `listen` is {listen}; listen on 127.0.0.1 (sidecar) or \
+                 use bearer tokens"
+            ),
+        ));
+    }
 
     let kms = match file.kms {
         None => KmsConfig::Local {
@@ -673,7 +695,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
 
     Ok(Config {
         path: path.to_path_buf(),
-        listen: file.listen.unwrap_or(([127, 0, 0, 1], 8787).into()),
+        listen,
         admin_listen: file.admin.listen.unwrap_or(([127, 0, 0, 1], 9787).into()),
         admin_token_sha256,
         identity,
@@ -778,6 +800,17 @@ mod tests {
             let err = parse(y).unwrap_err().to_string();
             assert!(err.contains("not available in this version"), "{y}: {err}");
         }
+    }
+
+    #[test]
+    fn header_identity_needs_a_loopback_listener() {
+        let err = parse("listen: 0.0.0.0:8787\n").unwrap_err().to_string();
+        assert!(err.contains("loopback"), "{err}");
+        assert!(parse("listen: 0.0.0.0:8787\nidentity: [ { bearer: {} } ]\n").is_ok());
+        let err = parse("tenants:\n  _platform: {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reserved"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum RouteError {
     UnknownRoute,
     #[error("provider `{0}` is not configured")]
     UnknownProvider(String),
+    #[error("method {0} is not proxied")]
+    MethodNotAllowed(http::Method),
 }
 
 /// The identify step found no tenant, or found two.
@@ -107,6 +109,7 @@ pub enum Code {
     ProviderNotAllowed,
     NoKey,
     UnknownRoute,
+    MethodNotAllowed,
     BodyTooLarge,
     HeadersTooLarge,
     KeyUnavailable,
@@ -122,6 +125,7 @@ impl Code {
             Self::ProviderNotAllowed => "provider_not_allowed",
             Self::NoKey => "no_key",
             Self::UnknownRoute => "unknown_route",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::BodyTooLarge => "body_too_large",
             Self::HeadersTooLarge => "headers_too_large",
             Self::KeyUnavailable => "key_unavailable",
@@ -135,6 +139,7 @@ impl Code {
             Self::UnknownTenant | Self::IdentityConflict => StatusCode::UNAUTHORIZED,
             Self::ProviderNotAllowed | Self::NoKey => StatusCode::FORBIDDEN,
             Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::KeyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -150,6 +155,7 @@ impl ProxyError {
             Self::Route(RouteError::UnknownRoute | RouteError::UnknownProvider(_)) => {
                 Code::UnknownRoute
             }
+            Self::Route(RouteError::MethodNotAllowed(_)) => Code::MethodNotAllowed,
             Self::Identify(
                 IdentifyError::NoIdentity
                 | IdentifyError::BadTenantId
@@ -230,6 +236,11 @@ mod tests {
     fn status_and_code_table() {
         let cases: Vec<(ProxyError, &str, u16)> = vec![
             (RouteError::UnknownRoute.into(), "unknown_route", 404),
+            (
+                RouteError::MethodNotAllowed(http::Method::TRACE).into(),
+                "method_not_allowed",
+                405,
+            ),
             (
                 RouteError::UnknownProvider("x".into()).into(),
                 "unknown_route",

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, IdentitySource, valid_tenant_id};
+use crate::config::{Config, IdentitySource, reserved_tenant_id, valid_tenant_id};
 use crate::error::IdentifyError;
 use crate::keys::store::Snapshot;
 
@@ -48,6 +48,9 @@ fn from_header(
     let t = v.to_str().map_err(|_| IdentifyError::BadTenantId)?;
     if !valid_tenant_id(t) {
         return Err(IdentifyError::BadTenantId);
+    }
+    if reserved_tenant_id(t) {
+        return Err(IdentifyError::UnknownTenant);
     }
     canonical(cfg, snap, t)
         .map(Some)

@@ -19,8 +19,8 @@ use crate::identify::identify;
 use crate::keys::{KeySource, Keyring};
 use crate::metrics::{Metrics, Recorder};
 use crate::provider::{ErrorShape, Provider};
-use crate::rewrite::{rewrite, strip_hop_by_hop};
-use crate::route::{Target, route};
+use crate::rewrite::{rewrite, strip_hop_by_hop, strip_own_headers};
+use crate::route::{Target, check_method, route};
 use crate::usage::{MeteredBody, scanner_for};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
@@ -152,6 +152,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
 
         // route: pure path parsing; it also fixes the error shape the app's SDK expects.
+        check_method(&parts.method)?;
         let route = route(cfg, parts.uri.path())?;
         if let Target::Named(i) = route.target {
             ctx.shape = cfg.providers[i].error_shape();
@@ -218,6 +219,8 @@ impl Proxy {
         // meter + record: the body streams through; usage is recorded when it ends.
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
+        // Only byokd may say `x-byokd-error`: an upstream must not forge byokd's verdicts.
+        strip_own_headers(&mut rparts.headers);
         let scanner = if rparts.status.is_success() {
             scanner_for(
                 provider.dialect(),

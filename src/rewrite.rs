@@ -62,6 +62,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// Removes `x-byokd-*` headers; used in both directions.
+pub fn strip_own_headers(h: &mut HeaderMap) {
+    if h.keys().any(|k| k.as_str().starts_with("x-byokd-")) {
+        let own: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-byokd-"))
+            .cloned()
+            .collect();
+        for n in own {
+            h.remove(n);
+        }
+    }
+}
+
 /// Rewrites `parts` for `provider`; `tenant_headers` are the configured identity headers.
 pub fn rewrite(
     parts: &mut request::Parts,
@@ -91,16 +105,7 @@ pub fn rewrite(
     {
         h.remove(n);
     }
-    if h.keys().any(|k| k.as_str().starts_with("x-byokd-")) {
-        let own: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-byokd-"))
-            .cloned()
-            .collect();
-        for n in own {
-            h.remove(n);
-        }
-    }
+    strip_own_headers(h);
     // The usage scanner reads plain bytes; LLM responses are small next to their latency,
     // so identity encoding costs less than decompressing a copy.
     h.insert(

@@ -32,10 +32,29 @@ impl Route {
     }
 }
 
+/// Methods a provider API uses. TRACE would echo the injected key back; CONNECT and
+/// extension methods have no place in a provider API.
+pub fn check_method(m: &http::Method) -> Result<(), RouteError> {
+    use http::Method;
+    match *m {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::HEAD
+        | Method::OPTIONS => Ok(()),
+        _ => Err(RouteError::MethodNotAllowed(m.clone())),
+    }
+}
+
 pub fn route(cfg: &Config, path: &str) -> Result<Route, RouteError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(RouteError::UnknownRoute);
     };
+    if escapes(rest) {
+        return Err(RouteError::UnknownRoute);
+    }
     let (first, tail) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -56,6 +75,25 @@ pub fn route(cfg: &Config, path: &str) -> Result<Route, RouteError> {
             })
         }
     }
+}
+
+/// A path that could leave the provider's base path once the upstream normalises it:
+/// `.` or `..` segments, empty segments, or encoded dots, slashes and backslashes.
+fn escapes(path: &str) -> bool {
+    if path.contains('\\') || path.contains("//") {
+        return true;
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return true;
+    }
+    let b = path.as_bytes();
+    b.windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'e') | (b'2', b'f') | (b'5', b'c')
+            )
+    })
 }
 
 #[cfg(test)]
@@ -85,6 +123,25 @@ mod tests {
             "/"
         );
         assert!(route(&cfg, "/nope/v1/x").is_err());
+        for bad in [
+            "/groq/../v1/chat/completions",
+            "/openrouter/./x",
+            "/openai/v1/%2e%2e/admin",
+            "/openai/v1%2Fx",
+            "/openai//v1",
+            "/openai/v1/%5Cx",
+            "/v1/../../x",
+        ] {
+            assert!(route(&cfg, bad).is_err(), "{bad}");
+        }
+        // Dots inside a segment are fine (model names, versions).
+        assert!(
+            route(
+                &cfg,
+                "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
+            )
+            .is_ok()
+        );
         assert!(route(&cfg, "/byokd/usage").is_err());
         assert!(route(&cfg, "/").is_err());
     }

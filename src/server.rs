@@ -57,20 +57,26 @@ pub struct Running {
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    stop_data: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
+    data_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
     admin: Arc<Admin>,
     _watch: StoreWatch,
 }
 
 impl Running {
     /// Stops accepting, drains in-flight requests (bounded by `limits.drain_timeout`), returns.
+    /// The admin listener stays up (answering `/readyz` 503) until the data plane drained, so
+    /// probes see the drain and the last scrape counts every request.
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
-        let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        let _ = self.stop_data.send(true);
+        let _ = self.data_task.await;
+        let _ = self.stop_admin.send(true);
+        let _ = self.admin_task.await;
+        self.sweeper.abort();
     }
 }
 
@@ -90,7 +96,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         cfg.key_cache.ttl,
         cfg.key_cache.max_entries,
     ));
-    let watch = crate::keys::watch::watch(store, keyring.clone(), metrics.clone())?;
+    let watch = crate::keys::watch::watch(store.clone(), keyring.clone(), metrics.clone())?;
+    // A change that landed between the first load and the watcher start is picked up here.
+    keyring.replace(&store.load()?);
+    let sweeper = {
+        let keyring = keyring.clone();
+        let every = (cfg.key_cache.ttl / 4).max(std::time::Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                keyring.sweep();
+            }
+        })
+    };
     let upstream = Upstream::new(&cfg.upstream, &cfg.limits)?;
     let proxy = Arc::new(Proxy::new(cfg.clone(), keyring, metrics.clone(), upstream));
 
@@ -114,7 +132,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             source,
         })?;
 
-    let (tx, rx) = watch::channel(false);
+    let (stop_data, data_rx) = watch::channel(false);
+    let (stop_admin, admin_rx) = watch::channel(false);
     let admin = Arc::new(Admin {
         metrics,
         ready: false.into(),
@@ -127,19 +146,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             let p = p.clone();
             async move { p.handle(req).await }
         },
-        rx.clone(),
+        data_rx,
         cfg.limits.drain_timeout,
     ));
     let a = admin.clone();
     let admin_task = tokio::spawn(accept::serve(
         admin_listener,
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()),
+        accept::admin_builder(&cfg.limits),
         move |req| {
             let a = a.clone();
             async move { a.handle(req).await }
         },
-        rx,
-        cfg.limits.drain_timeout,
+        admin_rx,
+        std::time::Duration::from_secs(1),
     ));
     admin.ready.store(true, Ordering::Release);
     tracing::info!(
@@ -151,8 +170,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         data_addr,
         admin_addr,
         proxy,
-        shutdown: tx,
-        tasks: vec![data_task, admin_task],
+        stop_data,
+        stop_admin,
+        data_task,
+        admin_task,
+        sweeper,
         admin,
         _watch: watch,
     })

@@ -172,6 +172,8 @@ pub struct SseScanner {
     partial: Vec<u8>,
     /// The current line grew past [`MAX_LINE`] and is being skipped.
     skipping: bool,
+    /// `data:` lines still worth parsing for `model` alone (first chunks carry it).
+    model_tries: u8,
     usage: Usage,
 }
 
@@ -181,6 +183,7 @@ impl SseScanner {
             dialect,
             partial: Vec::new(),
             skipping: false,
+            model_tries: 4,
             usage: Usage::default(),
         }
     }
@@ -198,11 +201,16 @@ impl SseScanner {
                     usage: Option<RawUsage>,
                 }
                 let has_usage = usage_value_at(data, b"\"usage\"").is_some();
-                if (has_usage || self.usage.model.is_none())
+                let want_model = self.usage.model.is_none() && self.model_tries > 0;
+                if want_model {
+                    self.model_tries -= 1;
+                }
+                if (has_usage || want_model)
                     && let Ok(c) = serde_json::from_slice::<Chunk>(data)
                 {
+                    // Azure's first chunk (prompt_filter_results) has `"model":""`.
                     if self.usage.model.is_none() {
-                        self.usage.model = c.model;
+                        self.usage.model = c.model.filter(|m| !m.is_empty());
                     }
                     if let Some(u) = c.usage {
                         self.usage.apply(self.dialect, &u);
@@ -549,6 +557,16 @@ mod tests {
         let u = feed_split(JsonScanner::new(Dialect::Anthropic), an.as_bytes(), 7);
         assert_eq!((u.input, u.cached_input, u.output), (10, 4, 5));
         assert_eq!(u.model.as_deref(), Some("claude-3-5-haiku-20241022"));
+    }
+
+    #[test]
+    fn empty_model_of_azure_first_chunk_is_not_the_label() {
+        let body = format!(
+            "data: {{\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\",\"prompt_filter_results\":[]}}\n\n{OPENAI_SSE}"
+        );
+        let u = feed_split(SseScanner::new(Dialect::OpenAi), body.as_bytes(), 17);
+        assert_eq!(u.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert_eq!(u.total(), 150);
     }
 
     #[test]

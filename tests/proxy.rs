@@ -916,3 +916,98 @@ async fn one_store_change_is_one_reload_not_a_loop() {
         "one write caused {reloads} reloads"
     );
 }
+
+#[tokio::test]
+async fn hostile_requests_are_refused_before_the_provider() {
+    let h = Harness::new("tenants:\n  strict: { fallback: [] }\n").await;
+    h.env
+        .add_key("_platform", "openai", "sk-platform-0123456789abcdef")
+        .await;
+    h.env.add_key("strict", "anthropic", CANARY_ANTHROPIC).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let c = client();
+    // Nobody can name the reserved platform tenant to borrow its key.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "_platform")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (401, "unknown_tenant"));
+    // Paths that would leave the provider's base path once normalised upstream.
+    for path in [
+        "/mistral/../v1/chat/completions",
+        "/mistral/v1/%2e%2e/x",
+        "/mistral/v1%2fx",
+        "/openai//v1/models",
+    ] {
+        let got = send(
+            &c,
+            request("POST", &h.url(path), &[("x-tenant-id", "acme")], CHAT),
+        )
+        .await;
+        assert_eq!(
+            (got.status.as_u16(), got.code()),
+            (404, "unknown_route"),
+            "{path}"
+        );
+    }
+    // TRACE would echo the injected key back.
+    let got = send(
+        &c,
+        request(
+            "TRACE",
+            &h.url("/v1/models"),
+            &[("x-tenant-id", "acme")],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (405, "method_not_allowed")
+    );
+    assert!(
+        h.up.seen().is_empty(),
+        "a refused request reached the provider"
+    );
+    // An upstream cannot forge byokd's verdict header.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme"), ("x-fake-forge", "1")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.code(),
+        "",
+        "x-byokd-error from the upstream passed through"
+    );
+}
+
+#[tokio::test]
+async fn a_vanished_store_file_keeps_the_last_good_state() {
+    let h = Harness::new("").await;
+    std::fs::rename(h.env.store_path(), h.env.dir.path().join("moved.json")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+}

@@ -12,7 +12,7 @@ use super::envelope::{self, Binding};
 use super::kms::Kms;
 use super::store::{FileStore, KeyRecord, KeyState, TokenRecord};
 use super::{KeyError, PLATFORM_TENANT, PlainKey, unix_now};
-use crate::config::valid_tenant_id;
+use crate::config::{reserved_tenant_id, valid_tenant_id};
 use crate::provider::{Provider, mask};
 
 /// What a caller asks to register.
@@ -32,6 +32,11 @@ fn random_id(prefix: &str) -> Result<String, KeyError> {
 }
 
 fn check_tenant(tenant: &str) -> Result<(), KeyError> {
+    if reserved_tenant_id(tenant) {
+        return Err(KeyError::Invalid(format!(
+            "`{tenant}` is reserved: ids starting with `_` belong to byokd"
+        )));
+    }
     if valid_tenant_id(tenant) {
         Ok(())
     } else {
@@ -73,7 +78,9 @@ pub async fn add_key(
         version,
         state: KeyState::Active,
         created_at: now,
-        expires_at: new.expires_in.map(|d| now + d.as_secs() as i64),
+        expires_at: new
+            .expires_in
+            .map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
         masked: mask(secret),
         kek_id: wrapped.kek_id,
         wrapped_dek: B64.encode(&wrapped.blob),

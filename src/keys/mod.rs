@@ -138,7 +138,11 @@ impl Keyring {
     /// Swaps in a new store state and drops cached plaintext of keys no longer usable,
     /// so a revocation stops serving at once rather than at TTL.
     pub fn replace(&self, data: &StoreData) {
-        let snap = Snapshot::build(data);
+        let snap = Arc::new(Snapshot::build(data));
+        // Swap first, prune second: a request that still holds the old snapshot may re-insert
+        // a just-revoked key, but it can no longer be found through the new snapshot, and the
+        // sweep zeroizes it at its TTL at the latest.
+        self.snapshot.store(snap.clone());
         let now = unix_now();
         let usable: std::collections::HashSet<(&str, u32)> = snap
             .tenants
@@ -149,8 +153,6 @@ impl Keyring {
             .collect();
         self.cache
             .retain(|id, e| usable.contains(&(&**id, e.version)));
-        drop(usable);
-        self.snapshot.store(Arc::new(snap));
     }
 
     /// Number of cached plaintext keys.
@@ -212,12 +214,27 @@ impl Keyring {
         (e.version == record.version && e.inserted.elapsed() < self.ttl).then(|| e.value.clone())
     }
 
+    /// Drops (and so zeroizes) entries past their TTL. Run periodically by the server.
+    pub fn sweep(&self) {
+        let ttl = self.ttl;
+        self.cache.retain(|_, e| e.inserted.elapsed() < ttl);
+    }
+
     fn insert(&self, record: &KeyRecord, value: AuthValue) {
         if self.cache.len() >= self.max_entries {
-            let ttl = self.ttl;
-            self.cache.retain(|_, e| e.inserted.elapsed() < ttl);
+            self.sweep();
             if self.cache.len() >= self.max_entries {
-                return;
+                // Still full of live keys: make room for a tenth rather than stop caching,
+                // which would turn every miss into a decryption.
+                let victims: Vec<Arc<str>> = self
+                    .cache
+                    .iter()
+                    .take(self.max_entries / 10 + 1)
+                    .map(|e| e.key().clone())
+                    .collect();
+                for v in victims {
+                    self.cache.remove(&v);
+                }
             }
         }
         self.cache.insert(

@@ -113,6 +113,18 @@ impl FileStore {
         }
     }
 
+    /// Like [`load`](Self::load), but a missing file is an error: at run time a vanished
+    /// store (moved, mid-restore) must not look like "every key revoked".
+    pub fn load_existing(&self) -> Result<StoreData, KeyError> {
+        if !self.path.exists() {
+            return Err(KeyError::NotFound(format!(
+                "store file {} is missing",
+                self.path.display()
+            )));
+        }
+        self.load()
+    }
+
     /// Read-modify-write under an exclusive lock, replaced atomically by rename.
     pub fn update<T>(
         &self,
@@ -183,7 +195,11 @@ impl Snapshot {
                     .then(b.created_at.cmp(&a.created_at))
             });
         }
-        for t in data.tokens.iter().filter(|t| !t.revoked) {
+        for t in data
+            .tokens
+            .iter()
+            .filter(|t| !t.revoked && !crate::config::reserved_tenant_id(&t.tenant))
+        {
             let mut h = [0u8; 32];
             if hex::decode_to_slice(&t.sha256, &mut h).is_ok() {
                 let name = s.entry(&t.tenant).name.clone();

@@ -67,7 +67,7 @@ pub fn watch(
             tokio::time::sleep(Duration::from_millis(50)).await;
             while rx.try_recv().is_ok() {}
             let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.load()).await {
+            match tokio::task::spawn_blocking(move || s.load_existing()).await {
                 Ok(Ok(data)) => {
                     keyring.replace(&data);
                     metrics.config_reloads.with_label_values(&["ok"]).inc();

@@ -194,6 +194,20 @@ async fn fake_handle(state: Arc<FakeState>, req: Request<Incoming>) -> Response<
         version: parts.version,
     };
     state.seen.lock().unwrap().push(seen);
+    let forge = parts.headers.contains_key("x-fake-forge");
+    let mut resp = fake_respond(state, &parts, body).await;
+    if forge {
+        resp.headers_mut()
+            .insert("x-byokd-error", "no_key".parse().unwrap());
+    }
+    resp
+}
+
+async fn fake_respond(
+    state: Arc<FakeState>,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Response<FakeBody> {
     let h = &parts.headers;
     if let Some(ms) = header_num(h, "x-fake-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
