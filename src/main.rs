@@ -112,7 +112,10 @@ enum ConfigCmd {
     Check,
 }
 
-fn init_tracing(serving: bool) {
+/// Logs go through a background writer so a slow stderr (a backed-up log pipe) never blocks a
+/// worker thread mid-request. It is not lossy: past 128k queued lines, callers wait rather
+/// than drop audit events. The guard flushes the queue at exit.
+fn init_tracing(serving: bool) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     // CLI commands print their result on stdout; stderr gets warnings and the audit trail.
     let default = if serving {
@@ -121,19 +124,23 @@ fn init_tracing(serving: bool) {
         "warn,byokd::audit=info"
     };
     let filter = EnvFilter::try_from_env("BYOKD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_target(true)
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.cmd, Cmd::Serve { .. }));
+    let _log_guard = init_tracing(matches!(cli.cmd, Cmd::Serve { .. }));
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

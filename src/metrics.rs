@@ -52,13 +52,20 @@ impl LabelCap {
     }
 }
 
+#[derive(Debug, Clone)]
+struct ProviderSeries {
+    duration: Histogram,
+    ttfb: Histogram,
+}
+
 /// Every series byokd exports.
 pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
     tokens: IntCounterVec,
-    duration: HistogramVec,
-    ttfb: HistogramVec,
+    /// Resolved once per provider (index = `Config::providers` index): no label hashing or
+    /// lock on the request path for the histograms.
+    per_provider: Vec<ProviderSeries>,
     overhead: Histogram,
     rejections: IntCounterVec,
     decryptions: IntCounterVec,
@@ -83,7 +90,8 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    pub fn new(max_tenants: usize) -> Result<Self, prometheus::Error> {
+    /// `providers` are the configured provider names, in config order.
+    pub fn new(max_tenants: usize, providers: &[&str]) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
@@ -140,6 +148,15 @@ impl Metrics {
             "Time until the upstream response headers arrived.",
             LATENCY_BUCKETS,
         )?;
+        let per_provider = providers
+            .iter()
+            .map(|p| {
+                Ok(ProviderSeries {
+                    duration: duration.get_metric_with_label_values(&[p])?,
+                    ttfb: ttfb.get_metric_with_label_values(&[p])?,
+                })
+            })
+            .collect::<Result<Vec<_>, prometheus::Error>>()?;
         let overhead = Histogram::with_opts(
             HistogramOpts::new(
                 "byokd_overhead_seconds",
@@ -157,8 +174,7 @@ impl Metrics {
             registry,
             requests,
             tokens,
-            duration,
-            ttfb,
+            per_provider,
             overhead,
             rejections,
             decryptions,
@@ -190,10 +206,10 @@ impl Metrics {
         self.overhead.observe(started.elapsed().as_secs_f64());
     }
 
-    pub fn first_byte(&self, provider: &str, started: Instant) {
-        self.ttfb
-            .with_label_values(&[provider])
-            .observe(started.elapsed().as_secs_f64());
+    pub fn first_byte(&self, provider: usize, started: Instant) {
+        if let Some(s) = self.per_provider.get(provider) {
+            s.ttfb.observe(started.elapsed().as_secs_f64());
+        }
     }
 
     pub fn upstream_error(&self, provider: &str, kind: &str) {
@@ -231,9 +247,9 @@ impl Metrics {
                     .inc_by(n);
             }
         }
-        self.duration
-            .with_label_values(&[provider])
-            .observe(r.started.elapsed().as_secs_f64());
+        if let Some(s) = self.per_provider.get(r.provider_idx) {
+            s.duration.observe(r.started.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -243,6 +259,7 @@ pub struct Recorder {
     pub metrics: Arc<Metrics>,
     pub tenant: Arc<str>,
     pub provider: Arc<str>,
+    pub provider_idx: usize,
     pub status: http::StatusCode,
     pub started: Instant,
     pub request_id: crate::pipeline::RequestId,

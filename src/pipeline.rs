@@ -214,7 +214,7 @@ impl Proxy {
                 return Err(e);
             }
         };
-        self.metrics.first_byte(&provider.name, ctx.started);
+        self.metrics.first_byte(idx, ctx.started);
 
         // meter + record: the body streams through; usage is recorded when it ends.
         let (mut rparts, rbody) = resp.into_parts();
@@ -236,6 +236,7 @@ impl Proxy {
             metrics: self.metrics.clone(),
             tenant,
             provider: provider.name.clone(),
+            provider_idx: idx,
             status: rparts.status,
             started: ctx.started,
             request_id: ctx.id,

@@ -83,7 +83,8 @@ impl Running {
 /// Starts both listeners. A corrupt store or a missing KEK is an error here, at start.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let cfg = Arc::new(cfg);
-    let metrics = Arc::new(Metrics::new(cfg.max_metric_tenants)?);
+    let names: Vec<&str> = cfg.providers.iter().map(|p| &*p.name).collect();
+    let metrics = Arc::new(Metrics::new(cfg.max_metric_tenants, &names)?);
     let kms = kms(&cfg)?;
     let store = store(&cfg);
     let data = store.load()?;

@@ -20,8 +20,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-cargo build --release --quiet
-BIN=target/release/byokd
+# BIN=path/to/other/byokd compares two builds on the same machine state.
+if [ -z "${BIN:-}" ]; then cargo build --release --quiet; BIN=target/release/byokd; fi
 UP=18080; NGX=18081; BYOKD=18082; ADMIN=18083
 BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
 KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
