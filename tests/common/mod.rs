@@ -259,6 +259,20 @@ async fn fake_respond(
     }
 }
 
+/// Serves one connection of the fake provider (HTTP/1.1 or HTTP/2).
+async fn serve_fake<IO>(io: IO, st: Arc<FakeState>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(fake_handle(st, req).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
 /// Starts the fake provider on 127.0.0.1:0 (HTTP/1.1 and h2c).
 pub async fn fake_upstream() -> FakeUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -270,15 +284,41 @@ pub async fn fake_upstream() -> FakeUpstream {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let st = st.clone();
+            tokio::spawn(serve_fake(stream, st.clone()));
+        }
+    });
+    FakeUpstream { addr, state }
+}
+
+/// The fake provider behind TLS (ALPN h2 and http/1.1) with the given certificate chain.
+pub async fn fake_upstream_tls(cert_pem: &str, key_pem: &str) -> FakeUpstream {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(FakeState::default());
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, st) = (acceptor.clone(), st.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let st = st.clone();
-                    async move { Ok::<_, Infallible>(fake_handle(st, req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    serve_fake(tls, st).await;
+                }
             });
         }
     });
