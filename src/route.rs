@@ -80,19 +80,22 @@ pub fn route(cfg: &Config, path: &str) -> Result<Route, RouteError> {
 /// A path that could leave the provider's base path once the upstream normalises it:
 /// `.` or `..` segments, empty segments, or encoded dots, slashes and backslashes.
 fn escapes(path: &str) -> bool {
-    if path.contains('\\') || path.contains("//") {
+    let b = path.as_bytes();
+    // One SIMD scan for the rare bytes; typical paths have none and stop here.
+    if memchr::memchr3(b'.', b'%', b'\\', b).is_none() {
+        return memchr::memmem::find(b, b"//").is_some();
+    }
+    if b.contains(&b'\\') || memchr::memmem::find(b, b"//").is_some() {
         return true;
     }
     if path.split('/').any(|seg| seg == "." || seg == "..") {
         return true;
     }
-    let b = path.as_bytes();
-    b.windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'e') | (b'2', b'f') | (b'5', b'c')
-            )
+    memchr::memchr_iter(b'%', b).any(|i| {
+        matches!(
+            (b.get(i + 1), b.get(i + 2).map(u8::to_ascii_lowercase)),
+            (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c'))
+        )
     })
 }
 
