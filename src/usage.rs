@@ -26,10 +26,14 @@ pub const JSON_TAIL: usize = 64 * 1024;
 /// How a provider reports usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
-    /// OpenAI chat completions and compatibles: `usage.prompt_tokens`, `completion_tokens`.
+    /// OpenAI and compatibles: chat completions and embeddings (`usage.prompt_tokens`,
+    /// `completion_tokens`), the Responses API (`usage.input_tokens`, `output_tokens`), and
+    /// Ollama's native API (`prompt_eval_count`, `eval_count` on the `"done": true` object).
     OpenAi,
     /// Anthropic messages: `input_tokens` excludes cache reads and writes.
     Anthropic,
+    /// Gemini generateContent / streamGenerateContent: `usageMetadata`, model `modelVersion`.
+    Gemini,
     /// Not metered (yet): passes through.
     None,
 }
@@ -54,11 +58,22 @@ struct RawUsage {
     completion_tokens: Option<u64>,
     prompt_tokens_details: Option<PromptDetails>,
     completion_tokens_details: Option<CompletionDetails>,
-    // Anthropic
+    // Anthropic, and OpenAI's Responses API
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
+    input_tokens_details: Option<PromptDetails>,
+    output_tokens_details: Option<CompletionDetails>,
+    // Gemini usageMetadata
+    #[serde(rename = "promptTokenCount")]
+    prompt_token_count: Option<u64>,
+    #[serde(rename = "candidatesTokenCount")]
+    candidates_token_count: Option<u64>,
+    #[serde(rename = "thoughtsTokenCount")]
+    thoughts_token_count: Option<u64>,
+    #[serde(rename = "cachedContentTokenCount")]
+    cached_content_token_count: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,18 +94,28 @@ impl Usage {
         self.found = true;
         match dialect {
             Dialect::OpenAi => {
-                let cached = u
-                    .prompt_tokens_details
-                    .as_ref()
-                    .and_then(|d| d.cached_tokens)
-                    .unwrap_or(0);
-                let reasoning = u
-                    .completion_tokens_details
-                    .as_ref()
-                    .and_then(|d| d.reasoning_tokens)
-                    .unwrap_or(0);
-                let prompt = u.prompt_tokens.unwrap_or(0);
-                let completion = u.completion_tokens.unwrap_or(0);
+                // Chat completions name the totals prompt/completion; the Responses API names
+                // them input/output. Both include the cached and reasoning parts.
+                let (prompt, completion, pd, cd) =
+                    if u.prompt_tokens.is_none() && u.input_tokens.is_some() {
+                        (
+                            u.input_tokens,
+                            u.output_tokens,
+                            &u.input_tokens_details,
+                            &u.output_tokens_details,
+                        )
+                    } else {
+                        (
+                            u.prompt_tokens,
+                            u.completion_tokens,
+                            &u.prompt_tokens_details,
+                            &u.completion_tokens_details,
+                        )
+                    };
+                let cached = pd.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0);
+                let reasoning = cd.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0);
+                let prompt = prompt.unwrap_or(0);
+                let completion = completion.unwrap_or(0);
                 self.input = prompt.saturating_sub(cached);
                 self.cached_input = cached;
                 self.output = completion.saturating_sub(reasoning);
@@ -110,7 +135,26 @@ impl Usage {
                     self.output = v;
                 }
             }
+            Dialect::Gemini => {
+                // Stream chunks carry running totals: the last one replaces the earlier ones.
+                let cached = u.cached_content_token_count.unwrap_or(0);
+                self.input = u.prompt_token_count.unwrap_or(0).saturating_sub(cached);
+                self.cached_input = cached;
+                self.output = u.candidates_token_count.unwrap_or(0);
+                self.reasoning = u.thoughts_token_count.unwrap_or(0);
+            }
             Dialect::None => {}
+        }
+    }
+
+    /// Ollama's native API reports counts on the final object, outside any usage object.
+    fn apply_ollama(&mut self, hay: &[u8]) {
+        let prompt = number_after(hay, b"\"prompt_eval_count\"");
+        let eval = number_after(hay, b"\"eval_count\"");
+        if prompt.is_some() || eval.is_some() {
+            self.found = true;
+            self.input = prompt.unwrap_or(0);
+            self.output = eval.unwrap_or(0);
         }
     }
 
@@ -132,6 +176,8 @@ pub fn scanner_for(dialect: Dialect, content_type: Option<&[u8]>) -> Scanner {
         Scanner::Off
     } else if memmem::find(ct, b"text/event-stream").is_some() {
         Scanner::Sse(SseScanner::new(dialect))
+    } else if memmem::find(ct, b"ndjson").is_some() {
+        Scanner::Sse(SseScanner::ndjson(dialect))
     } else if memmem::find(ct, b"json").is_some() {
         Scanner::Json(JsonScanner::new(dialect))
     } else {
@@ -174,6 +220,8 @@ pub struct SseScanner {
     skipping: bool,
     /// `data:` lines still worth parsing for `model` alone (first chunks carry it).
     model_tries: u8,
+    /// Newline-delimited JSON (Ollama's native streams): every line is an event.
+    ndjson: bool,
     usage: Usage,
 }
 
@@ -184,16 +232,77 @@ impl SseScanner {
             partial: Vec::new(),
             skipping: false,
             model_tries: 4,
+            ndjson: false,
             usage: Usage::default(),
+        }
+    }
+
+    pub fn ndjson(dialect: Dialect) -> Self {
+        Self {
+            ndjson: true,
+            ..Self::new(dialect)
         }
     }
 
     fn line(&mut self, line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
+        let data = if self.ndjson {
+            line
+        } else {
+            match line.strip_prefix(b"data:") {
+                Some(d) => d,
+                None => return,
+            }
         };
         match self.dialect {
+            Dialect::OpenAi if self.ndjson => {
+                if memmem::find(data, b"\"done\":true").is_some()
+                    || memmem::find(data, b"\"done\": true").is_some()
+                {
+                    if let Some(m) = string_after(data, b"\"model\"") {
+                        self.usage.model = Some(m);
+                    }
+                    self.usage.apply_ollama(data);
+                }
+            }
+            Dialect::OpenAi if is_responses_final(data) => {
+                #[derive(Deserialize)]
+                struct Event {
+                    response: Resp,
+                }
+                #[derive(Deserialize)]
+                struct Resp {
+                    model: Option<String>,
+                    usage: Option<RawUsage>,
+                }
+                if let Ok(e) = serde_json::from_slice::<Event>(data) {
+                    if let Some(m) = e.response.model.filter(|m| !m.is_empty()) {
+                        self.usage.model = Some(m);
+                    }
+                    if let Some(u) = e.response.usage {
+                        self.usage.apply(self.dialect, &u);
+                    }
+                }
+            }
+            Dialect::Gemini => {
+                if memmem::find(data, b"\"usageMetadata\"").is_some() {
+                    #[derive(Deserialize)]
+                    struct Chunk {
+                        #[serde(rename = "usageMetadata")]
+                        usage: Option<RawUsage>,
+                        #[serde(rename = "modelVersion")]
+                        model: Option<String>,
+                    }
+                    if let Ok(c) = serde_json::from_slice::<Chunk>(data) {
+                        if let Some(m) = c.model.filter(|m| !m.is_empty()) {
+                            self.usage.model = Some(m);
+                        }
+                        if let Some(u) = c.usage {
+                            self.usage.apply(self.dialect, &u);
+                        }
+                    }
+                }
+            }
             Dialect::OpenAi => {
                 #[derive(Deserialize)]
                 struct Chunk {
@@ -249,6 +358,38 @@ impl SseScanner {
             Dialect::None => {}
         }
     }
+}
+
+/// The events of OpenAI's Responses API stream that carry the final usage.
+fn is_responses_final(data: &[u8]) -> bool {
+    memmem::find(data, b"\"type\":\"response.").is_some()
+        && [
+            &b"response.completed"[..],
+            b"response.incomplete",
+            b"response.failed",
+        ]
+        .iter()
+        .any(|t| memmem::find(data, t).is_some())
+}
+
+/// The unsigned integer value of object key `key`, if present.
+fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
+    let at = usage_value_at(hay, key)?;
+    let digits = hay[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&hay[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The string value of object key `key`, if present.
+fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+    let at = usage_value_at(hay, key)?;
+    serde_json::Deserializer::from_slice(&hay[at..])
+        .into_iter::<String>()
+        .next()?
+        .ok()
+        .filter(|s| !s.is_empty())
 }
 
 /// Position just after `key` when it is an object key whose value is not `null`.
@@ -361,18 +502,18 @@ impl UsageScanner for JsonScanner {
 
     fn finish(&mut self) -> Usage {
         let mut usage = Usage::default();
-        if let Some(at) = usage_value_at(&self.head, b"\"model\"") {
-            let mut it =
-                serde_json::Deserializer::from_slice(&self.head[at..]).into_iter::<String>();
-            if let Some(Ok(m)) = it.next() {
-                usage.model = Some(m);
-            }
-        }
+        let (usage_key, model_key): (&[u8], &[u8]) = match self.dialect {
+            Dialect::Gemini => (b"\"usageMetadata\"", b"\"modelVersion\""),
+            _ => (b"\"usage\"", b"\"model\""),
+        };
+        // `model` leads OpenAI and Anthropic bodies; Gemini puts `modelVersion` at the end.
+        usage.model =
+            string_after(&self.head, model_key).or_else(|| string_after(&self.tail, model_key));
         // The top-level usage object closes the body, so the last occurrence is it.
         let tail = &self.tail;
         let mut end = tail.len();
-        while let Some(p) = memmem::rfind(&tail[..end], b"\"usage\"") {
-            if let Some(at) = usage_value_at(&tail[p..], b"\"usage\"") {
+        while let Some(p) = memmem::rfind(&tail[..end], usage_key) {
+            if let Some(at) = usage_value_at(&tail[p..], usage_key) {
                 let mut it =
                     serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<RawUsage>();
                 if let Some(Ok(u)) = it.next() {
@@ -381,6 +522,9 @@ impl UsageScanner for JsonScanner {
                 }
             }
             end = p;
+        }
+        if !usage.found && self.dialect == Dialect::OpenAi {
+            usage.apply_ollama(tail);
         }
         usage
     }
@@ -567,6 +711,95 @@ mod tests {
         let u = feed_split(SseScanner::new(Dialect::OpenAi), body.as_bytes(), 17);
         assert_eq!(u.model.as_deref(), Some("gpt-4o-2024-08-06"));
         assert_eq!(u.total(), 150);
+    }
+
+    const GEMINI_SSE: &str = concat!(
+        "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hel\"}],\"role\":\"model\"}}],\"usageMetadata\":{\"promptTokenCount\":50,\"candidatesTokenCount\":1,\"totalTokenCount\":51},\"modelVersion\":\"gemini-2.5-flash\"}\r\n\r\n",
+        "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"lo\"}],\"role\":\"model\"},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"promptTokenCount\":50,\"candidatesTokenCount\":12,\"thoughtsTokenCount\":30,\"cachedContentTokenCount\":20,\"totalTokenCount\":92},\"modelVersion\":\"gemini-2.5-flash\"}\r\n\r\n"
+    );
+
+    #[test]
+    fn gemini_stream_and_json_take_the_last_totals() {
+        for step in [1, 9, 4096] {
+            let u = feed_split(
+                SseScanner::new(Dialect::Gemini),
+                GEMINI_SSE.as_bytes(),
+                step,
+            );
+            assert_eq!(
+                (u.input, u.cached_input, u.output, u.reasoning),
+                (30, 20, 12, 30),
+                "step {step}"
+            );
+            assert_eq!(u.model.as_deref(), Some("gemini-2.5-flash"));
+        }
+        let json = r#"{"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"totalTokenCount":4},"modelVersion":"gemini-2.0-flash","responseId":"x"}"#;
+        let u = feed_split(JsonScanner::new(Dialect::Gemini), json.as_bytes(), 5);
+        assert_eq!(
+            (u.input, u.output, u.model.as_deref()),
+            (3, 1, Some("gemini-2.0-flash"))
+        );
+    }
+
+    #[test]
+    fn openai_responses_api_json_and_stream() {
+        let json = r#"{"id":"resp_1","object":"response","model":"o4-mini-2025-04-16","output":[{"type":"message","content":[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":200,"input_tokens_details":{"cached_tokens":150},"output_tokens":90,"output_tokens_details":{"reasoning_tokens":64},"total_tokens":290}}"#;
+        let u = feed_split(JsonScanner::new(Dialect::OpenAi), json.as_bytes(), 11);
+        assert_eq!(
+            (u.input, u.cached_input, u.output, u.reasoning),
+            (50, 150, 26, 64)
+        );
+        assert_eq!(u.model.as_deref(), Some("o4-mini-2025-04-16"));
+        let sse = concat!(
+            "event: response.created\n",
+            "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"model\":\"o4-mini-2025-04-16\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\n",
+            "data: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
+            "event: response.completed\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"model\":\"o4-mini-2025-04-16\",\"usage\":{\"input_tokens\":200,\"input_tokens_details\":{\"cached_tokens\":150},\"output_tokens\":90,\"output_tokens_details\":{\"reasoning_tokens\":64},\"total_tokens\":290}}}\n\n"
+        );
+        for step in [1, 13, 4096] {
+            let u = feed_split(SseScanner::new(Dialect::OpenAi), sse.as_bytes(), step);
+            assert_eq!(
+                (u.input, u.cached_input, u.output, u.reasoning),
+                (50, 150, 26, 64),
+                "step {step}"
+            );
+            assert_eq!(u.model.as_deref(), Some("o4-mini-2025-04-16"));
+        }
+    }
+
+    #[test]
+    fn ollama_native_ndjson_and_json() {
+        let nd = concat!(
+            "{\"model\":\"llama3.2\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"done\":false}\n",
+            "{\"model\":\"llama3.2\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"total_duration\":1,\"prompt_eval_count\":26,\"eval_count\":298}\n"
+        );
+        for step in [1, 7, 4096] {
+            let mut s = scanner_for(Dialect::OpenAi, Some(b"application/x-ndjson"));
+            for c in nd.as_bytes().chunks(step) {
+                s.feed(c);
+            }
+            let u = s.finish();
+            assert_eq!(
+                (u.input, u.output, u.model.as_deref()),
+                (26, 298, Some("llama3.2")),
+                "step {step}"
+            );
+        }
+        let json = r#"{"model":"llama3.2","message":{"role":"assistant","content":"Hi"},"done":true,"prompt_eval_count":26,"eval_count":298}"#;
+        let u = feed_split(JsonScanner::new(Dialect::OpenAi), json.as_bytes(), 3);
+        assert_eq!((u.input, u.output), (26, 298));
+    }
+
+    #[test]
+    fn embeddings_count_prompt_tokens() {
+        let json = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        let u = feed_split(JsonScanner::new(Dialect::OpenAi), json.as_bytes(), 4);
+        assert_eq!(
+            (u.input, u.output, u.model.as_deref()),
+            (8, 0, Some("text-embedding-3-small"))
+        );
     }
 
     #[test]

@@ -602,6 +602,28 @@ async fn sse_streams_at_the_providers_pace_and_is_metered() {
     let (_, text) = frame_times(resp, Instant::now()).await;
     assert!(text.contains("message_stop"));
 
+    // Gemini: stream (last running total counts) and JSON.
+    let resp = c
+        .request(request(
+            "POST",
+            &h.url("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"),
+            &[("x-tenant-id", "acme"), ("x-fake-events", "3")],
+            "{}",
+        ))
+        .await
+        .unwrap();
+    frame_times(resp, Instant::now()).await;
+    send(
+        &c,
+        request(
+            "POST",
+            &h.url("/gemini/v1beta/models/gemini-2.0-flash:generateContent"),
+            &[("x-tenant-id", "acme")],
+            "{}",
+        ),
+    )
+    .await;
+
     // Non-streaming bodies of both.
     send(
         &c,
@@ -647,6 +669,13 @@ async fn sse_streams_at_the_providers_pace_and_is_metered() {
     assert_eq!(tok("claude-sonnet-4-20250514", "cached_input"), Some(300.0));
     assert_eq!(tok("claude-sonnet-4-20250514", "cache_write"), Some(7.0));
     assert_eq!(tok("claude-sonnet-4-20250514", "output"), Some(42.0));
+    // Gemini stream: prompt 40 (10 cached), candidates 3 (last chunk), thoughts 6.
+    assert_eq!(tok("gemini-2.5-flash", "input"), Some(30.0));
+    assert_eq!(tok("gemini-2.5-flash", "cached_input"), Some(10.0));
+    assert_eq!(tok("gemini-2.5-flash", "output"), Some(3.0));
+    assert_eq!(tok("gemini-2.5-flash", "reasoning"), Some(6.0));
+    assert_eq!(tok("gemini-2.0-flash", "input"), Some(3.0));
+    assert_eq!(tok("gemini-2.0-flash", "output"), Some(1.0));
     // JSON bodies.
     assert_eq!(tok("gpt-4.1", "input"), Some(11.0));
     assert_eq!(tok("gpt-4.1", "output"), Some(7.0));

@@ -183,7 +183,7 @@ impl Provider {
         match self.kind {
             ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Ollama => Dialect::OpenAi,
             ProviderKind::Anthropic => Dialect::Anthropic,
-            ProviderKind::Gemini => Dialect::None,
+            ProviderKind::Gemini => Dialect::Gemini,
         }
     }
 

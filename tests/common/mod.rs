@@ -168,9 +168,10 @@ fn anthropic_events(n: usize) -> Vec<String> {
 
 const ANTHROPIC_JSON: &str = "{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-3-5-haiku-20241022\",\"content\":[{\"type\":\"text\",\"text\":\"Hello from the fake\"}],\"stop_reason\":\"end_turn\",\"stop_sequence\":null,\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":4,\"output_tokens\":5}}";
 
+/// Gemini streams carry running totals in every chunk; the last one is what is billed.
 fn gemini_events(n: usize) -> Vec<String> {
     (0..n)
-        .map(|i| format!("data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"tok{i}\"}}],\"role\":\"model\"}}}}],\"modelVersion\":\"gemini-2.0-flash\"}}\r\n\r\n"))
+        .map(|i| format!("data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"tok{i}\"}}],\"role\":\"model\"}}}}],\"usageMetadata\":{{\"promptTokenCount\":40,\"candidatesTokenCount\":{},\"thoughtsTokenCount\":6,\"cachedContentTokenCount\":10,\"totalTokenCount\":{}}},\"modelVersion\":\"gemini-2.5-flash\"}}\r\n\r\n", i + 1, 47 + i))
         .collect()
 }
 
