@@ -340,7 +340,8 @@ pub struct Config {
     pub tenants: HashMap<Arc<str>, TenantPolicy>,
     pub upstream: UpstreamConfig,
     pub limits: Limits,
-    pub pricing: Option<PathBuf>,
+    /// Prices loaded from the `pricing` file (empty when none is configured).
+    pub pricing: crate::pricing::Pricing,
     pub max_metric_tenants: usize,
 }
 
@@ -415,9 +416,6 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     }
     if file.shared_state.is_some() {
         return Err(not_yet("shared_state"));
-    }
-    if file.pricing.is_some() {
-        return Err(not_yet("pricing"));
     }
 
     // Providers: built-ins first, then config entries override or add.
@@ -675,6 +673,13 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         }
     };
 
+    let pricing = match file.pricing.as_deref().map(resolve) {
+        None => crate::pricing::Pricing::default(),
+        Some(p) => {
+            crate::pricing::Pricing::load(&p).map_err(|e| invalid("pricing", e.to_string()))?
+        }
+    };
+
     let d = Limits::default();
     let l = &file.limits;
     let limits = Limits {
@@ -720,7 +725,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 .map_or(Duration::from_secs(90), |d| d.0),
         },
         limits,
-        pricing: file.pricing.as_deref().map(resolve),
+        pricing,
         max_metric_tenants: file.metrics.max_tenants.unwrap_or(10_000),
     })
 }
@@ -793,7 +798,6 @@ mod tests {
     #[test]
     fn planned_keys_are_refused_not_ignored() {
         for y in [
-            "pricing: pricing.yaml\n",
             "tls: { cert: a, key: b }\n",
             "store: { postgres: { url: x } }\n",
         ] {

@@ -19,6 +19,7 @@ pub mod identify;
 pub mod keys;
 pub mod metrics;
 pub mod pipeline;
+pub mod pricing;
 pub mod provider;
 pub mod rewrite;
 pub mod route;

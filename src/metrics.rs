@@ -58,6 +58,50 @@ struct ProviderSeries {
     ttfb: Histogram,
 }
 
+/// `byokd_cost_usd_total`: kept as integer nano-dollars in a private counter and converted to
+/// USD only when scraped, so no cost is ever accumulated in floating point.
+#[derive(Clone)]
+struct CostUsd {
+    nanos: IntCounterVec,
+    desc: prometheus::core::Desc,
+}
+
+impl CostUsd {
+    fn new() -> Result<Self, prometheus::Error> {
+        let labels = ["tenant", "provider", "model", "key_source"];
+        let help = "Cost in USD from the pricing table, by who pays (key_source).";
+        Ok(Self {
+            nanos: IntCounterVec::new(Opts::new("byokd_cost_nanodollars", help), &labels)?,
+            desc: prometheus::core::Desc::new(
+                "byokd_cost_usd_total".into(),
+                help.into(),
+                labels.iter().map(|l| l.to_string()).collect(),
+                Default::default(),
+            )?,
+        })
+    }
+}
+
+impl prometheus::core::Collector for CostUsd {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.nanos.collect();
+        for f in &mut families {
+            f.set_name(self.desc.fq_name.clone());
+            f.set_help(self.desc.help.clone());
+            for m in f.mut_metric() {
+                let mut c = prometheus::proto::Counter::default();
+                c.set_value(m.get_counter().get_value() / 1e9);
+                m.set_counter(c);
+            }
+        }
+        families
+    }
+}
+
 /// Every series byokd exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -72,6 +116,12 @@ pub struct Metrics {
     cache_hits: IntCounter,
     upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    cost: CostUsd,
+    /// Prices for `byokd_cost_usd_total`.
+    pub pricing: crate::pricing::Pricing,
+    unpriced: IntCounterVec,
+    /// (provider, model) pairs already logged as unpriced: one log line each, not one per request.
+    unpriced_logged: DashMap<Box<str>, ()>,
     tenants: LabelCap,
     models: LabelCap,
 }
@@ -91,7 +141,11 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 
 impl Metrics {
     /// `providers` are the configured provider names, in config order.
-    pub fn new(max_tenants: usize, providers: &[&str]) -> Result<Self, prometheus::Error> {
+    pub fn new(
+        max_tenants: usize,
+        providers: &[&str],
+        pricing: crate::pricing::Pricing,
+    ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
@@ -129,6 +183,13 @@ impl Metrics {
             "Store and config reloads by result.",
             &["result"],
         )?;
+        let unpriced = counter(
+            "byokd_unpriced_requests_total",
+            "Metered requests whose model has no price: tokens counted, cost unknown.",
+            &["provider", "model"],
+        )?;
+        let cost = CostUsd::new()?;
+        registry.register(Box::new(cost.clone()))?;
         let hist =
             |name: &str, help: &str, buckets: &[f64]| -> Result<HistogramVec, prometheus::Error> {
                 let h = HistogramVec::new(
@@ -181,6 +242,10 @@ impl Metrics {
             cache_hits,
             upstream_errors,
             config_reloads,
+            cost,
+            pricing,
+            unpriced,
+            unpriced_logged: DashMap::new(),
             tenants: LabelCap::new(max_tenants),
             models: LabelCap::new(max_tenants),
         })
@@ -250,6 +315,29 @@ impl Metrics {
         if let Some(s) = self.per_provider.get(r.provider_idx) {
             s.duration.observe(r.started.elapsed().as_secs_f64());
         }
+        if usage.total() > 0 {
+            match r.price {
+                Some(p) => self
+                    .cost
+                    .nanos
+                    .with_label_values(&[t, provider, model, r.key_source.as_str()])
+                    .inc_by(p.cost_nanos(usage)),
+                None => {
+                    self.unpriced.with_label_values(&[provider, model]).inc();
+                    let key = format!("{provider}/{model}");
+                    if !self.unpriced_logged.contains_key(key.as_str())
+                        && self.unpriced_logged.len() < 10_000
+                    {
+                        self.unpriced_logged.insert(key.into(), ());
+                        tracing::warn!(
+                            provider,
+                            model,
+                            "no price for this model: tokens are counted, cost is not; add it to the pricing file"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -264,10 +352,16 @@ pub struct Recorder {
     pub started: Instant,
     pub request_id: crate::pipeline::RequestId,
     pub key_source: KeySource,
+    /// Set by `finish` from the pricing table, so `completed` sees one struct.
+    pub price: Option<crate::pricing::Price>,
 }
 
 impl Recorder {
-    pub fn finish(self, usage: Usage, outcome: Outcome, bytes: u64) {
+    pub fn finish(mut self, usage: Usage, outcome: Outcome, bytes: u64) {
+        self.price = usage
+            .model
+            .as_deref()
+            .and_then(|m| self.metrics.pricing.price(&self.provider, m));
         self.metrics.completed(&self, &usage);
         tracing::info!(
             target: "byokd::access",
@@ -283,6 +377,7 @@ impl Recorder {
             reasoning_tokens = usage.reasoning,
             usage_found = usage.found,
             key_source = self.key_source.as_str(),
+            cost_usd = self.price.map(|p| p.cost_nanos(&usage) as f64 / 1e9),
             bytes,
             outcome = outcome.as_str(),
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,

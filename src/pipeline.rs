@@ -241,6 +241,7 @@ impl Proxy {
             started: ctx.started,
             request_id: ctx.id,
             key_source: credential.as_ref().map_or(KeySource::None, |c| c.source),
+            price: None,
         };
         let body = MeteredBody::new(rbody, scanner, recorder);
         Ok(Response::from_parts(rparts, Either::Left(body)))

@@ -84,7 +84,11 @@ impl Running {
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let cfg = Arc::new(cfg);
     let names: Vec<&str> = cfg.providers.iter().map(|p| &*p.name).collect();
-    let metrics = Arc::new(Metrics::new(cfg.max_metric_tenants, &names)?);
+    let metrics = Arc::new(Metrics::new(
+        cfg.max_metric_tenants,
+        &names,
+        cfg.pricing.clone(),
+    )?);
     let kms = kms(&cfg)?;
     let store = store(&cfg);
     let data = store.load()?;

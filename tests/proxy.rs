@@ -552,7 +552,11 @@ async fn frame_times(
 
 #[tokio::test]
 async fn sse_streams_at_the_providers_pace_and_is_metered() {
-    let h = Harness::new("").await;
+    let pricing = format!(
+        "pricing: {}/config/pricing.yaml\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let h = Harness::new(&pricing).await;
     let c = client();
     let t0 = Instant::now();
     let resp = c
@@ -714,6 +718,51 @@ async fn sse_streams_at_the_providers_pace_and_is_metered() {
         .unwrap()
             >= 1.0
     );
+    // Cost, exact: gpt-4o-mini 20×0.15 + 100×0.075 + (20+10)×0.60 USD per million tokens;
+    // claude-sonnet-4 25×3 + 300×0.30 + 7×3.75 + 42×15.
+    let cost = |model: &str| {
+        sample(
+            &m,
+            "byokd_cost_usd_total",
+            &[
+                "tenant=\"acme\"",
+                &format!("model=\"{model}\""),
+                "key_source=\"tenant\"",
+            ],
+        )
+        .unwrap()
+    };
+    assert!(
+        (cost("gpt-4o-mini") - 0.0000285).abs() < 1e-12,
+        "{}",
+        cost("gpt-4o-mini")
+    );
+    assert!((cost("claude-sonnet-4-20250514") - 0.00082125).abs() < 1e-12);
+    send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[("x-tenant-id", "acme")],
+            r#"{"model":"mystery-1","messages":[]}"#,
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let m2 = metrics(h.byokd.admin_addr).await;
+    assert_eq!(
+        sample(
+            &m2,
+            "byokd_unpriced_requests_total",
+            &["model=\"mystery-1\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m2, "byokd_cost_usd_total", &["model=\"mystery-1\""]),
+        None
+    );
+
     // Upstream hop-by-hop response headers are not passed on.
     let got = send(
         &c,

@@ -1,0 +1,211 @@
+//! Prices and cost: USD per million tokens by provider and model, turned into exact integer
+//! nano-dollars per token when the table is loaded, so cost is summed in integers and never
+//! accumulated in binary floating point.
+//!
+//! A model matches its exact name first, then the longest priced name it extends with a `-`
+//! (a dated snapshot: `gpt-4o-2024-08-06` → `gpt-4o`, `claude-sonnet-4-20250514` →
+//! `claude-sonnet-4`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::usage::Usage;
+
+/// One model's prices in nano-dollars per token (= USD per million tokens × 1000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub input: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub output: u64,
+}
+
+impl Price {
+    /// Cost of `u` in nano-dollars. Reasoning tokens are billed as output.
+    pub fn cost_nanos(&self, u: &Usage) -> u64 {
+        u.input
+            .saturating_mul(self.input)
+            .saturating_add(u.cached_input.saturating_mul(self.cached_input))
+            .saturating_add(u.cache_write.saturating_mul(self.cache_write))
+            .saturating_add(
+                u.output
+                    .saturating_add(u.reasoning)
+                    .saturating_mul(self.output),
+            )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceFile {
+    input: f64,
+    output: f64,
+    cached_input: Option<f64>,
+    cache_write: Option<f64>,
+}
+
+/// provider => model => price.
+#[derive(Debug, Clone, Default)]
+pub struct Pricing {
+    providers: HashMap<String, HashMap<String, Price>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PricingError {
+    #[error("cannot read pricing file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pricing file {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// USD per million tokens → nano-dollars per token, exactly for prices with up to 3 decimals
+/// (a thousandth of a dollar per million tokens, finer than any published price).
+fn nanos(usd_per_million: f64, what: &str) -> Result<u64, String> {
+    if !usd_per_million.is_finite() || !(0.0..=1e6).contains(&usd_per_million) {
+        return Err(format!(
+            "{what}: `{usd_per_million}` is not a price in USD per million tokens"
+        ));
+    }
+    Ok((usd_per_million * 1000.0).round() as u64)
+}
+
+impl Pricing {
+    pub fn load(path: &Path) -> Result<Self, PricingError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PricingError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|message| PricingError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        let file: HashMap<String, HashMap<String, PriceFile>> =
+            serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+        let mut providers = HashMap::new();
+        for (provider, models) in file {
+            let mut table = HashMap::new();
+            for (model, p) in models {
+                let at = |f: &str| format!("{provider}.{model}.{f}");
+                let input = nanos(p.input, &at("input"))?;
+                table.insert(
+                    model.clone(),
+                    Price {
+                        input,
+                        output: nanos(p.output, &at("output"))?,
+                        cached_input: p
+                            .cached_input
+                            .map(|v| nanos(v, &at("cached_input")))
+                            .transpose()?
+                            .unwrap_or(input),
+                        cache_write: p
+                            .cache_write
+                            .map(|v| nanos(v, &at("cache_write")))
+                            .transpose()?
+                            .unwrap_or(input),
+                    },
+                );
+            }
+            providers.insert(provider, table);
+        }
+        Ok(Self { providers })
+    }
+
+    /// Entries of `other` replace or add to this table's.
+    pub fn merge(&mut self, other: Pricing) {
+        for (p, models) in other.providers {
+            self.providers.entry(p).or_default().extend(models);
+        }
+    }
+
+    pub fn price(&self, provider: &str, model: &str) -> Option<Price> {
+        let table = self.providers.get(provider)?;
+        if let Some(p) = table.get(model) {
+            return Some(*p);
+        }
+        table
+            .iter()
+            .filter(|(name, _)| {
+                model.len() > name.len()
+                    && model.starts_with(name.as_str())
+                    && model.as_bytes()[name.len()] == b'-'
+            })
+            .max_by_key(|(name, _)| name.len())
+            .map(|(_, p)| *p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "openai:\n  gpt-4o: { input: 2.50, cached_input: 1.25, output: 10.00 }\n  gpt-4o-mini: { input: 0.15, cached_input: 0.075, output: 0.60 }\nanthropic:\n  claude-sonnet-4: { input: 3, cached_input: 0.30, cache_write: 3.75, output: 15 }\n";
+
+    #[test]
+    fn exact_then_longest_dated_prefix() {
+        let p = Pricing::from_yaml(TABLE).unwrap();
+        assert_eq!(p.price("openai", "gpt-4o").unwrap().input, 2500);
+        assert_eq!(p.price("openai", "gpt-4o-2024-08-06").unwrap().input, 2500);
+        assert_eq!(
+            p.price("openai", "gpt-4o-mini-2024-07-18").unwrap().input,
+            150
+        );
+        assert_eq!(
+            p.price("anthropic", "claude-sonnet-4-20250514")
+                .unwrap()
+                .cache_write,
+            3750
+        );
+        assert!(p.price("openai", "gpt-4").is_none());
+        assert!(p.price("openai", "gpt-4omni").is_none());
+        assert!(p.price("mistral", "gpt-4o").is_none());
+    }
+
+    #[test]
+    fn cost_is_exact_integer_nanodollars() {
+        let p = Pricing::from_yaml(TABLE)
+            .unwrap()
+            .price("openai", "gpt-4o-mini")
+            .unwrap();
+        let u = Usage {
+            input: 20,
+            cached_input: 100,
+            output: 20,
+            reasoning: 10,
+            ..Usage::default()
+        };
+        // 20×150 + 100×75 + (20+10)×600 nano-dollars
+        assert_eq!(p.cost_nanos(&u), 3_000 + 7_500 + 18_000);
+        // A million requests of it sum exactly: no float drift.
+        let total: u64 = (0..1_000_000).map(|_| p.cost_nanos(&u)).sum();
+        assert_eq!(total, 28_500_000_000);
+    }
+
+    #[test]
+    fn shipped_table_loads_and_azure_shares_openai_prices() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pricing.yaml");
+        let p = Pricing::load(&path).unwrap();
+        assert_eq!(
+            p.price("azure", "gpt-4o-2024-11-20"),
+            p.price("openai", "gpt-4o")
+        );
+        assert!(p.price("anthropic", "claude-sonnet-4-20250514").is_some());
+        assert!(p.price("gemini", "gemini-2.5-flash").is_some());
+        assert!(p.price("deepseek", "deepseek-chat").is_some());
+    }
+
+    #[test]
+    fn bad_prices_are_refused() {
+        assert!(Pricing::from_yaml("openai:\n  m: { input: -1, output: 1 }\n").is_err());
+        assert!(Pricing::from_yaml("openai:\n  m: { input: 1 }\n").is_err());
+        assert!(Pricing::from_yaml("openai:\n  m: { input: 1, output: 1, typo: 2 }\n").is_err());
+    }
+}
