@@ -222,8 +222,38 @@ pub struct SseScanner {
     model_tries: u8,
     /// Newline-delimited JSON (Ollama's native streams): every line is an event.
     ndjson: bool,
+    /// What the current event's `event:` line said about it; reset at the blank line.
+    event: EventKind,
+    /// Gemini: the tail (from `"usageMetadata"` on) of the last chunk that had it. Every chunk
+    /// carries running totals, so only the last is parsed, once, at the end.
+    gemini_last: Vec<u8>,
     usage: Usage,
 }
+
+/// What an SSE `event:` line tells the scanner before it sees the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EventKind {
+    /// No `event:` line (OpenAI chat, Gemini): look at the data.
+    Unnamed,
+    /// A named event that may carry usage (`message_start`, `response.completed`, ...).
+    Usage,
+    /// A named event that never carries usage (content deltas): skip its data unread.
+    Skip,
+}
+
+/// Named events that carry usage, across dialects.
+const USAGE_EVENTS: [&[u8]; 5] = [
+    b"message_start",
+    b"message_delta",
+    b"response.completed",
+    b"response.incomplete",
+    b"response.failed",
+];
+
+static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static GEMINI_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usageMetadata\""));
 
 impl SseScanner {
     pub fn new(dialect: Dialect) -> Self {
@@ -233,6 +263,8 @@ impl SseScanner {
             skipping: false,
             model_tries: 4,
             ndjson: false,
+            event: EventKind::Unnamed,
+            gemini_last: Vec::new(),
             usage: Usage::default(),
         }
     }
@@ -248,11 +280,24 @@ impl SseScanner {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let data = if self.ndjson {
             line
-        } else {
-            match line.strip_prefix(b"data:") {
-                Some(d) => d,
-                None => return,
+        } else if let Some(d) = line.strip_prefix(b"data:") {
+            if self.event == EventKind::Skip {
+                return;
             }
+            d
+        } else if let Some(name) = line.strip_prefix(b"event:") {
+            let name = name.trim_ascii();
+            self.event = if USAGE_EVENTS.contains(&name) {
+                EventKind::Usage
+            } else {
+                EventKind::Skip
+            };
+            return;
+        } else {
+            if line.is_empty() {
+                self.event = EventKind::Unnamed;
+            }
+            return;
         };
         match self.dialect {
             Dialect::OpenAi if self.ndjson => {
@@ -265,7 +310,14 @@ impl SseScanner {
                     self.usage.apply_ollama(data);
                 }
             }
-            Dialect::OpenAi if is_responses_final(data) => {
+            // Responses API events are named; without the name, their data starts with the type.
+            Dialect::OpenAi
+                if (self.event == EventKind::Usage
+                    || data
+                        .trim_ascii_start()
+                        .starts_with(b"{\"type\":\"response."))
+                    && is_responses_final(data) =>
+            {
                 #[derive(Deserialize)]
                 struct Event {
                     response: Resp,
@@ -285,22 +337,12 @@ impl SseScanner {
                 }
             }
             Dialect::Gemini => {
-                if memmem::find(data, b"\"usageMetadata\"").is_some() {
-                    #[derive(Deserialize)]
-                    struct Chunk {
-                        #[serde(rename = "usageMetadata")]
-                        usage: Option<RawUsage>,
-                        #[serde(rename = "modelVersion")]
-                        model: Option<String>,
+                if let Some(p) = GEMINI_KEY.find(data) {
+                    if self.usage.model.is_none() {
+                        self.usage.model = string_after(data, b"\"modelVersion\"");
                     }
-                    if let Ok(c) = serde_json::from_slice::<Chunk>(data) {
-                        if let Some(m) = c.model.filter(|m| !m.is_empty()) {
-                            self.usage.model = Some(m);
-                        }
-                        if let Some(u) = c.usage {
-                            self.usage.apply(self.dialect, &u);
-                        }
-                    }
+                    self.gemini_last.clear();
+                    self.gemini_last.extend_from_slice(&data[p..]);
                 }
             }
             Dialect::OpenAi => {
@@ -309,7 +351,10 @@ impl SseScanner {
                     model: Option<String>,
                     usage: Option<RawUsage>,
                 }
-                let has_usage = usage_value_at(data, b"\"usage\"").is_some();
+                // Fast path: with include_usage every content chunk ends in `"usage":null}`.
+                let has_usage = !data.ends_with(b"\"usage\":null}")
+                    && USAGE_KEY.find(data).is_some()
+                    && usage_value_at(data, b"\"usage\"").is_some();
                 let want_model = self.usage.model.is_none() && self.model_tries > 0;
                 if want_model {
                     self.model_tries -= 1;
@@ -457,6 +502,19 @@ impl UsageScanner for SseScanner {
         if !self.partial.is_empty() && !self.skipping {
             let line = std::mem::take(&mut self.partial);
             self.line(&line);
+        }
+        if !self.gemini_last.is_empty() {
+            let last = std::mem::take(&mut self.gemini_last);
+            if let Some(at) = usage_value_at(&last, b"\"usageMetadata\"")
+                && let Some(Ok(u)) = serde_json::Deserializer::from_slice(&last[at..])
+                    .into_iter::<RawUsage>()
+                    .next()
+            {
+                self.usage.apply(self.dialect, &u);
+            }
+            if let Some(m) = string_after(&last, b"\"modelVersion\"") {
+                self.usage.model = Some(m);
+            }
         }
         std::mem::take(&mut self.usage)
     }
