@@ -194,6 +194,8 @@ pub struct KeyCacheFile {
 pub struct ProviderFile {
     pub kind: Option<String>,
     pub base_url: Option<String>,
+    /// Ask OpenAI-wire streams for usage (`stream_options.include_usage`) when the app did not.
+    pub stream_usage: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -456,8 +458,17 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 ));
             }
         };
-        let p = Provider::new(name, kind, &base_url)
+        let mut p = Provider::new(name, kind, &base_url)
             .map_err(|m| invalid(&format!("{field}.base_url"), m))?;
+        if let Some(su) = pf.stream_usage {
+            if su && matches!(kind, ProviderKind::Anthropic | ProviderKind::Gemini) {
+                return Err(invalid(
+                    &format!("{field}.stream_usage"),
+                    "only OpenAI-wire providers (openai, azure, ollama) have stream_options".into(),
+                ));
+            }
+            p.stream_usage = su;
+        }
         match existing {
             Some(i) => providers[i] = p,
             None => providers.push(p),

@@ -61,6 +61,8 @@ pub enum LimitError {
     HeadersTooLarge,
     #[error("request body exceeds the configured limit of {0} bytes")]
     BodyTooLarge(u64),
+    #[error("the request body could not be read: the client closed or broke the upload")]
+    ClientClosed,
 }
 
 /// The forward step could not get a response from the upstream.
@@ -113,6 +115,7 @@ pub enum Code {
     BodyTooLarge,
     HeadersTooLarge,
     KeyUnavailable,
+    ClientClosed,
     UpstreamUnreachable,
     UpstreamTimeout,
 }
@@ -129,6 +132,7 @@ impl Code {
             Self::BodyTooLarge => "body_too_large",
             Self::HeadersTooLarge => "headers_too_large",
             Self::KeyUnavailable => "key_unavailable",
+            Self::ClientClosed => "client_closed",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
         }
@@ -143,6 +147,7 @@ impl Code {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::KeyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ClientClosed => StatusCode::BAD_REQUEST,
             Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -167,6 +172,7 @@ impl ProxyError {
             Self::Credential(CredentialError::Unavailable(_)) => Code::KeyUnavailable,
             Self::Limit(LimitError::HeadersTooLarge) => Code::HeadersTooLarge,
             Self::Limit(LimitError::BodyTooLarge(_)) => Code::BodyTooLarge,
+            Self::Limit(LimitError::ClientClosed) => Code::ClientClosed,
             Self::Forward(ForwardError::Unreachable(_) | ForwardError::BadUpstreamRequest(_)) => {
                 Code::UpstreamUnreachable
             }
@@ -263,6 +269,7 @@ mod tests {
             ),
             (LimitError::HeadersTooLarge.into(), "headers_too_large", 431),
             (LimitError::BodyTooLarge(1).into(), "body_too_large", 413),
+            (LimitError::ClientClosed.into(), "client_closed", 400),
             (
                 ForwardError::Timeout(std::time::Duration::from_secs(1)).into(),
                 "upstream_timeout",

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{LengthLimitError, Limited};
+use http_body_util::LengthLimitError;
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -26,8 +26,9 @@ use tokio::time::Sleep;
 use crate::config::{Limits, UpstreamConfig};
 use crate::error::{ForwardError, LimitError, ProxyError};
 
-/// The request body as sent upstream: the app's body, streamed, capped in size.
-pub type UpstreamBody = Limited<Incoming>;
+/// The request body as sent upstream: the app's body, streamed, capped in size (with at most
+/// a small edited prefix, see `stream_usage`).
+pub type UpstreamBody = crate::stream_usage::RequestBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
@@ -122,7 +123,7 @@ impl Upstream {
     }
 }
 
-fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+pub fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if err.is::<LengthLimitError>() {

@@ -24,4 +24,5 @@ pub mod provider;
 pub mod rewrite;
 pub mod route;
 pub mod server;
+pub mod stream_usage;
 pub mod usage;

@@ -21,10 +21,11 @@ use crate::metrics::{Metrics, Recorder};
 use crate::provider::{ErrorShape, Provider};
 use crate::rewrite::{rewrite, strip_hop_by_hop, strip_own_headers};
 use crate::route::{Target, check_method, route};
+use crate::stream_usage::{RequestBody, StripUsage};
 use crate::usage::{MeteredBody, scanner_for};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
-pub type ProxyBody = Either<MeteredBody<IdleTimeout<Incoming>>, Full<Bytes>>;
+pub type ProxyBody = Either<StripUsage<MeteredBody<IdleTimeout<Incoming>>>, Full<Bytes>>;
 
 /// A short random id per request, for logs and error messages; formatted only when used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +201,26 @@ impl Proxy {
         )?;
 
         // forward
-        let upstream_req = Request::from_parts(parts, Limited::new(body, max_body as usize));
+        let limited = Limited::new(body, max_body as usize);
+        let (req_body, asked_usage) = if provider.stream_usage
+            && parts.method == http::Method::POST
+            && parts.uri.path().ends_with("/chat/completions")
+        {
+            let (b, edited) = crate::stream_usage::inspect(limited).await.map_err(|e| {
+                if crate::forward::body_too_large(e.as_ref()) {
+                    LimitError::BodyTooLarge(max_body)
+                } else {
+                    LimitError::ClientClosed
+                }
+            })?;
+            if edited && let Some(n) = http_body::Body::size_hint(&b).exact() {
+                parts.headers.insert(header::CONTENT_LENGTH, n.into());
+            }
+            (b, edited)
+        } else {
+            (RequestBody::streaming(limited), false)
+        };
+        let upstream_req = Request::from_parts(parts, req_body);
         self.metrics.overhead(ctx.started);
         let resp = match self.upstream.send(upstream_req).await {
             Ok(r) => r,
@@ -243,7 +263,17 @@ impl Proxy {
             key_source: credential.as_ref().map_or(KeySource::None, |c| c.source),
             price: None,
         };
-        let body = MeteredBody::new(rbody, scanner, recorder);
+        let strip = asked_usage
+            && rparts.status.is_success()
+            && rparts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if strip {
+            // The app never asked for usage, so its stream must not carry any.
+            rparts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let body = StripUsage::new(MeteredBody::new(rbody, scanner, recorder), strip);
         Ok(Response::from_parts(rparts, Either::Left(body)))
     }
 }

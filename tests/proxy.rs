@@ -1089,3 +1089,108 @@ async fn a_vanished_store_file_keeps_the_last_good_state() {
     .await;
     assert_eq!(got.status, 200, "{}", got.text());
 }
+
+#[tokio::test]
+async fn streams_are_metered_without_the_apps_opt_in_and_look_untouched() {
+    let h = Harness::new("").await;
+    let c = client();
+    let tenant = ("x-tenant-id", "acme");
+
+    // The app did not ask for usage: byokd asks, meters, and hides it.
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[tenant, ("x-fake-events", "5")],
+            CHAT_STREAM,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.text(),
+        openai_events(5, "gpt-4o-mini", false).concat(),
+        "the app must see the stream it asked for"
+    );
+    assert!(!got.headers.contains_key("content-length"));
+    let sent: serde_json::Value = serde_json::from_slice(&h.up.last().body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(
+        sent["messages"][0]["content"], "hi",
+        "the rest of the body is unchanged"
+    );
+    assert_eq!(
+        h.up.last().headers["content-length"],
+        h.up.last().body.len().to_string().as_str()
+    );
+
+    // The app asked itself: the request and the stream pass unchanged.
+    let own = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &h.url("/v1/chat/completions"),
+            &[tenant, ("x-fake-events", "2")],
+            own,
+        ),
+    )
+    .await;
+    assert_eq!(got.text(), openai_events(2, "gpt-4o-mini", true).concat());
+    assert_eq!(h.up.last().body.as_ref(), own.as_bytes());
+
+    // Non-streaming requests are never edited.
+    send(
+        &c,
+        request("POST", &h.url("/v1/chat/completions"), &[tenant], CHAT),
+    )
+    .await;
+    assert_eq!(h.up.last().body.as_ref(), CHAT.as_bytes());
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let m = metrics(h.byokd.admin_addr).await;
+    // Two streams metered (120 prompt incl. 100 cached each): one byokd asked for, one the app did.
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_tokens_total",
+            &[
+                "tenant=\"acme\"",
+                "provider=\"openai\"",
+                "model=\"gpt-4o-mini\"",
+                "type=\"cached_input\""
+            ]
+        ),
+        Some(200.0)
+    );
+}
+
+#[tokio::test]
+async fn stream_usage_can_be_turned_off_per_provider() {
+    let up = fake_upstream().await;
+    let yaml = config_yaml(&up.url(), "").replace(
+        "mistral: { base_url: ",
+        "mistral: { stream_usage: false, base_url: ",
+    );
+    let env = Env::new(&yaml);
+    env.add_key("acme", "mistral", "mistral-key-0123456789")
+        .await;
+    let b = byokd::server::start(env.config()).await.unwrap();
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!("http://{}/mistral/v1/chat/completions", b.data_addr),
+            &[("x-tenant-id", "acme"), ("x-fake-events", "2")],
+            CHAT_STREAM,
+        ),
+    )
+    .await;
+    assert_eq!(got.text(), openai_events(2, "gpt-4o-mini", false).concat());
+    assert_eq!(
+        up.last().body.as_ref(),
+        CHAT_STREAM.as_bytes(),
+        "stream_usage: false must not edit the body"
+    );
+}

@@ -57,16 +57,20 @@ async fn official_python_sdks_through_the_binary() {
     }
     let base = format!("http://127.0.0.1:{dp}");
 
-    for (script, header, key) in [
+    // (script, auth header, injected value, provider calls the script makes: its byokd-error
+    // call must not be one of them)
+    for (script, header, key, calls) in [
         (
             "openai_sdk.py",
             "authorization",
             format!("Bearer {CANARY_OPENAI}"),
+            3,
         ),
         (
             "anthropic_sdk.py",
             "x-api-key",
             CANARY_ANTHROPIC.to_string(),
+            2,
         ),
     ] {
         let before = up.seen().len();
@@ -85,7 +89,7 @@ async fn official_python_sdks_through_the_binary() {
         let seen = up.seen();
         assert_eq!(
             seen.len() - before,
-            2,
+            calls,
             "{script}: the error call must not reach the provider"
         );
         for s in &seen[before..] {
@@ -104,7 +108,7 @@ async fn official_python_sdks_through_the_binary() {
             "byokd_tokens_total",
             &["tenant=\"acme\"", "model=\"gpt-4o-mini\"", "type=\"input\""]
         ),
-        Some(11.0 + 20.0)
+        Some(11.0 + 20.0 + 20.0)
     );
     assert_eq!(
         sample(

@@ -120,6 +120,9 @@ pub struct Provider {
     authority: Authority,
     /// Path of the base URL without a trailing slash ("" or "/api").
     prefix: String,
+    /// Add `stream_options.include_usage` to streaming chat requests that lack it (and hide
+    /// the result from the app), so streams are metered. OpenAI-wire kinds only.
+    pub stream_usage: bool,
 }
 
 impl Provider {
@@ -131,6 +134,7 @@ impl Provider {
             scheme: Scheme::HTTPS,
             authority: Authority::from_static("invalid"),
             prefix: String::new(),
+            stream_usage: matches!(kind, ProviderKind::OpenAi | ProviderKind::Azure),
         };
         if base_url.is_empty() {
             return Ok(p);

@@ -128,16 +128,21 @@ fn async_stream(
 
 pub const OPENAI_USAGE: (u64, u64, u64, u64) = (120, 100, 30, 10);
 
-fn openai_events(n: usize, model: &str) -> Vec<String> {
+/// An OpenAI chat stream as OpenAI sends it: with `include_usage`, every chunk carries
+/// `"usage":null` and a last usage-only chunk follows; without it, neither appears.
+pub fn openai_events(n: usize, model: &str, include_usage: bool) -> Vec<String> {
+    let null = if include_usage { ",\"usage\":null" } else { "" };
     let mut v = Vec::new();
     for i in 0..n {
         v.push(format!(
-            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]{null}}}\n\n"
         ));
     }
-    v.push(format!(
-        "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":120,\"completion_tokens\":30,\"total_tokens\":150,\"prompt_tokens_details\":{{\"cached_tokens\":100}},\"completion_tokens_details\":{{\"reasoning_tokens\":10}}}}}}\n\n"
-    ));
+    if include_usage {
+        v.push(format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":120,\"completion_tokens\":30,\"total_tokens\":150,\"prompt_tokens_details\":{{\"cached_tokens\":100}},\"completion_tokens_details\":{{\"reasoning_tokens\":10}}}}}}\n\n"
+        ));
+    }
     v.push("data: [DONE]\n\n".into());
     v
 }
@@ -231,7 +236,9 @@ async fn fake_respond(
             .and_then(|v| v["model"].as_str().map(str::to_string))
             .unwrap_or_else(|| "gpt-4o-mini".into());
         if streaming {
-            sse(state, openai_events(n, &model), pace)
+            let include_usage = memchr::memmem::find(&body, b"\"include_usage\":true").is_some()
+                || memchr::memmem::find(&body, b"\"include_usage\": true").is_some();
+            sse(state, openai_events(n, &model, include_usage), pace)
         } else {
             full(200, "application/json", openai_json(&model))
         }

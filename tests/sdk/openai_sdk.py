@@ -29,6 +29,12 @@ for chunk in stream:
 assert text.startswith("tok0 "), text
 assert usage is not None and usage.prompt_tokens == 120, usage
 
+# Without include_usage: byokd asks for usage itself, but the SDK must see no trace of it.
+chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True))
+assert chunks and all(c.usage is None for c in chunks), chunks
+assert all(c.choices for c in chunks), "an extra usage-only chunk reached the app"
+assert "".join(c.choices[0].delta.content or "" for c in chunks).startswith("tok0 ")
+
 # A tenant byokd does not know: the SDK raises its own typed error from byokd's body.
 bad = OpenAI(base_url=f"{base}/v1", api_key="x", default_headers={"x-tenant-id": "nobody"}, max_retries=0)
 try:
