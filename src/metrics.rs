@@ -116,6 +116,9 @@ pub struct Metrics {
     cache_hits: IntCounter,
     upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// OpenTelemetry GenAI semantic-convention names, for dashboards built on them.
+    gen_ai_tokens: HistogramVec,
+    gen_ai_duration: HistogramVec,
     cost: CostUsd,
     /// Prices for `byokd_cost_usd_total`.
     pub pricing: crate::pricing::Pricing,
@@ -188,6 +191,31 @@ impl Metrics {
             "Metered requests whose model has no price: tokens counted, cost unknown.",
             &["provider", "model"],
         )?;
+        let gen_ai_tokens = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_token_usage",
+                "OpenTelemetry GenAI: tokens per request by gen_ai_token_type (input, output).",
+            )
+            .buckets(vec![
+                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+                4194304.0,
+            ]),
+            &[
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+                "gen_ai_token_type",
+            ],
+        )?;
+        registry.register(Box::new(gen_ai_tokens.clone()))?;
+        let gen_ai_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_operation_duration_seconds",
+                "OpenTelemetry GenAI: duration of a model call, to the end of the response.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["gen_ai_provider_name", "gen_ai_request_model"],
+        )?;
+        registry.register(Box::new(gen_ai_duration.clone()))?;
         let cost = CostUsd::new()?;
         registry.register(Box::new(cost.clone()))?;
         let hist =
@@ -242,6 +270,8 @@ impl Metrics {
             cache_hits,
             upstream_errors,
             config_reloads,
+            gen_ai_tokens,
+            gen_ai_duration,
             cost,
             pricing,
             unpriced,
@@ -312,8 +342,21 @@ impl Metrics {
                     .inc_by(n);
             }
         }
+        let elapsed = r.started.elapsed().as_secs_f64();
         if let Some(s) = self.per_provider.get(r.provider_idx) {
-            s.duration.observe(r.started.elapsed().as_secs_f64());
+            s.duration.observe(elapsed);
+        }
+        self.gen_ai_duration
+            .with_label_values(&[provider, model])
+            .observe(elapsed);
+        if usage.found {
+            let input = usage.input + usage.cached_input + usage.cache_write;
+            let output = usage.output + usage.reasoning;
+            for (ty, n) in [("input", input), ("output", output)] {
+                self.gen_ai_tokens
+                    .with_label_values(&[provider, model, ty])
+                    .observe(n as f64);
+            }
         }
         if usage.total() > 0 {
             match r.price {
@@ -388,6 +431,30 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn twenty_thousand_tenants_fold_past_the_cap() {
+        let m = Metrics::new(10_000, &["openai"], Default::default()).unwrap();
+        for i in 0..20_000 {
+            m.rejected(
+                &format!("tenant-{i}"),
+                "openai",
+                "no_key",
+                http::StatusCode::FORBIDDEN,
+            );
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("byokd_rejections_total{"))
+            .collect();
+        assert_eq!(series.len(), 10_001, "10,000 tenants and __other__");
+        let other = series
+            .iter()
+            .find(|l| l.contains("tenant=\"__other__\""))
+            .unwrap();
+        assert!(other.ends_with(" 10000"), "{other}");
+    }
 
     #[test]
     fn label_cap_folds_into_other() {

@@ -718,6 +718,28 @@ async fn sse_streams_at_the_providers_pace_and_is_metered() {
         .unwrap()
             >= 1.0
     );
+    // The OpenTelemetry GenAI names carry the same counts (input includes cache reads).
+    let genai = |ty: &str| {
+        sample(
+            &m,
+            "gen_ai_client_token_usage_sum",
+            &[
+                "gen_ai_provider_name=\"openai\"",
+                "gen_ai_request_model=\"gpt-4o-mini\"",
+                &format!("gen_ai_token_type=\"{ty}\""),
+            ],
+        )
+    };
+    assert_eq!((genai("input"), genai("output")), (Some(120.0), Some(30.0)));
+    assert!(
+        sample(
+            &m,
+            "gen_ai_client_operation_duration_seconds_count",
+            &["gen_ai_provider_name=\"anthropic\""]
+        )
+        .unwrap()
+            >= 1.0
+    );
     // Cost, exact: gpt-4o-mini 20×0.15 + 100×0.075 + (20+10)×0.60 USD per million tokens;
     // claude-sonnet-4 25×3 + 300×0.30 + 7×3.75 + 42×15.
     let cost = |model: &str| {

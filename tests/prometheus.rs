@@ -1,0 +1,170 @@
+//! byokd's metrics as Prometheus sees them: `promtool check metrics` accepts the exposition,
+//! and a real Prometheus (Debian's `prometheus`, started here on 127.0.0.1) scrapes byokd and
+//! answers PromQL for a tenant's tokens and cost. `.ci/run` installs the package.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CHAT_STREAM: &str =
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn need(tool: &str) {
+    assert!(
+        Command::new(tool).arg("--version").output().is_ok(),
+        "`{tool}` is required (Debian package `prometheus`; .ci/run installs it)"
+    );
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn query(prom: &str, q: &str) -> Option<f64> {
+    let url = format!("http://{prom}/api/v1/query?query={}", urlencode(q));
+    use http_body_util::BodyExt;
+    // Prometheus may not listen yet: a refused connection is "no answer yet", not a failure.
+    let resp = tokio::time::timeout(
+        Duration::from_secs(2),
+        client().request(request("GET", &url, &[], "")),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
+    need("promtool");
+    need("prometheus");
+    let up = fake_upstream().await;
+    let pricing = format!(
+        "pricing: {}/config/pricing.yaml\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let env = Env::new(&config_yaml(&up.url(), &pricing));
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    let b = byokd::server::start(env.config()).await.unwrap();
+    let c = client();
+    for _ in 0..3 {
+        let got = send(
+            &c,
+            request(
+                "POST",
+                &format!("http://{}/v1/chat/completions", b.data_addr),
+                &[("x-tenant-id", "acme")],
+                CHAT_STREAM,
+            ),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+    }
+    send(
+        &c,
+        request(
+            "POST",
+            &format!("http://{}/v1/chat/completions", b.data_addr),
+            &[],
+            CHAT_STREAM,
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // promtool lints the exposition format and naming.
+    let text = metrics(b.admin_addr).await;
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = lint.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus scrapes the admin listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prom = format!("127.0.0.1:{port}");
+    let cfg = env.dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: byokd\n    static_configs: [ {{ targets: [\"{}\"] }} ]\n",
+            b.admin_addr
+        ),
+    )
+    .unwrap();
+    let _prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                env.dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={prom}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    let (tokens, cost) = loop {
+        let tokens = query(&prom, r#"sum(byokd_tokens_total{tenant="acme"})"#).await;
+        let cost = query(&prom, r#"sum(byokd_cost_usd_total{tenant="acme"})"#).await;
+        if let (Some(t), Some(c)) = (tokens, cost) {
+            break (t, c);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "Prometheus never answered for tenant acme"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // Three streams of 150 tokens each; 3 × 28,500 nano-dollars at gpt-4o-mini prices.
+    assert_eq!(tokens, 450.0);
+    assert!((cost - 0.0000855).abs() < 1e-12, "{cost}");
+    let rejected = query(
+        &prom,
+        r#"sum(byokd_rejections_total{reason="unknown_tenant"})"#,
+    )
+    .await;
+    assert_eq!(rejected, Some(1.0));
+}
