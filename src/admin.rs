@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`. Kept off the data port so the app
-//! (and anything it proxies) cannot reach it, and so scrapes never queue behind LLM traffic.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and behind the admin bearer token
+//! the `/admin/*` API (today: `GET /admin/tenants/{t}/usage`). Kept off the data port so the
+//! app (and anything it proxies) cannot reach it, and so scrapes never queue behind LLM traffic.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,11 +10,15 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use sha2::{Digest, Sha256};
+
 use crate::metrics::Metrics;
+use crate::pipeline::Proxy;
 
 #[derive(Debug)]
 pub struct Admin {
     pub metrics: Arc<Metrics>,
+    pub proxy: Arc<Proxy>,
     /// Set once the store is loaded and the data listener accepts; cleared on shutdown.
     pub ready: AtomicBool,
 }
@@ -37,8 +42,55 @@ impl Admin {
                     text(StatusCode::SERVICE_UNAVAILABLE, b"not ready\n".to_vec())
                 }
             }
+            (method, path) if path.starts_with("/admin/") => {
+                if let Err(resp) = self.authorize(req.headers(), method, path) {
+                    return resp;
+                }
+                let tenant = path
+                    .strip_prefix("/admin/tenants/")
+                    .and_then(|r| r.strip_suffix("/usage"))
+                    .filter(|t| crate::config::valid_tenant_id(t));
+                match (method, tenant) {
+                    (&Method::GET, Some(t)) => self.proxy.usage(t),
+                    _ => text(StatusCode::NOT_FOUND, b"not found\n".to_vec()),
+                }
+            }
             _ => text(StatusCode::NOT_FOUND, b"not found\n".to_vec()),
         }
+    }
+
+    /// The admin bearer token, compared by SHA-256 in constant time. Every refusal is audited.
+    fn authorize(
+        &self,
+        headers: &http::HeaderMap,
+        method: &Method,
+        path: &str,
+    ) -> Result<(), Response<Full<Bytes>>> {
+        let Some(expected) = self.proxy.config.admin_token_sha256 else {
+            return Err(text(
+                StatusCode::NOT_FOUND,
+                b"admin API disabled: set admin.token_sha256\n".to_vec(),
+            ));
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim_ascii())));
+        let ok = presented.is_some_and(|d| {
+            d.iter()
+                .zip(expected.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        });
+        if ok {
+            return Ok(());
+        }
+        tracing::warn!(target: "byokd::audit", event = "admin_denied", %method, path,
+            reason = if presented.is_some() { "wrong token" } else { "no token" });
+        let mut r = text(StatusCode::UNAUTHORIZED, b"admin token required\n".to_vec());
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Err(r)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod error;
 pub mod forward;
 pub mod identify;
 pub mod keys;
+pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod pricing;

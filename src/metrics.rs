@@ -122,6 +122,8 @@ pub struct Metrics {
     cost: CostUsd,
     /// Prices for `byokd_cost_usd_total`.
     pub pricing: crate::pricing::Pricing,
+    /// This month's per-tenant totals, for the usage API.
+    pub ledger: crate::ledger::Ledger,
     unpriced: IntCounterVec,
     /// (provider, model) pairs already logged as unpriced: one log line each, not one per request.
     unpriced_logged: DashMap<Box<str>, ()>,
@@ -148,6 +150,7 @@ impl Metrics {
         max_tenants: usize,
         providers: &[&str],
         pricing: crate::pricing::Pricing,
+        ledger: crate::ledger::Ledger,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let counter =
@@ -274,6 +277,7 @@ impl Metrics {
             gen_ai_duration,
             cost,
             pricing,
+            ledger,
             unpriced,
             unpriced_logged: DashMap::new(),
             tenants: LabelCap::new(max_tenants),
@@ -358,6 +362,14 @@ impl Metrics {
                     .observe(n as f64);
             }
         }
+        self.ledger.record(
+            &r.tenant,
+            provider,
+            usage.model.as_deref().unwrap_or(""),
+            usage,
+            r.price.map(|p| p.cost_nanos(usage)),
+            crate::keys::unix_now(),
+        );
         if usage.total() > 0 {
             match r.price {
                 Some(p) => self
@@ -434,7 +446,13 @@ mod tests {
 
     #[test]
     fn twenty_thousand_tenants_fold_past_the_cap() {
-        let m = Metrics::new(10_000, &["openai"], Default::default()).unwrap();
+        let m = Metrics::new(
+            10_000,
+            &["openai"],
+            Default::default(),
+            crate::ledger::Ledger::in_memory(),
+        )
+        .unwrap();
         for i in 0..20_000 {
             m.rejected(
                 &format!("tenant-{i}"),

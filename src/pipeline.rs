@@ -169,6 +169,7 @@ impl Proxy {
         let idx = match route.target {
             Target::Default => policy.default_provider,
             Target::Named(i) => i,
+            Target::Usage => return Ok(self.usage(&tenant).map(Either::Right)),
         };
         let provider = cfg.providers[idx].clone();
         ctx.shape = provider.error_shape();
@@ -275,6 +276,37 @@ impl Proxy {
         }
         let body = StripUsage::new(MeteredBody::new(rbody, scanner, recorder), strip);
         Ok(Response::from_parts(rparts, Either::Left(body)))
+    }
+}
+
+impl Proxy {
+    /// `GET /byokd/usage` (and the admin API's per-tenant usage): this month's totals and the
+    /// tenant's policy.
+    pub fn usage(&self, tenant: &str) -> Response<Full<Bytes>> {
+        let cfg = &*self.config;
+        let policy = cfg.policy(tenant);
+        let allowed: Vec<&str> = cfg
+            .providers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| policy.allows(*i))
+            .map(|(_, p)| &*p.name)
+            .collect();
+        let limits = serde_json::json!({
+            "default_provider": cfg.providers.get(policy.default_provider).map(|p| &*p.name),
+            "allowed_providers": allowed,
+            "fallback": if policy.platform_fallback { vec!["platform"] } else { vec![] },
+        });
+        let month = self.metrics.ledger.month(tenant, crate::keys::unix_now());
+        let body = crate::ledger::usage_json(tenant, &month, limits);
+        let mut resp = Response::new(Full::new(Bytes::from(
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        resp
     }
 }
 

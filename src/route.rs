@@ -13,6 +13,8 @@ pub enum Target {
     Default,
     /// A provider by index into `Config::providers`.
     Named(usize),
+    /// `GET /byokd/usage`: the calling tenant's usage this month, answered by byokd itself.
+    Usage,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +64,10 @@ pub fn route(cfg: &Config, path: &str) -> Result<Route, RouteError> {
     match first {
         "v1" => Ok(Route {
             target: Target::Default,
+            strip: 0,
+        }),
+        "byokd" if tail == "/usage" => Ok(Route {
+            target: Target::Usage,
             strip: 0,
         }),
         "byokd" | "" => Err(RouteError::UnknownRoute),
@@ -145,7 +151,8 @@ mod tests {
             )
             .is_ok()
         );
-        assert!(route(&cfg, "/byokd/usage").is_err());
+        assert_eq!(route(&cfg, "/byokd/usage").unwrap().target, Target::Usage);
+        assert!(route(&cfg, "/byokd/other").is_err());
         assert!(route(&cfg, "/").is_err());
     }
 }

@@ -36,6 +36,8 @@ pub enum StartError {
     },
     #[error("cannot watch the store: {0}")]
     Watch(#[from] notify::Error),
+    #[error("usage ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// Builds the KMS named by the config.
@@ -48,6 +50,13 @@ pub fn kms(cfg: &Config) -> Result<Arc<dyn Kms>, KeyError> {
 pub fn store(cfg: &Config) -> FileStore {
     match &cfg.store {
         StoreConfig::File { path } => FileStore::new(path.clone()),
+    }
+}
+
+/// The usage ledger lives beside the key store.
+pub fn ledger_path(cfg: &Config) -> std::path::PathBuf {
+    match &cfg.store {
+        StoreConfig::File { path } => path.with_file_name("usage.json"),
     }
 }
 
@@ -77,6 +86,17 @@ impl Running {
         let _ = self.stop_admin.send(true);
         let _ = self.admin_task.await;
         self.sweeper.abort();
+        flush_ledger(&self.admin.metrics).await;
+    }
+}
+
+/// Writes the usage ledger off the async workers; a failure is logged and retried next tick.
+async fn flush_ledger(metrics: &Arc<Metrics>) {
+    let m = metrics.clone();
+    match tokio::task::spawn_blocking(move || m.ledger.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot write the usage ledger; will retry"),
+        Err(e) => tracing::error!(error = %e, "usage ledger flush task failed"),
     }
 }
 
@@ -84,10 +104,12 @@ impl Running {
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let cfg = Arc::new(cfg);
     let names: Vec<&str> = cfg.providers.iter().map(|p| &*p.name).collect();
+    let ledger = crate::ledger::Ledger::open(&ledger_path(&cfg))?;
     let metrics = Arc::new(Metrics::new(
         cfg.max_metric_tenants,
         &names,
         cfg.pricing.clone(),
+        ledger,
     )?);
     let kms = kms(&cfg)?;
     let store = store(&cfg);
@@ -106,11 +128,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     keyring.replace(&store.load()?);
     let sweeper = {
         let keyring = keyring.clone();
+        let metrics = metrics.clone();
         let every = (cfg.key_cache.ttl / 4).max(std::time::Duration::from_secs(1));
         tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(every);
+            let mut flush = tokio::time::interval(std::time::Duration::from_secs(5));
             loop {
-                tokio::time::sleep(every).await;
-                keyring.sweep();
+                tokio::select! {
+                    _ = sweep.tick() => keyring.sweep(),
+                    _ = flush.tick() => flush_ledger(&metrics).await,
+                }
             }
         })
     };
@@ -141,6 +168,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (stop_admin, admin_rx) = watch::channel(false);
     let admin = Arc::new(Admin {
         metrics,
+        proxy: proxy.clone(),
         ready: false.into(),
     });
     let p = proxy.clone();

@@ -1,0 +1,325 @@
+//! The spend ledger: each tenant's tokens, requests and cost for the current UTC calendar
+//! month, per provider and model. Served by `GET /byokd/usage` and the admin API, persisted
+//! beside the key store so totals survive a restart.
+//!
+//! Updated once per completed request under a per-tenant lock (never a global one); written to
+//! disk by a background task, never on the request path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::usage::Usage;
+
+/// Token and cost totals of one (provider, model) in one month.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub input: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub output: u64,
+    pub reasoning: u64,
+    /// Exact cost in nano-dollars (USD × 10⁹).
+    pub cost_nanos: u64,
+    /// Requests whose model had no price (their cost is not in `cost_nanos`).
+    pub unpriced_requests: u64,
+}
+
+impl Totals {
+    fn add(&mut self, u: &Usage, cost: Option<u64>) {
+        self.requests += 1;
+        self.input += u.input;
+        self.cached_input += u.cached_input;
+        self.cache_write += u.cache_write;
+        self.output += u.output;
+        self.reasoning += u.reasoning;
+        match cost {
+            Some(c) => self.cost_nanos = self.cost_nanos.saturating_add(c),
+            None if u.total() > 0 => self.unpriced_requests += 1,
+            None => {}
+        }
+    }
+}
+
+/// One tenant's month: provider => model => totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantMonth {
+    /// `YYYY-MM`, UTC.
+    pub period: String,
+    pub providers: BTreeMap<String, BTreeMap<String, Totals>>,
+}
+
+impl TenantMonth {
+    pub fn cost_nanos(&self) -> u64 {
+        self.providers
+            .values()
+            .flat_map(|m| m.values())
+            .map(|t| t.cost_nanos)
+            .fold(0u64, u64::saturating_add)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerFile {
+    format: u32,
+    tenants: BTreeMap<String, TenantMonth>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+}
+
+/// In-memory ledger with an optional file behind it.
+#[derive(Debug)]
+pub struct Ledger {
+    tenants: DashMap<Box<str>, Mutex<TenantMonth>>,
+    path: Option<PathBuf>,
+    dirty: AtomicBool,
+}
+
+/// `YYYY-MM` of a unix time, UTC (proleptic Gregorian; Howard Hinnant's civil-from-days).
+pub fn month_of(unix_secs: i64) -> String {
+    let days = unix_secs.div_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}")
+}
+
+/// Nano-dollars as an exact decimal string of USD (`28500` → `"0.0000285"`).
+pub fn usd(nanos: u64) -> String {
+    let whole = nanos / 1_000_000_000;
+    let frac = nanos % 1_000_000_000;
+    if frac == 0 {
+        return format!("{whole}");
+    }
+    let f = format!("{frac:09}");
+    format!("{whole}.{}", f.trim_end_matches('0'))
+}
+
+impl Ledger {
+    /// An in-memory ledger (tests, or no place to persist).
+    pub fn in_memory() -> Self {
+        Self {
+            tenants: DashMap::new(),
+            path: None,
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Loads the ledger file if it exists. A corrupt file is an error: starting from zero
+    /// would silently forgive every tenant's spend.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let err = |message: String| LedgerError::File {
+            path: path.display().to_string(),
+            message,
+        };
+        let file: LedgerFile = match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| err(format!("not a valid usage ledger: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerFile::default(),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let tenants = DashMap::new();
+        for (t, m) in file.tenants {
+            tenants.insert(t.into_boxed_str(), Mutex::new(m));
+        }
+        Ok(Self {
+            tenants,
+            path: Some(path.to_path_buf()),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// Adds one completed request. A new month starts the tenant from zero.
+    pub fn record(
+        &self,
+        tenant: &str,
+        provider: &str,
+        model: &str,
+        usage: &Usage,
+        cost: Option<u64>,
+        now: i64,
+    ) {
+        let period = month_of(now);
+        let add = |m: &mut TenantMonth| {
+            if m.period != period {
+                *m = TenantMonth {
+                    period: period.clone(),
+                    providers: BTreeMap::new(),
+                };
+            }
+            let models = match m.providers.get_mut(provider) {
+                Some(x) => x,
+                None => m.providers.entry(provider.to_string()).or_default(),
+            };
+            match models.get_mut(model) {
+                Some(t) => t.add(usage, cost),
+                None => models
+                    .entry(model.to_string())
+                    .or_default()
+                    .add(usage, cost),
+            }
+        };
+        match self.tenants.get(tenant) {
+            Some(m) => {
+                if let Ok(mut g) = m.lock() {
+                    add(&mut g);
+                }
+            }
+            None => {
+                // First request of this tenant since start: `entry` so two racing first
+                // requests both land in the same record.
+                let e = self
+                    .tenants
+                    .entry(tenant.into())
+                    .or_insert_with(|| Mutex::new(TenantMonth::default()));
+                if let Ok(mut g) = e.lock() {
+                    add(&mut g);
+                }
+            }
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// The tenant's current month (empty if it has no usage this month).
+    pub fn month(&self, tenant: &str, now: i64) -> TenantMonth {
+        let period = month_of(now);
+        self.tenants
+            .get(tenant)
+            .and_then(|m| m.lock().ok().map(|g| g.clone()))
+            .filter(|m| m.period == period)
+            .unwrap_or(TenantMonth {
+                period,
+                providers: BTreeMap::new(),
+            })
+    }
+
+    /// Writes the file (atomically) if anything changed since the last flush.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut file = LedgerFile {
+            format: 1,
+            tenants: BTreeMap::new(),
+        };
+        for e in self.tenants.iter() {
+            if let Ok(g) = e.value().lock() {
+                file.tenants.insert(e.key().to_string(), g.clone());
+            }
+        }
+        let err = |message: String| LedgerError::File {
+            path: path.display().to_string(),
+            message,
+        };
+        let bytes = serde_json::to_vec(&file).map_err(|e| err(e.to_string()))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            self.dirty.store(true, Ordering::Relaxed);
+            err(e.to_string())
+        })
+    }
+}
+
+/// The JSON answer of the usage endpoints.
+pub fn usage_json(tenant: &str, m: &TenantMonth, limits: serde_json::Value) -> serde_json::Value {
+    let providers: serde_json::Map<String, serde_json::Value> = m
+        .providers
+        .iter()
+        .map(|(p, models)| {
+            let models: serde_json::Map<String, serde_json::Value> = models
+                .iter()
+                .map(|(model, t)| {
+                    (
+                        model.clone(),
+                        serde_json::json!({
+                            "requests": t.requests,
+                            "tokens": {
+                                "input": t.input, "cached_input": t.cached_input,
+                                "cache_write": t.cache_write, "output": t.output,
+                                "reasoning": t.reasoning,
+                            },
+                            "cost_usd": usd(t.cost_nanos),
+                            "unpriced_requests": t.unpriced_requests,
+                        }),
+                    )
+                })
+                .collect();
+            (p.clone(), serde_json::Value::Object(models))
+        })
+        .collect();
+    serde_json::json!({
+        "tenant": tenant,
+        "period": m.period,
+        "cost_usd": usd(m.cost_nanos()),
+        "providers": providers,
+        "limits": limits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_and_money() {
+        assert_eq!(month_of(0), "1970-01");
+        assert_eq!(month_of(1_700_000_000), "2023-11");
+        assert_eq!(month_of(951_782_400), "2000-02"); // 2000-02-29
+        assert_eq!(month_of(1_709_251_199), "2024-02"); // 2024-02-29 23:59:59
+        assert_eq!(month_of(1_709_251_200), "2024-03");
+        assert_eq!(usd(28_500), "0.0000285");
+        assert_eq!(usd(2_000_000_000), "2");
+        assert_eq!(usd(1_500_000_001), "1.500000001");
+    }
+
+    #[test]
+    fn records_per_model_resets_monthly_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let l = Ledger::open(&path).unwrap();
+        let u = Usage {
+            input: 10,
+            output: 5,
+            ..Usage::default()
+        };
+        let nov = 1_700_000_000;
+        l.record("acme", "openai", "gpt-4o", &u, Some(100), nov);
+        l.record("acme", "openai", "gpt-4o", &u, Some(100), nov);
+        l.record("acme", "openai", "mystery", &u, None, nov);
+        l.flush().unwrap();
+        let again = Ledger::open(&path).unwrap();
+        let m = again.month("acme", nov);
+        let t = &m.providers["openai"]["gpt-4o"];
+        assert_eq!(
+            (t.requests, t.input, t.output, t.cost_nanos),
+            (2, 20, 10, 200)
+        );
+        assert_eq!(m.providers["openai"]["mystery"].unpriced_requests, 1);
+        // Next month starts from zero.
+        let dec = nov + 40 * 86_400;
+        assert!(again.month("acme", dec).providers.is_empty());
+        again.record("acme", "openai", "gpt-4o", &u, Some(7), dec);
+        assert_eq!(again.month("acme", dec).cost_nanos(), 7);
+        std::fs::write(&path, b"{oops").unwrap();
+        assert!(Ledger::open(&path).is_err());
+    }
+}
