@@ -43,8 +43,8 @@ impl Admin {
                 }
             }
             (method, path) if path.starts_with("/admin/") => {
-                if let Err(resp) = self.authorize(req.headers(), method, path) {
-                    return resp;
+                if let Some(refusal) = self.refuse(req.headers(), method, path) {
+                    return refusal;
                 }
                 let tenant = path
                     .strip_prefix("/admin/tenants/")
@@ -59,15 +59,16 @@ impl Admin {
         }
     }
 
-    /// The admin bearer token, compared by SHA-256 in constant time. Every refusal is audited.
-    fn authorize(
+    /// Checks the admin bearer token (SHA-256, compared in constant time); the refusal to
+    /// send if it is wrong or missing. Every refusal is audited.
+    fn refuse(
         &self,
         headers: &http::HeaderMap,
         method: &Method,
         path: &str,
-    ) -> Result<(), Response<Full<Bytes>>> {
+    ) -> Option<Response<Full<Bytes>>> {
         let Some(expected) = self.proxy.config.admin_token_sha256 else {
-            return Err(text(
+            return Some(text(
                 StatusCode::NOT_FOUND,
                 b"admin API disabled: set admin.token_sha256\n".to_vec(),
             ));
@@ -83,14 +84,14 @@ impl Admin {
                 == 0
         });
         if ok {
-            return Ok(());
+            return None;
         }
         tracing::warn!(target: "byokd::audit", event = "admin_denied", %method, path,
             reason = if presented.is_some() { "wrong token" } else { "no token" });
         let mut r = text(StatusCode::UNAUTHORIZED, b"admin token required\n".to_vec());
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        Err(r)
+        Some(r)
     }
 }
 
