@@ -35,17 +35,19 @@ fn setup() -> (tempfile::TempDir, Arc<Config>, Keyring, String) {
     std::fs::write(&path, "defaults: { default_provider: openai }\n").unwrap();
     let cfg = Config::load(&path).unwrap();
     let kms = byokd::server::kms(&cfg).unwrap();
-    let store = byokd::server::store(&cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    let store = rt.block_on(byokd::server::store(&cfg)).unwrap();
+    let audit = byokd::server::audit(&cfg);
     let openai = cfg.providers[cfg.provider_index("openai").unwrap()].clone();
     // 1,000 tenants with a key each, so lookups hit a realistically sized map.
     for i in 0..1000 {
         let secret = PlainKey::new(format!("sk-bench-{i:06}-abcdefghijklmnop"));
         rt.block_on(manage::add_key(
-            &store,
+            store.as_ref(),
             kms.as_ref(),
+            &audit,
             NewKey {
                 tenant: &format!("tenant-{i}"),
                 provider: &openai,
@@ -56,12 +58,20 @@ fn setup() -> (tempfile::TempDir, Arc<Config>, Keyring, String) {
         ))
         .unwrap();
     }
-    let (token, _) = manage::new_token(&store, "tenant-500").unwrap();
+    let (token, _) = rt
+        .block_on(manage::new_token(store.as_ref(), &audit, "tenant-500"))
+        .unwrap();
+    let data = rt.block_on(store.load()).unwrap();
     let keyring = Keyring::new(
         kms,
-        &store.load().unwrap(),
-        cfg.key_cache.ttl,
-        cfg.key_cache.max_entries,
+        store,
+        audit,
+        &data,
+        byokd::keys::CachePolicy {
+            ttl: cfg.key_cache.ttl,
+            stale_ttl: cfg.key_cache.stale_ttl,
+            max_entries: cfg.key_cache.max_entries,
+        },
     );
     (dir, Arc::new(cfg), keyring, token.to_string())
 }

@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and behind the admin bearer token
-//! the `/admin/*` API (today: `GET /admin/tenants/{t}/usage`). Kept off the data port so the
-//! app (and anything it proxies) cannot reach it, and so scrapes never queue behind LLM traffic.
+//! the `/admin/*` API: keys (register, list, rotate, revoke), platform tokens, usage. Kept off
+//! the data port so the app (and anything it proxies) cannot reach it, and so scrapes never
+//! queue behind LLM traffic. Every `/admin/*` call, allowed or denied, is audited.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,14 +47,19 @@ impl Admin {
                 if let Some(refusal) = self.refuse(req.headers(), method, path) {
                     return refusal;
                 }
-                let tenant = path
-                    .strip_prefix("/admin/tenants/")
-                    .and_then(|r| r.strip_suffix("/usage"))
-                    .filter(|t| crate::config::valid_tenant_id(t));
-                match (method, tenant) {
-                    (&Method::GET, Some(t)) => self.proxy.usage(t),
-                    _ => text(StatusCode::NOT_FOUND, b"not found\n".to_vec()),
-                }
+                let (method, path) = (method.clone(), path.to_string());
+                let resp = crate::admin_api::handle(&self.proxy, req).await;
+                // Fail-closed auditing applies to key operations (inside the handlers); the
+                // access record of the call itself is best effort so a full disk cannot lock
+                // the operator out of revoking a key.
+                let _ = self.proxy.keyring.audit().record(
+                    "admin_call",
+                    serde_json::json!({
+                        "method": method.as_str(), "path": path,
+                        "status": resp.status().as_u16(),
+                    }),
+                );
+                resp
             }
             _ => text(StatusCode::NOT_FOUND, b"not found\n".to_vec()),
         }
@@ -86,8 +92,13 @@ impl Admin {
         if ok {
             return None;
         }
-        tracing::warn!(target: "byokd::audit", event = "admin_denied", %method, path,
-            reason = if presented.is_some() { "wrong token" } else { "no token" });
+        let _ = self.proxy.keyring.audit().record(
+            "admin_denied",
+            serde_json::json!({
+                "method": method.as_str(), "path": path,
+                "reason": if presented.is_some() { "wrong token" } else { "no token" },
+            }),
+        );
         let mut r = text(StatusCode::UNAUTHORIZED, b"admin token required\n".to_vec());
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -95,7 +106,7 @@ impl Admin {
     }
 }
 
-fn text(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+pub(crate) fn text(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(

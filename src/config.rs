@@ -223,6 +223,8 @@ pub struct PolicyFile {
 #[serde(deny_unknown_fields)]
 pub struct AuditFile {
     pub file: Option<PathBuf>,
+    /// `stdout` or `stderr` instead of a file.
+    pub stream: Option<String>,
     pub on_error: Option<String>,
 }
 
@@ -265,11 +267,34 @@ pub enum KmsConfig {
         keks: Vec<(String, PathBuf)>,
         active: String,
     },
+    Aws(crate::keys::aws::AwsKmsConfig),
 }
 
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+    },
+    /// The URL is kept out of `Debug`: it may carry a password.
+    Postgres {
+        url: Redacted,
+    },
+}
+
+/// A config string that may hold a credential: readable by code, hidden from `Debug`.
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub target: crate::audit::AuditTarget,
+    pub on_error: crate::audit::OnError,
 }
 
 /// A tenant's policy with provider names resolved to indexes into [`Config::providers`].
@@ -323,6 +348,7 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone)]
 pub struct KeyCacheConfig {
     pub ttl: Duration,
+    pub stale_ttl: Duration,
     pub max_entries: usize,
 }
 
@@ -336,6 +362,7 @@ pub struct Config {
     pub kms: KmsConfig,
     pub store: StoreConfig,
     pub key_cache: KeyCacheConfig,
+    pub audit: AuditConfig,
     pub providers: Vec<Arc<Provider>>,
     pub defaults: TenantPolicy,
     /// Tenants with config overrides; the key is the canonical tenant name.
@@ -412,9 +439,6 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     };
     if file.tls.is_some() {
         return Err(not_yet("tls"));
-    }
-    if file.audit.is_some() {
-        return Err(not_yet("audit"));
     }
     if file.shared_state.is_some() {
         return Err(not_yet("shared_state"));
@@ -622,7 +646,27 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             keks: vec![("k1".into(), resolve(Path::new(".byokd/kek-k1")))],
             active: "k1".into(),
         },
-        Some(KmsFile { aws: Some(_), .. }) => return Err(not_yet("kms.aws")),
+        Some(KmsFile {
+            aws: Some(a),
+            local: None,
+        }) => {
+            if a.key_id.trim().is_empty() {
+                return Err(invalid(
+                    "kms.aws.key_id",
+                    "set the KMS key id, ARN or alias".into(),
+                ));
+            }
+            KmsConfig::Aws(crate::keys::aws::AwsKmsConfig {
+                key_id: a.key_id,
+                region: a.region,
+                endpoint_url: a.endpoint_url,
+                timeout: a.timeout.map_or(Duration::from_secs(2), |d| d.0),
+            })
+        }
+        Some(KmsFile {
+            aws: Some(_),
+            local: Some(_),
+        }) => return Err(invalid("kms", "set kms.local or kms.aws, not both".into())),
         Some(KmsFile {
             local: Some(l),
             aws: None,
@@ -653,8 +697,28 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             path: resolve(Path::new(".byokd/keys.json")),
         },
         Some(StoreFile {
-            postgres: Some(_), ..
-        }) => return Err(not_yet("store.postgres")),
+            postgres: Some(pg),
+            file: None,
+        }) => {
+            if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://")) {
+                return Err(invalid(
+                    "store.postgres.url",
+                    "expected a postgres:// URL".into(),
+                ));
+            }
+            StoreConfig::Postgres {
+                url: Redacted(pg.url),
+            }
+        }
+        Some(StoreFile {
+            postgres: Some(_),
+            file: Some(_),
+        }) => {
+            return Err(invalid(
+                "store",
+                "set store.file or store.postgres, not both".into(),
+            ));
+        }
         Some(StoreFile {
             file: Some(f),
             postgres: None,
@@ -666,9 +730,43 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             postgres: None,
         }) => return Err(invalid("store", "set store.file or store.postgres".into())),
     };
-    if file.key_cache.stale_ttl.is_some() {
-        return Err(not_yet("key_cache.stale_ttl"));
-    }
+    let audit = match &file.audit {
+        None => AuditConfig {
+            target: crate::audit::AuditTarget::Log,
+            on_error: crate::audit::OnError::FailClosed,
+        },
+        Some(a) => {
+            let target = match (&a.file, a.stream.as_deref()) {
+                (Some(f), None) => crate::audit::AuditTarget::File(resolve(f)),
+                (None, Some("stdout")) => crate::audit::AuditTarget::Stdout,
+                (None, Some("stderr")) => crate::audit::AuditTarget::Stderr,
+                (None, None) => crate::audit::AuditTarget::Log,
+                (None, Some(other)) => {
+                    return Err(invalid(
+                        "audit.stream",
+                        format!("`{other}`: use stdout or stderr, or audit.file"),
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "audit",
+                        "set audit.file or audit.stream, not both".into(),
+                    ));
+                }
+            };
+            let on_error = match a.on_error.as_deref() {
+                None | Some("fail_closed") => crate::audit::OnError::FailClosed,
+                Some("fail_open") => crate::audit::OnError::FailOpen,
+                Some(other) => {
+                    return Err(invalid(
+                        "audit.on_error",
+                        format!("`{other}`: use fail_closed or fail_open"),
+                    ));
+                }
+            };
+            AuditConfig { target, on_error }
+        }
+    };
 
     let admin_token_sha256 = match &file.admin.token_sha256 {
         None => None,
@@ -717,8 +815,13 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         identity,
         kms,
         store,
+        audit,
         key_cache: KeyCacheConfig {
             ttl: file.key_cache.ttl.map_or(Duration::from_secs(300), |d| d.0),
+            stale_ttl: file
+                .key_cache
+                .stale_ttl
+                .map_or(Duration::from_secs(3600), |d| d.0),
             max_entries: file.key_cache.max_entries.unwrap_or(100_000),
         },
         providers: providers.into_iter().map(Arc::new).collect(),
@@ -810,7 +913,7 @@ mod tests {
     fn planned_keys_are_refused_not_ignored() {
         for y in [
             "tls: { cert: a, key: b }\n",
-            "store: { postgres: { url: x } }\n",
+            "shared_state: { redis: { url: x } }\n",
         ] {
             let err = parse(y).unwrap_err().to_string();
             assert!(err.contains("not available in this version"), "{y}: {err}");

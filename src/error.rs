@@ -50,8 +50,12 @@ pub enum AdmitError {
 pub enum CredentialError {
     #[error("no key registered for provider `{0}` for this tenant")]
     NoKey(String),
-    #[error("the key could not be decrypted right now")]
-    Unavailable(#[source] crate::keys::KeyError),
+    #[error("the key could not be decrypted right now; retry shortly")]
+    Unavailable {
+        retry_after: u64,
+        #[source]
+        source: std::sync::Arc<crate::keys::KeyError>,
+    },
 }
 
 /// The request broke a configured size limit.
@@ -169,7 +173,7 @@ impl ProxyError {
             Self::Identify(IdentifyError::Conflict) => Code::IdentityConflict,
             Self::Admit(AdmitError::ProviderNotAllowed(_)) => Code::ProviderNotAllowed,
             Self::Credential(CredentialError::NoKey(_)) => Code::NoKey,
-            Self::Credential(CredentialError::Unavailable(_)) => Code::KeyUnavailable,
+            Self::Credential(CredentialError::Unavailable { .. }) => Code::KeyUnavailable,
             Self::Limit(LimitError::HeadersTooLarge) => Code::HeadersTooLarge,
             Self::Limit(LimitError::BodyTooLarge(_)) => Code::BodyTooLarge,
             Self::Limit(LimitError::ClientClosed) => Code::ClientClosed,
@@ -194,7 +198,7 @@ impl ProxyError {
         match self {
             Self::Route(_) | Self::Identify(_) | Self::Admit(_) | Self::Limit(_) => Blame::Client,
             Self::Credential(CredentialError::NoKey(_)) => Blame::Client,
-            Self::Credential(CredentialError::Unavailable(_)) => Blame::Internal,
+            Self::Credential(CredentialError::Unavailable { .. }) => Blame::Internal,
             Self::Forward(
                 ForwardError::BadUpstreamRequest(_) | ForwardError::InvalidCredential,
             ) => Blame::Internal,
@@ -205,10 +209,12 @@ impl ProxyError {
     }
 
     /// Seconds after which a retry may succeed, for the codes that have one.
-    fn retry_after(&self) -> Option<&'static str> {
+    fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::Credential(CredentialError::Unavailable(_))
-            | Self::Forward(ForwardError::InvalidCredential) => Some("1"),
+            Self::Credential(CredentialError::Unavailable { retry_after, .. }) => {
+                Some(*retry_after)
+            }
+            Self::Forward(ForwardError::InvalidCredential) => Some(1),
             _ => None,
         }
     }
@@ -227,7 +233,7 @@ impl ProxyError {
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         if let Some(secs) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -263,7 +269,11 @@ mod tests {
             ),
             (CredentialError::NoKey("x".into()).into(), "no_key", 403),
             (
-                CredentialError::Unavailable(crate::keys::KeyError::Corrupt("t".into())).into(),
+                CredentialError::Unavailable {
+                    retry_after: 2,
+                    source: std::sync::Arc::new(crate::keys::KeyError::KmsCoolingDown),
+                }
+                .into(),
                 "key_unavailable",
                 503,
             ),

@@ -11,7 +11,9 @@
 
 pub mod accept;
 pub mod admin;
+pub mod admin_api;
 pub mod admit;
+pub mod audit;
 pub mod config;
 pub mod error;
 pub mod forward;

@@ -73,6 +73,9 @@ enum KeysCmd {
         /// Expiry, e.g. 90d.
         #[arg(long, value_parser = parse_duration)]
         expires_in: Option<Duration>,
+        /// Check the key with one live call to the provider (list models) before storing it.
+        #[arg(long)]
+        verify: bool,
     },
     /// List keys, masked.
     List {
@@ -81,8 +84,21 @@ enum KeysCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replace the tenant's key for a provider with a new secret (stdin): the new version
+    /// serves new requests at once, in-flight ones finish on the old, which is retired.
+    Rotate {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        verify: bool,
+    },
     /// Revoke every version of a key.
     Revoke { key_id: String },
+    /// Re-wrap every record's data key under the active KEK (after a master-key rotation),
+    /// one record at a time; safe while `serve` runs.
+    Rewrap,
 }
 
 #[derive(Subcommand)]
@@ -197,6 +213,10 @@ async fn run(cli: Cli) -> Result<()> {
                         .find(|(id, _)| id == active)
                         .map(|(_, p)| p.clone())
                         .context("the active KEK has no path")?,
+                    byokd::config::KmsConfig::Aws(_) => bail!(
+                        "kms.aws is configured: rotate the master key in AWS KMS (a new key id), \
+                         then run `byokd keys rewrap`; or pass --out for a local KEK file"
+                    ),
                 },
             };
             byokd::keys::kms::create_kek_file(&path)
@@ -209,10 +229,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Token { cmd } => {
             let cfg = load()?;
-            let store = byokd::server::store(&cfg);
+            let store = byokd::server::store(&cfg).await?;
+            let audit = byokd::server::audit(&cfg);
             match cmd {
                 TokenCmd::New { tenant } => {
-                    let (token, rec) = manage::new_token(&store, &tenant)?;
+                    let (token, rec) = manage::new_token(store.as_ref(), &audit, &tenant).await?;
                     eprintln!(
                         "token {} for tenant {}: shown once, store it now",
                         rec.id, rec.tenant
@@ -220,7 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("{}", token.as_str());
                 }
                 TokenCmd::Revoke { token_id } => {
-                    manage::revoke_token(&store, &token_id)?;
+                    manage::revoke_token(store.as_ref(), &audit, &token_id).await?;
                     println!("revoked {token_id}");
                 }
             }
@@ -229,24 +250,43 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+fn provider(cfg: &Config, name: &str) -> Result<std::sync::Arc<byokd::provider::Provider>> {
+    cfg.provider_index(name)
+        .map(|i| cfg.providers[i].clone())
+        .with_context(|| format!("unknown provider `{name}`"))
+}
+
+/// The live check of `--verify`, through the same upstream client `serve` uses.
+async fn verify(cfg: &Config, p: &byokd::provider::Provider, secret: &PlainKey) -> Result<()> {
+    let upstream = byokd::forward::Upstream::new(&cfg.upstream, &cfg.limits)?;
+    byokd::keys::verify::verify_key(&upstream, p, secret.expose().trim()).await?;
+    eprintln!("verified: {} accepted the key", p.name);
+    Ok(())
+}
+
 async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
-    let store = byokd::server::store(&cfg);
+    let store = byokd::server::store(&cfg).await?;
+    let store = store.as_ref();
+    let audit = byokd::server::audit(&cfg);
     match cmd {
         KeysCmd::Add {
             tenant,
-            provider,
+            provider: name,
             label,
             expires_in,
+            verify: check,
         } => {
-            let p = cfg
-                .provider_index(&provider)
-                .map(|i| cfg.providers[i].clone())
-                .with_context(|| format!("unknown provider `{provider}`"))?;
+            let p = provider(&cfg, &name)?;
             let secret = read_secret()?;
+            manage::check_new_key(&tenant, &p, secret.expose().trim())?;
+            if check {
+                verify(&cfg, &p, &secret).await?;
+            }
             let kms = byokd::server::kms(&cfg)?;
             let rec = manage::add_key(
-                &store,
+                store,
                 kms.as_ref(),
+                &audit,
                 NewKey {
                     tenant: &tenant,
                     provider: &p,
@@ -259,35 +299,64 @@ async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
             println!("{} {} {} {}", rec.id, rec.tenant, rec.provider, rec.masked);
             Ok(())
         }
+        KeysCmd::Rotate {
+            tenant,
+            provider: name,
+            verify: check,
+        } => {
+            let p = provider(&cfg, &name)?;
+            let current = manage::active_key(store, &tenant, &name)
+                .await?
+                .with_context(|| format!("tenant {tenant} has no active {name} key to rotate"))?;
+            let secret = read_secret()?;
+            manage::check_new_key(&tenant, &p, secret.expose().trim())?;
+            if check {
+                verify(&cfg, &p, &secret).await?;
+            }
+            let kms = byokd::server::kms(&cfg)?;
+            let rec =
+                manage::rotate_key(store, kms.as_ref(), &audit, &current.id, &p, &secret).await?;
+            println!(
+                "{} {} {} {} v{} (v{} retired)",
+                rec.id, rec.tenant, rec.provider, rec.masked, rec.version, current.version
+            );
+            Ok(())
+        }
+        KeysCmd::Rewrap => {
+            let kms = byokd::server::kms(&cfg)?;
+            let r = manage::rewrap(store, kms.as_ref(), &audit).await?;
+            println!(
+                "rewrapped {}, already current {}, failed {}",
+                r.rewrapped, r.current, r.failed
+            );
+            if r.failed > 0 {
+                bail!(
+                    "{} record(s) could not be re-wrapped; see the log and run again",
+                    r.failed
+                );
+            }
+            Ok(())
+        }
         KeysCmd::List { tenant, json } => {
-            let list = manage::list_keys(&store, tenant.as_deref())?;
+            let list = manage::list_keys(store, tenant.as_deref()).await?;
             if json {
-                let rows: Vec<_> = list
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "id": r.id, "tenant": r.tenant, "provider": r.provider,
-                            "label": r.label, "version": r.version, "state": r.state,
-                            "masked": r.masked, "created_at": r.created_at,
-                            "expires_at": r.expires_at, "kek_id": r.kek_id,
-                        })
-                    })
-                    .collect();
+                let rows: Vec<_> = list.iter().map(key_json).collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} LABEL",
-                    "ID", "TENANT", "PROVIDER", "VER", "STATE", "KEY"
+                    "{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} {:<20} LABEL",
+                    "ID", "TENANT", "PROVIDER", "VER", "STATE", "KEY", "EXPIRES"
                 );
                 for r in &list {
                     println!(
-                        "{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} {}",
+                        "{:<22} {:<20} {:<11} {:>3} {:<8} {:<14} {:<20} {}",
                         r.id,
                         r.tenant,
                         r.provider,
                         r.version,
                         format!("{:?}", r.state).to_lowercase(),
                         r.masked,
+                        r.expires_at.map_or_else(String::new, |e| e.to_string()),
                         r.label.as_deref().unwrap_or("")
                     );
                 }
@@ -295,11 +364,15 @@ async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
             Ok(())
         }
         KeysCmd::Revoke { key_id } => {
-            let n = manage::revoke_key(&store, &key_id)?;
+            let n = manage::revoke_key(store, &audit, &key_id).await?;
             println!("revoked {key_id} ({n} version(s))");
             Ok(())
         }
     }
+}
+
+fn key_json(r: &byokd::keys::store::KeyRecord) -> serde_json::Value {
+    byokd::keys::store::public_json(r)
 }
 
 /// The secret from stdin: one line, trailing newline dropped. Refuses a terminal-less empty read.

@@ -116,6 +116,7 @@ pub struct Metrics {
     cache_hits: IntCounter,
     upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    keys_expiring: prometheus::IntGaugeVec,
     /// OpenTelemetry GenAI semantic-convention names, for dashboards built on them.
     gen_ai_tokens: HistogramVec,
     gen_ai_duration: HistogramVec,
@@ -189,6 +190,14 @@ impl Metrics {
             "Store and config reloads by result.",
             &["result"],
         )?;
+        let keys_expiring = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "byokd_keys_expiring_soon",
+                "Usable keys that expire within 14 days, by tenant and provider: rotate them.",
+            ),
+            &["tenant", "provider"],
+        )?;
+        registry.register(Box::new(keys_expiring.clone()))?;
         let unpriced = counter(
             "byokd_unpriced_requests_total",
             "Metered requests whose model has no price: tokens counted, cost unknown.",
@@ -273,6 +282,7 @@ impl Metrics {
             cache_hits,
             upstream_errors,
             config_reloads,
+            keys_expiring,
             gen_ai_tokens,
             gen_ai_duration,
             cost,
@@ -298,6 +308,23 @@ impl Metrics {
             self.decryptions.with_label_values(&[t, provider]).inc();
         } else {
             self.cache_hits.inc();
+        }
+    }
+
+    /// Recounts `byokd_keys_expiring_soon` from a store snapshot (on reload and every sweep).
+    pub fn key_expiry(&self, snap: &crate::keys::store::Snapshot, now: i64) {
+        const SOON: i64 = 14 * 86_400;
+        let mut counts: std::collections::HashMap<(&str, &str), i64> = Default::default();
+        for r in snap.tenants.values().flat_map(|t| t.keys.iter()) {
+            if r.usable(now) && r.expires_at.is_some_and(|e| e - now <= SOON) {
+                *counts
+                    .entry((self.tenants.get(&r.tenant), &r.provider))
+                    .or_default() += 1;
+            }
+        }
+        self.keys_expiring.reset();
+        for ((t, p), n) in counts {
+            self.keys_expiring.with_label_values(&[t, p]).set(n);
         }
     }
 

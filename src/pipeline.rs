@@ -81,7 +81,7 @@ pub struct Proxy {
     pub config: Arc<Config>,
     pub keyring: Arc<Keyring>,
     pub metrics: Arc<Metrics>,
-    upstream: Upstream,
+    pub upstream: Upstream,
     /// Identity headers to strip before forwarding.
     tenant_headers: Vec<HeaderName>,
 }

@@ -11,12 +11,13 @@ use tokio::task::JoinHandle;
 
 use crate::accept;
 use crate::admin::Admin;
+use crate::audit::Audit;
 use crate::config::{Config, KmsConfig, StoreConfig};
 use crate::forward::{ClientBuildError, Upstream};
 use crate::keys::kms::{Kms, LocalKek};
-use crate::keys::store::FileStore;
+use crate::keys::store::{FileStore, KeyStore};
 use crate::keys::watch::StoreWatch;
-use crate::keys::{KeyError, Keyring};
+use crate::keys::{CachePolicy, KeyError, Keyring};
 use crate::metrics::Metrics;
 use crate::pipeline::Proxy;
 
@@ -40,23 +41,34 @@ pub enum StartError {
     Ledger(#[from] crate::ledger::LedgerError),
 }
 
-/// Builds the KMS named by the config.
+/// Builds the KMS named by the config. AWS KMS connects lazily, on first use.
 pub fn kms(cfg: &Config) -> Result<Arc<dyn Kms>, KeyError> {
     match &cfg.kms {
         KmsConfig::Local { keks, active } => Ok(Arc::new(LocalKek::load(keks, active)?)),
+        KmsConfig::Aws(a) => Ok(Arc::new(crate::keys::aws::AwsKms::new(a.clone()))),
     }
 }
 
-pub fn store(cfg: &Config) -> FileStore {
+/// Opens the store named by the config (PostgreSQL: connects and migrates the schema).
+pub async fn store(cfg: &Config) -> Result<Arc<dyn KeyStore>, KeyError> {
     match &cfg.store {
-        StoreConfig::File { path } => FileStore::new(path.clone()),
+        StoreConfig::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
+        StoreConfig::Postgres { url } => {
+            Ok(Arc::new(crate::keys::pg::PgStore::open(&url.0).await?))
+        }
     }
 }
 
-/// The usage ledger lives beside the key store.
-pub fn ledger_path(cfg: &Config) -> std::path::PathBuf {
+/// The audit sink named by the config.
+pub fn audit(cfg: &Config) -> Arc<Audit> {
+    Arc::new(Audit::new(&cfg.audit.target, cfg.audit.on_error))
+}
+
+/// The usage ledger lives beside the file store; with PostgreSQL it is kept in memory.
+pub fn ledger_path(cfg: &Config) -> Option<std::path::PathBuf> {
     match &cfg.store {
-        StoreConfig::File { path } => path.with_file_name("usage.json"),
+        StoreConfig::File { path } => Some(path.with_file_name("usage.json")),
+        StoreConfig::Postgres { .. } => None,
     }
 }
 
@@ -72,7 +84,26 @@ pub struct Running {
     admin_task: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     admin: Arc<Admin>,
-    _watch: StoreWatch,
+    _watch: Watch,
+}
+
+/// What keeps the snapshot fresh: a file watcher or a PostgreSQL listener.
+#[derive(Debug)]
+enum Watch {
+    #[expect(
+        dead_code,
+        reason = "held for its Drop: dropping it stops the file watcher"
+    )]
+    File(StoreWatch),
+    Postgres(JoinHandle<()>),
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Watch::Postgres(h) = self {
+            h.abort();
+        }
+    }
 }
 
 impl Running {
@@ -104,7 +135,10 @@ async fn flush_ledger(metrics: &Arc<Metrics>) {
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let cfg = Arc::new(cfg);
     let names: Vec<&str> = cfg.providers.iter().map(|p| &*p.name).collect();
-    let ledger = crate::ledger::Ledger::open(&ledger_path(&cfg))?;
+    let ledger = match ledger_path(&cfg) {
+        Some(p) => crate::ledger::Ledger::open(&p)?,
+        None => crate::ledger::Ledger::in_memory(),
+    };
     let metrics = Arc::new(Metrics::new(
         cfg.max_metric_tenants,
         &names,
@@ -112,20 +146,40 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         ledger,
     )?);
     let kms = kms(&cfg)?;
-    let store = store(&cfg);
-    let data = store.load()?;
-    if let Some(dir) = store.path().parent() {
-        std::fs::create_dir_all(dir).map_err(|e| KeyError::io(dir, e))?;
-    }
+    let store = store(&cfg).await?;
+    let data = store.load().await?;
     let keyring = Arc::new(Keyring::new(
         kms,
+        store.clone(),
+        audit(&cfg),
         &data,
-        cfg.key_cache.ttl,
-        cfg.key_cache.max_entries,
+        CachePolicy {
+            ttl: cfg.key_cache.ttl,
+            stale_ttl: cfg.key_cache.stale_ttl,
+            max_entries: cfg.key_cache.max_entries,
+        },
     ));
-    let watch = crate::keys::watch::watch(store.clone(), keyring.clone(), metrics.clone())?;
+    let watch = match &cfg.store {
+        StoreConfig::File { path } => {
+            let fs = FileStore::new(path.clone());
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| KeyError::io(dir, e))?;
+            }
+            Watch::File(crate::keys::watch::watch(
+                fs,
+                keyring.clone(),
+                metrics.clone(),
+            )?)
+        }
+        StoreConfig::Postgres { url } => Watch::Postgres(crate::keys::pg::listen(
+            url.0.clone(),
+            keyring.clone(),
+            metrics.clone(),
+        )),
+    };
     // A change that landed between the first load and the watcher start is picked up here.
-    keyring.replace(&store.load()?);
+    keyring.reload().await?;
+    metrics.key_expiry(&keyring.snapshot(), crate::keys::unix_now());
     let sweeper = {
         let keyring = keyring.clone();
         let metrics = metrics.clone();
@@ -135,7 +189,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             let mut flush = tokio::time::interval(std::time::Duration::from_secs(5));
             loop {
                 tokio::select! {
-                    _ = sweep.tick() => keyring.sweep(),
+                    _ = sweep.tick() => {
+                        keyring.sweep();
+                        metrics.key_expiry(&keyring.snapshot(), crate::keys::unix_now());
+                    }
                     _ = flush.tick() => flush_ledger(&metrics).await,
                 }
             }

@@ -36,6 +36,14 @@ impl RequestBody {
             rest: Some(rest),
         }
     }
+
+    /// No body (byokd's own calls, such as the key check's list-models).
+    pub fn empty() -> Self {
+        Self {
+            prefix: None,
+            rest: None,
+        }
+    }
 }
 
 impl Body for RequestBody {

@@ -186,7 +186,7 @@ async fn each_provider_gets_its_own_auth_path_and_query() {
 #[tokio::test]
 async fn platform_token_identifies_the_tenant_and_never_goes_upstream() {
     let h = Harness::new("").await;
-    let token = h.env.new_token("acme");
+    let token = h.env.new_token("acme").await;
     tokio::time::sleep(Duration::from_millis(700)).await; // live reload of the store
     let c = client();
     let got = send(
@@ -936,7 +936,11 @@ async fn revocation_and_new_keys_apply_live() {
         h.up.last().headers["authorization"],
         "Bearer sk-beta-first-0123456789"
     );
-    byokd::keys::manage::revoke_key(&byokd::server::store(&h.env.config()), &id).unwrap();
+    let cfg = h.env.config();
+    let store = byokd::server::store(&cfg).await.unwrap();
+    byokd::keys::manage::revoke_key(store.as_ref(), &byokd::server::audit(&cfg), &id)
+        .await
+        .unwrap();
     let t = Instant::now();
     loop {
         let got = send(

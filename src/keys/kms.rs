@@ -35,6 +35,14 @@ pub trait Kms: Send + Sync {
         wrapped: &'a WrappedKey,
         binding: Binding<'a>,
     ) -> KmsFuture<'a, DataKey>;
+    /// The same data key wrapped by the active KEK (master-key rotation).
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedKey,
+        binding: Binding<'a>,
+    ) -> KmsFuture<'a, WrappedKey>;
+    /// The `kek_id` new records get; records with another one are due for a rewrap.
+    fn active_id(&self) -> KmsFuture<'_, String>;
 }
 
 /// Local KEK files; `active` wraps new keys, every listed one can unwrap.
@@ -89,19 +97,24 @@ impl Kms for LocalKek {
     ) -> KmsFuture<'a, (DataKey, WrappedKey)> {
         Box::pin(async move {
             let dek = envelope::new_data_key()?;
-            let kek = self.kek(&self.active)?;
-            let (nonce, ct) = envelope::seal(kek, dek.as_ref(), &binding.aad())?;
-            let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());
-            blob.extend_from_slice(&nonce);
-            blob.extend_from_slice(&ct);
-            Ok((
-                dek,
-                WrappedKey {
-                    kek_id: self.active.clone(),
-                    blob,
-                },
-            ))
+            let wrapped = self.wrap(dek.as_ref(), binding)?;
+            Ok((dek, wrapped))
         })
+    }
+
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedKey,
+        binding: Binding<'a>,
+    ) -> KmsFuture<'a, WrappedKey> {
+        Box::pin(async move {
+            let dek = self.decrypt(wrapped, binding).await?;
+            self.wrap(dek.as_ref(), binding)
+        })
+    }
+
+    fn active_id(&self) -> KmsFuture<'_, String> {
+        Box::pin(async move { Ok(self.active.clone()) })
     }
 
     fn decrypt<'a>(
@@ -121,6 +134,20 @@ impl Kms for LocalKek {
                 .try_into()
                 .map_err(|_| KeyError::Corrupt("data key length".into()))?;
             Ok(Zeroizing::new(dek))
+        })
+    }
+}
+
+impl LocalKek {
+    fn wrap(&self, dek: &[u8], binding: Binding<'_>) -> Result<WrappedKey, KeyError> {
+        let kek = self.kek(&self.active)?;
+        let (nonce, ct) = envelope::seal(kek, dek, &binding.aad())?;
+        let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&ct);
+        Ok(WrappedKey {
+            kek_id: self.active.clone(),
+            blob,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Key and token management: register, list (masked), revoke; issue and revoke platform tokens.
 //!
-//! Shared by the CLI and (later) the admin API. Nothing here ever returns a secret: a key
+//! Shared by the CLI and the admin API. Nothing here ever returns a secret: a key
 //! goes in as [`PlainKey`] and comes back out only as its masked form.
 
 use base64::Engine as _;
@@ -10,8 +10,10 @@ use zeroize::Zeroizing;
 
 use super::envelope::{self, Binding};
 use super::kms::Kms;
-use super::store::{FileStore, KeyRecord, KeyState, TokenRecord};
+use super::kms::WrappedKey;
+use super::store::{Change, KeyRecord, KeyState, KeyStore, TokenRecord};
 use super::{KeyError, PLATFORM_TENANT, PlainKey, unix_now};
+use crate::audit::Audit;
 use crate::config::{reserved_tenant_id, valid_tenant_id};
 use crate::provider::{Provider, mask};
 
@@ -46,90 +48,253 @@ fn check_tenant(tenant: &str) -> Result<(), KeyError> {
     }
 }
 
-/// Seals and stores a new key; returns its record (which holds no plaintext).
-pub async fn add_key(
-    store: &FileStore,
+/// Seals `secret` into a record for (tenant, provider, id, version).
+#[allow(clippy::too_many_arguments)]
+async fn seal(
     kms: &dyn Kms,
-    new: NewKey<'_>,
+    tenant: &str,
+    provider: &Provider,
+    id: &str,
+    version: u32,
+    secret: &str,
+    label: Option<String>,
+    expires_at: Option<i64>,
 ) -> Result<KeyRecord, KeyError> {
-    if new.tenant != PLATFORM_TENANT {
-        check_tenant(new.tenant)?;
-    }
-    let secret = new.secret.expose().trim();
-    new.provider
-        .check_key_format(secret)
-        .map_err(KeyError::Invalid)?;
-    let id = random_id("key_")?;
-    let version = 1;
     let binding = Binding {
-        tenant: new.tenant,
-        provider: &new.provider.name,
-        key_id: &id,
+        tenant,
+        provider: &provider.name,
+        key_id: id,
         version,
     };
     let (dek, wrapped) = kms.generate_data_key(binding).await?;
     let (nonce, ct) = envelope::seal(&dek, secret.as_bytes(), &binding.aad())?;
-    let now = unix_now();
-    let record = KeyRecord {
-        id: id.clone(),
-        tenant: new.tenant.to_string(),
-        provider: new.provider.name.to_string(),
-        label: new.label,
+    Ok(KeyRecord {
+        id: id.to_string(),
+        tenant: tenant.to_string(),
+        provider: provider.name.to_string(),
+        label,
         version,
         state: KeyState::Active,
-        created_at: now,
-        expires_at: new
-            .expires_in
-            .map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
+        created_at: unix_now(),
+        expires_at,
         masked: mask(secret),
         kek_id: wrapped.kek_id,
         wrapped_dek: B64.encode(&wrapped.blob),
         nonce: B64.encode(nonce),
         ciphertext: B64.encode(&ct),
-    };
-    let stored = record.clone();
-    store.update(move |d| {
-        d.keys.push(stored);
-        Ok(())
-    })?;
-    tracing::info!(target: "byokd::audit", event = "key_register", tenant = %record.tenant,
-        provider = %record.provider, key_id = %record.id, version = record.version);
+    })
+}
+
+fn audit_fields(r: &KeyRecord) -> serde_json::Value {
+    serde_json::json!({
+        "tenant": r.tenant, "provider": r.provider, "key_id": r.id,
+        "version": r.version, "kek_id": r.kek_id,
+    })
+}
+
+fn audited(audit: &Audit, event: &str, fields: serde_json::Value) -> Result<(), KeyError> {
+    audit.record(event, fields).map_err(KeyError::Audit)
+}
+
+/// Checks the tenant and the key's format before anything is sealed.
+pub fn check_new_key(tenant: &str, provider: &Provider, secret: &str) -> Result<(), KeyError> {
+    if tenant != PLATFORM_TENANT {
+        check_tenant(tenant)?;
+    }
+    provider.check_key_format(secret).map_err(KeyError::Invalid)
+}
+
+/// Seals and stores a new key; returns its record (which holds no plaintext).
+pub async fn add_key(
+    store: &dyn KeyStore,
+    kms: &dyn Kms,
+    audit: &Audit,
+    new: NewKey<'_>,
+) -> Result<KeyRecord, KeyError> {
+    let secret = new.secret.expose().trim();
+    check_new_key(new.tenant, new.provider, secret)?;
+    let id = random_id("key_")?;
+    let expires_at = new
+        .expires_in
+        .map(|d| unix_now().saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+    let record = seal(
+        kms,
+        new.tenant,
+        new.provider,
+        &id,
+        1,
+        secret,
+        new.label,
+        expires_at,
+    )
+    .await?;
+    store.apply(Change::AddKey(record.clone())).await?;
+    audited(audit, "key_register", audit_fields(&record))?;
+    Ok(record)
+}
+
+/// The newest active key of (tenant, provider), if any.
+pub async fn active_key(
+    store: &dyn KeyStore,
+    tenant: &str,
+    provider: &str,
+) -> Result<Option<KeyRecord>, KeyError> {
+    let d = store.load().await?;
+    Ok(d.keys
+        .into_iter()
+        .filter(|r| r.tenant == tenant && r.provider == provider && r.state == KeyState::Active)
+        .max_by_key(|r| r.version))
+}
+
+/// A new secret for `key_id` as version n+1, active at once; the old version is retired.
+pub async fn rotate_key(
+    store: &dyn KeyStore,
+    kms: &dyn Kms,
+    audit: &Audit,
+    key_id: &str,
+    provider: &Provider,
+    secret: &PlainKey,
+) -> Result<KeyRecord, KeyError> {
+    let d = store.load().await?;
+    let current = d
+        .keys
+        .iter()
+        .filter(|r| r.id == key_id)
+        .max_by_key(|r| r.version)
+        .ok_or_else(|| KeyError::NotFound(format!("no key with id `{key_id}`")))?;
+    if current.state == KeyState::Revoked {
+        return Err(KeyError::Invalid(format!(
+            "key `{key_id}` is revoked; add a new one"
+        )));
+    }
+    if *current.provider != *provider.name {
+        return Err(KeyError::Invalid(format!(
+            "key `{key_id}` is a {} key, not {}",
+            current.provider, provider.name
+        )));
+    }
+    let secret = secret.expose().trim();
+    check_new_key(&current.tenant, provider, secret)?;
+    let record = seal(
+        kms,
+        &current.tenant,
+        provider,
+        key_id,
+        current.version + 1,
+        secret,
+        current.label.clone(),
+        current.expires_at.map(|e| {
+            // A rotation keeps the key's lifetime length, counted from now.
+            unix_now() + (e - current.created_at).max(0)
+        }),
+    )
+    .await?;
+    store.apply(Change::Rotate(record.clone())).await?;
+    audited(audit, "key_rotate", audit_fields(&record))?;
     Ok(record)
 }
 
 /// Revokes every version of `key_id`. Serving replicas stop using it on their next reload.
-pub fn revoke_key(store: &FileStore, key_id: &str) -> Result<usize, KeyError> {
-    let n = store.update(|d| {
-        let mut n = 0;
-        for r in d
-            .keys
-            .iter_mut()
-            .filter(|r| r.id == key_id && r.state != KeyState::Revoked)
-        {
-            r.state = KeyState::Revoked;
-            n += 1;
-        }
-        if n == 0 && !d.keys.iter().any(|r| r.id == key_id) {
-            return Err(KeyError::NotFound(format!("no key with id `{key_id}`")));
-        }
-        Ok(n)
-    })?;
-    tracing::info!(target: "byokd::audit", event = "key_revoke", key_id, versions = n);
+pub async fn revoke_key(
+    store: &dyn KeyStore,
+    audit: &Audit,
+    key_id: &str,
+) -> Result<usize, KeyError> {
+    let n = store
+        .apply(Change::Revoke {
+            key_id: key_id.to_string(),
+        })
+        .await?;
+    audited(
+        audit,
+        "key_revoke",
+        serde_json::json!({"key_id": key_id, "versions": n}),
+    )?;
     Ok(n)
 }
 
 /// Key records, optionally of one tenant; they carry masked forms only.
-pub fn list_keys(store: &FileStore, tenant: Option<&str>) -> Result<Vec<KeyRecord>, KeyError> {
-    let d = store.load()?;
+pub async fn list_keys(
+    store: &dyn KeyStore,
+    tenant: Option<&str>,
+) -> Result<Vec<KeyRecord>, KeyError> {
+    let d = store.load().await?;
     Ok(d.keys
         .into_iter()
         .filter(|r| tenant.is_none_or(|t| r.tenant == t))
         .collect())
 }
 
+/// What `keys rewrap` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrapped {
+    pub rewrapped: usize,
+    pub current: usize,
+    pub failed: usize,
+}
+
+/// Re-wraps every non-revoked record whose data key is not under the active KEK, one record
+/// per store write, so a serving replica never sees more than one record change at a time
+/// and a failure halfway leaves every record readable (old or new KEK).
+pub async fn rewrap(
+    store: &dyn KeyStore,
+    kms: &dyn Kms,
+    audit: &Audit,
+) -> Result<Rewrapped, KeyError> {
+    let active = kms.active_id().await?;
+    let d = store.load().await?;
+    let mut out = Rewrapped::default();
+    for r in d.keys.iter().filter(|r| r.state != KeyState::Revoked) {
+        if r.kek_id == active {
+            out.current += 1;
+            continue;
+        }
+        let binding = Binding {
+            tenant: &r.tenant,
+            provider: &r.provider,
+            key_id: &r.id,
+            version: r.version,
+        };
+        let wrapped = WrappedKey {
+            kek_id: r.kek_id.clone(),
+            blob: B64.decode(&r.wrapped_dek).map_err(|_| {
+                KeyError::Corrupt(format!("key {} has a malformed wrapped_dek", r.id))
+            })?,
+        };
+        match kms.rewrap(&wrapped, binding).await {
+            Ok(new) => {
+                let n = store
+                    .apply(Change::Rewrap {
+                        id: r.id.clone(),
+                        version: r.version,
+                        from_kek: r.kek_id.clone(),
+                        kek_id: new.kek_id.clone(),
+                        wrapped_dek: B64.encode(&new.blob),
+                    })
+                    .await?;
+                out.rewrapped += n;
+                audited(
+                    audit,
+                    "key_rewrap",
+                    serde_json::json!({
+                        "tenant": r.tenant, "provider": r.provider, "key_id": r.id,
+                        "version": r.version, "from_kek": r.kek_id, "kek_id": new.kek_id,
+                    }),
+                )?;
+            }
+            Err(e) => {
+                out.failed += 1;
+                tracing::error!(key_id = %r.id, version = r.version, error = %e, "rewrap failed; the record keeps its old KEK");
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The token text (shown once) and its record.
-pub fn new_token(
-    store: &FileStore,
+pub async fn new_token(
+    store: &dyn KeyStore,
+    audit: &Audit,
     tenant: &str,
 ) -> Result<(Zeroizing<String>, TokenRecord), KeyError> {
     check_tenant(tenant)?;
@@ -143,25 +308,29 @@ pub fn new_token(
         created_at: unix_now(),
         revoked: false,
     };
-    let stored = record.clone();
-    store.update(move |d| {
-        d.tokens.push(stored);
-        Ok(())
-    })?;
-    tracing::info!(target: "byokd::audit", event = "token_issue", tenant, token_id = %record.id);
+    store.apply(Change::AddToken(record.clone())).await?;
+    audited(
+        audit,
+        "token_issue",
+        serde_json::json!({"tenant": tenant, "token_id": record.id}),
+    )?;
     Ok((token, record))
 }
 
-pub fn revoke_token(store: &FileStore, token_id: &str) -> Result<(), KeyError> {
-    store.update(|d| {
-        let t = d
-            .tokens
-            .iter_mut()
-            .find(|t| t.id == token_id)
-            .ok_or_else(|| KeyError::NotFound(format!("no token with id `{token_id}`")))?;
-        t.revoked = true;
-        Ok(())
-    })?;
-    tracing::info!(target: "byokd::audit", event = "token_revoke", token_id);
+pub async fn revoke_token(
+    store: &dyn KeyStore,
+    audit: &Audit,
+    token_id: &str,
+) -> Result<(), KeyError> {
+    store
+        .apply(Change::RevokeToken {
+            token_id: token_id.to_string(),
+        })
+        .await?;
+    audited(
+        audit,
+        "token_revoke",
+        serde_json::json!({"token_id": token_id}),
+    )?;
     Ok(())
 }

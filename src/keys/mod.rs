@@ -5,28 +5,35 @@
 //! cache (`DashMap`, no global lock). A miss decrypts once through the KMS/KEK and writes an
 //! audit event; nothing on this path touches the disk.
 
+pub mod aws;
 pub mod envelope;
 pub mod kms;
 pub mod manage;
+pub mod pg;
 pub mod secret;
 pub mod store;
+pub mod verify;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use dashmap::DashMap;
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
 
+use crate::audit::{Audit, AuditError};
 use crate::error::CredentialError;
 use crate::provider::Provider;
 use envelope::Binding;
 use kms::{Kms, WrappedKey};
 pub use secret::{AuthValue, PlainKey};
-use store::{KeyRecord, Snapshot, StoreData};
+use store::{KeyRecord, KeyStore, Snapshot, StoreData};
 
 /// The reserved tenant whose keys serve tenants with `fallback: [platform]`.
 pub const PLATFORM_TENANT: &str = "_platform";
@@ -43,6 +50,14 @@ pub enum KeyError {
     Corrupt(String),
     #[error("decryption failed: wrong key-encryption key, or the record was altered or moved")]
     Decrypt,
+    #[error("the KMS is unavailable: {0}")]
+    KmsUnavailable(String),
+    #[error("the KMS is cooling down after a failure; not called")]
+    KmsCoolingDown,
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("the store is unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("key-encryption key `{0}` is not configured")]
     UnknownKek(String),
     #[error("no randomness available: {0}")]
@@ -54,6 +69,17 @@ pub enum KeyError {
 }
 
 impl KeyError {
+    /// A failure that goes away by itself (KMS or store down, audit sink full): callers retry.
+    pub fn transient(&self) -> bool {
+        matches!(
+            self,
+            Self::KmsUnavailable(_)
+                | Self::KmsCoolingDown
+                | Self::Audit(_)
+                | Self::StoreUnavailable(_)
+        )
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
@@ -93,23 +119,49 @@ pub struct Credential {
 struct CacheEntry {
     version: u32,
     value: AuthValue,
-    inserted: Instant,
+    fetched: Instant,
+}
+
+type Flight = Shared<BoxFuture<'static, Result<AuthValue, Arc<KeyError>>>>;
+
+/// How long the KMS is left alone after it failed: cold misses in that window fail at once
+/// (503 with this retry-after) instead of each waiting for a timeout.
+const KMS_COOLDOWN: Duration = Duration::from_secs(2);
+
+/// Cache settings; see README "Key cache" for why these defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct CachePolicy {
+    pub ttl: Duration,
+    /// How long past `ttl` an entry may still serve while the KMS is failing.
+    pub stale_ttl: Duration,
+    pub max_entries: usize,
+}
+
+struct Shared_ {
+    kms: Arc<dyn Kms>,
+    audit: Arc<Audit>,
+    cache: DashMap<Arc<str>, CacheEntry>,
+    /// In-flight decryptions by `id#version`: a hundred cold requests for one key share one
+    /// KMS call.
+    inflight: DashMap<String, Flight>,
+    /// Milliseconds since `epoch` until which the KMS is not called (0 = healthy).
+    kms_down_until: AtomicU64,
+    epoch: Instant,
 }
 
 /// Snapshot of the store + KMS + plaintext cache.
 pub struct Keyring {
     snapshot: ArcSwap<Snapshot>,
-    kms: Arc<dyn Kms>,
-    cache: DashMap<Arc<str>, CacheEntry>,
-    ttl: Duration,
-    max_entries: usize,
+    store: Arc<dyn KeyStore>,
+    inner: Arc<Shared_>,
+    policy: CachePolicy,
 }
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring")
-            .field("cached", &self.cache.len())
-            .field("ttl", &self.ttl)
+            .field("cached", &self.inner.cache.len())
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -121,13 +173,25 @@ pub fn unix_now() -> i64 {
 }
 
 impl Keyring {
-    pub fn new(kms: Arc<dyn Kms>, data: &StoreData, ttl: Duration, max_entries: usize) -> Self {
+    pub fn new(
+        kms: Arc<dyn Kms>,
+        store: Arc<dyn KeyStore>,
+        audit: Arc<Audit>,
+        data: &StoreData,
+        policy: CachePolicy,
+    ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::build(data)),
-            kms,
-            cache: DashMap::new(),
-            ttl,
-            max_entries,
+            store,
+            inner: Arc::new(Shared_ {
+                kms,
+                audit,
+                cache: DashMap::new(),
+                inflight: DashMap::new(),
+                kms_down_until: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+            policy,
         }
     }
 
@@ -135,8 +199,20 @@ impl Keyring {
         self.snapshot.load()
     }
 
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    pub fn kms(&self) -> &Arc<dyn Kms> {
+        &self.inner.kms
+    }
+
+    pub fn audit(&self) -> &Arc<Audit> {
+        &self.inner.audit
+    }
+
     /// Swaps in a new store state and drops cached plaintext of keys no longer usable,
-    /// so a revocation stops serving at once rather than at TTL.
+    /// so a revocation or rotation stops serving at once rather than at TTL.
     pub fn replace(&self, data: &StoreData) {
         let snap = Arc::new(Snapshot::build(data));
         // Swap first, prune second: a request that still holds the old snapshot may re-insert
@@ -151,13 +227,22 @@ impl Keyring {
             .filter(|r| r.usable(now))
             .map(|r| (r.id.as_str(), r.version))
             .collect();
-        self.cache
+        self.inner
+            .cache
             .retain(|id, e| usable.contains(&(&**id, e.version)));
+    }
+
+    /// Reloads from the store now (after a management call made here), instead of waiting
+    /// for the watcher or the notification.
+    pub async fn reload(&self) -> Result<(), KeyError> {
+        let data = self.store.load().await?;
+        self.replace(&data);
+        Ok(())
     }
 
     /// Number of cached plaintext keys.
     pub fn cached(&self) -> usize {
-        self.cache.len()
+        self.inner.cache.len()
     }
 
     /// The key for `tenant` and `provider`: the tenant's own, else the platform's if the
@@ -188,53 +273,123 @@ impl Keyring {
                 Ok(None)
             };
         };
-        if let Some(value) = self.cached_value(&record) {
-            return Ok(Some(Credential {
+        let stale = match self.inner.cache.get(record.id.as_str()) {
+            Some(e) if e.version == record.version => {
+                let age = e.fetched.elapsed();
+                if age < self.policy.ttl {
+                    return Ok(Some(Credential {
+                        value: e.value.clone(),
+                        record,
+                        source,
+                        decrypted: false,
+                    }));
+                }
+                (age < self.policy.ttl + self.policy.stale_ttl).then(|| e.value.clone())
+            }
+            _ => None,
+        };
+        let reason = if stale.is_some() {
+            "ttl_refresh"
+        } else {
+            "cache_miss"
+        };
+        match self
+            .fetch(&record, provider.auth_header().1, request_id, reason)
+            .await
+        {
+            Ok((value, decrypted)) => Ok(Some(Credential {
                 value,
                 record,
                 source,
-                decrypted: false,
-            }));
-        }
-        let value = self
-            .decrypt(&record, provider.auth_header().1, request_id)
-            .await
-            .map_err(CredentialError::Unavailable)?;
-        self.insert(&record, value.clone());
-        Ok(Some(Credential {
-            value,
-            record,
-            source,
-            decrypted: true,
-        }))
-    }
-
-    fn cached_value(&self, record: &KeyRecord) -> Option<AuthValue> {
-        let e = self.cache.get(record.id.as_str())?;
-        (e.version == record.version && e.inserted.elapsed() < self.ttl).then(|| e.value.clone())
-    }
-
-    /// Drops (and so zeroizes) entries past their TTL. Run periodically by the server.
-    pub fn sweep(&self) {
-        let ttl = self.ttl;
-        self.cache.retain(|_, e| e.inserted.elapsed() < ttl);
-    }
-
-    fn insert(&self, record: &KeyRecord, value: AuthValue) {
-        if self.cache.len() >= self.max_entries {
-            self.sweep();
-            if self.cache.len() >= self.max_entries {
-                // Still full of live keys: make room for a tenth rather than stop caching,
-                // which would turn every miss into a decryption.
-                let victims: Vec<Arc<str>> = self
-                    .cache
-                    .iter()
-                    .take(self.max_entries / 10 + 1)
-                    .map(|e| e.key().clone())
-                    .collect();
-                for v in victims {
-                    self.cache.remove(&v);
+                decrypted,
+            })),
+            Err(e) => match stale {
+                // The KMS is down or slow, not the record bad: keep serving what we had.
+                Some(value) if e.transient() => {
+                    tracing::warn!(key_id = %record.id, error = %e, "KMS unavailable; serving a stale cached key");
+                    Ok(Some(Credential {
+                        value,
+                        record,
+                        source,
+                        decrypted: false,
+                    }))
                 }
+                _ => Err(CredentialError::Unavailable {
+                    retry_after: self.retry_after(),
+                    source: e,
+                }),
+            },
+        }
+    }
+
+    /// Seconds until the KMS is called again, for `retry-after` (at least 1).
+    fn retry_after(&self) -> u64 {
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        let until = self.inner.kms_down_until.load(Ordering::Relaxed);
+        until.saturating_sub(now).div_ceil(1000).max(1)
+    }
+
+    /// Drops (and so zeroizes) entries past their TTL; while the KMS is failing, entries are
+    /// kept up to `stale_ttl` longer so they can keep serving. Run periodically by the server.
+    pub fn sweep(&self) {
+        let ttl = self.policy.ttl;
+        let keep = if self.inner.kms_down_until.load(Ordering::Relaxed) != 0 {
+            ttl + self.policy.stale_ttl
+        } else {
+            ttl
+        };
+        self.inner.cache.retain(|_, e| e.fetched.elapsed() < keep);
+    }
+
+    /// One decryption per (key, version) at a time, however many requests ask.
+    async fn fetch(
+        &self,
+        record: &Arc<KeyRecord>,
+        prefix: &'static str,
+        request_id: crate::pipeline::RequestId,
+        reason: &'static str,
+    ) -> Result<(AuthValue, bool), Arc<KeyError>> {
+        let flight_key = format!("{}#{}", record.id, record.version);
+        let mut leader = false;
+        let flight = match self.inner.inflight.entry(flight_key.clone()) {
+            dashmap::Entry::Occupied(e) => e.get().clone(),
+            dashmap::Entry::Vacant(v) => {
+                let inner = self.inner.clone();
+                let record = record.clone();
+                let max = self.policy.max_entries;
+                let f = async move {
+                    let out = inner.decrypt(&record, prefix, request_id, reason).await;
+                    if let Ok(v) = &out {
+                        inner.insert(&record, v.clone(), max);
+                    }
+                    inner.inflight.remove(&flight_key);
+                    out.map_err(Arc::new)
+                }
+                .boxed()
+                .shared();
+                v.insert(f.clone());
+                leader = true;
+                f
+            }
+        };
+        // Only the leader counts as a decryption; followers shared its KMS call.
+        flight.await.map(|v| (v, leader))
+    }
+}
+
+impl Shared_ {
+    fn insert(&self, record: &KeyRecord, value: AuthValue, max_entries: usize) {
+        if self.cache.len() >= max_entries {
+            let victims: Vec<Arc<str>> = self
+                .cache
+                .iter()
+                .take(max_entries / 10 + 1)
+                .map(|e| e.key().clone())
+                .collect();
+            // Full of live keys: make room for a tenth rather than stop caching, which would
+            // turn every miss into a decryption.
+            for v in victims {
+                self.cache.remove(&v);
             }
         }
         self.cache.insert(
@@ -242,9 +397,13 @@ impl Keyring {
             CacheEntry {
                 version: record.version,
                 value,
-                inserted: Instant::now(),
+                fetched: Instant::now(),
             },
         );
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     async fn decrypt(
@@ -252,6 +411,7 @@ impl Keyring {
         r: &KeyRecord,
         prefix: &str,
         request_id: crate::pipeline::RequestId,
+        reason: &str,
     ) -> Result<AuthValue, KeyError> {
         let binding = Binding {
             tenant: &r.tenant,
@@ -263,12 +423,30 @@ impl Keyring {
             B64.decode(v)
                 .map_err(|_| KeyError::Corrupt(format!("key {} has a malformed {field}", r.id)))
         };
-        let wrapped = WrappedKey {
-            kek_id: r.kek_id.clone(),
-            blob: decode("wrapped_dek", &r.wrapped_dek)?,
-        };
         let result = async {
-            let dek = self.kms.decrypt(&wrapped, binding).await?;
+            let down_until = self.kms_down_until.load(Ordering::Relaxed);
+            if down_until != 0 && self.now_ms() < down_until {
+                return Err(KeyError::KmsCoolingDown);
+            }
+            let wrapped = WrappedKey {
+                kek_id: r.kek_id.clone(),
+                blob: decode("wrapped_dek", &r.wrapped_dek)?,
+            };
+            let dek = match self.kms.decrypt(&wrapped, binding).await {
+                Ok(d) => {
+                    self.kms_down_until.store(0, Ordering::Relaxed);
+                    d
+                }
+                Err(e) => {
+                    if e.transient() {
+                        self.kms_down_until.store(
+                            self.now_ms() + KMS_COOLDOWN.as_millis() as u64,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    return Err(e);
+                }
+            };
             let plain = envelope::open(
                 &dek,
                 &decode("nonce", &r.nonce)?,
@@ -278,19 +456,29 @@ impl Keyring {
             Ok::<_, KeyError>(AuthValue::new(prefix, &plain))
         }
         .await;
-        tracing::info!(
-            target: "byokd::audit",
-            event = "key_decrypt",
-            tenant = %r.tenant,
-            provider = %r.provider,
-            key_id = %r.id,
-            version = r.version,
-            kek_id = %r.kek_id,
-            request_id = %request_id,
-            reason = "cache_miss",
-            ok = result.is_ok(),
-            error = result.as_ref().err().map(|e| e.to_string()),
+        if matches!(result, Err(KeyError::KmsCoolingDown)) {
+            // Not a decryption attempt: nothing reached the KMS.
+            return result;
+        }
+        let err = result.as_ref().err().map(|e| e.to_string());
+        if let Err(KeyError::Decrypt) = &result {
+            tracing::error!(
+                key_id = %r.id, tenant = %r.tenant, provider = %r.provider, version = r.version,
+                "key record failed to decrypt: it was altered, moved to another tenant, or \
+                 wrapped by another KEK; not served"
+            );
+        }
+        let audit = self.audit.record(
+            "key_decrypt",
+            serde_json::json!({
+                "tenant": r.tenant, "provider": r.provider, "key_id": r.id,
+                "version": r.version, "kek_id": r.kek_id, "request_id": request_id.to_string(),
+                "reason": reason, "ok": result.is_ok(), "error": err,
+            }),
         );
-        result
+        match (result, audit) {
+            (Ok(_), Err(e)) => Err(KeyError::Audit(e)),
+            (r, _) => r,
+        }
     }
 }

@@ -6,8 +6,10 @@
 //! the folder and swaps in a fresh [`Snapshot`] when the file changes.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +84,151 @@ pub struct StoreData {
 
 fn one() -> u32 {
     1
+}
+
+/// One change to the store. Both stores apply exactly these semantics (the file store in
+/// memory under its lock, PostgreSQL in one transaction), so records stay identical.
+#[derive(Debug, Clone)]
+pub enum Change {
+    AddKey(KeyRecord),
+    /// A new version of an existing key id: its active versions become retired, so new
+    /// requests use the new version at once while requests in flight finish on theirs.
+    Rotate(KeyRecord),
+    /// Every version of the key id becomes revoked.
+    Revoke {
+        key_id: String,
+    },
+    /// The data key of (id, version) re-wrapped by another KEK. Applies only if the record
+    /// is still wrapped by `from_kek`, so two rewraps racing cannot clobber each other.
+    Rewrap {
+        id: String,
+        version: u32,
+        from_kek: String,
+        kek_id: String,
+        wrapped_dek: String,
+    },
+    AddToken(TokenRecord),
+    RevokeToken {
+        token_id: String,
+    },
+}
+
+impl StoreData {
+    /// Applies `change`; the number of records it touched. Unknown ids are `NotFound`.
+    pub fn apply(&mut self, change: &Change) -> Result<usize, KeyError> {
+        let not_found =
+            |what: &str, id: &str| KeyError::NotFound(format!("no {what} with id `{id}`"));
+        match change {
+            Change::AddKey(r) => {
+                if self
+                    .keys
+                    .iter()
+                    .any(|k| k.id == r.id && k.version == r.version)
+                {
+                    return Err(KeyError::Invalid(format!(
+                        "key {} v{} exists",
+                        r.id, r.version
+                    )));
+                }
+                self.keys.push(r.clone());
+                Ok(1)
+            }
+            Change::Rotate(r) => {
+                let mut n = 0;
+                for k in self
+                    .keys
+                    .iter_mut()
+                    .filter(|k| k.id == r.id && k.state == KeyState::Active)
+                {
+                    k.state = KeyState::Retired;
+                    n += 1;
+                }
+                if n == 0 {
+                    return Err(not_found("active key", &r.id));
+                }
+                self.keys.push(r.clone());
+                Ok(n + 1)
+            }
+            Change::Revoke { key_id } => {
+                if !self.keys.iter().any(|k| &k.id == key_id) {
+                    return Err(not_found("key", key_id));
+                }
+                let mut n = 0;
+                for k in self
+                    .keys
+                    .iter_mut()
+                    .filter(|k| &k.id == key_id && k.state != KeyState::Revoked)
+                {
+                    k.state = KeyState::Revoked;
+                    n += 1;
+                }
+                Ok(n)
+            }
+            Change::Rewrap {
+                id,
+                version,
+                from_kek,
+                kek_id,
+                wrapped_dek,
+            } => {
+                let Some(k) = self
+                    .keys
+                    .iter_mut()
+                    .find(|k| &k.id == id && k.version == *version)
+                else {
+                    return Err(not_found("key", id));
+                };
+                if &k.kek_id != from_kek {
+                    return Ok(0);
+                }
+                k.kek_id = kek_id.clone();
+                k.wrapped_dek = wrapped_dek.clone();
+                Ok(1)
+            }
+            Change::AddToken(t) => {
+                self.tokens.push(t.clone());
+                Ok(1)
+            }
+            Change::RevokeToken { token_id } => {
+                let t = self
+                    .tokens
+                    .iter_mut()
+                    .find(|t| &t.id == token_id)
+                    .ok_or_else(|| not_found("token", token_id))?;
+                t.revoked = true;
+                Ok(1)
+            }
+        }
+    }
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KeyError>> + Send + 'a>>;
+
+/// Where key records and token hashes live: the file (embedded default) or PostgreSQL.
+/// Only management calls and reloads use it, never a request.
+pub trait KeyStore: Send + Sync + std::fmt::Debug {
+    fn load(&self) -> StoreFuture<'_, StoreData>;
+    fn apply(&self, change: Change) -> StoreFuture<'_, usize>;
+}
+
+impl KeyStore for FileStore {
+    fn load(&self) -> StoreFuture<'_, StoreData> {
+        let s = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || s.load())
+                .await
+                .map_err(|e| KeyError::Corrupt(format!("store task failed: {e}")))?
+        })
+    }
+
+    fn apply(&self, change: Change) -> StoreFuture<'_, usize> {
+        let s = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || s.update(|d| d.apply(&change)))
+                .await
+                .map_err(|e| KeyError::Corrupt(format!("store task failed: {e}")))?
+        })
+    }
 }
 
 /// The file store. Cheap to construct; every operation opens the file afresh.
@@ -226,4 +373,15 @@ impl Snapshot {
             .iter()
             .find(|r| r.provider == provider && r.usable(now))
     }
+}
+
+/// What `keys list --json` and the admin API show of a record: masked form and metadata,
+/// never ciphertext or the wrapped data key.
+pub fn public_json(r: &KeyRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id, "tenant": r.tenant, "provider": r.provider,
+        "label": r.label, "version": r.version, "state": r.state,
+        "masked": r.masked, "created_at": r.created_at,
+        "expires_at": r.expires_at, "kek_id": r.kek_id,
+    })
 }

@@ -386,9 +386,12 @@ impl Env {
         let cfg = self.config();
         let p = cfg.providers[cfg.provider_index(provider).unwrap()].clone();
         let kms = byokd::server::kms(&cfg).unwrap();
+        let store = byokd::server::store(&cfg).await.unwrap();
+        let audit = byokd::server::audit(&cfg);
         let rec = manage::add_key(
-            &byokd::server::store(&cfg),
+            store.as_ref(),
             kms.as_ref(),
+            &audit,
             NewKey {
                 tenant,
                 provider: &p,
@@ -402,9 +405,13 @@ impl Env {
         rec.id
     }
 
-    pub fn new_token(&self, tenant: &str) -> String {
+    pub async fn new_token(&self, tenant: &str) -> String {
         let cfg = self.config();
-        let (t, _) = manage::new_token(&byokd::server::store(&cfg), tenant).unwrap();
+        let store = byokd::server::store(&cfg).await.unwrap();
+        let audit = byokd::server::audit(&cfg);
+        let (t, _) = manage::new_token(store.as_ref(), &audit, tenant)
+            .await
+            .unwrap();
         t.to_string()
     }
 }

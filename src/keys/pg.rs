@@ -1,0 +1,454 @@
+//! The PostgreSQL store, shared by every replica: the same records as the file store, one
+//! row per key version and per token. Each change is one transaction that also sends
+//! `NOTIFY byokd_store`; every replica `LISTEN`s and reloads its snapshot, so a revoke on
+//! one replica stops use on all of them within a second or two.
+//!
+//! Postgres down: the last snapshot and the plaintext cache keep serving, management calls
+//! fail with a clear error (nothing half-written: each change is one transaction), and the
+//! listener reconnects and reloads by itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio::sync::Mutex;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+
+use super::store::{Change, KeyRecord, KeyState, KeyStore, StoreData, StoreFuture, TokenRecord};
+use super::{KeyError, Keyring};
+use crate::metrics::Metrics;
+
+/// The NOTIFY channel.
+pub const CHANNEL: &str = "byokd_store";
+
+/// Schema version this build writes; migrations run under an advisory lock so replicas
+/// starting together do not race.
+const SCHEMA_VERSION: i32 = 1;
+const MIGRATE_LOCK: i64 = 0x6279_6f6b_6400_0001;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS byokd_schema (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS byokd_keys (
+    id          text    NOT NULL,
+    version     integer NOT NULL,
+    tenant      text    NOT NULL,
+    provider    text    NOT NULL,
+    label       text,
+    state       text    NOT NULL CHECK (state IN ('active', 'retired', 'revoked')),
+    created_at  bigint  NOT NULL,
+    expires_at  bigint,
+    masked      text    NOT NULL,
+    kek_id      text    NOT NULL,
+    wrapped_dek text    NOT NULL,
+    nonce       text    NOT NULL,
+    ciphertext  text    NOT NULL,
+    PRIMARY KEY (id, version)
+);
+CREATE INDEX IF NOT EXISTS byokd_keys_tenant ON byokd_keys (tenant, provider);
+CREATE TABLE IF NOT EXISTS byokd_tokens (
+    id         text    PRIMARY KEY,
+    tenant     text    NOT NULL,
+    sha256     text    NOT NULL UNIQUE,
+    created_at bigint  NOT NULL,
+    revoked    boolean NOT NULL DEFAULT false
+);
+";
+
+pub struct PgStore {
+    url: String,
+    /// One connection for management calls and reloads: they are rare, and a transaction
+    /// needs the connection to itself.
+    client: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.write_str("PgStore")
+    }
+}
+
+fn unavailable(e: tokio_postgres::Error) -> KeyError {
+    // `Display` of a tokio-postgres error never includes the connection string.
+    let mut msg = e.to_string();
+    if let Some(db) = e.as_db_error() {
+        msg = format!("{}: {}", db.code().code(), db.message());
+    }
+    KeyError::StoreUnavailable(msg)
+}
+
+async fn connect(
+    url: &str,
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    KeyError,
+> {
+    tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, NoTls))
+        .await
+        .map_err(|_| KeyError::StoreUnavailable("connect timed out after 5s".into()))?
+        .map_err(unavailable)
+}
+
+impl PgStore {
+    /// Connects and creates or migrates the schema. Fails when PostgreSQL is unreachable:
+    /// a replica must not start serving with an empty key set.
+    pub async fn open(url: &str) -> Result<Self, KeyError> {
+        let s = Self {
+            url: url.to_string(),
+            client: Mutex::new(None),
+        };
+        let mut g = s.client().await?;
+        if let Some(c) = g.as_mut() {
+            migrate(c).await.inspect_err(|_| *g = None)?;
+        }
+        drop(g);
+        Ok(s)
+    }
+
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, KeyError> {
+        let mut g = self.client.lock().await;
+        if g.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, conn) = connect(&self.url).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "store connection to PostgreSQL closed");
+                }
+            });
+            *g = Some(client);
+        }
+        Ok(g)
+    }
+
+    async fn load_inner(c: &Client) -> Result<StoreData, KeyError> {
+        let keys = c
+            .query(
+                "SELECT id, version, tenant, provider, label, state, created_at, expires_at, \
+                 masked, kek_id, wrapped_dek, nonce, ciphertext FROM byokd_keys \
+                 ORDER BY created_at, id, version",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let tokens = c
+            .query(
+                "SELECT id, tenant, sha256, created_at, revoked FROM byokd_tokens ORDER BY created_at, id",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(StoreData {
+            format: 1,
+            keys: keys.iter().map(key_from_row).collect::<Result<_, _>>()?,
+            tokens: tokens
+                .iter()
+                .map(|r| TokenRecord {
+                    id: r.get(0),
+                    tenant: r.get(1),
+                    sha256: r.get(2),
+                    created_at: r.get(3),
+                    revoked: r.get(4),
+                })
+                .collect(),
+        })
+    }
+
+    async fn apply_inner(c: &mut Client, change: &Change) -> Result<usize, KeyError> {
+        let tx = c.transaction().await.map_err(unavailable)?;
+        let n = match change {
+            Change::AddKey(r) => insert_key(&tx, r).await?,
+            Change::Rotate(r) => {
+                let n = tx
+                    .execute(
+                        "UPDATE byokd_keys SET state = 'retired' WHERE id = $1 AND state = 'active'",
+                        &[&r.id],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if n == 0 {
+                    return Err(KeyError::NotFound(format!(
+                        "no active key with id `{}`",
+                        r.id
+                    )));
+                }
+                n as usize + insert_key(&tx, r).await?
+            }
+            Change::Revoke { key_id } => {
+                let exists = tx
+                    .query_opt("SELECT 1 FROM byokd_keys WHERE id = $1 LIMIT 1", &[key_id])
+                    .await
+                    .map_err(unavailable)?;
+                if exists.is_none() {
+                    return Err(KeyError::NotFound(format!("no key with id `{key_id}`")));
+                }
+                tx.execute(
+                    "UPDATE byokd_keys SET state = 'revoked' WHERE id = $1 AND state <> 'revoked'",
+                    &[key_id],
+                )
+                .await
+                .map_err(unavailable)? as usize
+            }
+            Change::Rewrap {
+                id,
+                version,
+                from_kek,
+                kek_id,
+                wrapped_dek,
+            } => {
+                let v = i32::try_from(*version).unwrap_or(i32::MAX);
+                tx.execute(
+                    "UPDATE byokd_keys SET kek_id = $4, wrapped_dek = $5 \
+                     WHERE id = $1 AND version = $2 AND kek_id = $3",
+                    &[id, &v, from_kek, kek_id, wrapped_dek],
+                )
+                .await
+                .map_err(unavailable)? as usize
+            }
+            Change::AddToken(t) => tx
+                .execute(
+                    "INSERT INTO byokd_tokens (id, tenant, sha256, created_at, revoked) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&t.id, &t.tenant, &t.sha256, &t.created_at, &t.revoked],
+                )
+                .await
+                .map_err(unavailable)? as usize,
+            Change::RevokeToken { token_id } => {
+                let n = tx
+                    .execute(
+                        "UPDATE byokd_tokens SET revoked = true WHERE id = $1",
+                        &[token_id],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if n == 0 {
+                    return Err(KeyError::NotFound(format!("no token with id `{token_id}`")));
+                }
+                n as usize
+            }
+        };
+        // Delivered to every listener when (and only if) the transaction commits.
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &change_kind(change)],
+        )
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n)
+    }
+}
+
+fn change_kind(c: &Change) -> &'static str {
+    match c {
+        Change::AddKey(_) => "key_add",
+        Change::Rotate(_) => "key_rotate",
+        Change::Revoke { .. } => "key_revoke",
+        Change::Rewrap { .. } => "key_rewrap",
+        Change::AddToken(_) => "token_add",
+        Change::RevokeToken { .. } => "token_revoke",
+    }
+}
+
+async fn insert_key(
+    tx: &tokio_postgres::Transaction<'_>,
+    r: &KeyRecord,
+) -> Result<usize, KeyError> {
+    let version = i32::try_from(r.version)
+        .map_err(|_| KeyError::Invalid(format!("key {} has too many versions", r.id)))?;
+    tx.execute(
+        "INSERT INTO byokd_keys (id, version, tenant, provider, label, state, created_at, \
+         expires_at, masked, kek_id, wrapped_dek, nonce, ciphertext) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        &[
+            &r.id,
+            &version,
+            &r.tenant,
+            &r.provider,
+            &r.label,
+            &state_str(r.state),
+            &r.created_at,
+            &r.expires_at,
+            &r.masked,
+            &r.kek_id,
+            &r.wrapped_dek,
+            &r.nonce,
+            &r.ciphertext,
+        ],
+    )
+    .await
+    .map(|n| n as usize)
+    .map_err(unavailable)
+}
+
+fn state_str(s: KeyState) -> &'static str {
+    match s {
+        KeyState::Active => "active",
+        KeyState::Retired => "retired",
+        KeyState::Revoked => "revoked",
+    }
+}
+
+fn key_from_row(r: &Row) -> Result<KeyRecord, KeyError> {
+    let state: String = r.get(5);
+    let state = match state.as_str() {
+        "active" => KeyState::Active,
+        "retired" => KeyState::Retired,
+        "revoked" => KeyState::Revoked,
+        other => return Err(KeyError::Corrupt(format!("unknown key state `{other}`"))),
+    };
+    let version: i32 = r.get(1);
+    Ok(KeyRecord {
+        id: r.get(0),
+        version: u32::try_from(version)
+            .map_err(|_| KeyError::Corrupt("negative version".into()))?,
+        tenant: r.get(2),
+        provider: r.get(3),
+        label: r.get(4),
+        state,
+        created_at: r.get(6),
+        expires_at: r.get(7),
+        masked: r.get(8),
+        kek_id: r.get(9),
+        wrapped_dek: r.get(10),
+        nonce: r.get(11),
+        ciphertext: r.get(12),
+    })
+}
+
+async fn migrate(c: &mut Client) -> Result<(), KeyError> {
+    let tx = c.transaction().await.map_err(unavailable)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(unavailable)?;
+    tx.batch_execute(SCHEMA_V1).await.map_err(unavailable)?;
+    let v: Option<i32> = tx
+        .query_opt("SELECT max(version) FROM byokd_schema", &[])
+        .await
+        .map_err(unavailable)?
+        .and_then(|r| r.get(0));
+    match v {
+        None => {
+            tx.execute(
+                "INSERT INTO byokd_schema (version) VALUES ($1)",
+                &[&SCHEMA_VERSION],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(KeyError::Corrupt(format!(
+                "the database schema is version {v}, newer than this byokd ({SCHEMA_VERSION}); upgrade byokd"
+            )));
+        }
+        Some(_) => {}
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+impl KeyStore for PgStore {
+    fn load(&self) -> StoreFuture<'_, StoreData> {
+        Box::pin(async move {
+            let mut g = self.client().await?;
+            let Some(c) = g.as_ref() else {
+                return Err(KeyError::StoreUnavailable("no connection".into()));
+            };
+            let r = Self::load_inner(c).await;
+            if r.is_err() {
+                *g = None;
+            }
+            r
+        })
+    }
+
+    fn apply(&self, change: Change) -> StoreFuture<'_, usize> {
+        Box::pin(async move {
+            let mut g = self.client().await?;
+            let Some(c) = g.as_mut() else {
+                return Err(KeyError::StoreUnavailable("no connection".into()));
+            };
+            let r = Self::apply_inner(c, &change).await;
+            if matches!(r, Err(KeyError::StoreUnavailable(_))) {
+                *g = None;
+            }
+            r
+        })
+    }
+}
+
+/// Keeps a `LISTEN` connection and reloads the keyring on every notification; reconnects
+/// with backoff when PostgreSQL goes away, and reloads after reconnecting (notifications
+/// sent meanwhile are lost, the reload catches them). A periodic resync covers the rest.
+pub fn listen(
+    url: String,
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match listen_once(&url, &keyring, &metrics).await {
+                Ok(()) => backoff = Duration::from_millis(250),
+                Err(e) => {
+                    metrics.config_reloads.with_label_values(&["error"]).inc();
+                    tracing::error!(error = %e, retry_in = ?backoff,
+                        "store listener: PostgreSQL unavailable; serving the last good state");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+async fn reload(keyring: &Keyring, metrics: &Metrics) -> Result<(), KeyError> {
+    keyring.reload().await?;
+    metrics.config_reloads.with_label_values(&["ok"]).inc();
+    Ok(())
+}
+
+async fn listen_once(url: &str, keyring: &Keyring, metrics: &Metrics) -> Result<(), KeyError> {
+    let (client, mut conn) = connect(url).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let pump = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(_)) => {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "store listener connection lost");
+                    return;
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .map_err(unavailable)?;
+    reload(keyring, metrics).await?;
+    tracing::info!("store listener: listening for changes in PostgreSQL");
+    let mut resync = tokio::time::interval(Duration::from_secs(30));
+    resync.tick().await;
+    loop {
+        tokio::select! {
+            got = rx.recv() => {
+                if got.is_none() {
+                    pump.abort();
+                    return Err(KeyError::StoreUnavailable("listener connection closed".into()));
+                }
+                // Coalesce a burst (a rewrap of many records) into one reload.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while rx.try_recv().is_ok() {}
+                reload(keyring, metrics).await?;
+            }
+            _ = resync.tick() => reload(keyring, metrics).await?,
+        }
+    }
+}
