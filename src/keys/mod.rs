@@ -117,6 +117,10 @@ pub struct Credential {
 }
 
 struct CacheEntry {
+    /// The identity the plaintext was decrypted under: a record whose id was copied to
+    /// another tenant must not find this entry (it has to fail decryption on its own).
+    tenant: Box<str>,
+    provider: Box<str>,
     version: u32,
     value: AuthValue,
     fetched: Instant,
@@ -274,7 +278,11 @@ impl Keyring {
             };
         };
         let stale = match self.inner.cache.get(record.id.as_str()) {
-            Some(e) if e.version == record.version => {
+            Some(e)
+                if e.version == record.version
+                    && *e.tenant == *record.tenant
+                    && *e.provider == *record.provider =>
+            {
                 let age = e.fetched.elapsed();
                 if age < self.policy.ttl {
                     return Ok(Some(Credential {
@@ -349,7 +357,10 @@ impl Keyring {
         request_id: crate::pipeline::RequestId,
         reason: &'static str,
     ) -> Result<(AuthValue, bool), Arc<KeyError>> {
-        let flight_key = format!("{}#{}", record.id, record.version);
+        let flight_key = format!(
+            "{}/{}/{}#{}",
+            record.tenant, record.provider, record.id, record.version
+        );
         let mut leader = false;
         let flight = match self.inner.inflight.entry(flight_key.clone()) {
             dashmap::Entry::Occupied(e) => e.get().clone(),
@@ -395,6 +406,8 @@ impl Shared_ {
         self.cache.insert(
             Arc::from(record.id.as_str()),
             CacheEntry {
+                tenant: record.tenant.as_str().into(),
+                provider: record.provider.as_str().into(),
                 version: record.version,
                 value,
                 fetched: Instant::now(),

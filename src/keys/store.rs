@@ -71,7 +71,7 @@ pub struct TokenRecord {
 }
 
 /// The whole store file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreData {
     #[serde(default = "one")]
@@ -84,6 +84,16 @@ pub struct StoreData {
 
 fn one() -> u32 {
     1
+}
+
+impl Default for StoreData {
+    fn default() -> Self {
+        Self {
+            format: 1,
+            keys: Vec::new(),
+            tokens: Vec::new(),
+        }
+    }
 }
 
 /// One change to the store. Both stores apply exactly these semantics (the file store in

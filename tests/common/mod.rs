@@ -2,6 +2,8 @@
 //! paced) and records what it received, a byokd started in-process on port 0, and a client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bin;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -257,7 +259,20 @@ async fn fake_respond(
             r#"{"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"totalTokenCount":4},"modelVersion":"gemini-2.0-flash"}"#,
         )
     } else if path.ends_with("/models") {
-        full(200, "application/json", r#"{"object":"list","data":[]}"#)
+        // A key containing "rejected" is one the provider refuses (for `verify`).
+        let rejected = ["authorization", "x-api-key", "x-goog-api-key", "api-key"]
+            .iter()
+            .filter_map(|n| h.get(*n))
+            .any(|v| v.to_str().unwrap_or("").contains("rejected"));
+        if rejected {
+            full(
+                401,
+                "application/json",
+                r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+            )
+        } else {
+            full(200, "application/json", r#"{"object":"list","data":[]}"#)
+        }
     } else {
         full(
             404,

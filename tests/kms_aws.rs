@@ -1,0 +1,348 @@
+//! AWS KMS end to end, through the real binary against moto's KMS server: envelope records
+//! under a KMS key, single-flight decryption, a moved record refused, the KMS frozen and
+//! thawed mid-run (stale cache serves, cold misses fail fast, recovery by itself), rotation
+//! with a stream in flight, master-key rotation with `keys rewrap` under load, revocation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::bin::*;
+use common::*;
+
+const CANARY_2: &str = "sk-canary-ROTATED-99aa88bb77cc66dd";
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn aws_config(upstream: &str, moto: &str) -> String {
+    format!(
+        r#"identity:
+  - header: {{ name: x-tenant-id }}
+kms:
+  aws: {{ key_id: alias/byokd, region: us-east-1, endpoint_url: "{moto}", timeout: 1s }}
+store:
+  file: {{ path: .byokd/keys.json }}
+key_cache: {{ ttl: 3s, stale_ttl: 1h }}
+audit: {{ file: audit.jsonl }}
+providers:
+  openai: {{ kind: openai, base_url: "{upstream}" }}
+"#
+    )
+}
+
+async fn chat(base: &str, tenant: &str) -> Got {
+    send(
+        &client(),
+        request(
+            "POST",
+            &format!("{base}/v1/chat/completions"),
+            &[
+                ("x-tenant-id", tenant),
+                ("content-type", "application/json"),
+            ],
+            CHAT,
+        ),
+    )
+    .await
+}
+
+fn audit_lines(env: &Env) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(env.dir.path().join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn decrypts(env: &Env, key_id: &str) -> usize {
+    audit_lines(env)
+        .iter()
+        .filter(|l| l["event"] == "key_decrypt" && l["key_id"] == key_id)
+        .count()
+}
+
+fn store_json(env: &Env) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(env.store_path()).unwrap()).unwrap()
+}
+
+/// Polls `f` until it is true or `within` passed.
+async fn eventually(within: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn add(env: &Env, tenant: &str, secret: &str) -> String {
+    let out = ok(byokd_env(
+        &env.config_path,
+        &["keys", "add", "--tenant", tenant, "--provider", "openai"],
+        Some(secret),
+        AWS_ENV,
+    ));
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aws_kms_envelopes_through_the_real_binary() {
+    let moto = Moto::start().await;
+    let key_a = moto.create_key().await;
+    moto.alias("alias/byokd", &key_a).await;
+    let up = fake_upstream().await;
+    let env = Env::new(&aws_config(&up.url(), &moto.url));
+
+    // Register: the record is wrapped by the KMS key the alias names, context-bound.
+    let acme = add(&env, "acme", CANARY_OPENAI);
+    let burst = add(&env, "burst", "sk-burst-0123456789abcdefghij");
+    let cold = add(&env, "cold", "sk-cold-0123456789abcdefghijk");
+    let store = store_json(&env);
+    for r in store["keys"].as_array().unwrap() {
+        assert_eq!(r["kek_id"], key_a.as_str(), "{r}");
+    }
+    let store_text = std::fs::read_to_string(env.store_path()).unwrap();
+    assert!(!store_text.contains("canary"));
+
+    let s = serve_env(&env, "serve", AWS_ENV).await;
+    let got = chat(&s.data, "acme").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        up.last().headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+
+    // Single flight: 100 concurrent cold requests, one Decrypt.
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let base = s.data.clone();
+        tasks.push(tokio::spawn(
+            async move { chat(&base, "burst").await.status },
+        ));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(decrypts(&env, &burst), 1, "{:?}", audit_lines(&env));
+    let admin: std::net::SocketAddr = s.admin.parse().unwrap();
+    let m = metrics(admin).await;
+    assert_eq!(
+        sample(&m, "byokd_key_decryptions_total", &["tenant=\"burst\""]),
+        Some(1.0),
+        "{m}"
+    );
+    // A warm key makes no KMS call at all.
+    let before = decrypts(&env, &acme);
+    for _ in 0..20 {
+        assert_eq!(chat(&s.data, "acme").await.status, 200);
+    }
+    assert_eq!(decrypts(&env, &acme), before);
+
+    // A record copied to another tenant fails at KMS (encryption context) and is not served.
+    let mut data = store_json(&env);
+    let mut moved = data["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == acme.as_str())
+        .unwrap()
+        .clone();
+    moved["tenant"] = "thief".into();
+    data["keys"].as_array_mut().unwrap().push(moved);
+    let tmp = env.store_path().with_extension("edit");
+    std::fs::write(&tmp, serde_json::to_vec(&data).unwrap()).unwrap();
+    std::fs::rename(&tmp, env.store_path()).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), async || {
+            chat(&s.data, "thief").await.code() == "key_unavailable"
+        })
+        .await,
+        "a moved record must not decrypt: {}",
+        s.logs()
+    );
+    assert!(s.logs().contains("failed to decrypt"), "{}", s.logs());
+    assert!(
+        audit_lines(&env)
+            .iter()
+            .any(|l| l["event"] == "key_decrypt" && l["tenant"] == "thief" && l["ok"] == false)
+    );
+    data["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|r| r["tenant"] != "thief");
+    std::fs::write(&tmp, serde_json::to_vec(&data).unwrap()).unwrap();
+    std::fs::rename(&tmp, env.store_path()).unwrap();
+
+    // Start the outage right after acme's key was (re)decrypted, so it is warm.
+    let n0 = decrypts(&env, &acme);
+    assert!(
+        eventually(Duration::from_secs(6), async || {
+            chat(&s.data, "acme").await;
+            decrypts(&env, &acme) > n0
+        })
+        .await
+    );
+
+    // The KMS freezes (SIGSTOP: connections hang, like a slow or partitioned KMS).
+    signal(&moto.child, "STOP");
+    let t = Instant::now();
+    let got = chat(&s.data, "cold").await;
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(got.code(), "key_unavailable");
+    assert!(got.headers.contains_key("retry-after"));
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "a cold miss must fail fast, took {:?}",
+        t.elapsed()
+    );
+    // Fails at once while cooling down, without waiting on the KMS again.
+    let t = Instant::now();
+    assert_eq!(chat(&s.data, "cold").await.code(), "key_unavailable");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    // Warm keys keep serving, also past their TTL (3s) inside the stale window.
+    assert_eq!(chat(&s.data, "acme").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let got = chat(&s.data, "acme").await;
+    assert_eq!(got.status, 200, "stale key must serve: {}", got.text());
+    assert_eq!(
+        up.last().headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+    // The KMS comes back: byokd recovers by itself.
+    signal(&moto.child, "CONT");
+    assert!(
+        eventually(Duration::from_secs(8), async || {
+            chat(&s.data, "cold").await.status == 200
+        })
+        .await,
+        "no recovery after the KMS came back: {}",
+        s.logs()
+    );
+    assert!(decrypts(&env, &cold) >= 1);
+
+    // Rotation: a stream in flight finishes on the old version, new requests get the new one.
+    let stream = {
+        let base = s.data.clone();
+        tokio::spawn(async move {
+            send(
+                &client(),
+                request(
+                    "POST",
+                    &format!("{base}/v1/chat/completions"),
+                    &[
+                        ("x-tenant-id", "acme"),
+                        ("x-fake-pace-ms", "150"),
+                        ("x-fake-events", "8"),
+                    ],
+                    r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+                ),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = ok(byokd_env(
+        &env.config_path,
+        &["keys", "rotate", "--tenant", "acme", "--provider", "openai"],
+        Some(CANARY_2),
+        AWS_ENV,
+    ));
+    assert!(out.contains("v2") && out.contains("v1 retired"), "{out}");
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            chat(&s.data, "acme").await.status == 200
+                && up.last().headers["authorization"] == format!("Bearer {CANARY_2}").as_str()
+        })
+        .await,
+        "rotation did not take effect within 2s"
+    );
+    let streamed = stream.await.unwrap();
+    assert_eq!(streamed.status, 200);
+    assert_eq!(streamed.text().matches("chat.completion.chunk").count(), 8);
+
+    // Master-key rotation: a new KMS key behind the alias, `keys rewrap` under load.
+    let key_b = moto.create_key().await;
+    moto.alias("alias/byokd", &key_b).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU32::new(0));
+    let sent = Arc::new(AtomicU32::new(0));
+    let mut load = Vec::new();
+    for tenant in ["acme", "burst", "cold"] {
+        let (stop, failures, sent, base) =
+            (stop.clone(), failures.clone(), sent.clone(), s.data.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if chat(&base, tenant).await.status != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = ok(byokd_env(
+        &env.config_path,
+        &["keys", "rewrap"],
+        None,
+        AWS_ENV,
+    ));
+    assert!(out.contains("rewrapped 4"), "{out}");
+    tokio::time::sleep(Duration::from_secs(4)).await; // past the TTL: re-decrypt under key B
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during rewrap"
+    );
+    assert!(sent.load(Ordering::Relaxed) > 20);
+    for r in store_json(&env)["keys"].as_array().unwrap() {
+        if r["state"] != "revoked" {
+            assert_eq!(r["kek_id"], key_b.as_str(), "{r}");
+        }
+    }
+    let rewraps = audit_lines(&env)
+        .iter()
+        .filter(|l| l["event"] == "key_rewrap")
+        .count();
+    assert_eq!(rewraps, 4);
+
+    // Revocation stops use within 2 seconds.
+    ok(byokd_env(
+        &env.config_path,
+        &["keys", "revoke", &acme],
+        None,
+        AWS_ENV,
+    ));
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            chat(&s.data, "acme").await.code() == "no_key"
+        })
+        .await
+    );
+
+    // No key material anywhere byokd writes.
+    let m = metrics(admin).await;
+    let audit = std::fs::read_to_string(env.dir.path().join("audit.jsonl")).unwrap();
+    let store_text = std::fs::read_to_string(env.store_path()).unwrap();
+    for (what, text) in [
+        ("logs", s.logs()),
+        ("metrics", m),
+        ("audit", audit),
+        ("store", store_text),
+    ] {
+        for canary in [CANARY_OPENAI, CANARY_2, "canary"] {
+            assert!(!text.contains(canary), "{canary} leaked into {what}");
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The shared PostgreSQL store with two real `byokd` replicas on the local server: a key or
+//! token added, rotated or revoked through one replica's admin API takes effect on the other
+//! within 2 seconds (LISTEN/NOTIFY); with its database link cut, a replica keeps serving its
+//! cached keys, refuses management calls cleanly, and catches up by itself when the link
+//! returns. Rows hold ciphertext only.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::bin::*;
+use common::*;
+use sha2::Digest;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn pg_config(upstream: &str, url: &str) -> String {
+    format!(
+        r#"admin: {{ token_sha256: "{}" }}
+identity:
+  - header: {{ name: x-tenant-id }}
+  - bearer: {{}}
+kms:
+  local: {{ keks: {{ k1: kek-k1 }}, active: k1 }}
+store:
+  postgres: {{ url: "{url}" }}
+audit: {{ file: audit.jsonl }}
+providers:
+  openai: {{ kind: openai, base_url: "{upstream}" }}
+"#,
+        hex::encode(sha2::Sha256::digest(ADMIN_TOKEN))
+    )
+}
+
+/// A TCP forwarder to PostgreSQL that the test can cut and restore, to take the database
+/// away from one replica without stopping the machine's server.
+struct Link {
+    port: u16,
+    accept: Mutex<Option<JoinHandle<()>>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Link {
+    async fn new() -> Link {
+        let l = Link {
+            port: free_port(),
+            accept: Mutex::new(None),
+            conns: Arc::default(),
+        };
+        l.restore().await;
+        l
+    }
+
+    async fn restore(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let conns = self.conns.clone();
+        *self.accept.lock().unwrap() = Some(tokio::spawn(async move {
+            while let Ok((mut a, _)) = listener.accept().await {
+                conns.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut b) = TcpStream::connect("127.0.0.1:5432").await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                }));
+            }
+        }));
+    }
+
+    fn cut(&self) {
+        if let Some(h) = self.accept.lock().unwrap().take() {
+            h.abort();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+async fn chat(base: &str, tenant: &str) -> Got {
+    send(
+        &client(),
+        request(
+            "POST",
+            &format!("{base}/v1/chat/completions"),
+            &[("x-tenant-id", tenant)],
+            CHAT,
+        ),
+    )
+    .await
+}
+
+async fn admin(s: &Served, method: &str, path: &str, body: &str) -> Got {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    send(
+        &client(),
+        request(
+            method,
+            &format!("http://{}{path}", s.admin),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body,
+        ),
+    )
+    .await
+}
+
+async fn eventually(within: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if f().await {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_the_postgres_store() {
+    let db = PgDb::create().await;
+    let link = Link::new().await;
+    let up = fake_upstream().await;
+    let env_a = Env::new(&pg_config(&up.url(), &db.url));
+    // Replica B shares the database (through a link the test can cut) and the KEK file.
+    let via_link = format!("postgres://postgres@127.0.0.1:{}/{}", link.port, db.name);
+    let env_b = Env::new(&pg_config(&up.url(), &via_link));
+    let a = serve_env(&env_a, "a", &[]).await;
+    std::fs::copy(
+        env_a.dir.path().join("kek-k1"),
+        env_b.dir.path().join("kek-k1"),
+    )
+    .unwrap();
+    let b = serve_env(&env_b, "b", &[]).await;
+
+    // Add through A's admin API; B serves it within 2 seconds.
+    let body = format!(
+        r#"{{"tenant":"acme","provider":"openai","secret":"{CANARY_OPENAI}","label":"prod"}}"#
+    );
+    let got = admin(&a, "POST", "/admin/keys", &body).await;
+    assert_eq!(got.status, 201, "{}", got.text());
+    let id = got.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(got.json()["masked"], "sk-...e5f6");
+    let took = eventually(Duration::from_secs(2), async || {
+        chat(&b.data, "acme").await.status == 200
+    })
+    .await;
+    assert!(took.is_some(), "B never saw the key: {}", b.logs());
+    assert_eq!(
+        up.last().headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+
+    // A token issued on B works on A.
+    let got = admin(&b, "POST", "/admin/tokens", r#"{"tenant":"acme"}"#).await;
+    assert_eq!(got.status, 201, "{}", got.text());
+    let token = got.json()["token"].as_str().unwrap().to_string();
+    let bearer = format!("Bearer {token}");
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            send(
+                &client(),
+                request(
+                    "POST",
+                    &format!("{}/v1/chat/completions", a.data),
+                    &[("authorization", &bearer)],
+                    CHAT,
+                ),
+            )
+            .await
+            .status
+                == 200
+        })
+        .await
+        .is_some()
+    );
+
+    // Revoke on A: B stops using the key within 2 seconds.
+    let got = admin(&a, "DELETE", &format!("/admin/keys/{id}"), "").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let took = eventually(Duration::from_secs(2), async || {
+        chat(&b.data, "acme").await.code() == "no_key"
+    })
+    .await;
+    assert!(took.is_some(), "revoke did not reach B: {}", b.logs());
+
+    // The database link of B goes down.
+    let body = r#"{"tenant":"beta","provider":"openai","secret":"sk-beta-0123456789abcdefghij"}"#;
+    assert_eq!(admin(&a, "POST", "/admin/keys", body).await.status, 201);
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            chat(&b.data, "beta").await.status == 200
+        })
+        .await
+        .is_some()
+    );
+    link.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cached keys keep serving.
+    for _ in 0..5 {
+        assert_eq!(chat(&b.data, "beta").await.status, 200);
+    }
+    // A management call on B fails cleanly, nothing half-written.
+    let body = r#"{"tenant":"gamma","provider":"openai","secret":"sk-gamma-0123456789abcdefghi"}"#;
+    let got = admin(&b, "POST", "/admin/keys", body).await;
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(got.json()["error"]["code"], "unavailable");
+    // Meanwhile A registers a key; B catches up once its link returns.
+    let body = r#"{"tenant":"late","provider":"openai","secret":"sk-late-0123456789abcdefghijk"}"#;
+    assert_eq!(admin(&a, "POST", "/admin/keys", body).await.status, 201);
+    // A tenant exists once it has a key: B does not know `late` yet.
+    assert_eq!(chat(&b.data, "late").await.code(), "unknown_tenant");
+    link.restore().await;
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            chat(&b.data, "late").await.status == 200
+        })
+        .await
+        .is_some(),
+        "B did not catch up after the link returned: {}",
+        b.logs()
+    );
+    assert!(b.logs().contains("PostgreSQL unavailable"), "{}", b.logs());
+
+    // Rotation through the admin API, seen by the other replica.
+    let late_id = admin(&a, "GET", "/admin/keys?tenant=late", "").await.json()["keys"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let got = admin(
+        &b,
+        "POST",
+        &format!("/admin/keys/{late_id}/rotate"),
+        r#"{"secret":"sk-late-ROTATED-0123456789abcd"}"#,
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["version"], 2);
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            chat(&a.data, "late").await.status == 200
+                && up.last().headers["authorization"] == "Bearer sk-late-ROTATED-0123456789abcd"
+        })
+        .await
+        .is_some()
+    );
+
+    // The rows: the same records as the file store, ciphertext only.
+    let c = db.client().await;
+    let rows = c
+        .query(
+            "SELECT id, version, tenant, state, kek_id, masked, \
+             (wrapped_dek || nonce || ciphertext) FROM byokd_keys ORDER BY tenant, version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let dump: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} {} {} {}",
+                r.get::<_, String>(0),
+                r.get::<_, i32>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4),
+                r.get::<_, String>(5),
+                r.get::<_, String>(6)
+            )
+        })
+        .collect();
+    assert_eq!(rows.len(), 4, "{dump:#?}");
+    assert!(
+        dump.iter()
+            .any(|d| d.contains(" late ") && d.contains(" retired "))
+    );
+    let all = dump.join("\n");
+    for secret in [CANARY_OPENAI, "canary", "sk-late-ROTATED"] {
+        assert!(!all.contains(secret), "{secret} in the rows");
+    }
+    for s in [&a, &b] {
+        assert!(!s.logs().contains("canary"), "{}", s.logs());
+    }
+    drop(c);
+}
