@@ -217,10 +217,14 @@ async fn route(
     };
     // Read-your-writes: the change serves from this replica at once, not at the next
     // watcher event or notification.
-    if parts.method != Method::GET
-        && let Err(e) = proxy.keyring.reload().await
-    {
-        tracing::warn!(error = %e, "reload after an admin change failed; the watcher will retry");
+    if parts.method != Method::GET {
+        match proxy.keyring.reload().await {
+            Ok(()) => proxy
+                .metrics
+                .key_expiry(&proxy.keyring.snapshot(), crate::keys::unix_now()),
+            Err(e) => tracing::warn!(error = %e,
+                "reload after an admin change failed; the watcher will retry"),
+        }
     }
     Ok(out)
 }

@@ -1,5 +1,5 @@
 //! The official `openai` and `anthropic` Python SDKs against the real `byokd` binary and the
-//! fake provider. Needs `pip install -r tests/sdk/requirements.txt` (`.ci/test` does it).
+//! fake provider. Needs `pip install -r tests/requirements.txt` (`.ci/test` does it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -404,6 +404,7 @@ pub fn listen(
 
 async fn reload(keyring: &Keyring, metrics: &Metrics) -> Result<(), KeyError> {
     keyring.reload().await?;
+    metrics.key_expiry(&keyring.snapshot(), super::unix_now());
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     Ok(())
 }
