@@ -317,3 +317,85 @@ async fn config_check_and_kek_generate() {
     );
     assert!(!again.status.success(), "must refuse to overwrite a KEK");
 }
+
+#[tokio::test]
+async fn keys_add_and_rotate_verify_the_key_live_first() {
+    let up = fake_upstream().await;
+    let env = Env::new(&config_yaml(&up.url(), ""));
+    let cfg = env.config_path.clone();
+    let add = |secret: &'static str| {
+        let cfg = cfg.clone();
+        move || {
+            byokd(
+                &cfg,
+                &[
+                    "keys",
+                    "add",
+                    "--tenant",
+                    "acme",
+                    "--provider",
+                    "openai",
+                    "--verify",
+                ],
+                Some(secret),
+            )
+        }
+    };
+    // The provider refuses this key: nothing is stored, the message says why.
+    let out = tokio::task::spawn_blocking(add("sk-rejected-0123456789abcdef"))
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("provider rejected the key (HTTP 401)"),
+        "{err}"
+    );
+    assert!(!err.contains("0123456789abcdef"), "{err}");
+    let seen = up.last();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("GET", "/v1/models")
+    );
+    let list = ok(byokd(&cfg, &["keys", "list", "--json"], None));
+    assert_eq!(list.trim(), "[]");
+    // A key the provider accepts is stored; rotation checks the new one too.
+    let out = tokio::task::spawn_blocking(add("sk-good-0123456789abcdefghij"))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotate = |secret: &'static str| {
+        let cfg = cfg.clone();
+        move || {
+            byokd(
+                &cfg,
+                &[
+                    "keys",
+                    "rotate",
+                    "--tenant",
+                    "acme",
+                    "--provider",
+                    "openai",
+                    "--verify",
+                ],
+                Some(secret),
+            )
+        }
+    };
+    let out = tokio::task::spawn_blocking(rotate("sk-rejected-rotation-012345"))
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let out = tokio::task::spawn_blocking(rotate("sk-good-rotation-0123456789"))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("v2 (v1 retired)"),
+        "{text}"
+    );
+}
