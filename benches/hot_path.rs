@@ -94,6 +94,11 @@ fn request(headers: &[(&str, &str)]) -> http::request::Parts {
 }
 
 fn bench(c: &mut Criterion) {
+    // The app in the same pod: a loopback peer, no client certificate.
+    let peer = byokd::accept::Peer {
+        addr: ([127, 0, 0, 1], 50000).into(),
+        client_cert: None,
+    };
     let (_dir, cfg, keyring, token) = setup();
     let openai = cfg.providers[cfg.provider_index("openai").unwrap()].clone();
     let by_header = request(&[
@@ -109,10 +114,26 @@ fn bench(c: &mut Criterion) {
         b.iter(|| route(&cfg, black_box("/v1/chat/completions")).unwrap())
     });
     c.bench_function("identify/header", |b| {
-        b.iter(|| identify(&cfg, &keyring.snapshot(), black_box(&by_header.headers)).unwrap())
+        b.iter(|| {
+            identify(
+                &cfg,
+                &keyring.snapshot(),
+                black_box(&by_header.headers),
+                &peer,
+            )
+            .unwrap()
+        })
     });
     c.bench_function("identify/bearer_sha256", |b| {
-        b.iter(|| identify(&cfg, &keyring.snapshot(), black_box(&by_token.headers)).unwrap())
+        b.iter(|| {
+            identify(
+                &cfg,
+                &keyring.snapshot(),
+                black_box(&by_token.headers),
+                &peer,
+            )
+            .unwrap()
+        })
     });
     c.bench_function("credential/warm_cache", |b| {
         b.iter(|| {
@@ -138,7 +159,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut p = by_header.clone();
                 let r = route(&cfg, p.uri.path()).unwrap();
-                let tenant = identify(&cfg, &keyring.snapshot(), &p.headers).unwrap();
+                let tenant = identify(&cfg, &keyring.snapshot(), &p.headers, &peer).unwrap();
                 let policy = cfg.policy(&tenant);
                 let provider = &cfg.providers[policy.default_provider];
                 let cred =

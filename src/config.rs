@@ -254,11 +254,40 @@ pub struct MetricsFile {
 
 // ---------- the validated runtime config ----------
 
+/// Which peers the tenant header is believed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderTrust {
+    /// Only from a loopback peer (the app in the same pod): the default.
+    Loopback,
+    /// Only on a connection with a verified client certificate.
+    Mtls,
+    /// From anyone who can reach the listener.
+    Any,
+}
+
+/// How the tenant is read from a verified client certificate.
+#[derive(Debug, Clone)]
+pub enum CertTenant {
+    /// A URI SAN starting with this prefix; the rest is the tenant (SPIFFE IDs).
+    UriSanPrefix(String),
+    /// The subject common name.
+    SubjectCn,
+}
+
 /// Where the tenant id may come from, in the order they are tried.
 #[derive(Debug, Clone)]
 pub enum IdentitySource {
-    Header { name: http::HeaderName },
+    Header {
+        name: http::HeaderName,
+        only_from: HeaderTrust,
+    },
     Bearer,
+    Mtls(CertTenant),
+    /// Not a tenant source: enables the end user's own key for tenants that allow it.
+    Passthrough {
+        key_header: http::HeaderName,
+        provider_header: http::HeaderName,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +334,8 @@ pub struct TenantPolicy {
     pub allowed: u64,
     /// Use `_platform` keys when the tenant has none for a provider.
     pub platform_fallback: bool,
+    /// The tenant's end users may send their own key (`passthrough` identity source).
+    pub passthrough: bool,
 }
 
 impl TenantPolicy {
@@ -359,6 +390,7 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub admin_token_sha256: Option<[u8; 32]>,
     pub identity: Vec<IdentitySource>,
+    pub tls: Option<crate::tls::TlsFiles>,
     pub kms: KmsConfig,
     pub store: StoreConfig,
     pub key_cache: KeyCacheConfig,
@@ -437,9 +469,11 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             "not available in this version of byokd yet (see the roadmap in README.md)".into(),
         )
     };
-    if file.tls.is_some() {
-        return Err(not_yet("tls"));
-    }
+    let tls = file.tls.as_ref().map(|t| crate::tls::TlsFiles {
+        cert: resolve(&t.cert),
+        key: resolve(&t.key),
+        client_ca: t.client_ca.as_deref().map(resolve),
+    });
     if file.shared_state.is_some() {
         return Err(not_yet("shared_state"));
     }
@@ -554,11 +588,13 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             }
             None => base.is_some_and(|b| b.platform_fallback),
         };
+        let passthrough = pf
+            .passthrough
+            .unwrap_or_else(|| base.is_some_and(|b| b.passthrough));
         for (k, present) in [
             ("limits", pf.limits.is_some()),
             ("budget", pf.budget.is_some()),
             ("failover", pf.failover.is_some()),
-            ("passthrough", pf.passthrough.is_some()),
         ] {
             if present {
                 return Err(not_yet(&format!("{field}.{k}")));
@@ -568,6 +604,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             default_provider,
             allowed,
             platform_fallback,
+            passthrough,
         })
     };
     let defaults = policy("defaults", &file.defaults, None)?;
@@ -583,10 +620,15 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         tenants.insert(Arc::<str>::from(name.as_str()), p);
     }
 
+    let header_name = |field: &str, n: &str| {
+        http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+            .map_err(|_| invalid(field, format!("`{n}` is not a header name")))
+    };
     let identity = match &file.identity {
         None => vec![
             IdentitySource::Header {
                 name: http::HeaderName::from_static("x-tenant-id"),
+                only_from: HeaderTrust::Loopback,
             },
             IdentitySource::Bearer,
         ],
@@ -596,29 +638,72 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 let field = format!("identity[{i}]");
                 out.push(match src {
                     IdentityFile::Header(h) => {
-                        if h.only_from.is_some() {
-                            return Err(not_yet(&format!("{field}.header.only_from")));
+                        let only_from = match h.only_from.as_deref() {
+                            None | Some("loopback") => HeaderTrust::Loopback,
+                            Some("mtls") => HeaderTrust::Mtls,
+                            Some("any") => HeaderTrust::Any,
+                            Some(o) => {
+                                return Err(invalid(
+                                    &format!("{field}.header.only_from"),
+                                    format!("`{o}`: use loopback, mtls or any"),
+                                ));
+                            }
+                        };
+                        if only_from == HeaderTrust::Mtls
+                            && file.tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+                        {
+                            return Err(invalid(
+                                &format!("{field}.header.only_from"),
+                                "`mtls` needs tls.client_ca (client certificates)".into(),
+                            ));
                         }
                         IdentitySource::Header {
-                            name: http::HeaderName::from_bytes(
-                                h.name.to_ascii_lowercase().as_bytes(),
-                            )
-                            .map_err(|_| {
-                                invalid(&field, format!("`{}` is not a header name", h.name))
-                            })?,
+                            name: header_name(&field, &h.name)?,
+                            only_from,
                         }
                     }
                     IdentityFile::Bearer(_) => IdentitySource::Bearer,
-                    IdentityFile::Mtls(_) => return Err(not_yet(&format!("{field}.mtls"))),
-                    IdentityFile::Passthrough(_) => {
-                        return Err(not_yet(&format!("{field}.passthrough")));
+                    IdentityFile::Mtls(m) => {
+                        if file.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                            return Err(invalid(
+                                &format!("{field}.mtls"),
+                                "the mtls source needs tls.cert, tls.key and tls.client_ca".into(),
+                            ));
+                        }
+                        match (&m.uri_san_prefix, m.subject_cn) {
+                            (Some(p), None | Some(false)) if !p.is_empty() => {
+                                IdentitySource::Mtls(CertTenant::UriSanPrefix(p.clone()))
+                            }
+                            (None, Some(true)) => IdentitySource::Mtls(CertTenant::SubjectCn),
+                            _ => {
+                                return Err(invalid(
+                                    &format!("{field}.mtls"),
+                                    "set exactly one of uri_san_prefix (e.g. \
+                                     \"spiffe://example.org/tenant/\") or subject_cn: true"
+                                        .into(),
+                                ));
+                            }
+                        }
                     }
+                    IdentityFile::Passthrough(p) => IdentitySource::Passthrough {
+                        key_header: header_name(
+                            &field,
+                            p.key_header.as_deref().unwrap_or("x-user-api-key"),
+                        )?,
+                        provider_header: header_name(
+                            &field,
+                            p.provider_header.as_deref().unwrap_or("x-user-provider"),
+                        )?,
+                    },
                 });
             }
-            if out.is_empty() {
+            if !out
+                .iter()
+                .any(|s| !matches!(s, IdentitySource::Passthrough { .. }))
+            {
                 return Err(invalid(
                     "identity",
-                    "list at least one identity source".into(),
+                    "list at least one source that names the tenant (header, bearer, mtls)".into(),
                 ));
             }
             out
@@ -627,16 +712,21 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
 
     let listen = file.listen.unwrap_or(([127, 0, 0, 1], 8787).into());
     if !listen.ip().is_loopback()
-        && identity
-            .iter()
-            .any(|s| matches!(s, IdentitySource::Header { .. }))
+        && identity.iter().any(|s| {
+            matches!(
+                s,
+                IdentitySource::Header {
+                    only_from: HeaderTrust::Any,
+                    ..
+                }
+            )
+        })
     {
         return Err(invalid(
             "identity",
             format!(
-                "the header source trusts the tenant header as-is, so it is only allowed on a \
-                 loopback listener, and `listen` is {listen}; listen on 127.0.0.1 (sidecar) or \
-                 use bearer tokens"
+                "`only_from: any` trusts the tenant header from anyone, and `listen` is \
+                 {listen}, not loopback; use only_from: loopback or mtls, or bearer tokens"
             ),
         ));
     }
@@ -813,6 +903,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         admin_listen: file.admin.listen.unwrap_or(([127, 0, 0, 1], 9787).into()),
         admin_token_sha256,
         identity,
+        tls,
         kms,
         store,
         audit,
@@ -912,8 +1003,8 @@ mod tests {
     #[test]
     fn planned_keys_are_refused_not_ignored() {
         for y in [
-            "tls: { cert: a, key: b }\n",
             "shared_state: { redis: { url: x } }\n",
+            "defaults: { limits: { requests_per_minute: 1 } }\n",
         ] {
             let err = parse(y).unwrap_err().to_string();
             assert!(err.contains("not available in this version"), "{y}: {err}");
@@ -921,9 +1012,39 @@ mod tests {
     }
 
     #[test]
-    fn header_identity_needs_a_loopback_listener() {
-        let err = parse("listen: 0.0.0.0:8787\n").unwrap_err().to_string();
+    fn header_identity_trusted_from_anyone_needs_a_loopback_listener() {
+        // The default header source believes loopback peers only, checked per request.
+        assert!(parse("listen: 0.0.0.0:8787\n").is_ok());
+        let any = "identity: [ { header: { name: x-tenant-id, only_from: any } } ]\n";
+        let err = parse(&format!("listen: 0.0.0.0:8787\n{any}"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("loopback"), "{err}");
+        assert!(parse(any).is_ok());
+        let err = parse("identity: [ { header: { only_from: mtls } } ]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client_ca"), "{err}");
+        let err = parse("identity: [ { mtls: { subject_cn: true } } ]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client_ca"), "{err}");
+        let mtls = "tls: { cert: c, key: k, client_ca: ca }\n";
+        let err = parse(&format!("{mtls}identity: [ {{ mtls: {{}} }} ]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one"), "{err}");
+        let c = parse(&format!(
+            "{mtls}identity: [ {{ mtls: {{ uri_san_prefix: \"spiffe://x/t/\" }} }}, {{ passthrough: {{}} }} ]\n"
+        ))
+        .unwrap();
+        assert!(
+            matches!(&c.identity[0], IdentitySource::Mtls(CertTenant::UriSanPrefix(p)) if p == "spiffe://x/t/")
+        );
+        let err = parse("identity: [ { passthrough: {} } ]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("names the tenant"), "{err}");
         assert!(parse("listen: 0.0.0.0:8787\nidentity: [ { bearer: {} } ]\n").is_ok());
         let err = parse("tenants:\n  _platform: {}\n")
             .unwrap_err()

@@ -50,6 +50,10 @@ pub enum AdmitError {
 pub enum CredentialError {
     #[error("no key registered for provider `{0}` for this tenant")]
     NoKey(String),
+    #[error("this tenant's end users may not send their own key")]
+    PassthroughNotAllowed,
+    #[error("the user key header is invalid: {0}")]
+    BadUserKey(String),
     #[error("the key could not be decrypted right now; retry shortly")]
     Unavailable {
         retry_after: u64,
@@ -119,6 +123,8 @@ pub enum Code {
     BodyTooLarge,
     HeadersTooLarge,
     KeyUnavailable,
+    PassthroughNotAllowed,
+    InvalidUserKey,
     ClientClosed,
     UpstreamUnreachable,
     UpstreamTimeout,
@@ -136,6 +142,8 @@ impl Code {
             Self::BodyTooLarge => "body_too_large",
             Self::HeadersTooLarge => "headers_too_large",
             Self::KeyUnavailable => "key_unavailable",
+            Self::PassthroughNotAllowed => "passthrough_not_allowed",
+            Self::InvalidUserKey => "invalid_user_key",
             Self::ClientClosed => "client_closed",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -151,6 +159,8 @@ impl Code {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::KeyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PassthroughNotAllowed => StatusCode::FORBIDDEN,
+            Self::InvalidUserKey => StatusCode::BAD_REQUEST,
             Self::ClientClosed => StatusCode::BAD_REQUEST,
             Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -173,6 +183,8 @@ impl ProxyError {
             Self::Identify(IdentifyError::Conflict) => Code::IdentityConflict,
             Self::Admit(AdmitError::ProviderNotAllowed(_)) => Code::ProviderNotAllowed,
             Self::Credential(CredentialError::NoKey(_)) => Code::NoKey,
+            Self::Credential(CredentialError::PassthroughNotAllowed) => Code::PassthroughNotAllowed,
+            Self::Credential(CredentialError::BadUserKey(_)) => Code::InvalidUserKey,
             Self::Credential(CredentialError::Unavailable { .. }) => Code::KeyUnavailable,
             Self::Limit(LimitError::HeadersTooLarge) => Code::HeadersTooLarge,
             Self::Limit(LimitError::BodyTooLarge(_)) => Code::BodyTooLarge,
@@ -197,7 +209,11 @@ impl ProxyError {
     pub fn blame(&self) -> Blame {
         match self {
             Self::Route(_) | Self::Identify(_) | Self::Admit(_) | Self::Limit(_) => Blame::Client,
-            Self::Credential(CredentialError::NoKey(_)) => Blame::Client,
+            Self::Credential(
+                CredentialError::NoKey(_)
+                | CredentialError::PassthroughNotAllowed
+                | CredentialError::BadUserKey(_),
+            ) => Blame::Client,
             Self::Credential(CredentialError::Unavailable { .. }) => Blame::Internal,
             Self::Forward(
                 ForwardError::BadUpstreamRequest(_) | ForwardError::InvalidCredential,
@@ -268,6 +284,16 @@ mod tests {
                 403,
             ),
             (CredentialError::NoKey("x".into()).into(), "no_key", 403),
+            (
+                CredentialError::PassthroughNotAllowed.into(),
+                "passthrough_not_allowed",
+                403,
+            ),
+            (
+                CredentialError::BadUserKey("x".into()).into(),
+                "invalid_user_key",
+                400,
+            ),
             (
                 CredentialError::Unavailable {
                     retry_after: 2,

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, IdentitySource, reserved_tenant_id, valid_tenant_id};
+use crate::accept::Peer;
+use crate::config::{
+    CertTenant, Config, HeaderTrust, IdentitySource, reserved_tenant_id, valid_tenant_id,
+};
 use crate::error::IdentifyError;
 use crate::keys::store::Snapshot;
 
@@ -20,12 +23,28 @@ pub fn identify(
     cfg: &Config,
     snap: &Snapshot,
     headers: &HeaderMap,
+    peer: &Peer,
 ) -> Result<Arc<str>, IdentifyError> {
     let mut found: Option<Arc<str>> = None;
     for src in &cfg.identity {
         let t = match src {
-            IdentitySource::Header { name } => from_header(cfg, snap, headers, name)?,
+            IdentitySource::Header { name, only_from } => {
+                let trusted = match only_from {
+                    HeaderTrust::Loopback => peer.loopback(),
+                    HeaderTrust::Mtls => peer.client_cert.is_some(),
+                    HeaderTrust::Any => true,
+                };
+                // From a peer it does not trust, the header is not evidence of anything: it is
+                // ignored (and stripped before forwarding), never an error that probes it.
+                if trusted {
+                    from_header(cfg, snap, headers, name)?
+                } else {
+                    None
+                }
+            }
             IdentitySource::Bearer => from_token(snap, headers),
+            IdentitySource::Mtls(how) => from_cert(cfg, snap, peer, how)?,
+            IdentitySource::Passthrough { .. } => None,
         };
         match (&found, t) {
             (None, Some(t)) => found = Some(t),
@@ -55,6 +74,53 @@ fn from_header(
     canonical(cfg, snap, t)
         .map(Some)
         .ok_or(IdentifyError::UnknownTenant)
+}
+
+/// The tenant a verified client certificate names: a URI SAN under the configured prefix
+/// (a SPIFFE ID such as `spiffe://example.org/tenant/acme`) or the subject CN.
+fn from_cert(
+    cfg: &Config,
+    snap: &Snapshot,
+    peer: &Peer,
+    how: &CertTenant,
+) -> Result<Option<Arc<str>>, IdentifyError> {
+    let Some(cert) = &peer.client_cert else {
+        return Ok(None);
+    };
+    let t = match how {
+        CertTenant::UriSanPrefix(prefix) => cert
+            .uri_sans
+            .iter()
+            .find_map(|u| u.strip_prefix(prefix.as_str())),
+        CertTenant::SubjectCn => cert.common_name.as_deref(),
+    };
+    let Some(t) = t else {
+        return Ok(None);
+    };
+    if !valid_tenant_id(t) {
+        return Err(IdentifyError::BadTenantId);
+    }
+    if reserved_tenant_id(t) {
+        return Err(IdentifyError::UnknownTenant);
+    }
+    canonical(cfg, snap, t)
+        .map(Some)
+        .ok_or(IdentifyError::UnknownTenant)
+}
+
+/// The end user's own key for this one request (`passthrough`): the provider it is for and
+/// the key, if both headers are present. Never stored, cached or logged.
+pub fn user_key<'h>(cfg: &Config, headers: &'h HeaderMap) -> Option<(&'h [u8], &'h [u8])> {
+    cfg.identity.iter().find_map(|s| match s {
+        IdentitySource::Passthrough {
+            key_header,
+            provider_header,
+        } => Some((
+            headers.get(provider_header)?.as_bytes(),
+            headers.get(key_header)?.as_bytes(),
+        )),
+        _ => None,
+    })
 }
 
 /// The shared `Arc<str>` for a tenant name, so later steps never allocate it.

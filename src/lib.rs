@@ -28,4 +28,5 @@ pub mod rewrite;
 pub mod route;
 pub mod server;
 pub mod stream_usage;
+pub mod tls;
 pub mod usage;

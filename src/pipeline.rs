@@ -11,11 +11,12 @@ use http::{Request, Response};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::accept::Peer;
 use crate::admit::admit;
 use crate::config::{Config, IdentitySource};
-use crate::error::{LimitError, ProxyError};
+use crate::error::{CredentialError, LimitError, ProxyError};
 use crate::forward::{IdleTimeout, Upstream};
-use crate::identify::identify;
+use crate::identify::{identify, user_key};
 use crate::keys::{KeySource, Keyring};
 use crate::metrics::{Metrics, Recorder};
 use crate::provider::{ErrorShape, Provider};
@@ -96,9 +97,13 @@ impl Proxy {
         let tenant_headers = config
             .identity
             .iter()
-            .filter_map(|s| match s {
-                IdentitySource::Header { name } => Some(name.clone()),
-                IdentitySource::Bearer => None,
+            .flat_map(|s| match s {
+                IdentitySource::Header { name, .. } => vec![name.clone()],
+                IdentitySource::Passthrough {
+                    key_header,
+                    provider_header,
+                } => vec![key_header.clone(), provider_header.clone()],
+                IdentitySource::Bearer | IdentitySource::Mtls(_) => vec![],
             })
             .collect();
         Self {
@@ -111,7 +116,7 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: errors become provider-shaped responses.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let mut ctx = RequestCtx {
             id: RequestId::new(),
             started: Instant::now(),
@@ -119,7 +124,7 @@ impl Proxy {
             tenant: None,
             provider: None,
         };
-        match self.run(req, &mut ctx).await {
+        match self.run(req, peer, &mut ctx).await {
             Ok(resp) => resp,
             Err(e) => self.reject(&ctx, &e),
         }
@@ -147,6 +152,7 @@ impl Proxy {
     async fn run(
         &self,
         req: Request<Incoming>,
+        peer: &Peer,
         ctx: &mut RequestCtx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let cfg = &*self.config;
@@ -162,7 +168,7 @@ impl Proxy {
 
         // identify
         let snapshot = self.keyring.snapshot();
-        let tenant = identify(cfg, &snapshot, &parts.headers)?;
+        let tenant = identify(cfg, &snapshot, &parts.headers, peer)?;
         drop(snapshot);
         ctx.tenant = Some(tenant.clone());
         let policy = cfg.policy(&tenant);
@@ -182,12 +188,18 @@ impl Proxy {
             return Err(LimitError::BodyTooLarge(max_body).into());
         }
 
-        // credential
-        let credential = self
-            .keyring
-            .credential(&tenant, &provider, policy.platform_fallback, ctx.id)
-            .await?;
-        if let Some(c) = &credential {
+        // credential: the end user's own key if sent (and allowed), else the stored one.
+        let credential = match user_key(cfg, &parts.headers) {
+            Some((for_provider, key)) => {
+                Some(user_credential(policy, &provider, for_provider, key)?)
+            }
+            None => {
+                self.keyring
+                    .credential(&tenant, &provider, policy.platform_fallback, ctx.id)
+                    .await?
+            }
+        };
+        if let Some(c) = credential.as_ref().filter(|c| c.source != KeySource::User) {
             self.metrics
                 .key_lookup(&tenant, &provider.name, c.decrypted);
         }
@@ -308,6 +320,35 @@ impl Proxy {
         );
         resp
     }
+}
+
+/// A credential from the end user's key header: checked, used for this request, never kept.
+fn user_credential(
+    policy: &crate::config::TenantPolicy,
+    provider: &Provider,
+    for_provider: &[u8],
+    key: &[u8],
+) -> Result<crate::keys::Credential, CredentialError> {
+    if !policy.passthrough {
+        return Err(CredentialError::PassthroughNotAllowed);
+    }
+    if for_provider != provider.name.as_bytes() {
+        return Err(CredentialError::BadUserKey(format!(
+            "the user provider header must name the provider this route goes to, `{}`",
+            provider.name
+        )));
+    }
+    let key = std::str::from_utf8(key)
+        .map_err(|_| CredentialError::BadUserKey("not printable ASCII".into()))?;
+    provider
+        .check_key_format(key)
+        .map_err(CredentialError::BadUserKey)?;
+    Ok(crate::keys::Credential {
+        value: crate::keys::AuthValue::new(provider.auth_header().1, key.as_bytes()),
+        record: None,
+        source: KeySource::User,
+        decrypted: false,
+    })
 }
 
 fn declared_length(h: &http::HeaderMap) -> Option<u64> {

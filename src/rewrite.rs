@@ -145,26 +145,11 @@ mod tests {
     use crate::keys::{AuthValue, KeySource};
     use crate::provider::builtins;
     use crate::route::Target;
-    use std::sync::Arc;
 
     fn cred(prefix: &str) -> Credential {
         Credential {
             value: AuthValue::new(prefix, b"sk-provider-key-123456"),
-            record: Arc::new(crate::keys::store::KeyRecord {
-                id: "key_1".into(),
-                tenant: "t".into(),
-                provider: "p".into(),
-                label: None,
-                version: 1,
-                state: crate::keys::store::KeyState::Active,
-                created_at: 0,
-                expires_at: None,
-                masked: String::new(),
-                kek_id: String::new(),
-                wrapped_dek: String::new(),
-                nonce: String::new(),
-                ciphertext: String::new(),
-            }),
+            record: None,
             source: KeySource::Tenant,
             decrypted: false,
         }

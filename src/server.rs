@@ -37,6 +37,8 @@ pub enum StartError {
     },
     #[error("cannot watch the store: {0}")]
     Watch(#[from] notify::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("usage ledger: {0}")]
     Ledger(#[from] crate::ledger::LedgerError),
 }
@@ -85,6 +87,7 @@ pub struct Running {
     sweeper: JoinHandle<()>,
     admin: Arc<Admin>,
     _watch: Watch,
+    _tls: Option<crate::tls::ServerTls>,
 }
 
 /// What keeps the snapshot fresh: a file watcher or a PostgreSQL listener.
@@ -224,17 +227,30 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (stop_data, data_rx) = watch::channel(false);
     let (stop_admin, admin_rx) = watch::channel(false);
     let admin = Arc::new(Admin {
-        metrics,
+        metrics: metrics.clone(),
         proxy: proxy.clone(),
         ready: false.into(),
     });
     let p = proxy.clone();
+    let tls = match &cfg.tls {
+        Some(files) => {
+            let m = metrics.clone();
+            Some(crate::tls::server(files, move |ok| {
+                m.config_reloads
+                    .with_label_values(&[if ok { "ok" } else { "error" }])
+                    .inc();
+            })?)
+        }
+        None => None,
+    };
     let data_task = tokio::spawn(accept::serve(
         data_listener,
         accept::data_builder(&cfg.limits),
-        move |req| {
+        tls.as_ref()
+            .map(|t| (t.acceptor.clone(), cfg.limits.header_timeout)),
+        move |req, peer| {
             let p = p.clone();
-            async move { p.handle(req).await }
+            async move { p.handle(req, &peer).await }
         },
         data_rx,
         cfg.limits.drain_timeout,
@@ -243,7 +259,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let admin_task = tokio::spawn(accept::serve(
         admin_listener,
         accept::admin_builder(&cfg.limits),
-        move |req| {
+        None,
+        move |req, _peer| {
             let a = a.clone();
             async move { a.handle(req).await }
         },
@@ -267,5 +284,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         sweeper,
         admin,
         _watch: watch,
+        _tls: tls,
     })
 }

@@ -168,7 +168,15 @@ async fn aws_kms_envelopes_through_the_real_binary() {
         "a moved record must not decrypt: {}",
         s.logs()
     );
-    assert!(s.logs().contains("failed to decrypt"), "{}", s.logs());
+    // Logs go through a background writer: give the line a moment to land.
+    assert!(
+        eventually(Duration::from_secs(2), async || s
+            .logs()
+            .contains("failed to decrypt"))
+        .await,
+        "{}",
+        s.logs()
+    );
     assert!(
         audit_lines(&env)
             .iter()

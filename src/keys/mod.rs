@@ -93,6 +93,8 @@ impl KeyError {
 pub enum KeySource {
     Tenant,
     Platform,
+    /// The end user's own key, sent with the request (`passthrough`).
+    User,
     None,
 }
 
@@ -101,6 +103,7 @@ impl KeySource {
         match self {
             Self::Tenant => "tenant",
             Self::Platform => "platform",
+            Self::User => "user",
             Self::None => "none",
         }
     }
@@ -110,7 +113,8 @@ impl KeySource {
 #[derive(Debug, Clone)]
 pub struct Credential {
     pub value: AuthValue,
-    pub record: Arc<KeyRecord>,
+    /// The stored record, or `None` for an end user's own key.
+    pub record: Option<Arc<KeyRecord>>,
     pub source: KeySource,
     /// True when this request paid for a decryption (cache miss).
     pub decrypted: bool,
@@ -287,7 +291,7 @@ impl Keyring {
                 if age < self.policy.ttl {
                     return Ok(Some(Credential {
                         value: e.value.clone(),
-                        record,
+                        record: Some(record),
                         source,
                         decrypted: false,
                     }));
@@ -307,7 +311,7 @@ impl Keyring {
         {
             Ok((value, decrypted)) => Ok(Some(Credential {
                 value,
-                record,
+                record: Some(record),
                 source,
                 decrypted,
             })),
@@ -317,7 +321,7 @@ impl Keyring {
                     tracing::warn!(key_id = %record.id, error = %e, "KMS unavailable; serving a stale cached key");
                     Ok(Some(Credential {
                         value,
-                        record,
+                        record: Some(record),
                         source,
                         decrypted: false,
                     }))
