@@ -983,7 +983,11 @@ async fn revocation_and_new_keys_apply_live() {
 
 #[tokio::test]
 async fn platform_fallback_uses_the_platform_key() {
-    let h = Harness::new("tenants:\n  small: { fallback: [platform] }\n").await;
+    let h = Harness::new(&format!(
+        "pricing: {}/config/pricing.yaml\ntenants:\n  small: {{ fallback: [platform] }}\n  strict: {{ fallback: [] }}\n",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .await;
     h.env
         .add_key("_platform", "anthropic", "sk-ant-platform-0123456789")
         .await;
@@ -1003,6 +1007,28 @@ async fn platform_fallback_uses_the_platform_key() {
         h.up.last().headers["x-api-key"],
         "sk-ant-platform-0123456789"
     );
+    // Billed to the tenant, paid by the platform: key_source says so.
+    let m = metrics(h.byokd.admin_addr).await;
+    assert!(
+        m.lines().any(|l| l.starts_with("byokd_cost_usd_total")
+            && l.contains("tenant=\"small\"")
+            && l.contains("key_source=\"platform\"")),
+        "{m}"
+    );
+    // A tenant whose fallback is empty gets no_key, and nothing is sent.
+    let before = h.up.seen().len();
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &h.url("/anthropic/v1/messages"),
+            &[("x-tenant-id", "strict")],
+            MESSAGES,
+        ),
+    )
+    .await;
+    assert_eq!((got.status.as_u16(), got.code()), (403, "no_key"));
+    assert_eq!(h.up.seen().len(), before);
 }
 
 #[tokio::test]
