@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::keys::KeySource;
@@ -125,6 +125,14 @@ pub struct Metrics {
     /// This month's per-tenant totals, for the usage API.
     pub ledger: crate::ledger::Ledger,
     unpriced: IntCounterVec,
+    /// Units that are not tokens (`image`, `character`, `audio_second`): a separate series so
+    /// `byokd_tokens_total` keeps meaning tokens only and its types still add up.
+    units: CounterVec,
+    /// Successful responses of a metered endpoint where no usage was found: silent zeros made
+    /// visible (stream cut early, a provider without usage, a compressed body).
+    usage_missing: IntCounterVec,
+    /// The one-time log for an upstream that compressed despite `accept-encoding: identity`.
+    compressed_logged: std::sync::atomic::AtomicBool,
     /// (provider, model) pairs already logged as unpriced: one log line each, not one per request.
     unpriced_logged: DashMap<Box<str>, ()>,
     tenants: LabelCap,
@@ -194,6 +202,19 @@ impl Metrics {
             "Metered requests whose model has no price: tokens counted, cost unknown.",
             &["provider", "model"],
         )?;
+        let usage_missing = counter(
+            "byokd_usage_missing_total",
+            "Successful responses of a metered endpoint in which no usage was found, by reason: not_found, compressed.",
+            &["provider", "reason"],
+        )?;
+        let units = CounterVec::new(
+            Opts::new(
+                "byokd_usage_units_total",
+                "Usage in units other than tokens: image (images generated), character (text-to-speech input), audio_second (transcribed audio).",
+            ),
+            &["tenant", "provider", "model", "unit"],
+        )?;
+        registry.register(Box::new(units.clone()))?;
         let gen_ai_tokens = HistogramVec::new(
             HistogramOpts::new(
                 "gen_ai_client_token_usage",
@@ -279,6 +300,9 @@ impl Metrics {
             pricing,
             ledger,
             unpriced,
+            units,
+            usage_missing,
+            compressed_logged: std::sync::atomic::AtomicBool::new(false),
             unpriced_logged: DashMap::new(),
             tenants: LabelCap::new(max_tenants),
             models: LabelCap::new(max_tenants),
@@ -346,6 +370,33 @@ impl Metrics {
                     .inc_by(n);
             }
         }
+        for (unit, n) in [
+            ("image", usage.images as f64),
+            ("character", usage.characters as f64),
+            ("audio_second", usage.audio_ms as f64 / 1000.0),
+        ] {
+            if n > 0.0 {
+                self.units
+                    .with_label_values(&[t, provider, model, unit])
+                    .inc_by(n);
+            }
+        }
+        if r.status.is_success() && r.capability.expects_usage() && !usage.found {
+            let reason = if r.compressed {
+                "compressed"
+            } else {
+                "not_found"
+            };
+            self.usage_missing
+                .with_label_values(&[provider, reason])
+                .inc();
+            if r.compressed && !self.compressed_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    provider,
+                    "upstream answered with a compressed body despite accept-encoding: identity; it passes through unmetered (byokd_usage_missing_total{{reason=\"compressed\"}})"
+                );
+            }
+        }
         let elapsed = r.started.elapsed().as_secs_f64();
         if let Some(s) = self.per_provider.get(r.provider_idx) {
             s.duration.observe(elapsed);
@@ -370,7 +421,7 @@ impl Metrics {
             r.price.map(|p| p.cost_nanos(usage)),
             crate::keys::unix_now(),
         );
-        if usage.total() > 0 {
+        if usage.metered() {
             match r.price {
                 Some(p) => self
                     .cost
@@ -409,14 +460,31 @@ pub struct Recorder {
     pub key_source: KeySource,
     /// Set by `finish` from the pricing table, so `completed` sees one struct.
     pub price: Option<crate::pricing::Price>,
+    /// What the endpoint bills in; decides whether missing usage is worth counting.
+    pub capability: crate::usage::Capability,
+    /// The request's `model`, found in the first bytes of its body as it streamed upstream:
+    /// the label when the response names none (transcriptions, speech, cut streams).
+    pub request_model: Arc<std::sync::OnceLock<Box<str>>>,
+    /// Text-to-speech: characters of the request's `input`.
+    pub characters: u64,
+    /// The upstream sent a `content-encoding` other than identity: not scanned.
+    pub compressed: bool,
 }
 
 impl Recorder {
-    pub fn finish(mut self, usage: Usage, outcome: Outcome, bytes: u64) {
+    pub fn finish(mut self, mut usage: Usage, outcome: Outcome, bytes: u64) {
+        if usage.model.is_none() {
+            usage.model = self.request_model.get().map(|m| m.to_string());
+        }
+        if self.characters > 0 && self.status.is_success() {
+            usage.characters = self.characters;
+            usage.found = true;
+        }
         self.price = usage
             .model
             .as_deref()
-            .and_then(|m| self.metrics.pricing.price(&self.provider, m));
+            .and_then(|m| self.metrics.pricing.price(&self.provider, m))
+            .filter(|p| p.covers(&usage));
         self.metrics.completed(&self, &usage);
         tracing::info!(
             target: "byokd::access",

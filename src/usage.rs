@@ -49,6 +49,67 @@ pub struct Usage {
     pub model: Option<String>,
     /// Whether any usage object was seen.
     pub found: bool,
+    /// Images generated (image generation: the length of the response's `data` array).
+    pub images: u64,
+    /// Input characters (text-to-speech: the length of the request's `input`).
+    pub characters: u64,
+    /// Audio duration in milliseconds (transcription: `usage.seconds` or `duration`).
+    pub audio_ms: u64,
+}
+
+/// What an endpoint is billed in, from its path. Decides which scanner reads the response and
+/// whether a response without usage is worth counting as missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// Chat, completions, Responses API, messages, generateContent, embeddings, Ollama's
+    /// native API: tokens in the response.
+    Tokens,
+    /// `/images/generations`, `/images/edits`, `/images/variations`: images counted in the
+    /// response's `data` array (plus tokens where the model reports them, as gpt-image-1 does).
+    Images,
+    /// `/audio/speech`: input characters from the request; the response is audio.
+    Speech,
+    /// `/audio/transcriptions`, `/audio/translations`: `usage` (tokens or seconds) when the
+    /// response has it, else verbose_json's `duration`.
+    Transcription,
+    /// Anything else (model lists, files, batches): scanned, but no usage is expected.
+    Other,
+}
+
+impl Capability {
+    /// Classifies an upstream path (without query).
+    pub fn of_path(path: &str) -> Self {
+        const TOKENS: [&str; 9] = [
+            "/chat/completions",
+            "/completions",
+            "/responses",
+            "/embeddings",
+            "/messages",
+            ":generateContent",
+            ":streamGenerateContent",
+            "/api/chat",
+            "/api/generate",
+        ];
+        if TOKENS.iter().any(|s| path.ends_with(s)) || path.ends_with("/api/embed") {
+            Self::Tokens
+        } else if path.ends_with("/images/generations")
+            || path.ends_with("/images/edits")
+            || path.ends_with("/images/variations")
+        {
+            Self::Images
+        } else if path.ends_with("/audio/speech") {
+            Self::Speech
+        } else if path.ends_with("/audio/transcriptions") || path.ends_with("/audio/translations") {
+            Self::Transcription
+        } else {
+            Self::Other
+        }
+    }
+
+    /// Whether a successful response is expected to be metered.
+    pub fn expects_usage(self) -> bool {
+        !matches!(self, Self::Other)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +135,8 @@ struct RawUsage {
     thoughts_token_count: Option<u64>,
     #[serde(rename = "cachedContentTokenCount")]
     cached_content_token_count: Option<u64>,
+    // OpenAI transcription billed by duration: `{"type":"duration","seconds":9}`.
+    seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +175,9 @@ impl Usage {
                             &u.completion_tokens_details,
                         )
                     };
+                if let Some(sec) = u.seconds {
+                    self.audio_ms = seconds_to_ms(sec);
+                }
                 let cached = pd.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0);
                 let reasoning = cd.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0);
                 let prompt = prompt.unwrap_or(0);
@@ -161,6 +227,21 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.input + self.cached_input + self.cache_write + self.output + self.reasoning
     }
+
+    /// Whether anything billable was counted: tokens or another unit.
+    pub fn metered(&self) -> bool {
+        self.total() > 0 || self.images > 0 || self.characters > 0 || self.audio_ms > 0
+    }
+}
+
+/// Seconds as reported (possibly fractional) to whole milliseconds; negative or absurd
+/// values count as zero rather than wrapping.
+fn seconds_to_ms(s: f64) -> u64 {
+    if s.is_finite() && (0.0..1e12).contains(&s) {
+        (s * 1000.0).round() as u64
+    } else {
+        0
+    }
 }
 
 /// Incremental, synchronous and pure: fixtures can be fed in arbitrary chunks.
@@ -182,6 +263,32 @@ pub fn scanner_for(dialect: Dialect, content_type: Option<&[u8]>) -> Scanner {
         Scanner::Json(JsonScanner::new(dialect))
     } else {
         Scanner::Off
+    }
+}
+
+/// Picks the scanner for a response of `capability`: speech responses are audio (their units
+/// come from the request), image and transcription JSON bodies get their unit counters.
+pub fn scanner_for_capability(
+    dialect: Dialect,
+    capability: Capability,
+    content_type: Option<&[u8]>,
+) -> Scanner {
+    let json = content_type.is_some_and(|ct| {
+        memmem::find(ct, b"json").is_some() && memmem::find(ct, b"ndjson").is_none()
+    });
+    match capability {
+        Capability::Speech => Scanner::Off,
+        Capability::Images if json && dialect != Dialect::None => {
+            let mut s = JsonScanner::new(dialect);
+            s.images = Some(DataCounter::default());
+            Scanner::Json(s)
+        }
+        Capability::Transcription if json && dialect != Dialect::None => {
+            let mut s = JsonScanner::new(dialect);
+            s.transcription = true;
+            Scanner::Json(s)
+        }
+        _ => scanner_for(dialect, content_type),
     }
 }
 
@@ -207,6 +314,17 @@ impl UsageScanner for Scanner {
             Self::Sse(s) => s.finish(),
             Self::Json(s) => s.finish(),
             Self::Off => Usage::default(),
+        }
+    }
+}
+
+impl Scanner {
+    /// Bytes the scanner holds right now (buffer capacities): what the memory bound is about.
+    pub fn buffered(&self) -> usize {
+        match self {
+            Self::Sse(s) => s.buffered(),
+            Self::Json(s) => s.buffered(),
+            Self::Off => 0,
         }
     }
 }
@@ -267,6 +385,11 @@ impl SseScanner {
             gemini_last: Vec::new(),
             usage: Usage::default(),
         }
+    }
+
+    /// Bytes held now (capacity), for the memory-bound tests.
+    pub fn buffered(&self) -> usize {
+        self.partial.capacity() + self.gemini_last.capacity()
     }
 
     pub fn ndjson(dialect: Dialect) -> Self {
@@ -427,8 +550,18 @@ fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// The number value (integer or decimal) of object key `key`, if present.
+fn float_after(hay: &[u8], key: &[u8]) -> Option<f64> {
+    let at = usage_value_at(hay, key)?;
+    let len = hay[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+        .count();
+    std::str::from_utf8(&hay[at..at + len]).ok()?.parse().ok()
+}
+
 /// The string value of object key `key`, if present.
-fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+pub(crate) fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
     let at = usage_value_at(hay, key)?;
     serde_json::Deserializer::from_slice(&hay[at..])
         .into_iter::<String>()
@@ -520,12 +653,119 @@ impl UsageScanner for SseScanner {
     }
 }
 
+/// Counts the elements of the top-level `data` array of a JSON body (image generation) in one
+/// pass, without holding any of it: a byte state machine with a depth counter, no recursion,
+/// so hostile nesting costs nothing. Strings (multi-megabyte `b64_json`) are skipped with a
+/// SIMD search for the next quote or backslash.
+#[derive(Debug, Default, Clone)]
+pub struct DataCounter {
+    depth: u64,
+    in_string: bool,
+    escaped: bool,
+    /// The first bytes of the current depth-1 string (a key or a value), to spot `data`.
+    key: [u8; 4],
+    key_len: u8,
+    /// The depth-1 string just closed was exactly `data`.
+    key_is_data: bool,
+    /// `"data":` was seen; a `[` now opens the array counted.
+    after_data_colon: bool,
+    /// Depth of the elements of the `data` array while inside it (0 = not inside).
+    data_depth: u64,
+    count: u64,
+}
+
+impl DataCounter {
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    chunk = &chunk[1..];
+                    continue;
+                }
+                let Some(i) = memchr::memchr2(b'"', b'\\', chunk) else {
+                    self.key_bytes(chunk);
+                    return;
+                };
+                self.key_bytes(&chunk[..i]);
+                if chunk[i] == b'\\' {
+                    self.escaped = true;
+                } else {
+                    self.in_string = false;
+                    if self.depth == 1 {
+                        self.key_is_data = self.key_len == 4 && self.key == *b"data";
+                    }
+                }
+                chunk = &chunk[i + 1..];
+                continue;
+            }
+            let b = chunk[0];
+            chunk = &chunk[1..];
+            match b {
+                b'"' => {
+                    self.value_starts();
+                    self.in_string = true;
+                    self.key_len = 0;
+                    self.key_is_data = false;
+                }
+                b'{' | b'[' => {
+                    self.value_starts();
+                    let opens_data = b == b'[' && self.depth == 1 && self.after_data_colon;
+                    self.depth = self.depth.saturating_add(1);
+                    if opens_data {
+                        self.data_depth = self.depth;
+                    }
+                    self.after_data_colon = false;
+                }
+                b'}' | b']' => {
+                    if self.data_depth > 0 && self.depth == self.data_depth {
+                        self.data_depth = 0;
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                }
+                b':' if self.depth == 1 => self.after_data_colon = self.key_is_data,
+                b',' if self.depth == 1 => {
+                    self.key_is_data = false;
+                    self.after_data_colon = false;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A value begins at the current depth: inside `data`, that is one more element.
+    fn value_starts(&mut self) {
+        if self.data_depth > 0 && self.depth == self.data_depth {
+            self.count += 1;
+        }
+    }
+
+    fn key_bytes(&mut self, b: &[u8]) {
+        if self.depth == 1 {
+            for &c in b {
+                if usize::from(self.key_len) < self.key.len() {
+                    self.key[usize::from(self.key_len)] = c;
+                }
+                self.key_len = self.key_len.saturating_add(1);
+            }
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
 /// A JSON body: bounded head and tail, parsed once at the end.
 #[derive(Debug)]
 pub struct JsonScanner {
     dialect: Dialect,
     head: Vec<u8>,
     tail: Vec<u8>,
+    /// Image generation: counts the `data` array's elements as the body passes.
+    images: Option<DataCounter>,
+    /// Transcription: without a `usage` object, verbose_json's `duration` (near the head).
+    transcription: bool,
 }
 
 impl JsonScanner {
@@ -534,12 +774,22 @@ impl JsonScanner {
             dialect,
             head: Vec::new(),
             tail: Vec::new(),
+            images: None,
+            transcription: false,
         }
+    }
+
+    /// Bytes held now (capacity), for the memory-bound tests.
+    pub fn buffered(&self) -> usize {
+        self.head.capacity() + self.tail.capacity()
     }
 }
 
 impl UsageScanner for JsonScanner {
     fn feed(&mut self, chunk: &[u8]) {
+        if let Some(c) = &mut self.images {
+            c.feed(chunk);
+        }
         if self.head.len() < JSON_HEAD {
             let n = (JSON_HEAD - self.head.len()).min(chunk.len());
             self.head.extend_from_slice(&chunk[..n]);
@@ -583,6 +833,17 @@ impl UsageScanner for JsonScanner {
         }
         if !usage.found && self.dialect == Dialect::OpenAi {
             usage.apply_ollama(tail);
+        }
+        if let Some(c) = &self.images {
+            usage.images = c.count();
+            usage.found |= usage.images > 0;
+        }
+        if self.transcription && usage.audio_ms == 0 && usage.total() == 0 {
+            // verbose_json: `"duration":8.47` leads the body, before the text and segments.
+            if let Some(sec) = float_after(&self.head, b"\"duration\"") {
+                usage.audio_ms = seconds_to_ms(sec);
+                usage.found = true;
+            }
         }
         usage
     }
@@ -887,5 +1148,76 @@ mod tests {
         s.feed(br#""}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
         let u = s.finish();
         assert_eq!((u.input, u.output), (1, 2));
+    }
+
+    #[test]
+    fn data_counter_counts_top_level_data_elements_only() {
+        let body = br#"{"created":1,"meta":{"data":[1,2,3,4]},"data":[{"revised_prompt":"a \"data\":[{},{}] \\","url":"u"},{"b64_json":"QUJD","nested":{"data":[{}]}},{"url":"v"}],"usage":{"input_tokens":5,"output_tokens":9}}"#;
+        for step in [1, 2, 7, 1000] {
+            let mut c = DataCounter::default();
+            for ch in body.chunks(step) {
+                c.feed(ch);
+            }
+            assert_eq!(c.count(), 3, "step {step}");
+        }
+        let mut s = scanner_for_capability(
+            Dialect::OpenAi,
+            Capability::Images,
+            Some(b"application/json"),
+        );
+        s.feed(body);
+        let u = s.finish();
+        assert_eq!((u.images, u.input, u.output, u.found), (3, 5, 9, true));
+        // A million levels of nesting: a counter, no recursion, nothing held.
+        let mut c = DataCounter::default();
+        c.feed(br#"{"data":["#);
+        for _ in 0..1_000_000 {
+            c.feed(b"[");
+        }
+        assert_eq!(c.count(), 1);
+    }
+
+    #[test]
+    fn transcription_usage_seconds_tokens_or_verbose_duration() {
+        let scan = |body: &[u8]| {
+            let mut s = scanner_for_capability(
+                Dialect::OpenAi,
+                Capability::Transcription,
+                Some(b"application/json"),
+            );
+            for c in body.chunks(5) {
+                s.feed(c);
+            }
+            s.finish()
+        };
+        let u = scan(br#"{"text":"hi","usage":{"type":"duration","seconds":9}}"#);
+        assert_eq!((u.audio_ms, u.found), (9000, true));
+        let u = scan(br#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,"input_token_details":{"text_tokens":0,"audio_tokens":14},"output_tokens":45,"total_tokens":59}}"#);
+        assert_eq!((u.input, u.output, u.audio_ms), (14, 45, 0));
+        let u = scan(br#"{"task":"transcribe","language":"english","duration":8.47,"text":"the \"duration\": 99","segments":[]}"#);
+        assert_eq!((u.audio_ms, u.found), (8470, true));
+        let u = scan(br#"{"text":"no usage here"}"#);
+        assert!(!u.found);
+    }
+
+    #[test]
+    fn capability_from_path() {
+        use Capability::*;
+        for (p, c) in [
+            ("/v1/chat/completions", Tokens),
+            ("/openai/deployments/d/chat/completions", Tokens),
+            ("/v1/responses", Tokens),
+            ("/v1beta/models/m:streamGenerateContent", Tokens),
+            ("/api/chat", Tokens),
+            ("/v1/images/generations", Images),
+            ("/v1/images/edits", Images),
+            ("/v1/audio/speech", Speech),
+            ("/v1/audio/transcriptions", Transcription),
+            ("/v1/audio/translations", Transcription),
+            ("/v1/models", Other),
+            ("/v1/files", Other),
+        ] {
+            assert_eq!(Capability::of_path(p), c, "{p}");
+        }
     }
 }

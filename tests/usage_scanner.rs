@@ -79,6 +79,13 @@ const CASES: &[Case] = &[
         model: "gemini-2.5-flash",
     },
     Case {
+        file: "openai_chat_stream_obfuscation.sse",
+        dialect: Dialect::OpenAi,
+        content_type: "text/event-stream; charset=utf-8",
+        tokens: (19, 0, 0, 10, 0),
+        model: "gpt-4o-mini-2024-07-18",
+    },
+    Case {
         file: "ollama_chat.ndjson",
         dialect: Dialect::OpenAi,
         content_type: "application/x-ndjson",
