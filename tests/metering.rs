@@ -244,3 +244,28 @@ async fn a_response_without_usage_is_counted_missing_and_labelled_by_the_request
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn ollama_openai_endpoint_streams_are_metered_by_default() {
+    let h = Harness::new().await;
+    let body = r#"{"model":"llama3.2","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let got = h.post("/ollama/v1/chat/completions", &[JSON], body).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), openai_events(3, "llama3.2", false).concat());
+    let sent: serde_json::Value = serde_json::from_slice(&h.up.last().body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    let m = h.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_tokens_total",
+            &[
+                "provider=\"ollama\"",
+                "model=\"llama3.2\"",
+                "type=\"output\""
+            ]
+        ),
+        Some(20.0),
+        "{m}"
+    );
+}
