@@ -4,7 +4,9 @@
 //! body: for SSE it looks at complete `data:` lines and parses only those that carry usage
 //! (found with a SIMD substring search); for JSON it keeps a bounded head (for `model`) and a
 //! bounded tail (for the trailing `usage` object) and parses just that slice at the end.
-//! Memory per request is bounded by [`MAX_LINE`] + [`JSON_HEAD`] + 2 × [`JSON_TAIL`].
+//! A line longer than [`MAX_LINE`] is not held: its first [`JSON_HEAD`] bytes and a sliding
+//! tail of [`JSON_TAIL`] are, so usage at the end of a huge event is still found. Memory per
+//! request is bounded by [`MAX_BUFFERED`].
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -22,6 +24,10 @@ pub const MAX_LINE: usize = 256 * 1024;
 pub const JSON_HEAD: usize = 4096;
 /// Bytes kept from the end of a JSON body to find `usage`.
 pub const JSON_TAIL: usize = 64 * 1024;
+/// Upper bound of [`Scanner::buffered`] (buffer capacities, growth slack included), whatever
+/// the input: an SSE line buffer and Gemini's last usage (each at most twice [`MAX_LINE`]
+/// after amortised growth), the over-long line's head and tail windows.
+pub const MAX_BUFFERED: usize = 4 * MAX_LINE + 2 * JSON_HEAD + 4 * JSON_TAIL;
 
 /// How a provider reports usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,8 +340,14 @@ impl Scanner {
 pub struct SseScanner {
     dialect: Dialect,
     partial: Vec<u8>,
-    /// The current line grew past [`MAX_LINE`] and is being skipped.
+    /// The current line grew past [`MAX_LINE`]: it is not held whole any more.
     skipping: bool,
+    /// ... but it may carry usage at its end (a Responses API `response.completed` with a
+    /// long output, a Gemini chunk with a long text): its first [`JSON_HEAD`] bytes (for
+    /// `model`) and a sliding tail of [`JSON_TAIL`] bytes (for `usage`) are kept.
+    long: bool,
+    long_head: Vec<u8>,
+    long_tail: Vec<u8>,
     /// `data:` lines still worth parsing for `model` alone (first chunks carry it).
     model_tries: u8,
     /// Newline-delimited JSON (Ollama's native streams): every line is an event.
@@ -379,6 +391,9 @@ impl SseScanner {
             dialect,
             partial: Vec::new(),
             skipping: false,
+            long: false,
+            long_head: Vec::new(),
+            long_tail: Vec::new(),
             model_tries: 4,
             ndjson: false,
             event: EventKind::Unnamed,
@@ -389,7 +404,85 @@ impl SseScanner {
 
     /// Bytes held now (capacity), for the memory-bound tests.
     pub fn buffered(&self) -> usize {
-        self.partial.capacity() + self.gemini_last.capacity()
+        self.partial.capacity()
+            + self.gemini_last.capacity()
+            + self.long_head.capacity()
+            + self.long_tail.capacity()
+    }
+
+    /// A line outgrew [`MAX_LINE`]; `a` then `b` are its bytes so far. Whether its head and
+    /// tail are worth keeping is decided now, from its start and the event it belongs to.
+    fn long_begin(&mut self, a: &[u8], b: &[u8]) {
+        self.skipping = true;
+        self.long_head.clear();
+        self.long_tail.clear();
+        let start: Vec<u8> = a.iter().chain(b).take(5).copied().collect();
+        self.long = self.dialect != Dialect::None
+            && (self.ndjson || (start == b"data:" && self.event != EventKind::Skip));
+        self.long_feed(a);
+        self.long_feed(b);
+    }
+
+    fn long_feed(&mut self, d: &[u8]) {
+        if !self.long {
+            return;
+        }
+        if self.long_head.len() < JSON_HEAD {
+            let n = (JSON_HEAD - self.long_head.len()).min(d.len());
+            self.long_head.extend_from_slice(&d[..n]);
+        }
+        keep_tail(&mut self.long_tail, d);
+    }
+
+    /// The over-long line ended: look for usage in its tail, `model` in its head only.
+    fn long_end(&mut self) {
+        self.skipping = false;
+        if !std::mem::take(&mut self.long) {
+            return;
+        }
+        let head = std::mem::take(&mut self.long_head);
+        let tail = std::mem::take(&mut self.long_tail);
+        let data = if self.ndjson {
+            &head[..]
+        } else {
+            head.strip_prefix(b"data:")
+                .unwrap_or(&head)
+                .trim_ascii_start()
+        };
+        match self.dialect {
+            Dialect::OpenAi if self.ndjson => {
+                if memmem::find(&tail, b"\"done\":true").is_some()
+                    || memmem::find(&tail, b"\"done\": true").is_some()
+                {
+                    if let Some(m) = string_after(data, b"\"model\"") {
+                        self.usage.model = Some(m);
+                    }
+                    self.usage.apply_ollama(&tail);
+                }
+            }
+            Dialect::OpenAi => {
+                // Responses API: `response.usage` closes the `response` object, so it is in
+                // the tail however long `output` was; `model` precedes `output`.
+                if let Some(u) = usage_in_tail(&tail, b"\"usage\"") {
+                    if self.usage.model.is_none() {
+                        self.usage.model = string_after(data, b"\"model\"");
+                    }
+                    self.usage.apply(self.dialect, &u);
+                }
+            }
+            Dialect::Gemini => {
+                if let Some(p) = memmem::rfind(&tail, b"\"usageMetadata\"") {
+                    self.gemini_last.clear();
+                    self.gemini_last.extend_from_slice(&tail[p..]);
+                }
+            }
+            Dialect::Anthropic | Dialect::None => {}
+        }
+        // Keep the allocations (bounded) for the next long line.
+        self.long_head = head;
+        self.long_head.clear();
+        self.long_tail = tail;
+        self.long_tail.clear();
     }
 
     pub fn ndjson(dialect: Dialect) -> Self {
@@ -550,6 +643,38 @@ fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// Keeps the last [`JSON_TAIL`] bytes of a stream in `tail` (at most twice that, amortised:
+/// compacted only when the buffer is twice the window).
+fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
+    if chunk.len() >= JSON_TAIL {
+        tail.clear();
+        tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
+        return;
+    }
+    tail.extend_from_slice(chunk);
+    if tail.len() > 2 * JSON_TAIL {
+        let cut = tail.len() - JSON_TAIL;
+        tail.drain(..cut);
+    }
+}
+
+/// The usage object that closes a JSON text, from its tail: the last occurrence of `key`
+/// whose value parses as usage (earlier ones may be in content or cut by the window).
+fn usage_in_tail(tail: &[u8], key: &[u8]) -> Option<RawUsage> {
+    let mut end = tail.len();
+    while let Some(p) = memmem::rfind(&tail[..end], key) {
+        if let Some(at) = usage_value_at(&tail[p..], key) {
+            let mut it =
+                serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<RawUsage>();
+            if let Some(Ok(u)) = it.next() {
+                return Some(u);
+            }
+        }
+        end = p;
+    }
+    None
+}
+
 /// The number value (integer or decimal) of object key `key`, if present.
 fn float_after(hay: &[u8], key: &[u8]) -> Option<f64> {
     let at = usage_value_at(hay, key)?;
@@ -595,25 +720,34 @@ impl UsageScanner for SseScanner {
         if !self.partial.is_empty() || self.skipping {
             match memchr::memchr(b'\n', chunk) {
                 None => {
-                    if !self.skipping {
-                        if self.partial.len() + chunk.len() > MAX_LINE {
-                            self.partial.clear();
-                            self.skipping = true;
-                        } else {
-                            self.partial.extend_from_slice(chunk);
-                        }
+                    if self.skipping {
+                        self.long_feed(chunk);
+                    } else if self.partial.len() + chunk.len() > MAX_LINE {
+                        let partial = std::mem::take(&mut self.partial);
+                        self.long_begin(&partial, chunk);
+                        self.partial = partial;
+                        self.partial.clear();
+                    } else {
+                        self.partial.extend_from_slice(chunk);
                     }
                     return;
                 }
                 Some(i) => {
-                    if !self.skipping && self.partial.len() + i <= MAX_LINE {
+                    if self.skipping {
+                        self.long_feed(&chunk[..i]);
+                        self.long_end();
+                    } else if self.partial.len() + i <= MAX_LINE {
                         self.partial.extend_from_slice(&chunk[..i]);
                         let line = std::mem::take(&mut self.partial);
                         self.line(&line);
                         self.partial = line;
+                    } else {
+                        let partial = std::mem::take(&mut self.partial);
+                        self.long_begin(&partial, &chunk[..i]);
+                        self.partial = partial;
+                        self.long_end();
                     }
                     self.partial.clear();
-                    self.skipping = false;
                     chunk = &chunk[i + 1..];
                 }
             }
@@ -625,14 +759,16 @@ impl UsageScanner for SseScanner {
         }
         let rest = &chunk[start..];
         if rest.len() > MAX_LINE {
-            self.skipping = true;
+            self.long_begin(&[], rest);
         } else {
             self.partial.extend_from_slice(rest);
         }
     }
 
     fn finish(&mut self) -> Usage {
-        if !self.partial.is_empty() && !self.skipping {
+        if self.skipping {
+            self.long_end();
+        } else if !self.partial.is_empty() {
             let line = std::mem::take(&mut self.partial);
             self.line(&line);
         }
@@ -794,18 +930,7 @@ impl UsageScanner for JsonScanner {
             let n = (JSON_HEAD - self.head.len()).min(chunk.len());
             self.head.extend_from_slice(&chunk[..n]);
         }
-        if chunk.len() >= JSON_TAIL {
-            self.tail.clear();
-            self.tail
-                .extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
-            return;
-        }
-        self.tail.extend_from_slice(chunk);
-        // Amortised: compact only when the buffer is twice the window.
-        if self.tail.len() > 2 * JSON_TAIL {
-            let cut = self.tail.len() - JSON_TAIL;
-            self.tail.drain(..cut);
-        }
+        keep_tail(&mut self.tail, chunk);
     }
 
     fn finish(&mut self) -> Usage {
@@ -817,19 +942,9 @@ impl UsageScanner for JsonScanner {
         // `model` leads OpenAI and Anthropic bodies; Gemini puts `modelVersion` at the end.
         usage.model =
             string_after(&self.head, model_key).or_else(|| string_after(&self.tail, model_key));
-        // The top-level usage object closes the body, so the last occurrence is it.
         let tail = &self.tail;
-        let mut end = tail.len();
-        while let Some(p) = memmem::rfind(&tail[..end], usage_key) {
-            if let Some(at) = usage_value_at(&tail[p..], usage_key) {
-                let mut it =
-                    serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<RawUsage>();
-                if let Some(Ok(u)) = it.next() {
-                    usage.apply(self.dialect, &u);
-                    break;
-                }
-            }
-            end = p;
+        if let Some(u) = usage_in_tail(tail, usage_key) {
+            usage.apply(self.dialect, &u);
         }
         if !usage.found && self.dialect == Dialect::OpenAi {
             usage.apply_ollama(tail);
