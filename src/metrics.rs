@@ -543,6 +543,57 @@ mod tests {
     }
 
     #[test]
+    fn models_past_the_cap_fold_into_other() {
+        let m = Arc::new(
+            Metrics::new(
+                3,
+                &["openai"],
+                Default::default(),
+                crate::ledger::Ledger::in_memory(),
+            )
+            .unwrap(),
+        );
+        for i in 0..10 {
+            let r = Recorder {
+                metrics: m.clone(),
+                tenant: "acme".into(),
+                provider: "openai".into(),
+                provider_idx: 0,
+                status: http::StatusCode::OK,
+                started: Instant::now(),
+                request_id: crate::pipeline::RequestId::new(),
+                key_source: KeySource::Tenant,
+                price: None,
+                capability: crate::usage::Capability::Tokens,
+                request_model: Default::default(),
+                characters: 0,
+                compressed: false,
+            };
+            let usage = Usage {
+                input: 1,
+                model: Some(format!("model-{i}")),
+                found: true,
+                ..Usage::default()
+            };
+            r.finish(usage, Outcome::Complete, 0);
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        let tokens: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("byokd_tokens_total{"))
+            .collect();
+        assert_eq!(tokens.len(), 4, "3 models and __other__: {tokens:?}");
+        let other = tokens
+            .iter()
+            .find(|l| l.contains("model=\"__other__\""))
+            .unwrap();
+        assert!(other.ends_with(" 7"), "{other}");
+        for l in text.lines().filter(|l| l.starts_with("byokd_")) {
+            assert!(!l.contains("model-9"), "{l}");
+        }
+    }
+
+    #[test]
     fn label_cap_folds_into_other() {
         let cap = LabelCap::new(2);
         assert_eq!(cap.get("a"), "a");
