@@ -380,8 +380,32 @@ const USAGE_EVENTS: [&[u8]; 5] = [
     b"response.failed",
 ];
 
-static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static USAGE_KEY_REV: std::sync::LazyLock<memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+
+/// Whether an OpenAI chat chunk carries a non-null `usage`. With include_usage every content
+/// chunk has `"usage":null` near its end (before `obfuscation` in 2025-shaped streams), so
+/// the search runs from the end: one short reverse scan per chunk. The last `"usage"` is the
+/// top-level member (it follows `choices`); if it is not a member at all (a string value),
+/// fall back to a forward search.
+fn chunk_has_usage(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    // Streams without obfuscation (Azure, compatibles, older): the member closes the chunk.
+    if data.ends_with(b"\"usage\":null}") {
+        return false;
+    }
+    let Some(p) = USAGE_KEY_REV.rfind(data) else {
+        return false;
+    };
+    let after = &data[p + KEY.len()..];
+    match after.iter().position(|b| !b.is_ascii_whitespace()) {
+        Some(i) if after[i] == b':' => {
+            let v = after[i + 1..].trim_ascii_start();
+            !v.is_empty() && !v.starts_with(b"null")
+        }
+        _ => usage_value_at(data, KEY).is_some(),
+    }
+}
 static GEMINI_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usageMetadata\""));
 
@@ -567,10 +591,7 @@ impl SseScanner {
                     model: Option<String>,
                     usage: Option<RawUsage>,
                 }
-                // Fast path: with include_usage every content chunk ends in `"usage":null}`.
-                let has_usage = !data.ends_with(b"\"usage\":null}")
-                    && USAGE_KEY.find(data).is_some()
-                    && usage_value_at(data, b"\"usage\"").is_some();
+                let has_usage = chunk_has_usage(data);
                 let want_model = self.usage.model.is_none() && self.model_tries > 0;
                 if want_model {
                     self.model_tries -= 1;
