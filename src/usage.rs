@@ -372,13 +372,23 @@ enum EventKind {
 }
 
 /// Named events that carry usage, across dialects.
-const USAGE_EVENTS: [&[u8]; 5] = [
+const USAGE_EVENTS: [&[u8]; 7] = [
     b"message_start",
     b"message_delta",
     b"response.completed",
     b"response.incomplete",
     b"response.failed",
+    b"image_generation.completed",
+    b"image_edit.completed",
 ];
+
+/// A streamed image generation's final event for one image (`stream: true` on the Images
+/// API): one image, and the usage of gpt-image models. Its type leads the object.
+fn is_image_done(data: &[u8]) -> bool {
+    let head = &data[..data.len().min(64)];
+    memmem::find(head, b"\"type\":\"image_generation.completed\"").is_some()
+        || memmem::find(head, b"\"type\":\"image_edit.completed\"").is_some()
+}
 
 static USAGE_KEY_REV: std::sync::LazyLock<memmem::FinderRev<'static>> =
     std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
@@ -485,6 +495,11 @@ impl SseScanner {
                 }
             }
             Dialect::OpenAi => {
+                // Images arrive whole in one event, base64: nearly always an over-long line.
+                if is_image_done(data) {
+                    self.usage.images += 1;
+                    self.usage.found = true;
+                }
                 // Responses API: `response.usage` closes the `response` object, so it is in
                 // the tail however long `output` was; `model` precedes `output`.
                 if let Some(u) = usage_in_tail(&tail, b"\"usage\"") {
@@ -590,6 +605,10 @@ impl SseScanner {
                 struct Chunk {
                     model: Option<String>,
                     usage: Option<RawUsage>,
+                }
+                if is_image_done(data) {
+                    self.usage.images += 1;
+                    self.usage.found = true;
                 }
                 let has_usage = chunk_has_usage(data);
                 let want_model = self.usage.model.is_none() && self.model_tries > 0;
@@ -1334,6 +1353,20 @@ mod tests {
         assert_eq!((u.audio_ms, u.found), (8470, true));
         let u = scan(br#"{"text":"no usage here"}"#);
         assert!(!u.found);
+    }
+
+    #[test]
+    fn streamed_images_count_completed_events_even_past_the_line_limit() {
+        let big = "A".repeat(600 * 1024);
+        let body = format!(
+            "event: image_generation.partial_image\ndata: {{\"type\":\"image_generation.partial_image\",\"b64_json\":\"{big}\",\"partial_image_index\":0}}\n\n\
+             event: image_generation.completed\ndata: {{\"type\":\"image_generation.completed\",\"b64_json\":\"{big}\",\"usage\":{{\"total_tokens\":4170,\"input_tokens\":10,\"output_tokens\":4160}}}}\n\n\
+             data: {{\"type\":\"image_generation.completed\",\"b64_json\":\"QUJD\",\"usage\":{{\"total_tokens\":4170,\"input_tokens\":10,\"output_tokens\":4160}}}}\n\n"
+        );
+        for step in [1000, 16 * 1024, 1 << 22] {
+            let u = feed_split(SseScanner::new(Dialect::OpenAi), body.as_bytes(), step);
+            assert_eq!((u.images, u.input, u.output), (2, 10, 4160), "step {step}");
+        }
     }
 
     #[test]
