@@ -207,8 +207,13 @@ impl Proxy {
         // MAX_INSPECTED_BODY: OpenAI-wire streaming chat (to ask for usage) and text-to-speech
         // (whose billed unit is the request's `input`).
         let limited = Limited::new(body, max_body as usize);
-        let capability = Capability::of_path(parts.uri.path());
         let is_post = parts.method == http::Method::POST;
+        // Every billed call is a POST; a GET of the same path lists or fetches stored objects.
+        let capability = if is_post {
+            Capability::of_path(parts.uri.path())
+        } else {
+            Capability::Other
+        };
         let chat_stream_usage =
             provider.stream_usage && is_post && parts.uri.path().ends_with("/chat/completions");
         let speech = is_post && capability == Capability::Speech;

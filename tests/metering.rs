@@ -232,12 +232,19 @@ async fn a_response_without_usage_is_counted_missing_and_labelled_by_the_request
         ),
         Some(1.0)
     );
-    // Endpoints that carry no usage (model lists) are not counted.
-    send(
-        &client(),
-        request("GET", &h.url("/v1/models"), &[("x-tenant-id", "acme")], ""),
-    )
-    .await;
+    // Endpoints that carry no usage (model lists, a GET of stored completions) are not counted.
+    for path in ["/v1/models", "/v1/chat/completions"] {
+        send(
+            &client(),
+            request(
+                "GET",
+                &h.url(path),
+                &[("x-tenant-id", "acme"), ("x-fake-status", "200")],
+                "",
+            ),
+        )
+        .await;
+    }
     let m = h.metrics().await;
     assert_eq!(
         sample(&m, "byokd_usage_missing_total", &["reason=\"not_found\""]),
