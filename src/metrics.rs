@@ -404,7 +404,9 @@ impl Metrics {
         self.gen_ai_duration
             .with_label_values(&[provider, model])
             .observe(elapsed);
-        if usage.found {
+        // Requests metered only in other units (images, speech, audio seconds) have no token
+        // observation: a zero would skew the token histogram.
+        if usage.found && usage.total() > 0 {
             let input = usage.input + usage.cached_input + usage.cache_write;
             let output = usage.output + usage.reasoning;
             for (ty, n) in [("input", input), ("output", output)] {
