@@ -6,7 +6,7 @@
 
 use std::hint::black_box;
 
-use byokd::usage::{Dialect, UsageScanner, scanner_for};
+use byokd::usage::{Capability, Dialect, UsageScanner, scanner_for_capability};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn openai_sse(events: usize) -> Vec<u8> {
@@ -18,6 +18,25 @@ fn openai_sse(events: usize) -> Vec<u8> {
     }
     out.push_str("data: {\"id\":\"chatcmpl-B9\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20,\"total_tokens\":30}}\n\ndata: [DONE]\n\n");
     out.into_bytes()
+}
+
+/// The 2025 shape: `service_tier`, and `obfuscation` padding after `"usage":null`.
+fn openai_sse_obfuscated(events: usize) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..events {
+        out.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-B9\",\"object\":\"chat.completion.chunk\",\"created\":1741570283,\"model\":\"gpt-4o-2024-08-06\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null,\"obfuscation\":\"{}\"}}\n\n",
+            &"Zq3xY7pKw0"[..(i % 10) + 1]
+        ));
+    }
+    out.push_str("data: {\"id\":\"chatcmpl-B9\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20,\"total_tokens\":30},\"obfuscation\":\"x\"}\n\ndata: [DONE]\n\n");
+    out.into_bytes()
+}
+
+/// An image generation answer: base64 images in `data`, counted as the body passes.
+fn images_json(bytes: usize) -> Vec<u8> {
+    let b64 = "iVBORw0KGgoAAAANSUhEUgAA".repeat(bytes / 4 / 24);
+    format!("{{\"created\":1,\"data\":[{{\"b64_json\":\"{b64}\"}},{{\"b64_json\":\"{b64}\"}},{{\"b64_json\":\"{b64}\"}},{{\"b64_json\":\"{b64}\"}}],\"usage\":{{\"input_tokens\":10,\"output_tokens\":4160}}}}").into_bytes()
 }
 
 fn anthropic_sse(events: usize) -> Vec<u8> {
@@ -44,27 +63,44 @@ fn bench(c: &mut Criterion) {
             "sse/openai_chat_20k_events",
             Dialect::OpenAi,
             &b"text/event-stream"[..],
+            Capability::Tokens,
             openai_sse(20_000),
+        ),
+        (
+            "sse/openai_chat_obfuscation_20k_events",
+            Dialect::OpenAi,
+            b"text/event-stream",
+            Capability::Tokens,
+            openai_sse_obfuscated(20_000),
         ),
         (
             "sse/anthropic_20k_events",
             Dialect::Anthropic,
             b"text/event-stream",
+            Capability::Tokens,
             anthropic_sse(20_000),
         ),
         (
             "json/openai_8MiB",
             Dialect::OpenAi,
             b"application/json",
+            Capability::Tokens,
             big_json(8 << 20),
+        ),
+        (
+            "json/images_b64_8MiB",
+            Dialect::OpenAi,
+            b"application/json",
+            Capability::Images,
+            images_json(8 << 20),
         ),
     ];
     let mut g = c.benchmark_group("scanner");
-    for (name, dialect, ct, body) in &cases {
+    for (name, dialect, ct, cap, body) in &cases {
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(*name, |b| {
             b.iter(|| {
-                let mut s = scanner_for(*dialect, Some(ct));
+                let mut s = scanner_for_capability(*dialect, *cap, Some(ct));
                 for frame in body.chunks(16 * 1024) {
                     s.feed(black_box(frame));
                 }

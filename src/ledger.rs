@@ -28,6 +28,13 @@ pub struct Totals {
     pub cost_nanos: u64,
     /// Requests whose model had no price (their cost is not in `cost_nanos`).
     pub unpriced_requests: u64,
+    /// Units other than tokens; `default` so ledgers written before them still load.
+    #[serde(default)]
+    pub images: u64,
+    #[serde(default)]
+    pub characters: u64,
+    #[serde(default)]
+    pub audio_ms: u64,
 }
 
 impl Totals {
@@ -38,9 +45,12 @@ impl Totals {
         self.cache_write += u.cache_write;
         self.output += u.output;
         self.reasoning += u.reasoning;
+        self.images += u.images;
+        self.characters += u.characters;
+        self.audio_ms += u.audio_ms;
         match cost {
             Some(c) => self.cost_nanos = self.cost_nanos.saturating_add(c),
-            None if u.total() > 0 => self.unpriced_requests += 1,
+            None if u.metered() => self.unpriced_requests += 1,
             None => {}
         }
     }
@@ -256,6 +266,10 @@ pub fn usage_json(tenant: &str, m: &TenantMonth, limits: serde_json::Value) -> s
                                 "input": t.input, "cached_input": t.cached_input,
                                 "cache_write": t.cache_write, "output": t.output,
                                 "reasoning": t.reasoning,
+                            },
+                            "units": {
+                                "images": t.images, "characters": t.characters,
+                                "audio_seconds": t.audio_ms as f64 / 1000.0,
                             },
                             "cost_usd": usd(t.cost_nanos),
                             "unpriced_requests": t.unpriced_requests,

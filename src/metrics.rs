@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::keys::KeySource;
@@ -126,6 +126,14 @@ pub struct Metrics {
     /// This month's per-tenant totals, for the usage API.
     pub ledger: crate::ledger::Ledger,
     unpriced: IntCounterVec,
+    /// Units that are not tokens (`image`, `character`, `audio_second`): a separate series so
+    /// `byokd_tokens_total` keeps meaning tokens only and its types still add up.
+    units: CounterVec,
+    /// Successful responses of a metered endpoint where no usage was found: silent zeros made
+    /// visible (stream cut early, a provider without usage, a compressed body).
+    usage_missing: IntCounterVec,
+    /// The one-time log for an upstream that compressed despite `accept-encoding: identity`.
+    compressed_logged: std::sync::atomic::AtomicBool,
     /// (provider, model) pairs already logged as unpriced: one log line each, not one per request.
     unpriced_logged: DashMap<Box<str>, ()>,
     tenants: LabelCap,
@@ -203,6 +211,19 @@ impl Metrics {
             "Metered requests whose model has no price: tokens counted, cost unknown.",
             &["provider", "model"],
         )?;
+        let usage_missing = counter(
+            "byokd_usage_missing_total",
+            "Successful responses of a metered endpoint in which no usage was found, by reason: not_found, compressed.",
+            &["provider", "reason"],
+        )?;
+        let units = CounterVec::new(
+            Opts::new(
+                "byokd_usage_units_total",
+                "Usage in units other than tokens: image (images generated), character (text-to-speech input), audio_second (transcribed audio).",
+            ),
+            &["tenant", "provider", "model", "unit"],
+        )?;
+        registry.register(Box::new(units.clone()))?;
         let gen_ai_tokens = HistogramVec::new(
             HistogramOpts::new(
                 "gen_ai_client_token_usage",
@@ -289,6 +310,9 @@ impl Metrics {
             pricing,
             ledger,
             unpriced,
+            units,
+            usage_missing,
+            compressed_logged: std::sync::atomic::AtomicBool::new(false),
             unpriced_logged: DashMap::new(),
             tenants: LabelCap::new(max_tenants),
             models: LabelCap::new(max_tenants),
@@ -373,6 +397,33 @@ impl Metrics {
                     .inc_by(n);
             }
         }
+        for (unit, n) in [
+            ("image", usage.images as f64),
+            ("character", usage.characters as f64),
+            ("audio_second", usage.audio_ms as f64 / 1000.0),
+        ] {
+            if n > 0.0 {
+                self.units
+                    .with_label_values(&[t, provider, model, unit])
+                    .inc_by(n);
+            }
+        }
+        if r.status.is_success() && r.capability.expects_usage() && !usage.found {
+            let reason = if r.compressed {
+                "compressed"
+            } else {
+                "not_found"
+            };
+            self.usage_missing
+                .with_label_values(&[provider, reason])
+                .inc();
+            if r.compressed && !self.compressed_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    provider,
+                    "upstream answered with a compressed body despite accept-encoding: identity; it passes through unmetered (byokd_usage_missing_total{{reason=\"compressed\"}})"
+                );
+            }
+        }
         let elapsed = r.started.elapsed().as_secs_f64();
         if let Some(s) = self.per_provider.get(r.provider_idx) {
             s.duration.observe(elapsed);
@@ -380,7 +431,9 @@ impl Metrics {
         self.gen_ai_duration
             .with_label_values(&[provider, model])
             .observe(elapsed);
-        if usage.found {
+        // Requests metered only in other units (images, speech, audio seconds) have no token
+        // observation: a zero would skew the token histogram.
+        if usage.found && usage.total() > 0 {
             let input = usage.input + usage.cached_input + usage.cache_write;
             let output = usage.output + usage.reasoning;
             for (ty, n) in [("input", input), ("output", output)] {
@@ -397,7 +450,7 @@ impl Metrics {
             r.price.map(|p| p.cost_nanos(usage)),
             crate::keys::unix_now(),
         );
-        if usage.total() > 0 {
+        if usage.metered() {
             match r.price {
                 Some(p) => self
                     .cost
@@ -436,14 +489,31 @@ pub struct Recorder {
     pub key_source: KeySource,
     /// Set by `finish` from the pricing table, so `completed` sees one struct.
     pub price: Option<crate::pricing::Price>,
+    /// What the endpoint bills in; decides whether missing usage is worth counting.
+    pub capability: crate::usage::Capability,
+    /// The request's `model`, found in the first bytes of its body as it streamed upstream:
+    /// the label when the response names none (transcriptions, speech, cut streams).
+    pub request_model: Arc<std::sync::OnceLock<Box<str>>>,
+    /// Text-to-speech: characters of the request's `input`.
+    pub characters: u64,
+    /// The upstream sent a `content-encoding` other than identity: not scanned.
+    pub compressed: bool,
 }
 
 impl Recorder {
-    pub fn finish(mut self, usage: Usage, outcome: Outcome, bytes: u64) {
+    pub fn finish(mut self, mut usage: Usage, outcome: Outcome, bytes: u64) {
+        if usage.model.is_none() {
+            usage.model = self.request_model.get().map(|m| m.to_string());
+        }
+        if self.characters > 0 && self.status.is_success() {
+            usage.characters = self.characters;
+            usage.found = true;
+        }
         self.price = usage
             .model
             .as_deref()
-            .and_then(|m| self.metrics.pricing.price(&self.provider, m));
+            .and_then(|m| self.metrics.pricing.price(&self.provider, m))
+            .filter(|p| p.covers(&usage));
         self.metrics.completed(&self, &usage);
         tracing::info!(
             target: "byokd::access",
@@ -499,6 +569,57 @@ mod tests {
             .find(|l| l.contains("tenant=\"__other__\""))
             .unwrap();
         assert!(other.ends_with(" 10000"), "{other}");
+    }
+
+    #[test]
+    fn models_past_the_cap_fold_into_other() {
+        let m = Arc::new(
+            Metrics::new(
+                3,
+                &["openai"],
+                Default::default(),
+                crate::ledger::Ledger::in_memory(),
+            )
+            .unwrap(),
+        );
+        for i in 0..10 {
+            let r = Recorder {
+                metrics: m.clone(),
+                tenant: "acme".into(),
+                provider: "openai".into(),
+                provider_idx: 0,
+                status: http::StatusCode::OK,
+                started: Instant::now(),
+                request_id: crate::pipeline::RequestId::new(),
+                key_source: KeySource::Tenant,
+                price: None,
+                capability: crate::usage::Capability::Tokens,
+                request_model: Default::default(),
+                characters: 0,
+                compressed: false,
+            };
+            let usage = Usage {
+                input: 1,
+                model: Some(format!("model-{i}")),
+                found: true,
+                ..Usage::default()
+            };
+            r.finish(usage, Outcome::Complete, 0);
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        let tokens: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("byokd_tokens_total{"))
+            .collect();
+        assert_eq!(tokens.len(), 4, "3 models and __other__: {tokens:?}");
+        let other = tokens
+            .iter()
+            .find(|l| l.contains("model=\"__other__\""))
+            .unwrap();
+        assert!(other.ends_with(" 7"), "{other}");
+        for l in text.lines().filter(|l| l.starts_with("byokd_")) {
+            assert!(!l.contains("model-9"), "{l}");
+        }
     }
 
     #[test]

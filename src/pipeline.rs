@@ -22,8 +22,10 @@ use crate::metrics::{Metrics, Recorder};
 use crate::provider::{ErrorShape, Provider};
 use crate::rewrite::{rewrite, strip_hop_by_hop, strip_own_headers};
 use crate::route::{Target, check_method, route};
-use crate::stream_usage::{RequestBody, StripUsage};
-use crate::usage::{MeteredBody, scanner_for};
+use crate::stream_usage::{
+    BodyKind, Peeked, RequestBody, StripUsage, add_include_usage, read_bounded, speech_characters,
+};
+use crate::usage::{Capability, MeteredBody, scanner_for_capability};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
 pub type ProxyBody = Either<StripUsage<MeteredBody<IdleTimeout<Incoming>>>, Full<Bytes>>;
@@ -213,26 +215,57 @@ impl Proxy {
             &self.tenant_headers,
         )?;
 
-        // forward
+        // forward. Request bodies stream; two kinds are read first, whole and only up to
+        // MAX_INSPECTED_BODY: OpenAI-wire streaming chat (to ask for usage) and text-to-speech
+        // (whose billed unit is the request's `input`).
         let limited = Limited::new(body, max_body as usize);
-        let (req_body, asked_usage) = if provider.stream_usage
-            && parts.method == http::Method::POST
-            && parts.uri.path().ends_with("/chat/completions")
-        {
-            let (b, edited) = crate::stream_usage::inspect(limited).await.map_err(|e| {
+        let is_post = parts.method == http::Method::POST;
+        // Every billed call is a POST; a GET of the same path lists or fetches stored objects.
+        let capability = if is_post {
+            Capability::of_path(parts.uri.path())
+        } else {
+            Capability::Other
+        };
+        let chat_stream_usage =
+            provider.stream_usage && is_post && parts.uri.path().ends_with("/chat/completions");
+        let speech = is_post && capability == Capability::Speech;
+        let mut characters = 0;
+        let (mut req_body, asked_usage) = if chat_stream_usage || speech {
+            let peeked = read_bounded(limited).await.map_err(|e| {
                 if crate::forward::body_too_large(e.as_ref()) {
                     LimitError::BodyTooLarge(max_body)
                 } else {
                     LimitError::ClientClosed
                 }
             })?;
-            if edited && let Some(n) = http_body::Body::size_hint(&b).exact() {
-                parts.headers.insert(header::CONTENT_LENGTH, n.into());
+            match peeked {
+                Peeked::Whole(b) if speech => {
+                    characters = speech_characters(&b);
+                    (RequestBody::whole(b), false)
+                }
+                Peeked::Whole(b) => match add_include_usage(&b) {
+                    Some(edited) => {
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, edited.len().into());
+                        (RequestBody::whole(Bytes::from(edited)), true)
+                    }
+                    None => (RequestBody::whole(b), false),
+                },
+                Peeked::Partial(rb) => (rb, false),
             }
-            (b, edited)
         } else {
             (RequestBody::streaming(limited), false)
         };
+        let request_model = Arc::new(std::sync::OnceLock::new());
+        if let Some(kind) = BodyKind::of(
+            parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
+        ) {
+            req_body.tap_model(kind, request_model.clone());
+        }
         let upstream_req = Request::from_parts(parts, req_body);
         self.metrics.overhead(ctx.started);
         let resp = match self.upstream.send(upstream_req).await {
@@ -254,9 +287,16 @@ impl Proxy {
         strip_hop_by_hop(&mut rparts.headers);
         // Only byokd may say `x-byokd-error`: an upstream must not forge byokd's verdicts.
         strip_own_headers(&mut rparts.headers);
-        let scanner = if rparts.status.is_success() {
-            scanner_for(
+        // byokd asks for identity (see rewrite); an upstream that compresses anyway passes
+        // through unscanned and is counted, since scanning compressed bytes finds nothing.
+        let compressed = rparts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        let scanner = if rparts.status.is_success() && !compressed {
+            scanner_for_capability(
                 provider.dialect(),
+                capability,
                 rparts
                     .headers
                     .get(header::CONTENT_TYPE)
@@ -275,9 +315,14 @@ impl Proxy {
             request_id: ctx.id,
             key_source: credential.as_ref().map_or(KeySource::None, |c| c.source),
             price: None,
+            capability,
+            request_model,
+            characters,
+            compressed,
         };
         let strip = asked_usage
             && rparts.status.is_success()
+            && !compressed
             && rparts
                 .headers
                 .get(header::CONTENT_TYPE)

@@ -13,18 +13,28 @@ use serde::Deserialize;
 
 use crate::usage::Usage;
 
-/// One model's prices in nano-dollars per token (= USD per million tokens × 1000).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One model's prices in integer nano-dollars: per token (= USD per million tokens × 1000),
+/// per image, per character (= USD per million characters × 1000) and per minute of audio.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Price {
     pub input: u64,
     pub cached_input: u64,
     pub cache_write: u64,
     pub output: u64,
+    /// Unit prices are optional: a token-priced model (found by a dated-prefix match, say)
+    /// must not silently price a unit it has no price for at zero; see [`Price::covers`].
+    pub image: Option<u64>,
+    pub character: Option<u64>,
+    pub audio_minute: Option<u64>,
 }
 
 impl Price {
-    /// Cost of `u` in nano-dollars. Reasoning tokens are billed as output.
+    /// Cost of `u` in nano-dollars. Reasoning tokens are billed as output. Audio is priced per
+    /// minute and metered in milliseconds: the product is divided once, rounded to the
+    /// nearest nano-dollar, so nothing accumulates in floating point.
     pub fn cost_nanos(&self, u: &Usage) -> u64 {
+        let per_minute = u128::from(self.audio_minute.unwrap_or(0));
+        let audio = (u128::from(u.audio_ms) * per_minute + 30_000) / 60_000;
         u.input
             .saturating_mul(self.input)
             .saturating_add(u.cached_input.saturating_mul(self.cached_input))
@@ -34,16 +44,34 @@ impl Price {
                     .saturating_add(u.reasoning)
                     .saturating_mul(self.output),
             )
+            .saturating_add(u.images.saturating_mul(self.image.unwrap_or(0)))
+            .saturating_add(u.characters.saturating_mul(self.character.unwrap_or(0)))
+            .saturating_add(u64::try_from(audio).unwrap_or(u64::MAX))
+    }
+
+    /// Whether this price has a price for every unit `u` counted; if not, the request is
+    /// unpriced rather than costed at zero.
+    pub fn covers(&self, u: &Usage) -> bool {
+        (u.images == 0 || self.image.is_some())
+            && (u.characters == 0 || self.character.is_some())
+            && (u.audio_ms == 0 || self.audio_minute.is_some())
     }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PriceFile {
-    input: f64,
-    output: f64,
+    /// Token prices, USD per million tokens. Required unless a unit price below is given.
+    input: Option<f64>,
+    output: Option<f64>,
     cached_input: Option<f64>,
     cache_write: Option<f64>,
+    /// Image generation, USD per image.
+    per_image: Option<f64>,
+    /// Text-to-speech, USD per million input characters.
+    per_million_characters: Option<f64>,
+    /// Transcription, USD per minute of audio.
+    per_minute: Option<f64>,
 }
 
 /// provider => model => price.
@@ -67,12 +95,19 @@ pub enum PricingError {
 /// USD per million tokens → nano-dollars per token, exactly for prices with up to 3 decimals
 /// (a thousandth of a dollar per million tokens, finer than any published price).
 fn nanos(usd_per_million: f64, what: &str) -> Result<u64, String> {
-    if !usd_per_million.is_finite() || !(0.0..=1e6).contains(&usd_per_million) {
-        return Err(format!(
-            "{what}: `{usd_per_million}` is not a price in USD per million tokens"
-        ));
+    scaled(usd_per_million, 1000.0, what)
+}
+
+/// USD per unit (image, minute) → nano-dollars per unit, exact to 9 decimals.
+fn unit_nanos(usd: f64, what: &str) -> Result<u64, String> {
+    scaled(usd, 1e9, what)
+}
+
+fn scaled(usd: f64, scale: f64, what: &str) -> Result<u64, String> {
+    if !usd.is_finite() || !(0.0..=1e6).contains(&usd) {
+        return Err(format!("{what}: `{usd}` is not a price in USD"));
     }
-    Ok((usd_per_million * 1000.0).round() as u64)
+    Ok((usd * scale).round() as u64)
 }
 
 impl Pricing {
@@ -95,12 +130,30 @@ impl Pricing {
             let mut table = HashMap::new();
             for (model, p) in models {
                 let at = |f: &str| format!("{provider}.{model}.{f}");
-                let input = nanos(p.input, &at("input"))?;
+                let unit_priced = p.per_image.is_some()
+                    || p.per_million_characters.is_some()
+                    || p.per_minute.is_some();
+                let token_price = |v: Option<f64>, f: &str| match v {
+                    Some(v) => nanos(v, &at(f)),
+                    // A model billed only per image, character or minute needs no token price.
+                    None if unit_priced => Ok(0),
+                    None => Err(format!(
+                        "{}: missing (a model needs input and output prices, or per_image, per_million_characters or per_minute)",
+                        at(f)
+                    )),
+                };
+                let input = token_price(p.input, "input")?;
+                let opt = |v: Option<f64>, f: &str, conv: fn(f64, &str) -> Result<u64, String>| {
+                    v.map(|v| conv(v, &at(f))).transpose()
+                };
                 table.insert(
                     model.clone(),
                     Price {
                         input,
-                        output: nanos(p.output, &at("output"))?,
+                        output: token_price(p.output, "output")?,
+                        image: opt(p.per_image, "per_image", unit_nanos)?,
+                        character: opt(p.per_million_characters, "per_million_characters", nanos)?,
+                        audio_minute: opt(p.per_minute, "per_minute", unit_nanos)?,
                         cached_input: p
                             .cached_input
                             .map(|v| nanos(v, &at("cached_input")))
@@ -200,6 +253,57 @@ mod tests {
         assert!(p.price("anthropic", "claude-sonnet-4-20250514").is_some());
         assert!(p.price("gemini", "gemini-2.5-flash").is_some());
         assert!(p.price("deepseek", "deepseek-chat").is_some());
+    }
+
+    #[test]
+    fn unit_prices_images_characters_minutes() {
+        let p = Pricing::from_yaml(
+            "openai:\n  dall-e-3: { per_image: 0.04 }\n  tts-1: { per_million_characters: 15 }\n  whisper-1: { per_minute: 0.006 }\n  gpt-image-1: { input: 5, output: 40, per_image: 0 }\n",
+        )
+        .unwrap();
+        let img = p.price("openai", "dall-e-3").unwrap();
+        assert_eq!((img.image, img.input, img.output), (Some(40_000_000), 0, 0));
+        let u = Usage {
+            images: 3,
+            ..Usage::default()
+        };
+        assert_eq!(img.cost_nanos(&u), 120_000_000);
+        let tts = p.price("openai", "tts-1").unwrap();
+        let u = Usage {
+            characters: 1000,
+            ..Usage::default()
+        };
+        // 1000 characters at $15 per million = $0.015.
+        assert_eq!(tts.cost_nanos(&u), 15_000_000);
+        let stt = p.price("openai", "whisper-1").unwrap();
+        let u = Usage {
+            audio_ms: 90_500,
+            ..Usage::default()
+        };
+        // 90.5 s at $0.006 per minute = $0.00905.
+        assert_eq!(stt.cost_nanos(&u), 9_050_000);
+        let gi = p.price("openai", "gpt-image-1").unwrap();
+        let u = Usage {
+            input: 10,
+            output: 1000,
+            images: 1,
+            ..Usage::default()
+        };
+        assert_eq!(gi.cost_nanos(&u), 10 * 5000 + 1000 * 40_000);
+        // A token price found by prefix does not cover speech characters: unpriced, not free.
+        let tp = Pricing::from_yaml(TABLE).unwrap();
+        let mini_tts = tp.price("openai", "gpt-4o-mini-tts").unwrap();
+        assert!(!mini_tts.covers(&u_chars()));
+        assert!(tts.covers(&u_chars()));
+        // A model without any price at all is still refused.
+        assert!(Pricing::from_yaml("openai:\n  m: { cached_input: 1 }\n").is_err());
+    }
+
+    fn u_chars() -> Usage {
+        Usage {
+            characters: 5,
+            ..Usage::default()
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! The app receives byte for byte the stream it asked for; the meter saw the usage.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -14,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::usage::MAX_LINE;
 
@@ -23,10 +25,72 @@ pub const MAX_INSPECTED_BODY: usize = 1024 * 1024;
 const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
 
 /// The request body sent upstream: bytes already read (and possibly edited), then the rest of
-/// the app's body, still streaming. The size limit applies to the whole.
+/// the app's body, still streaming. The size limit applies to the whole. An optional tap
+/// looks at the first [`MODEL_HEAD`] bytes as they pass, for the request's `model`.
 pub struct RequestBody {
     prefix: Option<Bytes>,
     rest: Option<http_body_util::Limited<Incoming>>,
+    tap: Option<ModelTap>,
+}
+
+/// Bytes of a request body looked at for its `model`: SDKs put it first (JSON) or among the
+/// first form fields (multipart, before the file), so a small head suffices.
+pub const MODEL_HEAD: usize = 4096;
+
+/// How the request body is encoded, for the model tap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Multipart,
+}
+
+impl BodyKind {
+    pub fn of(content_type: Option<&[u8]>) -> Option<Self> {
+        let ct = content_type?;
+        if ct.starts_with(b"multipart/form-data") {
+            Some(Self::Multipart)
+        } else if memchr::memmem::find(ct, b"json").is_some() {
+            Some(Self::Json)
+        } else {
+            None
+        }
+    }
+}
+
+/// Copies at most [`MODEL_HEAD`] bytes of the body as it streams and resolves the `model`
+/// once: when the head is full, when the body ends, or when it is dropped.
+struct ModelTap {
+    head: Vec<u8>,
+    kind: BodyKind,
+    out: Arc<OnceLock<Box<str>>>,
+}
+
+impl ModelTap {
+    fn feed(&mut self, data: &[u8]) -> bool {
+        let n = (MODEL_HEAD - self.head.len()).min(data.len());
+        self.head.extend_from_slice(&data[..n]);
+        self.head.len() >= MODEL_HEAD
+    }
+
+    fn resolve(self) {
+        let model = match self.kind {
+            BodyKind::Json => crate::usage::string_after(&self.head, b"\"model\""),
+            BodyKind::Multipart => multipart_field(&self.head, b"model"),
+        };
+        if let Some(m) = model.filter(|m| m.len() <= 256) {
+            let _ = self.out.set(m.into());
+        }
+    }
+}
+
+/// The value of the form field `name` in the head of a multipart body, if it is there whole.
+fn multipart_field(head: &[u8], name: &[u8]) -> Option<String> {
+    let key = [b"name=\"".as_slice(), name, b"\""].concat();
+    let at = memchr::memmem::find(head, &key)? + key.len();
+    let start = at + memchr::memmem::find(&head[at..], b"\r\n\r\n")? + 4;
+    let len = memchr::memmem::find(&head[start..], b"\r\n")?;
+    let v = std::str::from_utf8(&head[start..start + len]).ok()?.trim();
+    (!v.is_empty()).then(|| v.to_string())
 }
 
 impl RequestBody {
@@ -34,6 +98,34 @@ impl RequestBody {
         Self {
             prefix: None,
             rest: Some(rest),
+            tap: None,
+        }
+    }
+
+    /// A body read whole (and possibly edited).
+    pub fn whole(b: Bytes) -> Self {
+        Self {
+            prefix: Some(b),
+            rest: None,
+            tap: None,
+        }
+    }
+
+    /// Looks for the request's `model` in the body's head as it is sent; the answer lands
+    /// in `out` (for the meter, when the response names no model).
+    pub fn tap_model(&mut self, kind: BodyKind, out: Arc<OnceLock<Box<str>>>) {
+        self.tap = Some(ModelTap {
+            head: Vec::new(),
+            kind,
+            out,
+        });
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(t) = self.tap.take() {
+            t.resolve();
         }
     }
 
@@ -55,13 +147,28 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if let Some(p) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(p))));
+        let res = if let Some(p) = this.prefix.take() {
+            Poll::Ready(Some(Ok(Frame::data(p))))
+        } else {
+            match &mut this.rest {
+                Some(rest) => Pin::new(rest).poll_frame(cx),
+                None => Poll::Ready(None),
+            }
+        };
+        if let Some(tap) = &mut this.tap {
+            let done = match &res {
+                Poll::Ready(Some(Ok(f))) => f.data_ref().is_some_and(|d| tap.feed(d)),
+                Poll::Ready(_) => true,
+                Poll::Pending => false,
+            };
+            // The client stops polling once the body says it ended: resolve now, not at drop.
+            if (done || this.is_end_stream())
+                && let Some(t) = this.tap.take()
+            {
+                t.resolve();
+            }
         }
-        match &mut this.rest {
-            Some(rest) => Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
+        res
     }
 
     fn is_end_stream(&self) -> bool {
@@ -86,45 +193,102 @@ impl Body for RequestBody {
 }
 
 #[derive(Deserialize)]
-struct StreamFlags {
+struct StreamFlags<'a> {
     stream: Option<bool>,
-    stream_options: Option<serde_json::Value>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
 }
 
-/// The edited body when `body` is a streaming request without usage opt-in, else `None`.
+#[derive(Deserialize)]
+struct StreamOptions<'a> {
+    #[serde(borrow)]
+    include_usage: Option<&'a RawValue>,
+}
+
+/// Offset of `part` (a slice borrowed from `whole`) in `whole`.
+fn offset_in(whole: &[u8], part: &str) -> Option<usize> {
+    let at = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    (at + part.len() <= whole.len()).then_some(at)
+}
+
+/// `body` with `insert` placed at `at`, or with `body[at..at + cut]` replaced by it.
+fn splice(body: &[u8], at: usize, cut: usize, insert: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + insert.len());
+    out.extend_from_slice(&body[..at]);
+    out.extend_from_slice(insert);
+    out.extend_from_slice(&body[at + cut..]);
+    out
+}
+
+/// The edited body when `body` is a streaming request that does not get usage, else `None`.
+/// The edit is minimal: one insertion (or `false` → `true`), the rest byte for byte.
+///
+/// - no `stream_options`: `"stream_options":{"include_usage":true},` after the opening `{`;
+/// - `stream_options` without `include_usage` (e.g. `{"include_obfuscation":false}`):
+///   `"include_usage":true` first inside it;
+/// - `"include_usage":false`: flipped to `true`. An app cannot opt out of being metered, and
+///   loses nothing: byokd strips the usage again, so it sees the stream it asked for.
 pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     let flags: StreamFlags = serde_json::from_slice(body).ok()?;
-    // An app that set stream_options chose them; byokd leaves its choice alone.
-    if flags.stream != Some(true) || flags.stream_options.is_some() {
+    if flags.stream != Some(true) {
         return None;
     }
-    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[open] != b'{' {
+    let Some(raw) = flags.stream_options else {
+        // `"stream_options": null` parses as absent: leave such a body alone rather than
+        // send a duplicate key whose meaning depends on the provider's parser.
+        if memchr::memmem::find(body, b"\"stream_options\"").is_some() {
+            return None;
+        }
+        let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+        if body[open] != b'{' {
+            return None;
+        }
+        return Some(splice(body, open + 1, 0, INSERT));
+    };
+    let text = raw.get();
+    if !text.starts_with('{') {
         return None;
     }
-    let mut out = Vec::with_capacity(body.len() + INSERT.len());
-    out.extend_from_slice(&body[..=open]);
-    out.extend_from_slice(INSERT);
-    out.extend_from_slice(&body[open + 1..]);
-    Some(out)
+    let obj = offset_in(body, text)?;
+    let opts: StreamOptions = serde_json::from_str(text).ok()?;
+    match opts.include_usage {
+        Some(v) if v.get() == "true" => None,
+        Some(v) if v.get() == "false" => Some(splice(body, offset_in(body, v.get())?, 5, b"true")),
+        Some(_) => None,
+        None if memchr::memmem::find(text.as_bytes(), b"\"include_usage\"").is_some() => None,
+        None => {
+            let empty = text[1..].trim_start().starts_with('}');
+            let insert: &[u8] = if empty {
+                br#""include_usage":true"#
+            } else {
+                br#""include_usage":true,"#
+            };
+            Some(splice(body, obj + 1, 0, insert))
+        }
+    }
 }
 
-/// Reads up to [`MAX_INSPECTED_BODY`] of `body`; if it is a streaming chat request without
-/// usage opt-in, returns the edited body and `true`. Otherwise the bytes read are replayed
-/// unchanged ahead of the rest.
-pub async fn inspect(
+/// What [`read_bounded`] found.
+pub enum Peeked {
+    /// The whole body, at most [`MAX_INSPECTED_BODY`] bytes.
+    Whole(Bytes),
+    /// A larger body: the bytes read, replayed ahead of the rest, still streaming.
+    Partial(RequestBody),
+}
+
+/// Reads `body` whole if it is at most [`MAX_INSPECTED_BODY`] bytes; a larger body is never
+/// buffered: what was read goes first, the rest streams behind it.
+pub async fn read_bounded(
     mut body: http_body_util::Limited<Incoming>,
-) -> Result<(RequestBody, bool), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Peeked, Box<dyn std::error::Error + Send + Sync>> {
     let mut buf = BytesMut::new();
     loop {
         if buf.len() > MAX_INSPECTED_BODY {
-            return Ok((
-                RequestBody {
-                    prefix: Some(buf.freeze()),
-                    rest: Some(body),
-                },
-                false,
-            ));
+            return Ok(Peeked::Partial(RequestBody {
+                prefix: Some(buf.freeze()),
+                rest: Some(body),
+                tap: None,
+            }));
         }
         match body.frame().await {
             None => break,
@@ -135,17 +299,21 @@ pub async fn inspect(
             }
         }
     }
-    let (bytes, edited) = match add_include_usage(&buf) {
-        Some(edited) => (Bytes::from(edited), true),
-        None => (buf.freeze(), false),
-    };
-    Ok((
-        RequestBody {
-            prefix: Some(bytes),
-            rest: None,
-        },
-        edited,
-    ))
+    Ok(Peeked::Whole(buf.freeze()))
+}
+
+/// Text-to-speech: the number of characters (Unicode scalar values, as providers count them)
+/// of the request's `input`, the one field of a speech request worth reading.
+pub fn speech_characters(body: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct Speech<'a> {
+        #[serde(borrow)]
+        input: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Speech>(body)
+        .ok()
+        .and_then(|s| s.input)
+        .map_or(0, |i| i.chars().count() as u64)
 }
 
 /// Removes what byokd's `include_usage` added from an OpenAI SSE stream: the trailing
@@ -186,9 +354,9 @@ impl<B> StripUsage<B> {
                 self.dropping = true;
                 return;
             }
-            if let Some(head) = body.strip_suffix(b",\"usage\":null}") {
-                out.extend_from_slice(head);
-                out.extend_from_slice(b"}");
+            if let Some((at, len)) = null_usage_field(body) {
+                out.extend_from_slice(&body[..at]);
+                out.extend_from_slice(&body[at + len..]);
                 out.extend_from_slice(&line[body.len()..]);
                 return;
             }
@@ -218,6 +386,25 @@ impl<B> StripUsage<B> {
         }
         out.freeze()
     }
+}
+
+/// Where the `"usage":null` member that `include_usage` added sits in a chunk, with its comma:
+/// `(start, len)`. Not necessarily last: OpenAI now puts `"obfuscation":"..."` after it, and
+/// other fields (`service_tier`, `system_fingerprint`) may move. A `"` inside a JSON string
+/// is always escaped, so `,"usage":null` followed by `,` or `}` is a member, never text; the
+/// last such member is the top-level one (it follows `choices`).
+fn null_usage_field(line: &[u8]) -> Option<(usize, usize)> {
+    const MEMBER: &[u8] = b",\"usage\":null";
+    let mut end = line.len();
+    while let Some(p) = memchr::memmem::rfind(&line[..end], MEMBER) {
+        if matches!(line.get(p + MEMBER.len()), Some(b',' | b'}')) {
+            return Some((p, MEMBER.len()));
+        }
+        end = p;
+    }
+    // First member: `{"usage":null,...`: drop it with the comma after it.
+    let first = memchr::memmem::find(line, b"{\"usage\":null,")?;
+    Some((first + 1, MEMBER.len()))
 }
 
 /// The usage-only chunk: no choices, a non-null usage.
@@ -293,14 +480,75 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "gpt-4o");
         assert!(add_include_usage(br#"{"model":"m","messages":[]}"#).is_none());
+        // The app asked itself: nothing to add, nothing to strip.
         assert!(
-            add_include_usage(br#"{"stream":true,"stream_options":{"include_usage":false}}"#)
+            add_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#)
                 .is_none()
         );
         assert!(add_include_usage(b"not json").is_none());
         let spaced = b"  \n{ \"stream\": true }";
         let e = add_include_usage(spaced).unwrap();
         assert!(serde_json::from_slice::<serde_json::Value>(&e).is_ok());
+    }
+
+    #[test]
+    fn stream_options_without_include_usage_get_it_with_a_minimal_edit() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (
+                br#"{"stream":true,"stream_options":{"include_obfuscation":false},"model":"m"}"#,
+                br#"{"stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false},"model":"m"}"#,
+            ),
+            (
+                br#"{"stream":true,"stream_options":{ },"model":"m"}"#,
+                br#"{"stream":true,"stream_options":{"include_usage":true },"model":"m"}"#,
+            ),
+            (
+                br#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+                br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                br#"{"messages":[{"content":"\"stream_options\": {}"}],"stream_options": {"include_usage" : false, "x":1},"stream":true}"#,
+                br#"{"messages":[{"content":"\"stream_options\": {}"}],"stream_options": {"include_usage" : true, "x":1},"stream":true}"#,
+            ),
+            (
+                "{\"stream\":true,\"messages\":[{\"content\":\"h\\u00e9 ☃\"}]}".as_bytes(),
+                "{\"stream_options\":{\"include_usage\":true},\"stream\":true,\"messages\":[{\"content\":\"h\\u00e9 ☃\"}]}".as_bytes(),
+            ),
+        ];
+        for (input, want) in cases {
+            let got = add_include_usage(input)
+                .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(input)));
+            assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+        }
+        // Explicit null or a non-object: left alone rather than guessed at.
+        assert!(add_include_usage(br#"{"stream":true,"stream_options":null}"#).is_none());
+        assert!(add_include_usage(br#"{"stream":true,"stream_options":[]}"#).is_none());
+        assert!(
+            add_include_usage(br#"{"stream":true,"stream_options":{"include_usage":null}}"#)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn speech_characters_count_unicode_scalars_of_input() {
+        assert_eq!(
+            speech_characters(
+                r#"{"model":"tts-1","input":"h\u00e9llo ☃","voice":"alloy"}"#.as_bytes()
+            ),
+            7
+        );
+        assert_eq!(speech_characters(b"{}"), 0);
+        assert_eq!(speech_characters(b"not json"), 0);
+    }
+
+    #[test]
+    fn multipart_model_field() {
+        let body = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n\r\n\xff\xfb";
+        assert_eq!(
+            multipart_field(body, b"model").as_deref(),
+            Some("whisper-1")
+        );
+        assert_eq!(multipart_field(body, b"language"), None);
     }
 
     fn strip_all(input: &[u8], step: usize) -> Vec<u8> {
@@ -333,5 +581,45 @@ mod tests {
                 "step {step}"
             );
         }
+    }
+
+    /// Recorded shape of a 2025 OpenAI stream: `service_tier`, `system_fingerprint`, and an
+    /// `obfuscation` field after `"usage":null`. With include_usage and without it, from the
+    /// same request; the obfuscation padding is the same here so the two can be compared.
+    #[test]
+    fn strips_usage_before_obfuscation_byte_for_byte() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let with = std::fs::read(dir.join("openai_chat_stream_obfuscation.sse")).unwrap();
+        let without =
+            std::fs::read(dir.join("openai_chat_stream_obfuscation_no_usage.sse")).unwrap();
+        assert!(
+            memchr::memmem::find(&with, b"\"usage\":null,\"obfuscation\"").is_some(),
+            "the fixture has the shape that broke the suffix match"
+        );
+        for step in [1, 3, 7, 64, 100_000] {
+            assert_eq!(
+                String::from_utf8(strip_all(&with, step)).unwrap(),
+                String::from_utf8(without.clone()).unwrap(),
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn null_usage_member_anywhere_but_inside_strings() {
+        let f = |s: &str| {
+            null_usage_field(s.as_bytes()).map(|(a, n)| {
+                let b = s.as_bytes();
+                String::from_utf8([&b[..a], &b[a + n..]].concat()).unwrap()
+            })
+        };
+        assert_eq!(
+            f(r#"{"a":1,"usage":null,"obfuscation":"x"}"#).as_deref(),
+            Some(r#"{"a":1,"obfuscation":"x"}"#)
+        );
+        assert_eq!(f(r#"{"usage":null,"a":1}"#).as_deref(), Some(r#"{"a":1}"#));
+        // Text that mentions it is escaped, so it is never a member.
+        assert_eq!(f(r#"{"c":"\",\"usage\":null}"}"#), None);
+        assert_eq!(f(r#"{"a":1,"usage":nullx}"#), None);
     }
 }

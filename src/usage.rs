@@ -4,7 +4,9 @@
 //! body: for SSE it looks at complete `data:` lines and parses only those that carry usage
 //! (found with a SIMD substring search); for JSON it keeps a bounded head (for `model`) and a
 //! bounded tail (for the trailing `usage` object) and parses just that slice at the end.
-//! Memory per request is bounded by [`MAX_LINE`] + [`JSON_HEAD`] + 2 × [`JSON_TAIL`].
+//! A line longer than [`MAX_LINE`] is not held: its first [`JSON_HEAD`] bytes and a sliding
+//! tail of [`JSON_TAIL`] are, so usage at the end of a huge event is still found. Memory per
+//! request is bounded by [`MAX_BUFFERED`].
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -22,6 +24,10 @@ pub const MAX_LINE: usize = 256 * 1024;
 pub const JSON_HEAD: usize = 4096;
 /// Bytes kept from the end of a JSON body to find `usage`.
 pub const JSON_TAIL: usize = 64 * 1024;
+/// Upper bound of [`Scanner::buffered`] (buffer capacities, growth slack included), whatever
+/// the input: an SSE line buffer and Gemini's last usage (each at most twice [`MAX_LINE`]
+/// after amortised growth), the over-long line's head and tail windows.
+pub const MAX_BUFFERED: usize = 4 * MAX_LINE + 2 * JSON_HEAD + 4 * JSON_TAIL;
 
 /// How a provider reports usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +55,67 @@ pub struct Usage {
     pub model: Option<String>,
     /// Whether any usage object was seen.
     pub found: bool,
+    /// Images generated (image generation: the length of the response's `data` array).
+    pub images: u64,
+    /// Input characters (text-to-speech: the length of the request's `input`).
+    pub characters: u64,
+    /// Audio duration in milliseconds (transcription: `usage.seconds` or `duration`).
+    pub audio_ms: u64,
+}
+
+/// What an endpoint is billed in, from its path. Decides which scanner reads the response and
+/// whether a response without usage is worth counting as missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// Chat, completions, Responses API, messages, generateContent, embeddings, Ollama's
+    /// native API: tokens in the response.
+    Tokens,
+    /// `/images/generations`, `/images/edits`, `/images/variations`: images counted in the
+    /// response's `data` array (plus tokens where the model reports them, as gpt-image-1 does).
+    Images,
+    /// `/audio/speech`: input characters from the request; the response is audio.
+    Speech,
+    /// `/audio/transcriptions`, `/audio/translations`: `usage` (tokens or seconds) when the
+    /// response has it, else verbose_json's `duration`.
+    Transcription,
+    /// Anything else (model lists, files, batches): scanned, but no usage is expected.
+    Other,
+}
+
+impl Capability {
+    /// Classifies an upstream path (without query).
+    pub fn of_path(path: &str) -> Self {
+        const TOKENS: [&str; 9] = [
+            "/chat/completions",
+            "/completions",
+            "/responses",
+            "/embeddings",
+            "/messages",
+            ":generateContent",
+            ":streamGenerateContent",
+            "/api/chat",
+            "/api/generate",
+        ];
+        if TOKENS.iter().any(|s| path.ends_with(s)) || path.ends_with("/api/embed") {
+            Self::Tokens
+        } else if path.ends_with("/images/generations")
+            || path.ends_with("/images/edits")
+            || path.ends_with("/images/variations")
+        {
+            Self::Images
+        } else if path.ends_with("/audio/speech") {
+            Self::Speech
+        } else if path.ends_with("/audio/transcriptions") || path.ends_with("/audio/translations") {
+            Self::Transcription
+        } else {
+            Self::Other
+        }
+    }
+
+    /// Whether a successful response is expected to be metered.
+    pub fn expects_usage(self) -> bool {
+        !matches!(self, Self::Other)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +141,8 @@ struct RawUsage {
     thoughts_token_count: Option<u64>,
     #[serde(rename = "cachedContentTokenCount")]
     cached_content_token_count: Option<u64>,
+    // OpenAI transcription billed by duration: `{"type":"duration","seconds":9}`.
+    seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +181,9 @@ impl Usage {
                             &u.completion_tokens_details,
                         )
                     };
+                if let Some(sec) = u.seconds {
+                    self.audio_ms = seconds_to_ms(sec);
+                }
                 let cached = pd.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0);
                 let reasoning = cd.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0);
                 let prompt = prompt.unwrap_or(0);
@@ -161,6 +233,21 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.input + self.cached_input + self.cache_write + self.output + self.reasoning
     }
+
+    /// Whether anything billable was counted: tokens or another unit.
+    pub fn metered(&self) -> bool {
+        self.total() > 0 || self.images > 0 || self.characters > 0 || self.audio_ms > 0
+    }
+}
+
+/// Seconds as reported (possibly fractional) to whole milliseconds; negative or absurd
+/// values count as zero rather than wrapping.
+fn seconds_to_ms(s: f64) -> u64 {
+    if s.is_finite() && (0.0..1e12).contains(&s) {
+        (s * 1000.0).round() as u64
+    } else {
+        0
+    }
 }
 
 /// Incremental, synchronous and pure: fixtures can be fed in arbitrary chunks.
@@ -182,6 +269,32 @@ pub fn scanner_for(dialect: Dialect, content_type: Option<&[u8]>) -> Scanner {
         Scanner::Json(JsonScanner::new(dialect))
     } else {
         Scanner::Off
+    }
+}
+
+/// Picks the scanner for a response of `capability`: speech responses are audio (their units
+/// come from the request), image and transcription JSON bodies get their unit counters.
+pub fn scanner_for_capability(
+    dialect: Dialect,
+    capability: Capability,
+    content_type: Option<&[u8]>,
+) -> Scanner {
+    let json = content_type.is_some_and(|ct| {
+        memmem::find(ct, b"json").is_some() && memmem::find(ct, b"ndjson").is_none()
+    });
+    match capability {
+        Capability::Speech => Scanner::Off,
+        Capability::Images if json && dialect != Dialect::None => {
+            let mut s = JsonScanner::new(dialect);
+            s.images = Some(DataCounter::default());
+            Scanner::Json(s)
+        }
+        Capability::Transcription if json && dialect != Dialect::None => {
+            let mut s = JsonScanner::new(dialect);
+            s.transcription = true;
+            Scanner::Json(s)
+        }
+        _ => scanner_for(dialect, content_type),
     }
 }
 
@@ -211,13 +324,30 @@ impl UsageScanner for Scanner {
     }
 }
 
+impl Scanner {
+    /// Bytes the scanner holds right now (buffer capacities): what the memory bound is about.
+    pub fn buffered(&self) -> usize {
+        match self {
+            Self::Sse(s) => s.buffered(),
+            Self::Json(s) => s.buffered(),
+            Self::Off => 0,
+        }
+    }
+}
+
 /// Server-sent events: scans complete `data:` lines.
 #[derive(Debug)]
 pub struct SseScanner {
     dialect: Dialect,
     partial: Vec<u8>,
-    /// The current line grew past [`MAX_LINE`] and is being skipped.
+    /// The current line grew past [`MAX_LINE`]: it is not held whole any more.
     skipping: bool,
+    /// ... but it may carry usage at its end (a Responses API `response.completed` with a
+    /// long output, a Gemini chunk with a long text): its first [`JSON_HEAD`] bytes (for
+    /// `model`) and a sliding tail of [`JSON_TAIL`] bytes (for `usage`) are kept.
+    long: bool,
+    long_head: Vec<u8>,
+    long_tail: Vec<u8>,
     /// `data:` lines still worth parsing for `model` alone (first chunks carry it).
     model_tries: u8,
     /// Newline-delimited JSON (Ollama's native streams): every line is an event.
@@ -242,16 +372,50 @@ enum EventKind {
 }
 
 /// Named events that carry usage, across dialects.
-const USAGE_EVENTS: [&[u8]; 5] = [
+const USAGE_EVENTS: [&[u8]; 7] = [
     b"message_start",
     b"message_delta",
     b"response.completed",
     b"response.incomplete",
     b"response.failed",
+    b"image_generation.completed",
+    b"image_edit.completed",
 ];
 
-static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+/// A streamed image generation's final event for one image (`stream: true` on the Images
+/// API): one image, and the usage of gpt-image models. Its type leads the object.
+fn is_image_done(data: &[u8]) -> bool {
+    let head = &data[..data.len().min(64)];
+    memmem::find(head, b"\"type\":\"image_generation.completed\"").is_some()
+        || memmem::find(head, b"\"type\":\"image_edit.completed\"").is_some()
+}
+
+static USAGE_KEY_REV: std::sync::LazyLock<memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+
+/// Whether an OpenAI chat chunk carries a non-null `usage`. With include_usage every content
+/// chunk has `"usage":null` near its end (before `obfuscation` in 2025-shaped streams), so
+/// the search runs from the end: one short reverse scan per chunk. The last `"usage"` is the
+/// top-level member (it follows `choices`); if it is not a member at all (a string value),
+/// fall back to a forward search.
+fn chunk_has_usage(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    // Streams without obfuscation (Azure, compatibles, older): the member closes the chunk.
+    if data.ends_with(b"\"usage\":null}") {
+        return false;
+    }
+    let Some(p) = USAGE_KEY_REV.rfind(data) else {
+        return false;
+    };
+    let after = &data[p + KEY.len()..];
+    match after.iter().position(|b| !b.is_ascii_whitespace()) {
+        Some(i) if after[i] == b':' => {
+            let v = after[i + 1..].trim_ascii_start();
+            !v.is_empty() && !v.starts_with(b"null")
+        }
+        _ => usage_value_at(data, KEY).is_some(),
+    }
+}
 static GEMINI_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usageMetadata\""));
 
@@ -261,12 +425,103 @@ impl SseScanner {
             dialect,
             partial: Vec::new(),
             skipping: false,
+            long: false,
+            long_head: Vec::new(),
+            long_tail: Vec::new(),
             model_tries: 4,
             ndjson: false,
             event: EventKind::Unnamed,
             gemini_last: Vec::new(),
             usage: Usage::default(),
         }
+    }
+
+    /// Bytes held now (capacity), for the memory-bound tests.
+    pub fn buffered(&self) -> usize {
+        self.partial.capacity()
+            + self.gemini_last.capacity()
+            + self.long_head.capacity()
+            + self.long_tail.capacity()
+    }
+
+    /// A line outgrew [`MAX_LINE`]; `a` then `b` are its bytes so far. Whether its head and
+    /// tail are worth keeping is decided now, from its start and the event it belongs to.
+    fn long_begin(&mut self, a: &[u8], b: &[u8]) {
+        self.skipping = true;
+        self.long_head.clear();
+        self.long_tail.clear();
+        let start: Vec<u8> = a.iter().chain(b).take(5).copied().collect();
+        self.long = self.dialect != Dialect::None
+            && (self.ndjson || (start == b"data:" && self.event != EventKind::Skip));
+        self.long_feed(a);
+        self.long_feed(b);
+    }
+
+    fn long_feed(&mut self, d: &[u8]) {
+        if !self.long {
+            return;
+        }
+        if self.long_head.len() < JSON_HEAD {
+            let n = (JSON_HEAD - self.long_head.len()).min(d.len());
+            self.long_head.extend_from_slice(&d[..n]);
+        }
+        keep_tail(&mut self.long_tail, d);
+    }
+
+    /// The over-long line ended: look for usage in its tail, `model` in its head only.
+    fn long_end(&mut self) {
+        self.skipping = false;
+        if !std::mem::take(&mut self.long) {
+            return;
+        }
+        let head = std::mem::take(&mut self.long_head);
+        let tail = std::mem::take(&mut self.long_tail);
+        let data = if self.ndjson {
+            &head[..]
+        } else {
+            head.strip_prefix(b"data:")
+                .unwrap_or(&head)
+                .trim_ascii_start()
+        };
+        match self.dialect {
+            Dialect::OpenAi if self.ndjson => {
+                if memmem::find(&tail, b"\"done\":true").is_some()
+                    || memmem::find(&tail, b"\"done\": true").is_some()
+                {
+                    if let Some(m) = string_after(data, b"\"model\"") {
+                        self.usage.model = Some(m);
+                    }
+                    self.usage.apply_ollama(&tail);
+                }
+            }
+            Dialect::OpenAi => {
+                // Images arrive whole in one event, base64: nearly always an over-long line.
+                if is_image_done(data) {
+                    self.usage.images += 1;
+                    self.usage.found = true;
+                }
+                // Responses API: `response.usage` closes the `response` object, so it is in
+                // the tail however long `output` was; `model` precedes `output`.
+                if let Some(u) = usage_in_tail(&tail, b"\"usage\"") {
+                    if self.usage.model.is_none() {
+                        self.usage.model = string_after(data, b"\"model\"");
+                    }
+                    self.usage.apply(self.dialect, &u);
+                }
+            }
+            Dialect::Gemini => {
+                if let Some(p) = memmem::rfind(&tail, b"\"usageMetadata\"") {
+                    self.gemini_last.clear();
+                    self.gemini_last.extend_from_slice(&tail[p..]);
+                }
+            }
+            Dialect::Anthropic | Dialect::None => {}
+        }
+        // Keep the allocations (bounded) for the next long line.
+        self.long_head = head;
+        self.long_head.clear();
+        self.long_tail = tail;
+        self.long_tail.clear();
     }
 
     pub fn ndjson(dialect: Dialect) -> Self {
@@ -351,10 +606,11 @@ impl SseScanner {
                     model: Option<String>,
                     usage: Option<RawUsage>,
                 }
-                // Fast path: with include_usage every content chunk ends in `"usage":null}`.
-                let has_usage = !data.ends_with(b"\"usage\":null}")
-                    && USAGE_KEY.find(data).is_some()
-                    && usage_value_at(data, b"\"usage\"").is_some();
+                if is_image_done(data) {
+                    self.usage.images += 1;
+                    self.usage.found = true;
+                }
+                let has_usage = chunk_has_usage(data);
                 let want_model = self.usage.model.is_none() && self.model_tries > 0;
                 if want_model {
                     self.model_tries -= 1;
@@ -427,8 +683,50 @@ fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// Keeps the last [`JSON_TAIL`] bytes of a stream in `tail` (at most twice that, amortised:
+/// compacted only when the buffer is twice the window).
+fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
+    if chunk.len() >= JSON_TAIL {
+        tail.clear();
+        tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
+        return;
+    }
+    tail.extend_from_slice(chunk);
+    if tail.len() > 2 * JSON_TAIL {
+        let cut = tail.len() - JSON_TAIL;
+        tail.drain(..cut);
+    }
+}
+
+/// The usage object that closes a JSON text, from its tail: the last occurrence of `key`
+/// whose value parses as usage (earlier ones may be in content or cut by the window).
+fn usage_in_tail(tail: &[u8], key: &[u8]) -> Option<RawUsage> {
+    let mut end = tail.len();
+    while let Some(p) = memmem::rfind(&tail[..end], key) {
+        if let Some(at) = usage_value_at(&tail[p..], key) {
+            let mut it =
+                serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<RawUsage>();
+            if let Some(Ok(u)) = it.next() {
+                return Some(u);
+            }
+        }
+        end = p;
+    }
+    None
+}
+
+/// The number value (integer or decimal) of object key `key`, if present.
+fn float_after(hay: &[u8], key: &[u8]) -> Option<f64> {
+    let at = usage_value_at(hay, key)?;
+    let len = hay[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+        .count();
+    std::str::from_utf8(&hay[at..at + len]).ok()?.parse().ok()
+}
+
 /// The string value of object key `key`, if present.
-fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+pub(crate) fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
     let at = usage_value_at(hay, key)?;
     serde_json::Deserializer::from_slice(&hay[at..])
         .into_iter::<String>()
@@ -462,25 +760,34 @@ impl UsageScanner for SseScanner {
         if !self.partial.is_empty() || self.skipping {
             match memchr::memchr(b'\n', chunk) {
                 None => {
-                    if !self.skipping {
-                        if self.partial.len() + chunk.len() > MAX_LINE {
-                            self.partial.clear();
-                            self.skipping = true;
-                        } else {
-                            self.partial.extend_from_slice(chunk);
-                        }
+                    if self.skipping {
+                        self.long_feed(chunk);
+                    } else if self.partial.len() + chunk.len() > MAX_LINE {
+                        let partial = std::mem::take(&mut self.partial);
+                        self.long_begin(&partial, chunk);
+                        self.partial = partial;
+                        self.partial.clear();
+                    } else {
+                        self.partial.extend_from_slice(chunk);
                     }
                     return;
                 }
                 Some(i) => {
-                    if !self.skipping && self.partial.len() + i <= MAX_LINE {
+                    if self.skipping {
+                        self.long_feed(&chunk[..i]);
+                        self.long_end();
+                    } else if self.partial.len() + i <= MAX_LINE {
                         self.partial.extend_from_slice(&chunk[..i]);
                         let line = std::mem::take(&mut self.partial);
                         self.line(&line);
                         self.partial = line;
+                    } else {
+                        let partial = std::mem::take(&mut self.partial);
+                        self.long_begin(&partial, &chunk[..i]);
+                        self.partial = partial;
+                        self.long_end();
                     }
                     self.partial.clear();
-                    self.skipping = false;
                     chunk = &chunk[i + 1..];
                 }
             }
@@ -492,14 +799,16 @@ impl UsageScanner for SseScanner {
         }
         let rest = &chunk[start..];
         if rest.len() > MAX_LINE {
-            self.skipping = true;
+            self.long_begin(&[], rest);
         } else {
             self.partial.extend_from_slice(rest);
         }
     }
 
     fn finish(&mut self) -> Usage {
-        if !self.partial.is_empty() && !self.skipping {
+        if self.skipping {
+            self.long_end();
+        } else if !self.partial.is_empty() {
             let line = std::mem::take(&mut self.partial);
             self.line(&line);
         }
@@ -520,12 +829,119 @@ impl UsageScanner for SseScanner {
     }
 }
 
+/// Counts the elements of the top-level `data` array of a JSON body (image generation) in one
+/// pass, without holding any of it: a byte state machine with a depth counter, no recursion,
+/// so hostile nesting costs nothing. Strings (multi-megabyte `b64_json`) are skipped with a
+/// SIMD search for the next quote or backslash.
+#[derive(Debug, Default, Clone)]
+pub struct DataCounter {
+    depth: u64,
+    in_string: bool,
+    escaped: bool,
+    /// The first bytes of the current depth-1 string (a key or a value), to spot `data`.
+    key: [u8; 4],
+    key_len: u8,
+    /// The depth-1 string just closed was exactly `data`.
+    key_is_data: bool,
+    /// `"data":` was seen; a `[` now opens the array counted.
+    after_data_colon: bool,
+    /// Depth of the elements of the `data` array while inside it (0 = not inside).
+    data_depth: u64,
+    count: u64,
+}
+
+impl DataCounter {
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    chunk = &chunk[1..];
+                    continue;
+                }
+                let Some(i) = memchr::memchr2(b'"', b'\\', chunk) else {
+                    self.key_bytes(chunk);
+                    return;
+                };
+                self.key_bytes(&chunk[..i]);
+                if chunk[i] == b'\\' {
+                    self.escaped = true;
+                } else {
+                    self.in_string = false;
+                    if self.depth == 1 {
+                        self.key_is_data = self.key_len == 4 && self.key == *b"data";
+                    }
+                }
+                chunk = &chunk[i + 1..];
+                continue;
+            }
+            let b = chunk[0];
+            chunk = &chunk[1..];
+            match b {
+                b'"' => {
+                    self.value_starts();
+                    self.in_string = true;
+                    self.key_len = 0;
+                    self.key_is_data = false;
+                }
+                b'{' | b'[' => {
+                    self.value_starts();
+                    let opens_data = b == b'[' && self.depth == 1 && self.after_data_colon;
+                    self.depth = self.depth.saturating_add(1);
+                    if opens_data {
+                        self.data_depth = self.depth;
+                    }
+                    self.after_data_colon = false;
+                }
+                b'}' | b']' => {
+                    if self.data_depth > 0 && self.depth == self.data_depth {
+                        self.data_depth = 0;
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                }
+                b':' if self.depth == 1 => self.after_data_colon = self.key_is_data,
+                b',' if self.depth == 1 => {
+                    self.key_is_data = false;
+                    self.after_data_colon = false;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A value begins at the current depth: inside `data`, that is one more element.
+    fn value_starts(&mut self) {
+        if self.data_depth > 0 && self.depth == self.data_depth {
+            self.count += 1;
+        }
+    }
+
+    fn key_bytes(&mut self, b: &[u8]) {
+        if self.depth == 1 {
+            for &c in b {
+                if usize::from(self.key_len) < self.key.len() {
+                    self.key[usize::from(self.key_len)] = c;
+                }
+                self.key_len = self.key_len.saturating_add(1);
+            }
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
 /// A JSON body: bounded head and tail, parsed once at the end.
 #[derive(Debug)]
 pub struct JsonScanner {
     dialect: Dialect,
     head: Vec<u8>,
     tail: Vec<u8>,
+    /// Image generation: counts the `data` array's elements as the body passes.
+    images: Option<DataCounter>,
+    /// Transcription: without a `usage` object, verbose_json's `duration` (near the head).
+    transcription: bool,
 }
 
 impl JsonScanner {
@@ -534,28 +950,27 @@ impl JsonScanner {
             dialect,
             head: Vec::new(),
             tail: Vec::new(),
+            images: None,
+            transcription: false,
         }
+    }
+
+    /// Bytes held now (capacity), for the memory-bound tests.
+    pub fn buffered(&self) -> usize {
+        self.head.capacity() + self.tail.capacity()
     }
 }
 
 impl UsageScanner for JsonScanner {
     fn feed(&mut self, chunk: &[u8]) {
+        if let Some(c) = &mut self.images {
+            c.feed(chunk);
+        }
         if self.head.len() < JSON_HEAD {
             let n = (JSON_HEAD - self.head.len()).min(chunk.len());
             self.head.extend_from_slice(&chunk[..n]);
         }
-        if chunk.len() >= JSON_TAIL {
-            self.tail.clear();
-            self.tail
-                .extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
-            return;
-        }
-        self.tail.extend_from_slice(chunk);
-        // Amortised: compact only when the buffer is twice the window.
-        if self.tail.len() > 2 * JSON_TAIL {
-            let cut = self.tail.len() - JSON_TAIL;
-            self.tail.drain(..cut);
-        }
+        keep_tail(&mut self.tail, chunk);
     }
 
     fn finish(&mut self) -> Usage {
@@ -567,22 +982,23 @@ impl UsageScanner for JsonScanner {
         // `model` leads OpenAI and Anthropic bodies; Gemini puts `modelVersion` at the end.
         usage.model =
             string_after(&self.head, model_key).or_else(|| string_after(&self.tail, model_key));
-        // The top-level usage object closes the body, so the last occurrence is it.
         let tail = &self.tail;
-        let mut end = tail.len();
-        while let Some(p) = memmem::rfind(&tail[..end], usage_key) {
-            if let Some(at) = usage_value_at(&tail[p..], usage_key) {
-                let mut it =
-                    serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<RawUsage>();
-                if let Some(Ok(u)) = it.next() {
-                    usage.apply(self.dialect, &u);
-                    break;
-                }
-            }
-            end = p;
+        if let Some(u) = usage_in_tail(tail, usage_key) {
+            usage.apply(self.dialect, &u);
         }
         if !usage.found && self.dialect == Dialect::OpenAi {
             usage.apply_ollama(tail);
+        }
+        if let Some(c) = &self.images {
+            usage.images = c.count();
+            usage.found |= usage.images > 0;
+        }
+        if self.transcription && usage.audio_ms == 0 && usage.total() == 0 {
+            // verbose_json: `"duration":8.47` leads the body, before the text and segments.
+            if let Some(sec) = float_after(&self.head, b"\"duration\"") {
+                usage.audio_ms = seconds_to_ms(sec);
+                usage.found = true;
+            }
         }
         usage
     }
@@ -887,5 +1303,90 @@ mod tests {
         s.feed(br#""}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
         let u = s.finish();
         assert_eq!((u.input, u.output), (1, 2));
+    }
+
+    #[test]
+    fn data_counter_counts_top_level_data_elements_only() {
+        let body = br#"{"created":1,"meta":{"data":[1,2,3,4]},"data":[{"revised_prompt":"a \"data\":[{},{}] \\","url":"u"},{"b64_json":"QUJD","nested":{"data":[{}]}},{"url":"v"}],"usage":{"input_tokens":5,"output_tokens":9}}"#;
+        for step in [1, 2, 7, 1000] {
+            let mut c = DataCounter::default();
+            for ch in body.chunks(step) {
+                c.feed(ch);
+            }
+            assert_eq!(c.count(), 3, "step {step}");
+        }
+        let mut s = scanner_for_capability(
+            Dialect::OpenAi,
+            Capability::Images,
+            Some(b"application/json"),
+        );
+        s.feed(body);
+        let u = s.finish();
+        assert_eq!((u.images, u.input, u.output, u.found), (3, 5, 9, true));
+        // A million levels of nesting: a counter, no recursion, nothing held.
+        let mut c = DataCounter::default();
+        c.feed(br#"{"data":["#);
+        for _ in 0..1_000_000 {
+            c.feed(b"[");
+        }
+        assert_eq!(c.count(), 1);
+    }
+
+    #[test]
+    fn transcription_usage_seconds_tokens_or_verbose_duration() {
+        let scan = |body: &[u8]| {
+            let mut s = scanner_for_capability(
+                Dialect::OpenAi,
+                Capability::Transcription,
+                Some(b"application/json"),
+            );
+            for c in body.chunks(5) {
+                s.feed(c);
+            }
+            s.finish()
+        };
+        let u = scan(br#"{"text":"hi","usage":{"type":"duration","seconds":9}}"#);
+        assert_eq!((u.audio_ms, u.found), (9000, true));
+        let u = scan(br#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,"input_token_details":{"text_tokens":0,"audio_tokens":14},"output_tokens":45,"total_tokens":59}}"#);
+        assert_eq!((u.input, u.output, u.audio_ms), (14, 45, 0));
+        let u = scan(br#"{"task":"transcribe","language":"english","duration":8.47,"text":"the \"duration\": 99","segments":[]}"#);
+        assert_eq!((u.audio_ms, u.found), (8470, true));
+        let u = scan(br#"{"text":"no usage here"}"#);
+        assert!(!u.found);
+    }
+
+    #[test]
+    fn streamed_images_count_completed_events_even_past_the_line_limit() {
+        let big = "A".repeat(600 * 1024);
+        let body = format!(
+            "event: image_generation.partial_image\ndata: {{\"type\":\"image_generation.partial_image\",\"b64_json\":\"{big}\",\"partial_image_index\":0}}\n\n\
+             event: image_generation.completed\ndata: {{\"type\":\"image_generation.completed\",\"b64_json\":\"{big}\",\"usage\":{{\"total_tokens\":4170,\"input_tokens\":10,\"output_tokens\":4160}}}}\n\n\
+             data: {{\"type\":\"image_generation.completed\",\"b64_json\":\"QUJD\",\"usage\":{{\"total_tokens\":4170,\"input_tokens\":10,\"output_tokens\":4160}}}}\n\n"
+        );
+        for step in [1000, 16 * 1024, 1 << 22] {
+            let u = feed_split(SseScanner::new(Dialect::OpenAi), body.as_bytes(), step);
+            assert_eq!((u.images, u.input, u.output), (2, 10, 4160), "step {step}");
+        }
+    }
+
+    #[test]
+    fn capability_from_path() {
+        use Capability::*;
+        for (p, c) in [
+            ("/v1/chat/completions", Tokens),
+            ("/openai/deployments/d/chat/completions", Tokens),
+            ("/v1/responses", Tokens),
+            ("/v1beta/models/m:streamGenerateContent", Tokens),
+            ("/api/chat", Tokens),
+            ("/v1/images/generations", Images),
+            ("/v1/images/edits", Images),
+            ("/v1/audio/speech", Speech),
+            ("/v1/audio/transcriptions", Transcription),
+            ("/v1/audio/translations", Transcription),
+            ("/v1/models", Other),
+            ("/v1/files", Other),
+        ] {
+            assert_eq!(Capability::of_path(p), c, "{p}");
+        }
     }
 }

@@ -92,6 +92,30 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
         ),
     )
     .await;
+    // Units other than tokens and a missing-usage count, so promtool lints those series too.
+    send(
+        &c,
+        request(
+            "POST",
+            &format!("http://{}/v1/images/generations", b.data_addr),
+            &[
+                ("x-tenant-id", "acme"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model":"dall-e-3","prompt":"a cat"}"#,
+        ),
+    )
+    .await;
+    send(
+        &c,
+        request(
+            "POST",
+            &format!("http://{}/v1/chat/completions", b.data_addr),
+            &[("x-tenant-id", "acme"), ("x-fake-encoding", "gzip")],
+            CHAT_STREAM,
+        ),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // promtool lints the exposition format and naming.
@@ -109,6 +133,9 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
         .write_all(text.as_bytes())
         .unwrap();
     let out = lint.wait_with_output().unwrap();
+    for series in ["byokd_usage_units_total{", "byokd_usage_missing_total{"] {
+        assert!(text.contains(series), "{series} not exposed:\n{text}");
+    }
     assert!(
         out.status.success(),
         "promtool check metrics:\n{}{}",
@@ -148,7 +175,11 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
     let t = Instant::now();
     let (tokens, cost) = loop {
         let tokens = query(&prom, r#"sum(byokd_tokens_total{tenant="acme"})"#).await;
-        let cost = query(&prom, r#"sum(byokd_cost_usd_total{tenant="acme"})"#).await;
+        let cost = query(
+            &prom,
+            r#"sum(byokd_cost_usd_total{tenant="acme",model="gpt-4o-mini"})"#,
+        )
+        .await;
         if let (Some(t), Some(c)) = (tokens, cost) {
             break (t, c);
         }
@@ -158,9 +189,16 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    // Three streams of 150 tokens each; 3 × 28,500 nano-dollars at gpt-4o-mini prices.
+    // Three streams of 150 tokens each; 3 × 28,500 nano-dollars at gpt-4o-mini prices (the
+    // compressed stream is not scanned, the image request costs per image, not per token).
     assert_eq!(tokens, 450.0);
     assert!((cost - 0.0000855).abs() < 1e-12, "{cost}");
+    let images = query(
+        &prom,
+        r#"sum(byokd_usage_units_total{tenant="acme",unit="image"})"#,
+    )
+    .await;
+    assert_eq!(images, Some(3.0));
     let rejected = query(
         &prom,
         r#"sum(byokd_rejections_total{reason="unknown_tenant"})"#,

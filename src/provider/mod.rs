@@ -134,7 +134,12 @@ impl Provider {
             scheme: Scheme::HTTPS,
             authority: Authority::from_static("invalid"),
             prefix: String::new(),
-            stream_usage: matches!(kind, ProviderKind::OpenAi | ProviderKind::Azure),
+            // Ollama's OpenAI endpoint honours stream_options.include_usage since v0.5.2
+            // (December 2024); older servers ignore the field, so asking costs nothing there.
+            stream_usage: matches!(
+                kind,
+                ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Ollama
+            ),
         };
         if base_url.is_empty() {
             return Ok(p);

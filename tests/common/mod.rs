@@ -130,19 +130,21 @@ fn async_stream(
 
 pub const OPENAI_USAGE: (u64, u64, u64, u64) = (120, 100, 30, 10);
 
-/// An OpenAI chat stream as OpenAI sends it: with `include_usage`, every chunk carries
-/// `"usage":null` and a last usage-only chunk follows; without it, neither appears.
+/// An OpenAI chat stream as OpenAI sends it (2025 shape: `service_tier`,
+/// `system_fingerprint`, and `obfuscation` padding after `usage`): with `include_usage`, every
+/// chunk carries `"usage":null` and a last usage-only chunk follows; without it, neither
+/// appears. The padding is fixed per chunk here so streams can be compared byte for byte.
 pub fn openai_events(n: usize, model: &str, include_usage: bool) -> Vec<String> {
     let null = if include_usage { ",\"usage\":null" } else { "" };
     let mut v = Vec::new();
     for i in 0..n {
         v.push(format!(
-            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]{null}}}\n\n"
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]{null},\"obfuscation\":\"pad{i}\"}}\n\n"
         ));
     }
     if include_usage {
         v.push(format!(
-            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":120,\"completion_tokens\":30,\"total_tokens\":150,\"prompt_tokens_details\":{{\"cached_tokens\":100}},\"completion_tokens_details\":{{\"reasoning_tokens\":10}}}}}}\n\n"
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_1\",\"choices\":[],\"usage\":{{\"prompt_tokens\":120,\"completion_tokens\":30,\"total_tokens\":150,\"prompt_tokens_details\":{{\"cached_tokens\":100}},\"completion_tokens_details\":{{\"reasoning_tokens\":10}}}},\"obfuscation\":\"padu\"}}\n\n"
         ));
     }
     v.push("data: [DONE]\n\n".into());
@@ -203,10 +205,16 @@ async fn fake_handle(state: Arc<FakeState>, req: Request<Incoming>) -> Response<
     };
     state.seen.lock().unwrap().push(seen);
     let forge = parts.headers.contains_key("x-fake-forge");
+    let encoding = parts.headers.get("x-fake-encoding").cloned();
     let mut resp = fake_respond(state, &parts, body).await;
     if forge {
         resp.headers_mut()
             .insert("x-byokd-error", "no_key".parse().unwrap());
+    }
+    // An upstream that compresses whatever it was asked (the bytes are not really compressed:
+    // byokd must not look inside either way).
+    if let Some(e) = encoding {
+        resp.headers_mut().insert("content-encoding", e);
     }
     resp
 }
@@ -258,6 +266,35 @@ async fn fake_respond(
             "application/json",
             r#"{"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"totalTokenCount":4},"modelVersion":"gemini-2.0-flash"}"#,
         )
+    } else if path.ends_with("/images/generations") {
+        // No `model` in an image response: the label comes from the request.
+        full(
+            200,
+            "application/json",
+            r#"{"created":1,"data":[{"revised_prompt":"a \"data\":[{},{}] cat","url":"https://img.example/1.png"},{"url":"https://img.example/2.png"},{"b64_json":"iVBORw0KGgo="}]}"#,
+        )
+    } else if path.ends_with("/audio/speech") {
+        let mut r = full(
+            200,
+            "audio/mpeg",
+            Bytes::from_static(b"ID3\x04\x00fake-mp3"),
+        );
+        r.headers_mut().remove("x-fake-provider");
+        r
+    } else if path.ends_with("/audio/transcriptions") {
+        if memchr::memmem::find(&body, b"verbose_json").is_some() {
+            full(
+                200,
+                "application/json",
+                r#"{"task":"transcribe","language":"english","duration":8.47,"text":"hi there","segments":[{"id":0,"start":0.0,"end":8.47,"text":"hi there"}]}"#,
+            )
+        } else {
+            full(
+                200,
+                "application/json",
+                r#"{"text":"hi there","usage":{"type":"duration","seconds":9}}"#,
+            )
+        }
     } else if path.ends_with("/models") {
         // A key containing "rejected" is one the provider refuses (for `verify`).
         let rejected = ["authorization", "x-api-key", "x-goog-api-key", "api-key"]
