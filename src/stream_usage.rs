@@ -128,12 +128,15 @@ impl Drop for RequestBody {
             t.resolve();
         }
     }
+}
 
+impl RequestBody {
     /// No body (byokd's own calls, such as the key check's list-models).
     pub fn empty() -> Self {
         Self {
             prefix: None,
             rest: None,
+            tap: None,
         }
     }
 }
