@@ -4,6 +4,11 @@
 //!
 //! Updated once per completed request under a per-tenant lock (never a global one); written to
 //! disk by a background task, never on the request path.
+//!
+//! With the PostgreSQL store the ledger is shared by every replica: requests add to a
+//! per-tenant `pending` delta, a background task adds the deltas to the database (additive
+//! upserts, so replicas never overwrite each other) and reloads the month's totals of all
+//! replicas as the new base. A tenant's month is base + pending.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +43,21 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds another total (merging a delta into a base).
+    pub fn merge(&mut self, o: &Totals) {
+        self.requests += o.requests;
+        self.input += o.input;
+        self.cached_input += o.cached_input;
+        self.cache_write += o.cache_write;
+        self.output += o.output;
+        self.reasoning += o.reasoning;
+        self.cost_nanos = self.cost_nanos.saturating_add(o.cost_nanos);
+        self.unpriced_requests += o.unpriced_requests;
+        self.images += o.images;
+        self.characters += o.characters;
+        self.audio_ms += o.audio_ms;
+    }
+
     fn add(&mut self, u: &Usage, cost: Option<u64>) {
         self.requests += 1;
         self.input += u.input;
@@ -65,6 +85,19 @@ pub struct TenantMonth {
 }
 
 impl TenantMonth {
+    /// Adds `o` if it is of the same period (a delta from last month is dropped).
+    pub fn merge(&mut self, o: &TenantMonth) {
+        if o.period != self.period {
+            return;
+        }
+        for (p, models) in &o.providers {
+            let mine = self.providers.entry(p.clone()).or_default();
+            for (m, t) in models {
+                mine.entry(m.clone()).or_default().merge(t);
+            }
+        }
+    }
+
     pub fn cost_nanos(&self) -> u64 {
         self.providers
             .values()
@@ -93,6 +126,8 @@ pub struct Ledger {
     tenants: DashMap<Box<str>, Mutex<TenantMonth>>,
     path: Option<PathBuf>,
     dirty: AtomicBool,
+    /// Shared mode: usage not yet added to the database. `None` for a file or memory ledger.
+    pending: Option<DashMap<Box<str>, Mutex<TenantMonth>>>,
 }
 
 /// `YYYY-MM` of a unix time, UTC (proleptic Gregorian; Howard Hinnant's civil-from-days).
@@ -127,6 +162,15 @@ impl Ledger {
             tenants: DashMap::new(),
             path: None,
             dirty: AtomicBool::new(false),
+            pending: None,
+        }
+    }
+
+    /// A ledger whose totals live in a shared database (see the module doc).
+    pub fn shared() -> Self {
+        Self {
+            pending: Some(DashMap::new()),
+            ..Self::in_memory()
         }
     }
 
@@ -151,6 +195,7 @@ impl Ledger {
             tenants,
             path: Some(path.to_path_buf()),
             dirty: AtomicBool::new(false),
+            pending: None,
         })
     }
 
@@ -184,7 +229,8 @@ impl Ledger {
                     .add(usage, cost),
             }
         };
-        match self.tenants.get(tenant) {
+        let target = self.pending.as_ref().unwrap_or(&self.tenants);
+        match target.get(tenant) {
             Some(m) => {
                 if let Ok(mut g) = m.lock() {
                     add(&mut g);
@@ -193,8 +239,7 @@ impl Ledger {
             None => {
                 // First request of this tenant since start: `entry` so two racing first
                 // requests both land in the same record.
-                let e = self
-                    .tenants
+                let e = target
                     .entry(tenant.into())
                     .or_insert_with(|| Mutex::new(TenantMonth::default()));
                 if let Ok(mut g) = e.lock() {
@@ -208,14 +253,75 @@ impl Ledger {
     /// The tenant's current month (empty if it has no usage this month).
     pub fn month(&self, tenant: &str, now: i64) -> TenantMonth {
         let period = month_of(now);
-        self.tenants
-            .get(tenant)
-            .and_then(|m| m.lock().ok().map(|g| g.clone()))
-            .filter(|m| m.period == period)
-            .unwrap_or(TenantMonth {
-                period,
-                providers: BTreeMap::new(),
-            })
+        let of = |map: &DashMap<Box<str>, Mutex<TenantMonth>>| {
+            map.get(tenant)
+                .and_then(|m| m.lock().ok().map(|g| g.clone()))
+                .filter(|m| m.period == period)
+        };
+        let mut month = of(&self.tenants).unwrap_or(TenantMonth {
+            period: period.clone(),
+            providers: BTreeMap::new(),
+        });
+        if let Some(delta) = self.pending.as_ref().and_then(of) {
+            month.merge(&delta);
+        }
+        month
+    }
+
+    /// Shared mode: takes every tenant's pending delta, leaving empty ones in place.
+    pub fn take_pending(&self) -> Vec<(String, TenantMonth)> {
+        let Some(pending) = &self.pending else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in pending.iter() {
+            if let Ok(mut g) = e.value().lock()
+                && !g.providers.is_empty()
+            {
+                let period = g.period.clone();
+                let delta = std::mem::replace(
+                    &mut *g,
+                    TenantMonth {
+                        period,
+                        providers: BTreeMap::new(),
+                    },
+                );
+                out.push((e.key().to_string(), delta));
+            }
+        }
+        out
+    }
+
+    /// Shared mode: a delta that was written goes into the base until the next reload; one
+    /// that could not be written goes back to pending. Either way nothing is lost or counted
+    /// twice.
+    pub fn settle(&self, tenant: &str, delta: &TenantMonth, written: bool) {
+        let map = match (&self.pending, written) {
+            (Some(p), false) => p,
+            _ => &self.tenants,
+        };
+        let e = map
+            .entry(tenant.into())
+            .or_insert_with(|| Mutex::new(TenantMonth::default()));
+        if let Ok(mut g) = e.lock() {
+            if g.period != delta.period {
+                *g = TenantMonth {
+                    period: delta.period.clone(),
+                    providers: BTreeMap::new(),
+                };
+            }
+            g.merge(delta);
+        }
+    }
+
+    /// Shared mode: replaces the base with the database's totals of every replica.
+    pub fn replace_base(&self, months: Vec<(String, TenantMonth)>) {
+        let fresh: std::collections::HashSet<String> =
+            months.iter().map(|(t, _)| t.clone()).collect();
+        for (t, m) in months {
+            self.tenants.insert(t.into_boxed_str(), Mutex::new(m));
+        }
+        self.tenants.retain(|t, _| fresh.contains(&**t));
     }
 
     /// Writes the file (atomically) if anything changed since the last flush.

@@ -53,10 +53,18 @@ pub fn kms(cfg: &Config) -> Result<Arc<dyn Kms>, KeyError> {
 
 /// Opens the store named by the config (PostgreSQL: connects and migrates the schema).
 pub async fn store(cfg: &Config) -> Result<Arc<dyn KeyStore>, KeyError> {
+    Ok(open_store(cfg).await?.0)
+}
+
+/// The store, and the PostgreSQL handle when that is what it is (it also keeps the ledger).
+async fn open_store(
+    cfg: &Config,
+) -> Result<(Arc<dyn KeyStore>, Option<Arc<crate::keys::pg::PgStore>>), KeyError> {
     match &cfg.store {
-        StoreConfig::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
+        StoreConfig::File { path } => Ok((Arc::new(FileStore::new(path.clone())), None)),
         StoreConfig::Postgres { url } => {
-            Ok(Arc::new(crate::keys::pg::PgStore::open(&url.0).await?))
+            let pg = Arc::new(crate::keys::pg::PgStore::open(&url.0).await?);
+            Ok((pg.clone(), Some(pg)))
         }
     }
 }
@@ -66,7 +74,7 @@ pub fn audit(cfg: &Config) -> Arc<Audit> {
     Arc::new(Audit::new(&cfg.audit.target, cfg.audit.on_error))
 }
 
-/// The usage ledger lives beside the file store; with PostgreSQL it is kept in memory.
+/// The usage ledger lives beside the file store; with PostgreSQL it lives in the database.
 pub fn ledger_path(cfg: &Config) -> Option<std::path::PathBuf> {
     match &cfg.store {
         StoreConfig::File { path } => Some(path.with_file_name("usage.json")),
@@ -88,6 +96,7 @@ pub struct Running {
     admin: Arc<Admin>,
     _watch: Watch,
     _tls: Option<crate::tls::ServerTls>,
+    pg: Option<Arc<crate::keys::pg::PgStore>>,
 }
 
 /// What keeps the snapshot fresh: a file watcher or a PostgreSQL listener.
@@ -120,12 +129,19 @@ impl Running {
         let _ = self.stop_admin.send(true);
         let _ = self.admin_task.await;
         self.sweeper.abort();
-        flush_ledger(&self.admin.metrics).await;
+        flush_ledger(&self.admin.metrics, self.pg.as_deref()).await;
     }
 }
 
-/// Writes the usage ledger off the async workers; a failure is logged and retried next tick.
-async fn flush_ledger(metrics: &Arc<Metrics>) {
+/// Writes the usage ledger off the async workers (file) or adds it to PostgreSQL; a failure
+/// is logged and retried next tick, nothing is dropped.
+async fn flush_ledger(metrics: &Arc<Metrics>, pg: Option<&crate::keys::pg::PgStore>) {
+    if let Some(pg) = pg {
+        if let Err(e) = pg.sync_usage(&metrics.ledger).await {
+            tracing::error!(error = %e, "cannot write the usage ledger to PostgreSQL; will retry");
+        }
+        return;
+    }
     let m = metrics.clone();
     match tokio::task::spawn_blocking(move || m.ledger.flush()).await {
         Ok(Ok(())) => {}
@@ -140,7 +156,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let names: Vec<&str> = cfg.providers.iter().map(|p| &*p.name).collect();
     let ledger = match ledger_path(&cfg) {
         Some(p) => crate::ledger::Ledger::open(&p)?,
-        None => crate::ledger::Ledger::in_memory(),
+        None => crate::ledger::Ledger::shared(),
     };
     let metrics = Arc::new(Metrics::new(
         cfg.max_metric_tenants,
@@ -149,7 +165,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         ledger,
     )?);
     let kms = kms(&cfg)?;
-    let store = store(&cfg).await?;
+    let (store, pg) = open_store(&cfg).await?;
+    if let Some(pg) = &pg {
+        // Start from the month's totals so far, before the first request is counted.
+        pg.sync_usage(&metrics.ledger).await?;
+    }
     let data = store.load().await?;
     let keyring = Arc::new(Keyring::new(
         kms,
@@ -186,6 +206,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let sweeper = {
         let keyring = keyring.clone();
         let metrics = metrics.clone();
+        let pg = pg.clone();
         let every = (cfg.key_cache.ttl / 4).max(std::time::Duration::from_secs(1));
         tokio::spawn(async move {
             let mut sweep = tokio::time::interval(every);
@@ -196,7 +217,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                         keyring.sweep();
                         metrics.key_expiry(&keyring.snapshot(), crate::keys::unix_now());
                     }
-                    _ = flush.tick() => flush_ledger(&metrics).await,
+                    _ = flush.tick() => flush_ledger(&metrics, pg.as_deref()).await,
                 }
             }
         })
@@ -285,5 +306,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         admin,
         _watch: watch,
         _tls: tls,
+        pg,
     })
 }

@@ -289,3 +289,79 @@ async fn two_replicas_share_the_postgres_store() {
     }
     drop(c);
 }
+
+fn usage_requests(got: &Got) -> u64 {
+    got.json()["providers"]["openai"]["gpt-4o-mini"]["requests"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_usage_ledger_is_shared_by_replicas_and_survives_restarts() {
+    let db = PgDb::create().await;
+    let up = fake_upstream().await;
+    let env_a = Env::new(&pg_config(&up.url(), &db.url));
+    let env_b = Env::new(&pg_config(&up.url(), &db.url));
+    let a = serve_env(&env_a, "a", &[]).await;
+    std::fs::copy(
+        env_a.dir.path().join("kek-k1"),
+        env_b.dir.path().join("kek-k1"),
+    )
+    .unwrap();
+    let b = serve_env(&env_b, "b", &[]).await;
+    let body = r#"{"tenant":"acme","provider":"openai","secret":"sk-acme-0123456789abcdefghij"}"#;
+    assert_eq!(admin(&a, "POST", "/admin/keys", body).await.status, 201);
+    assert!(
+        eventually(Duration::from_secs(2), async || {
+            chat(&b.data, "acme").await.status == 200
+        })
+        .await
+        .is_some()
+    );
+    for _ in 0..3 {
+        assert_eq!(chat(&a.data, "acme").await.status, 200);
+    }
+    for _ in 0..1 {
+        assert_eq!(chat(&b.data, "acme").await.status, 200);
+    }
+    // 5 requests in all (one was B's first); each replica's usage API sees all of them.
+    for s in [&a, &b] {
+        let took = eventually(Duration::from_secs(15), async || {
+            usage_requests(&admin(s, "GET", "/admin/tenants/acme/usage", "").await) == 5
+        })
+        .await;
+        assert!(
+            took.is_some(),
+            "{}",
+            admin(s, "GET", "/admin/tenants/acme/usage", "")
+                .await
+                .text()
+        );
+    }
+    // The tenant's own view, through the data plane.
+    let mine = send(
+        &client(),
+        request(
+            "GET",
+            &format!("{}/byokd/usage", b.data),
+            &[("x-tenant-id", "acme")],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(usage_requests(&mine), 5, "{}", mine.text());
+
+    // One more on A, then both stop (SIGTERM flushes); a fresh replica still has all 6.
+    assert_eq!(chat(&a.data, "acme").await.status, 200);
+    for s in [a, b] {
+        let mut s = s;
+        sigterm(&s.child);
+        let st = tokio::task::spawn_blocking(move || s.child.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(st.success());
+    }
+    let c = serve_env(&env_a, "c", &[]).await;
+    let got = admin(&c, "GET", "/admin/tenants/acme/usage", "").await;
+    assert_eq!(usage_requests(&got), 6, "{}", got.text());
+}

@@ -23,7 +23,7 @@ pub const CHANNEL: &str = "byokd_store";
 
 /// Schema version this build writes; migrations run under an advisory lock so replicas
 /// starting together do not race.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 const MIGRATE_LOCK: i64 = 0x6279_6f6b_6400_0001;
 
 const SCHEMA_V1: &str = "
@@ -53,6 +53,60 @@ CREATE TABLE IF NOT EXISTS byokd_tokens (
     revoked    boolean NOT NULL DEFAULT false
 );
 ";
+
+/// v2: the usage ledger, one row per (tenant, month, provider, model), added to by every
+/// replica (never overwritten).
+const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS byokd_usage (
+    tenant            text   NOT NULL,
+    period            text   NOT NULL,
+    provider          text   NOT NULL,
+    model             text   NOT NULL,
+    requests          bigint NOT NULL DEFAULT 0,
+    input             bigint NOT NULL DEFAULT 0,
+    cached_input      bigint NOT NULL DEFAULT 0,
+    cache_write       bigint NOT NULL DEFAULT 0,
+    output            bigint NOT NULL DEFAULT 0,
+    reasoning         bigint NOT NULL DEFAULT 0,
+    cost_nanos        bigint NOT NULL DEFAULT 0,
+    unpriced_requests bigint NOT NULL DEFAULT 0,
+    images            bigint NOT NULL DEFAULT 0,
+    characters        bigint NOT NULL DEFAULT 0,
+    audio_ms          bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant, period, provider, model)
+);
+";
+
+const USAGE_COLUMNS: [&str; 11] = [
+    "requests",
+    "input",
+    "cached_input",
+    "cache_write",
+    "output",
+    "reasoning",
+    "cost_nanos",
+    "unpriced_requests",
+    "images",
+    "characters",
+    "audio_ms",
+];
+
+fn usage_values(t: &crate::ledger::Totals) -> [i64; 11] {
+    let c = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    [
+        c(t.requests),
+        c(t.input),
+        c(t.cached_input),
+        c(t.cache_write),
+        c(t.output),
+        c(t.reasoning),
+        c(t.cost_nanos),
+        c(t.unpriced_requests),
+        c(t.images),
+        c(t.characters),
+        c(t.audio_ms),
+    ]
+}
 
 pub struct PgStore {
     url: String,
@@ -323,6 +377,7 @@ async fn migrate(c: &mut Client) -> Result<(), KeyError> {
         .await
         .map_err(unavailable)?;
     tx.batch_execute(SCHEMA_V1).await.map_err(unavailable)?;
+    tx.batch_execute(SCHEMA_V2).await.map_err(unavailable)?;
     let v: Option<i32> = tx
         .query_opt("SELECT max(version) FROM byokd_schema", &[])
         .await
@@ -342,9 +397,124 @@ async fn migrate(c: &mut Client) -> Result<(), KeyError> {
                 "the database schema is version {v}, newer than this byokd ({SCHEMA_VERSION}); upgrade byokd"
             )));
         }
+        Some(v) if v < SCHEMA_VERSION => {
+            tx.execute("UPDATE byokd_schema SET version = $1", &[&SCHEMA_VERSION])
+                .await
+                .map_err(unavailable)?;
+        }
         Some(_) => {}
     }
     tx.commit().await.map_err(unavailable)
+}
+
+impl PgStore {
+    /// Adds this replica's pending usage to the database, then reloads the month's totals
+    /// of all replicas into the ledger's base. A failed write keeps the delta pending.
+    pub async fn sync_usage(&self, ledger: &crate::ledger::Ledger) -> Result<(), KeyError> {
+        let deltas = ledger.take_pending();
+        let mut g = match self.client().await {
+            Ok(g) => g,
+            Err(e) => {
+                for (t, d) in &deltas {
+                    ledger.settle(t, d, false);
+                }
+                return Err(e);
+            }
+        };
+        let Some(c) = g.as_mut() else {
+            for (t, d) in &deltas {
+                ledger.settle(t, d, false);
+            }
+            return Err(KeyError::StoreUnavailable("no connection".into()));
+        };
+        let sets: Vec<String> = USAGE_COLUMNS
+            .iter()
+            .map(|col| format!("{col} = byokd_usage.{col} + EXCLUDED.{col}"))
+            .collect();
+        let upsert = format!(
+            "INSERT INTO byokd_usage (tenant, period, provider, model, {}) \
+             VALUES ($1, $2, $3, $4, {}) \
+             ON CONFLICT (tenant, period, provider, model) DO UPDATE SET {}",
+            USAGE_COLUMNS.join(", "),
+            (5..5 + USAGE_COLUMNS.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sets.join(", ")
+        );
+        let mut failed = None;
+        for (tenant, delta) in &deltas {
+            // One transaction per tenant: its delta is written whole or not at all.
+            let r = async {
+                let tx = c.transaction().await.map_err(unavailable)?;
+                for (provider, models) in &delta.providers {
+                    for (model, t) in models {
+                        let v = usage_values(t);
+                        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                            vec![tenant, &delta.period, provider, model];
+                        params.extend(
+                            v.iter()
+                                .map(|x| x as &(dyn tokio_postgres::types::ToSql + Sync)),
+                        );
+                        tx.execute(upsert.as_str(), &params)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                }
+                tx.commit().await.map_err(unavailable)
+            }
+            .await;
+            ledger.settle(tenant, delta, r.is_ok());
+            if let Err(e) = r {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            *g = None;
+            return Err(e);
+        }
+        let period = crate::ledger::month_of(super::unix_now());
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT tenant, provider, model, {} FROM byokd_usage WHERE period = $1",
+                    USAGE_COLUMNS.join(", ")
+                ),
+                &[&period],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut months: std::collections::HashMap<String, crate::ledger::TenantMonth> =
+            Default::default();
+        for r in &rows {
+            let n = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
+            let totals = crate::ledger::Totals {
+                requests: n(3),
+                input: n(4),
+                cached_input: n(5),
+                cache_write: n(6),
+                output: n(7),
+                reasoning: n(8),
+                cost_nanos: n(9),
+                unpriced_requests: n(10),
+                images: n(11),
+                characters: n(12),
+                audio_ms: n(13),
+            };
+            months
+                .entry(r.get(0))
+                .or_insert_with(|| crate::ledger::TenantMonth {
+                    period: period.clone(),
+                    providers: Default::default(),
+                })
+                .providers
+                .entry(r.get(1))
+                .or_default()
+                .insert(r.get(2), totals);
+        }
+        ledger.replace_base(months.into_iter().collect());
+        Ok(())
+    }
 }
 
 impl KeyStore for PgStore {
