@@ -214,8 +214,8 @@ pub struct PolicyFile {
     pub allowed_providers: Option<Vec<String>>,
     pub fallback: Option<Vec<String>>,
     pub passthrough: Option<bool>,
-    pub limits: Option<serde_json::Value>,
-    pub budget: Option<serde_json::Value>,
+    pub limits: Option<LimitsFile_>,
+    pub budget: Option<BudgetFile>,
     pub failover: Option<BTreeMap<String, Vec<String>>>,
 }
 
@@ -228,10 +228,41 @@ pub struct AuditFile {
     pub on_error: Option<String>,
 }
 
+/// `limits` under `defaults` or a tenant (named with a trailing underscore: the top-level
+/// `limits` block is the request-size one).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile_ {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub concurrent: Option<u32>,
+    pub on_shared_state_error: Option<String>,
+    /// Limits of one (tenant, provider), on top of the tenant's.
+    pub providers: Option<BTreeMap<String, LimitsFile_>>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetFile {
+    pub monthly_usd: Option<f64>,
+    pub alert_at: Option<f64>,
+    pub on_exhausted: Option<String>,
+    pub default_max_tokens: Option<u64>,
+    pub on_shared_state_error: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SharedStateFile {
-    pub redis: Option<serde_json::Value>,
+    pub redis: Option<RedisFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    pub url: String,
+    pub prefix: Option<String>,
+    pub timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -336,6 +367,11 @@ pub struct TenantPolicy {
     pub platform_fallback: bool,
     /// The tenant's end users may send their own key (`passthrough` identity source).
     pub passthrough: bool,
+    /// Rate limits of the tenant as a whole; `None` = unlimited.
+    pub limits: Option<Arc<crate::policy::LimitSpec>>,
+    /// Rate limits of (tenant, provider index), checked on top of the tenant's.
+    pub provider_limits: Vec<(usize, Arc<crate::policy::LimitSpec>)>,
+    pub budget: Option<crate::policy::BudgetSpec>,
 }
 
 impl TenantPolicy {
@@ -391,6 +427,7 @@ pub struct Config {
     pub admin_token_sha256: Option<[u8; 32]>,
     pub identity: Vec<IdentitySource>,
     pub tls: Option<crate::tls::TlsFiles>,
+    pub shared_state: Option<crate::policy::RedisConfig>,
     pub kms: KmsConfig,
     pub store: StoreConfig,
     pub key_cache: KeyCacheConfig,
@@ -474,9 +511,22 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         key: resolve(&t.key),
         client_ca: t.client_ca.as_deref().map(resolve),
     });
-    if file.shared_state.is_some() {
-        return Err(not_yet("shared_state"));
-    }
+    let shared_state = match file.shared_state.as_ref().and_then(|s| s.redis.as_ref()) {
+        None => None,
+        Some(r) => {
+            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "shared_state.redis.url",
+                    "expected a redis:// or rediss:// URL".into(),
+                ));
+            }
+            Some(crate::policy::RedisConfig {
+                url: Redacted(r.url.clone()),
+                prefix: r.prefix.clone().unwrap_or_else(|| "byokd:".into()),
+                timeout: r.timeout.map_or(Duration::from_millis(500), |d| d.0),
+            })
+        }
+    };
 
     // Providers: built-ins first, then config entries override or add.
     let mut providers: Vec<Provider> = provider::builtins();
@@ -591,20 +641,137 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         let passthrough = pf
             .passthrough
             .unwrap_or_else(|| base.is_some_and(|b| b.passthrough));
-        for (k, present) in [
-            ("limits", pf.limits.is_some()),
-            ("budget", pf.budget.is_some()),
-            ("failover", pf.failover.is_some()),
-        ] {
+        for (k, present) in [("failover", pf.failover.is_some())] {
             if present {
                 return Err(not_yet(&format!("{field}.{k}")));
             }
         }
+        let fail_mode = |f: &str, v: Option<&str>, default| match v {
+            None => Ok(default),
+            Some("fail_open") => Ok(crate::policy::FailMode::Open),
+            Some("fail_closed") => Ok(crate::policy::FailMode::Closed),
+            Some(o) => Err(invalid(f, format!("`{o}`: use fail_open or fail_closed"))),
+        };
+        let limit_spec = |f: &str,
+                          l: &LimitsFile_,
+                          base: Option<&crate::policy::LimitSpec>|
+         -> Result<crate::policy::LimitSpec, ConfigError> {
+            let spec = crate::policy::LimitSpec {
+                requests_per_minute: l
+                    .requests_per_minute
+                    .or(base.and_then(|b| b.requests_per_minute)),
+                tokens_per_minute: l
+                    .tokens_per_minute
+                    .or(base.and_then(|b| b.tokens_per_minute)),
+                concurrent: l.concurrent.or(base.and_then(|b| b.concurrent)),
+                on_shared_state_error: fail_mode(
+                    &format!("{f}.on_shared_state_error"),
+                    l.on_shared_state_error.as_deref(),
+                    base.map_or(crate::policy::FailMode::Open, |b| b.on_shared_state_error),
+                )?,
+            };
+            if [
+                spec.requests_per_minute.map(u64::from),
+                spec.tokens_per_minute,
+                spec.concurrent.map(u64::from),
+            ]
+            .contains(&Some(0))
+            {
+                return Err(invalid(
+                    f,
+                    "a limit of 0 refuses everything; leave it out for no limit".into(),
+                ));
+            }
+            Ok(spec)
+        };
+        let (limits, provider_limits) = match &pf.limits {
+            None => (
+                base.and_then(|b| b.limits.clone()),
+                base.map(|b| b.provider_limits.clone()).unwrap_or_default(),
+            ),
+            Some(l) => {
+                let f = format!("{field}.limits");
+                let spec = limit_spec(&f, l, base.and_then(|b| b.limits.as_deref()))?;
+                let mut per = base.map(|b| b.provider_limits.clone()).unwrap_or_default();
+                for (name, pl) in l.providers.iter().flatten() {
+                    let i = index(name).ok_or_else(|| {
+                        invalid(
+                            &format!("{f}.providers"),
+                            format!("unknown provider `{name}`"),
+                        )
+                    })?;
+                    let pf = format!("{f}.providers.{name}");
+                    if pl.providers.is_some() {
+                        return Err(invalid(&pf, "providers cannot nest".into()));
+                    }
+                    per.retain(|(j, _)| *j != i);
+                    per.push((i, Arc::new(limit_spec(&pf, pl, None)?)));
+                }
+                let any = spec.requests_per_minute.is_some()
+                    || spec.tokens_per_minute.is_some()
+                    || spec.concurrent.is_some();
+                (any.then(|| Arc::new(spec)), per)
+            }
+        };
+        let budget = match (&pf.budget, base.and_then(|b| b.budget.as_ref())) {
+            (None, b) => b.cloned(),
+            (Some(bf), b) => {
+                let f = format!("{field}.budget");
+                let monthly_nanos = match (bf.monthly_usd, b) {
+                    (Some(usd), _) if usd.is_finite() && usd >= 0.0 => (usd * 1e9).round() as u64,
+                    (Some(_), _) => {
+                        return Err(invalid(
+                            &format!("{f}.monthly_usd"),
+                            "a non-negative amount in USD".into(),
+                        ));
+                    }
+                    (None, Some(b)) => b.monthly_nanos,
+                    (None, None) => {
+                        return Err(invalid(&format!("{f}.monthly_usd"), "required".into()));
+                    }
+                };
+                let alert_at = bf.alert_at.or(b.and_then(|b| b.alert_at));
+                if alert_at.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+                    return Err(invalid(
+                        &format!("{f}.alert_at"),
+                        "a fraction between 0 and 1".into(),
+                    ));
+                }
+                let cut = match bf.on_exhausted.as_deref() {
+                    None => b.is_some_and(|b| b.cut),
+                    Some("reject") => false,
+                    Some("cut") => true,
+                    Some(o) => {
+                        return Err(invalid(
+                            &format!("{f}.on_exhausted"),
+                            format!("`{o}`: use reject or cut"),
+                        ));
+                    }
+                };
+                Some(crate::policy::BudgetSpec {
+                    monthly_nanos,
+                    alert_at,
+                    cut,
+                    default_max_tokens: bf
+                        .default_max_tokens
+                        .or(b.map(|b| b.default_max_tokens))
+                        .unwrap_or(4096),
+                    on_shared_state_error: fail_mode(
+                        &format!("{f}.on_shared_state_error"),
+                        bf.on_shared_state_error.as_deref(),
+                        b.map_or(crate::policy::FailMode::Closed, |b| b.on_shared_state_error),
+                    )?,
+                })
+            }
+        };
         Ok::<_, ConfigError>(TenantPolicy {
             default_provider,
             allowed,
             platform_fallback,
             passthrough,
+            limits,
+            provider_limits,
+            budget,
         })
     };
     let defaults = policy("defaults", &file.defaults, None)?;
@@ -904,6 +1071,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         admin_token_sha256,
         identity,
         tls,
+        shared_state,
         kms,
         store,
         audit,
@@ -1002,13 +1170,9 @@ mod tests {
 
     #[test]
     fn planned_keys_are_refused_not_ignored() {
-        for y in [
-            "shared_state: { redis: { url: x } }\n",
-            "defaults: { limits: { requests_per_minute: 1 } }\n",
-        ] {
-            let err = parse(y).unwrap_err().to_string();
-            assert!(err.contains("not available in this version"), "{y}: {err}");
-        }
+        let y = "defaults: { failover: { openai: [mistral] } }\n";
+        let err = parse(y).unwrap_err().to_string();
+        assert!(err.contains("not available in this version"), "{y}: {err}");
     }
 
     #[test]

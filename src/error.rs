@@ -43,6 +43,12 @@ pub enum IdentifyError {
 pub enum AdmitError {
     #[error("provider `{0}` is not allowed for this tenant")]
     ProviderNotAllowed(String),
+    #[error("rate limit reached for this tenant; retry in {retry_after} s")]
+    RateLimited { retry_after: u64 },
+    #[error("this tenant's monthly budget is exhausted")]
+    BudgetExceeded,
+    #[error("limits cannot be checked right now (shared state unavailable); retry shortly")]
+    SharedStateUnavailable,
 }
 
 /// The credential step has no usable key.
@@ -118,6 +124,9 @@ pub enum Code {
     IdentityConflict,
     ProviderNotAllowed,
     NoKey,
+    RateLimited,
+    BudgetExceeded,
+    SharedStateUnavailable,
     UnknownRoute,
     MethodNotAllowed,
     BodyTooLarge,
@@ -137,6 +146,9 @@ impl Code {
             Self::IdentityConflict => "identity_conflict",
             Self::ProviderNotAllowed => "provider_not_allowed",
             Self::NoKey => "no_key",
+            Self::RateLimited => "rate_limited",
+            Self::BudgetExceeded => "budget_exceeded",
+            Self::SharedStateUnavailable => "shared_state_unavailable",
             Self::UnknownRoute => "unknown_route",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BodyTooLarge => "body_too_large",
@@ -159,6 +171,8 @@ impl Code {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::KeyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited | Self::BudgetExceeded => StatusCode::TOO_MANY_REQUESTS,
+            Self::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::PassthroughNotAllowed => StatusCode::FORBIDDEN,
             Self::InvalidUserKey => StatusCode::BAD_REQUEST,
             Self::ClientClosed => StatusCode::BAD_REQUEST,
@@ -182,6 +196,9 @@ impl ProxyError {
             ) => Code::UnknownTenant,
             Self::Identify(IdentifyError::Conflict) => Code::IdentityConflict,
             Self::Admit(AdmitError::ProviderNotAllowed(_)) => Code::ProviderNotAllowed,
+            Self::Admit(AdmitError::RateLimited { .. }) => Code::RateLimited,
+            Self::Admit(AdmitError::BudgetExceeded) => Code::BudgetExceeded,
+            Self::Admit(AdmitError::SharedStateUnavailable) => Code::SharedStateUnavailable,
             Self::Credential(CredentialError::NoKey(_)) => Code::NoKey,
             Self::Credential(CredentialError::PassthroughNotAllowed) => Code::PassthroughNotAllowed,
             Self::Credential(CredentialError::BadUserKey(_)) => Code::InvalidUserKey,
@@ -227,6 +244,8 @@ impl ProxyError {
     /// Seconds after which a retry may succeed, for the codes that have one.
     fn retry_after(&self) -> Option<u64> {
         match self {
+            Self::Admit(AdmitError::RateLimited { retry_after }) => Some(*retry_after),
+            Self::Admit(AdmitError::SharedStateUnavailable) => Some(1),
             Self::Credential(CredentialError::Unavailable { retry_after, .. }) => {
                 Some(*retry_after)
             }
@@ -250,6 +269,10 @@ impl ProxyError {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         if let Some(secs) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, Self::Admit(AdmitError::BudgetExceeded)) {
+            // The official SDKs honour this: no automatic retries into a spent budget.
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp
     }
@@ -284,6 +307,17 @@ mod tests {
                 403,
             ),
             (CredentialError::NoKey("x".into()).into(), "no_key", 403),
+            (
+                AdmitError::RateLimited { retry_after: 3 }.into(),
+                "rate_limited",
+                429,
+            ),
+            (AdmitError::BudgetExceeded.into(), "budget_exceeded", 429),
+            (
+                AdmitError::SharedStateUnavailable.into(),
+                "shared_state_unavailable",
+                503,
+            ),
             (
                 CredentialError::PassthroughNotAllowed.into(),
                 "passthrough_not_allowed",

@@ -144,6 +144,15 @@ pub fn month_of(unix_secs: i64) -> String {
     format!("{year:04}-{month:02}")
 }
 
+/// The first instant of the month after `period` (`YYYY-MM`), RFC 3339 UTC: when a
+/// monthly budget resets.
+pub fn next_month_start(period: &str) -> Option<String> {
+    let (y, m) = period.split_once('-')?;
+    let (y, m): (i64, u32) = (y.parse().ok()?, m.parse().ok()?);
+    let (y, m) = if m >= 12 { (y + 1, 1) } else { (y, m + 1) };
+    Some(format!("{y:04}-{m:02}-01T00:00:00Z"))
+}
+
 /// Nano-dollars as an exact decimal string of USD (`28500` → `"0.0000285"`).
 pub fn usd(nanos: u64) -> String {
     let whole = nanos / 1_000_000_000;

@@ -22,6 +22,7 @@ pub mod keys;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod pricing;
 pub mod provider;
 pub mod rewrite;

@@ -117,6 +117,9 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     keys_expiring: prometheus::IntGaugeVec,
+    budget_spent: prometheus::GaugeVec,
+    budget_limit: prometheus::GaugeVec,
+    shared_state_up: prometheus::IntGauge,
     /// OpenTelemetry GenAI semantic-convention names, for dashboards built on them.
     gen_ai_tokens: HistogramVec,
     gen_ai_duration: HistogramVec,
@@ -206,6 +209,24 @@ impl Metrics {
             &["tenant", "provider"],
         )?;
         registry.register(Box::new(keys_expiring.clone()))?;
+        let gauge = |name: &str, help: &str| -> Result<prometheus::GaugeVec, prometheus::Error> {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), &["tenant"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let budget_spent = gauge(
+            "byokd_budget_spent_usd",
+            "Spend this UTC month of tenants with a budget, USD.",
+        )?;
+        let budget_limit = gauge(
+            "byokd_budget_limit_usd",
+            "Monthly budget of tenants with one, USD.",
+        )?;
+        let shared_state_up = prometheus::IntGauge::new(
+            "byokd_shared_state_up",
+            "1 while Redis (shared_state) answers; 0 while policies follow on_shared_state_error.",
+        )?;
+        registry.register(Box::new(shared_state_up.clone()))?;
         let unpriced = counter(
             "byokd_unpriced_requests_total",
             "Metered requests whose model has no price: tokens counted, cost unknown.",
@@ -304,6 +325,9 @@ impl Metrics {
             upstream_errors,
             config_reloads,
             keys_expiring,
+            budget_spent,
+            budget_limit,
+            shared_state_up,
             gen_ai_tokens,
             gen_ai_duration,
             cost,
@@ -333,6 +357,21 @@ impl Metrics {
         } else {
             self.cache_hits.inc();
         }
+    }
+
+    /// A budgeted tenant's spend and limit (nano-dollars), as the two budget gauges.
+    pub fn budget(&self, tenant: &str, spent: u64, limit: u64) {
+        let t = self.tenants.get(tenant);
+        self.budget_spent
+            .with_label_values(&[t])
+            .set(spent as f64 / 1e9);
+        self.budget_limit
+            .with_label_values(&[t])
+            .set(limit as f64 / 1e9);
+    }
+
+    pub fn shared_state_up(&self, up: bool) {
+        self.shared_state_up.set(i64::from(up));
     }
 
     /// Recounts `byokd_keys_expiring_soon` from a store snapshot (on reload and every sweep).
@@ -498,6 +537,8 @@ pub struct Recorder {
     pub characters: u64,
     /// The upstream sent a `content-encoding` other than identity: not scanned.
     pub compressed: bool,
+    /// Rate-limit slots and budget reservation, settled to the metered usage at the end.
+    pub admission: Option<crate::policy::Admission>,
 }
 
 impl Recorder {
@@ -515,6 +556,14 @@ impl Recorder {
             .and_then(|m| self.metrics.pricing.price(&self.provider, m))
             .filter(|p| p.covers(&usage));
         self.metrics.completed(&self, &usage);
+        if let Some(a) = self.admission.take() {
+            let tokens = usage.input
+                + usage.cached_input
+                + usage.cache_write
+                + usage.output
+                + usage.reasoning;
+            a.settle(tokens, self.price.map_or(0, |p| p.cost_nanos(&usage)));
+        }
         tracing::info!(
             target: "byokd::access",
             request_id = %self.request_id,
@@ -597,6 +646,7 @@ mod tests {
                 request_model: Default::default(),
                 characters: 0,
                 compressed: false,
+                admission: None,
             };
             let usage = Usage {
                 input: 1,

@@ -62,6 +62,12 @@ impl Default for RequestId {
     }
 }
 
+impl RequestId {
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)
@@ -85,6 +91,7 @@ pub struct Proxy {
     pub keyring: Arc<Keyring>,
     pub metrics: Arc<Metrics>,
     pub upstream: Upstream,
+    pub policy: Arc<crate::policy::Policy>,
     /// Identity headers to strip before forwarding.
     tenant_headers: Vec<HeaderName>,
 }
@@ -95,6 +102,7 @@ impl Proxy {
         keyring: Arc<Keyring>,
         metrics: Arc<Metrics>,
         upstream: Upstream,
+        policy: Arc<crate::policy::Policy>,
     ) -> Self {
         let tenant_headers = config
             .identity
@@ -113,6 +121,7 @@ impl Proxy {
             keyring,
             metrics,
             upstream,
+            policy,
             tenant_headers,
         }
     }
@@ -185,6 +194,10 @@ impl Proxy {
 
         // admit
         admit(policy, idx, &provider)?;
+        let mut admission = self
+            .policy
+            .admit(&tenant, &provider.name, idx, policy, ctx.id.as_u64())
+            .await?;
         let max_body = cfg.limits.max_body_bytes;
         if declared_length(&parts.headers).is_some_and(|n| n > max_body) {
             return Err(LimitError::BodyTooLarge(max_body).into());
@@ -229,8 +242,12 @@ impl Proxy {
         let chat_stream_usage =
             provider.stream_usage && is_post && parts.uri.path().ends_with("/chat/completions");
         let speech = is_post && capability == Capability::Speech;
+        // A budget reserves the request's worst case before it leaves: its model and output
+        // cap come from the body, read under the same bound.
+        let budgeted = is_post && policy.budget.is_some();
         let mut characters = 0;
-        let (mut req_body, asked_usage) = if chat_stream_usage || speech {
+        let mut estimate = (declared_length(&parts.headers).unwrap_or(0), None, None);
+        let (mut req_body, asked_usage) = if chat_stream_usage || speech || budgeted {
             let peeked = read_bounded(limited).await.map_err(|e| {
                 if crate::forward::body_too_large(e.as_ref()) {
                     LimitError::BodyTooLarge(max_body)
@@ -238,11 +255,19 @@ impl Proxy {
                     LimitError::ClientClosed
                 }
             })?;
+            if let (true, Peeked::Whole(b)) = (budgeted, &peeked) {
+                estimate = (
+                    b.len() as u64,
+                    crate::policy::max_tokens(b),
+                    crate::policy::body_model(b),
+                );
+            }
             match peeked {
                 Peeked::Whole(b) if speech => {
                     characters = speech_characters(&b);
                     (RequestBody::whole(b), false)
                 }
+                Peeked::Whole(b) if !chat_stream_usage => (RequestBody::whole(b), false),
                 Peeked::Whole(b) => match add_include_usage(&b) {
                     Some(edited) => {
                         parts
@@ -257,6 +282,18 @@ impl Proxy {
         } else {
             (RequestBody::streaming(limited), false)
         };
+        if let Some(budget) = &policy.budget {
+            let (len, max_out, model) = estimate;
+            let price = model
+                .as_deref()
+                .and_then(|m| self.metrics.pricing.price(&provider.name, m));
+            let nanos = if is_post {
+                crate::policy::estimate(price, len, max_out, budget.default_max_tokens)
+            } else {
+                0
+            };
+            admission.reserve(nanos, crate::keys::unix_now()).await?;
+        }
         let request_model = Arc::new(std::sync::OnceLock::new());
         if let Some(kind) = BodyKind::of(
             parts
@@ -319,6 +356,7 @@ impl Proxy {
             request_model,
             characters,
             compressed,
+            admission: Some(admission),
         };
         let strip = asked_usage
             && rparts.status.is_success()
@@ -349,12 +387,38 @@ impl Proxy {
             .filter(|(i, _)| policy.allows(*i))
             .map(|(_, p)| &*p.name)
             .collect();
+        let month = self.metrics.ledger.month(tenant, crate::keys::unix_now());
+        let rate = |l: &crate::policy::LimitSpec| {
+            serde_json::json!({
+                "requests_per_minute": l.requests_per_minute,
+                "tokens_per_minute": l.tokens_per_minute,
+                "concurrent": l.concurrent,
+            })
+        };
+        let per_provider: serde_json::Map<String, serde_json::Value> = policy
+            .provider_limits
+            .iter()
+            .filter_map(|(i, l)| Some((cfg.providers.get(*i)?.name.to_string(), rate(l))))
+            .collect();
+        let budget = policy.budget.as_ref().map(|b| {
+            let spent = month.cost_nanos();
+            serde_json::json!({
+                "monthly_usd": crate::ledger::usd(b.monthly_nanos),
+                "spent_usd": crate::ledger::usd(spent),
+                "remaining_usd": crate::ledger::usd(b.monthly_nanos.saturating_sub(spent)),
+                "alert_at": b.alert_at,
+                "on_exhausted": if b.cut { "cut" } else { "reject" },
+                "resets_at": crate::ledger::next_month_start(&month.period),
+            })
+        });
         let limits = serde_json::json!({
             "default_provider": cfg.providers.get(policy.default_provider).map(|p| &*p.name),
             "allowed_providers": allowed,
             "fallback": if policy.platform_fallback { vec!["platform"] } else { vec![] },
+            "rate": policy.limits.as_deref().map(rate),
+            "rate_per_provider": per_provider,
+            "budget": budget,
         });
-        let month = self.metrics.ledger.month(tenant, crate::keys::unix_now());
         let body = crate::ledger::usage_json(tenant, &month, limits);
         let mut resp = Response::new(Full::new(Bytes::from(
             serde_json::to_vec(&body).unwrap_or_default(),

@@ -223,7 +223,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         })
     };
     let upstream = Upstream::new(&cfg.upstream, &cfg.limits)?;
-    let proxy = Arc::new(Proxy::new(cfg.clone(), keyring, metrics.clone(), upstream));
+    let policy = crate::policy::Policy::new(cfg.shared_state.as_ref(), metrics.clone());
+    let proxy = Arc::new(Proxy::new(
+        cfg.clone(),
+        keyring,
+        metrics.clone(),
+        upstream,
+        policy,
+    ));
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)

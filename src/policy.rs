@@ -1,0 +1,853 @@
+//! Rate limits and budgets, the state behind the admit step: requests and tokens per minute
+//! and concurrent requests per tenant and per (tenant, provider), and a monthly budget per
+//! tenant with a reservation taken before a request leaves and settled to the metered cost
+//! when its response ends.
+//!
+//! Without `shared_state` the state is this process's (sharded maps, a lock per tenant, never
+//! a global one). With `shared_state.redis` it is global across replicas: one Lua script per
+//! decision, so each check-and-take is atomic, with server time and keys that expire on their
+//! own. When Redis cannot be reached, each policy follows its `on_shared_state_error`:
+//! `fail_open` decides locally meanwhile (and adds what it spent to Redis when it returns),
+//! `fail_closed` refuses with 503 `shared_state_unavailable`.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+
+use crate::config::{Redacted, TenantPolicy};
+use crate::error::AdmitError;
+use crate::metrics::Metrics;
+
+/// What to do with a policy when Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitSpec {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub concurrent: Option<u32>,
+    pub on_shared_state_error: FailMode,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSpec {
+    /// Nano-dollars per UTC calendar month.
+    pub monthly_nanos: u64,
+    pub alert_at: Option<f64>,
+    /// End a stream that crosses the budget (`on_exhausted: cut`) instead of only refusing
+    /// the next request.
+    pub cut: bool,
+    /// Output tokens assumed for a request that sets no `max_tokens`.
+    pub default_max_tokens: u64,
+    pub on_shared_state_error: FailMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: Redacted,
+    pub prefix: String,
+    pub timeout: Duration,
+}
+
+/// How long a reservation or a concurrency slot outlives a replica that died holding it.
+const SLOT_TTL: Duration = Duration::from_secs(15 * 60);
+/// Spend keys outlive their month by a few days (a late settle lands in the right month).
+const SPEND_TTL_SECS: u64 = 40 * 86_400;
+
+// ---------- local state ----------
+
+/// A bucket refilled at `cap` per minute, holding at most `cap`. Tokens may go negative
+/// (a tokens-per-minute bucket is debited after the fact).
+#[derive(Debug)]
+struct Bucket {
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(cap: f64) -> Self {
+        Self {
+            level: cap,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, cap: f64) -> f64 {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.level = (self.level + dt * cap / 60.0).min(cap);
+        self.level
+    }
+}
+
+/// Seconds until a bucket at `level` reaches 1 (at least 1, for `retry-after`).
+fn wait_secs(level: f64, cap: f64) -> u64 {
+    (((1.0 - level) * 60.0 / cap).ceil() as u64).max(1)
+}
+
+#[derive(Debug, Default)]
+struct Scope {
+    inflight: AtomicU32,
+    rpm: Mutex<Option<Bucket>>,
+    tpm: Mutex<Option<Bucket>>,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    scopes: DashMap<Box<str>, Arc<Scope>>,
+    /// Budget reservations in flight, per tenant, in nano-dollars.
+    reserved: DashMap<Box<str>, Arc<AtomicU64>>,
+    /// Spend settled locally while Redis was away, added to Redis when it returns.
+    unsynced_spend: DashMap<(Box<str>, String), u64>,
+}
+
+impl Local {
+    fn scope(&self, key: &str) -> Arc<Scope> {
+        if let Some(s) = self.scopes.get(key) {
+            return s.clone();
+        }
+        self.scopes.entry(key.into()).or_default().clone()
+    }
+
+    /// Takes a slot and a request from every scope, or nothing: a refusal by a later scope
+    /// gives back what the earlier ones took. Each take is atomic on its own (a CAS-style
+    /// add-then-check for concurrency, the scope's lock for a bucket).
+    fn admit(&self, scopes: &[(Arc<Scope>, &LimitSpec)]) -> Result<(), Refusal> {
+        let mut taken = 0;
+        let mut refusal = None;
+        for (s, l) in scopes {
+            if let Some(c) = l.concurrent
+                && s.inflight.fetch_add(1, Ordering::AcqRel) >= c
+            {
+                s.inflight.fetch_sub(1, Ordering::AcqRel);
+                refusal = Some(Refusal::Rate(1));
+                break;
+            }
+            if let Some(cap) = l.requests_per_minute {
+                let cap = f64::from(cap);
+                let mut g = s.rpm.lock().unwrap_or_else(|p| p.into_inner());
+                let b = g.get_or_insert_with(|| Bucket::new(cap));
+                let level = b.refill(cap);
+                if level < 1.0 {
+                    drop(g);
+                    if l.concurrent.is_some() {
+                        s.inflight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    refusal = Some(Refusal::Rate(wait_secs(level, cap)));
+                    break;
+                }
+                b.level -= 1.0;
+            }
+            if let Some(cap) = l.tokens_per_minute {
+                let cap = cap as f64;
+                let mut g = s.tpm.lock().unwrap_or_else(|p| p.into_inner());
+                let level = g.get_or_insert_with(|| Bucket::new(cap)).refill(cap);
+                if level <= 0.0 {
+                    drop(g);
+                    self.untake(s, l);
+                    refusal = Some(Refusal::Rate(wait_secs(level, cap)));
+                    break;
+                }
+            }
+            taken += 1;
+        }
+        match refusal {
+            None => Ok(()),
+            Some(r) => {
+                for (s, l) in &scopes[..taken] {
+                    self.untake(s, l);
+                }
+                Err(r)
+            }
+        }
+    }
+
+    /// Gives back one scope's slot and request.
+    fn untake(&self, s: &Scope, l: &LimitSpec) {
+        if l.concurrent.is_some() {
+            s.inflight.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(cap) = l.requests_per_minute {
+            let mut g = s.rpm.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = g.as_mut() {
+                b.level = (b.level + 1.0).min(f64::from(cap));
+            }
+        }
+    }
+
+    fn release(&self, scopes: &[(Arc<Scope>, Arc<LimitSpec>)], tokens: u64) {
+        for (s, l) in scopes {
+            if l.concurrent.is_some() {
+                s.inflight.fetch_sub(1, Ordering::AcqRel);
+            }
+            if let Some(cap) = l.tokens_per_minute
+                && tokens > 0
+            {
+                let cap = cap as f64;
+                let mut g = s.tpm.lock().unwrap_or_else(|p| p.into_inner());
+                let b = g.get_or_insert_with(|| Bucket::new(cap));
+                b.refill(cap);
+                b.level -= tokens as f64;
+            }
+        }
+    }
+
+    fn reserved(&self, tenant: &str) -> Arc<AtomicU64> {
+        if let Some(r) = self.reserved.get(tenant) {
+            return r.clone();
+        }
+        self.reserved.entry(tenant.into()).or_default().clone()
+    }
+}
+
+/// Why a request was refused, before it becomes an [`AdmitError`].
+#[derive(Debug)]
+enum Refusal {
+    /// Rate or concurrency limit; seconds until a retry may pass.
+    Rate(u64),
+    Budget,
+    Unavailable,
+}
+
+impl From<Refusal> for AdmitError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Rate(s) => AdmitError::RateLimited { retry_after: s },
+            Refusal::Budget => AdmitError::BudgetExceeded,
+            Refusal::Unavailable => AdmitError::SharedStateUnavailable,
+        }
+    }
+}
+
+// ---------- Redis ----------
+
+const ADMIT_LUA: &str = r#"
+-- KEYS: per scope: concurrency zset, rpm bucket, tpm bucket. ARGV: member, slot ttl ms,
+-- then per scope: concurrency, rpm, tpm limits (0 = none).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS / 3
+local function level(key, cap)
+  local v = redis.call('HMGET', key, 'l', 'ts')
+  local l, ts = tonumber(v[1]), tonumber(v[2])
+  if l == nil then return cap end
+  return math.min(cap, l + (now - ts) * cap / 60000)
+end
+for i = 0, n - 1 do
+  local cl, rl, tl = tonumber(ARGV[3 + i*3]), tonumber(ARGV[4 + i*3]), tonumber(ARGV[5 + i*3])
+  if cl > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1 + i*3], '-inf', now)
+    if redis.call('ZCARD', KEYS[1 + i*3]) >= cl then return {1, 1} end
+  end
+  if rl > 0 then
+    local l = level(KEYS[2 + i*3], rl)
+    if l < 1 then return {1, math.ceil((1 - l) * 60 / rl)} end
+  end
+  if tl > 0 then
+    local l = level(KEYS[3 + i*3], tl)
+    if l <= 0 then return {1, math.ceil((1 - l) * 60 / tl)} end
+  end
+end
+for i = 0, n - 1 do
+  local cl, rl = tonumber(ARGV[3 + i*3]), tonumber(ARGV[4 + i*3])
+  if cl > 0 then
+    redis.call('ZADD', KEYS[1 + i*3], now + tonumber(ARGV[2]), ARGV[1])
+    redis.call('PEXPIRE', KEYS[1 + i*3], ARGV[2])
+  end
+  if rl > 0 then
+    redis.call('HSET', KEYS[2 + i*3], 'l', tostring(level(KEYS[2 + i*3], rl) - 1), 'ts', now)
+    redis.call('PEXPIRE', KEYS[2 + i*3], 120000)
+  end
+end
+return {0, 0}
+"#;
+
+const RESERVE_LUA: &str = r#"
+-- KEYS: reservations zset, spend. ARGV: member (id:estimate), estimate, limit, slot ttl ms,
+-- seed (spend so far per the ledger, used when the key is missing), unsynced spend, spend ttl s.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[7])
+elseif tonumber(ARGV[6]) > 0 then
+  redis.call('INCRBY', KEYS[2], ARGV[6])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local spent = tonumber(redis.call('GET', KEYS[2]))
+local reserved = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  reserved = reserved + (tonumber(string.match(m, ':(%d+)$')) or 0)
+end
+local est, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+if spent >= limit or spent + reserved + est > limit then return {0, spent} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {1, spent}
+"#;
+
+const FINISH_LUA: &str = r#"
+-- KEYS: n concurrency zsets, n tpm buckets, then (if budget) reservations zset and spend.
+-- ARGV: member, n, tokens, then n tpm limits (0 = none), then budget member, cost, seed, ttl.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[3])
+for i = 1, n do
+  redis.call('ZREM', KEYS[i], ARGV[1])
+  local cap = tonumber(ARGV[3 + i])
+  if cap > 0 and tokens > 0 then
+    local k = KEYS[n + i]
+    local v = redis.call('HMGET', k, 'l', 'ts')
+    local l, ts = tonumber(v[1]), tonumber(v[2])
+    if l == nil then l = cap else l = math.min(cap, l + (now - ts) * cap / 60000) end
+    redis.call('HSET', k, 'l', tostring(l - tokens), 'ts', now)
+    redis.call('PEXPIRE', k, 120000)
+  end
+end
+local spent = 0
+if #KEYS > 2 * n then
+  local res, spend = KEYS[2*n + 1], KEYS[2*n + 2]
+  local b = 4 + n
+  redis.call('ZREM', res, ARGV[b])
+  if redis.call('EXISTS', spend) == 0 then
+    redis.call('SET', spend, ARGV[b + 2], 'EX', ARGV[b + 3])
+  elseif tonumber(ARGV[b + 1]) > 0 then
+    redis.call('INCRBY', spend, ARGV[b + 1])
+    redis.call('EXPIRE', spend, ARGV[b + 3])
+  end
+  spent = tonumber(redis.call('GET', spend))
+end
+return spent
+"#;
+
+struct Shared {
+    cfg: RedisConfig,
+    conn: ArcSwapOption<redis::aio::ConnectionManager>,
+    admit: redis::Script,
+    reserve: redis::Script,
+    finish: redis::Script,
+    /// Last call failed: decisions follow `on_shared_state_error` until one succeeds.
+    down: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("prefix", &self.cfg.prefix)
+            .field("down", &self.down)
+            .finish()
+    }
+}
+
+// ---------- the engine ----------
+
+/// Per-process policy state, local or backed by Redis.
+#[derive(Debug)]
+pub struct Policy {
+    local: Local,
+    shared: Option<Arc<Shared>>,
+    metrics: Arc<Metrics>,
+    /// Tenants already alerted this month (`alert_at`), so the log says it once.
+    alerted: DashMap<Box<str>, String>,
+}
+
+/// What an admitted request holds until its response ends: concurrency slots, the tokens
+/// debit still owed, the budget reservation. Settled with the metered usage; dropped
+/// unsettled (the request failed before a response) it releases everything.
+pub struct Admission {
+    policy: Arc<Policy>,
+    tenant: Arc<str>,
+    member: String,
+    local_scopes: Vec<(Arc<Scope>, Arc<LimitSpec>)>,
+    redis_scopes: Vec<(String, Arc<LimitSpec>)>,
+    /// (estimate, period, decided in Redis) of a budget reservation.
+    reservation: Option<(u64, String, bool)>,
+    budget: Option<BudgetSpec>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("tenant", &self.tenant)
+            .field("reservation", &self.reservation)
+            .finish()
+    }
+}
+
+impl Policy {
+    pub fn new(shared: Option<&RedisConfig>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let shared = shared.map(|cfg| {
+            Arc::new(Shared {
+                cfg: cfg.clone(),
+                conn: ArcSwapOption::empty(),
+                admit: redis::Script::new(ADMIT_LUA),
+                reserve: redis::Script::new(RESERVE_LUA),
+                finish: redis::Script::new(FINISH_LUA),
+                down: AtomicBool::new(true),
+            })
+        });
+        let p = Arc::new(Self {
+            local: Local::default(),
+            shared,
+            metrics,
+            alerted: DashMap::new(),
+        });
+        if let Some(s) = &p.shared {
+            tokio::spawn(connect_loop(s.clone(), p.metrics.clone()));
+        }
+        p
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let prefix = self.shared.as_ref().map_or("", |s| s.cfg.prefix.as_str());
+        // The tenant in braces: a Redis Cluster hash tag, so one tenant's keys share a slot
+        // and a script can touch them together.
+        let mut k = String::with_capacity(prefix.len() + 64);
+        k.push_str(prefix);
+        k.push('{');
+        k.push_str(parts[0]);
+        k.push('}');
+        for p in &parts[1..] {
+            k.push(':');
+            k.push_str(p);
+        }
+        k
+    }
+
+    fn conn(&self) -> Option<(Arc<Shared>, redis::aio::ConnectionManager)> {
+        let s = self.shared.as_ref()?;
+        let c = s.conn.load_full()?;
+        Some((s.clone(), (*c).clone()))
+    }
+
+    fn redis_result<T>(&self, s: &Shared, r: Result<T, redis::RedisError>) -> Option<T> {
+        match r {
+            Ok(v) => {
+                if s.down.swap(false, Ordering::AcqRel) {
+                    tracing::info!(
+                        "shared state: Redis reachable again; limits and budgets are global"
+                    );
+                    self.metrics.shared_state_up(true);
+                }
+                Some(v)
+            }
+            Err(e) => {
+                if !s.down.swap(true, Ordering::AcqRel) {
+                    tracing::error!(error = %e,
+                        "shared state: Redis unreachable; each policy follows on_shared_state_error \
+                         (defaults: rate limits fail_open with local accounting, budgets fail_closed)");
+                    self.metrics.shared_state_up(false);
+                }
+                None
+            }
+        }
+    }
+
+    /// The rate limits of `tenant` on provider `idx`: refused or an admission to hold.
+    pub async fn admit(
+        self: &Arc<Self>,
+        tenant: &Arc<str>,
+        provider: &str,
+        idx: usize,
+        policy: &TenantPolicy,
+        request_id: u64,
+    ) -> Result<Admission, AdmitError> {
+        let mut adm = Admission {
+            policy: self.clone(),
+            tenant: tenant.clone(),
+            member: format!("{request_id:016x}"),
+            local_scopes: Vec::new(),
+            redis_scopes: Vec::new(),
+            reservation: None,
+            budget: policy.budget.clone(),
+            done: false,
+        };
+        let mut specs: Vec<(String, Arc<LimitSpec>)> = Vec::new();
+        if let Some(l) = &policy.limits {
+            specs.push((tenant.to_string(), l.clone()));
+        }
+        if let Some((_, l)) = policy.provider_limits.iter().find(|(i, _)| *i == idx) {
+            specs.push((format!("{tenant}/{provider}"), l.clone()));
+        }
+        if specs.is_empty() {
+            return Ok(adm);
+        }
+        if let Some((s, mut conn)) = self.conn() {
+            let mut inv = s.admit.prepare_invoke();
+            inv.arg(&adm.member).arg(SLOT_TTL.as_millis() as u64);
+            let mut keys = Vec::new();
+            for (scope, l) in &specs {
+                let (t, rest) = scope.split_once('/').unwrap_or((scope, ""));
+                let k = |what: &str| {
+                    if rest.is_empty() {
+                        self.key(&[t, what])
+                    } else {
+                        self.key(&[t, rest, what])
+                    }
+                };
+                inv.key(k("conc")).key(k("rpm")).key(k("tpm"));
+                inv.arg(l.concurrent.unwrap_or(0))
+                    .arg(l.requests_per_minute.unwrap_or(0))
+                    .arg(l.tokens_per_minute.unwrap_or(0));
+                keys.push((scope.clone(), l.clone()));
+            }
+            let r = tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<(u8, u64)>(&mut conn))
+                .await
+                .unwrap_or_else(|_| Err(timeout_err()));
+            match self.redis_result(&s, r) {
+                Some((0, _)) => {
+                    adm.redis_scopes = keys;
+                    return Ok(adm);
+                }
+                Some((_, wait)) => return Err(Refusal::Rate(wait.max(1)).into()),
+                None => {
+                    if specs
+                        .iter()
+                        .any(|(_, l)| l.on_shared_state_error == FailMode::Closed)
+                    {
+                        return Err(Refusal::Unavailable.into());
+                    }
+                }
+            }
+        } else if self.shared.is_some()
+            && specs
+                .iter()
+                .any(|(_, l)| l.on_shared_state_error == FailMode::Closed)
+        {
+            return Err(Refusal::Unavailable.into());
+        }
+        let scopes: Vec<(Arc<Scope>, Arc<LimitSpec>)> = specs
+            .iter()
+            .map(|(k, l)| (self.local.scope(k), l.clone()))
+            .collect();
+        let view: Vec<(Arc<Scope>, &LimitSpec)> =
+            scopes.iter().map(|(s, l)| (s.clone(), &**l)).collect();
+        self.local.admit(&view)?;
+        adm.local_scopes = scopes;
+        Ok(adm)
+    }
+
+    /// The tenant's spend this month per this replica's ledger (all replicas' with the
+    /// PostgreSQL store).
+    fn ledger_spend(&self, tenant: &str, now: i64) -> u64 {
+        self.metrics.ledger.month(tenant, now).cost_nanos()
+    }
+
+    fn publish(&self, tenant: &str, spent: u64, b: &BudgetSpec, period: &str) {
+        self.metrics.budget(tenant, spent, b.monthly_nanos);
+        if let Some(a) = b.alert_at
+            && spent as f64 >= a * b.monthly_nanos as f64
+            && self.alerted.get(tenant).is_none_or(|p| *p != period)
+        {
+            self.alerted.insert(tenant.into(), period.to_string());
+            tracing::warn!(
+                tenant,
+                spent_usd = spent as f64 / 1e9,
+                limit_usd = b.monthly_nanos as f64 / 1e9,
+                alert_at = a,
+                "tenant budget crossed its alert threshold"
+            );
+        }
+    }
+}
+
+fn timeout_err() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "shared state call timed out"))
+}
+
+async fn connect_loop(s: Arc<Shared>, metrics: Arc<Metrics>) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let r = async {
+            let client = redis::Client::open(s.cfg.url.0.as_str())?;
+            let cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(s.cfg.timeout))
+                .set_response_timeout(Some(s.cfg.timeout))
+                .set_number_of_retries(1);
+            redis::aio::ConnectionManager::new_with_config(client, cfg).await
+        }
+        .await;
+        match r {
+            Ok(c) => {
+                s.conn.store(Some(Arc::new(c)));
+                s.down.store(false, Ordering::Release);
+                metrics.shared_state_up(true);
+                tracing::info!("shared state: connected to Redis");
+                return;
+            }
+            Err(e) => {
+                metrics.shared_state_up(false);
+                tracing::error!(error = %e, retry_in = ?wait,
+                    "shared state: cannot connect to Redis; policies follow on_shared_state_error");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// Reserves `estimate` nano-dollars of the tenant's budget, if it has one.
+    pub async fn reserve(&mut self, estimate: u64, now: i64) -> Result<(), AdmitError> {
+        let Some(b) = self.budget.clone() else {
+            return Ok(());
+        };
+        let p = self.policy.clone();
+        let period = crate::ledger::month_of(now);
+        let tenant = self.tenant.clone();
+        if let Some((s, mut conn)) = p.conn() {
+            let seed = p.ledger_spend(&tenant, now);
+            let unsynced = p
+                .local
+                .unsynced_spend
+                .remove(&(Box::<str>::from(&*tenant), period.clone()))
+                .map_or(0, |(_, v)| v);
+            let member = format!("{}:{estimate}", self.member);
+            let mut inv = s.reserve.prepare_invoke();
+            inv.key(p.key(&[&tenant, "res", &period]))
+                .key(p.key(&[&tenant, "spend", &period]))
+                .arg(&member)
+                .arg(estimate)
+                .arg(b.monthly_nanos)
+                .arg(SLOT_TTL.as_millis() as u64)
+                .arg(seed)
+                .arg(unsynced)
+                .arg(SPEND_TTL_SECS);
+            let r = tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<(u8, u64)>(&mut conn))
+                .await
+                .unwrap_or_else(|_| Err(timeout_err()));
+            match p.redis_result(&s, r) {
+                Some((ok, spent)) => {
+                    p.publish(&tenant, spent, &b, &period);
+                    if ok == 1 {
+                        self.reservation = Some((estimate, period, true));
+                        return Ok(());
+                    }
+                    return Err(Refusal::Budget.into());
+                }
+                None => {
+                    // The unsynced amount is still owed to Redis.
+                    if unsynced > 0 {
+                        *p.local
+                            .unsynced_spend
+                            .entry((Box::<str>::from(&*tenant), period.clone()))
+                            .or_default() += unsynced;
+                    }
+                    if b.on_shared_state_error == FailMode::Closed {
+                        return Err(Refusal::Unavailable.into());
+                    }
+                }
+            }
+        } else if p.shared.is_some() && b.on_shared_state_error == FailMode::Closed {
+            return Err(Refusal::Unavailable.into());
+        }
+        // Local: spend from the ledger, reservations in an atomic per tenant. The add is
+        // done first and undone on refusal, so two racing requests cannot both fit.
+        let reserved = p.local.reserved(&tenant);
+        let before = reserved.fetch_add(estimate, Ordering::AcqRel);
+        let spent = p.ledger_spend(&tenant, now);
+        p.publish(&tenant, spent, &b, &period);
+        if spent >= b.monthly_nanos || spent + before + estimate > b.monthly_nanos {
+            reserved.fetch_sub(estimate, Ordering::AcqRel);
+            return Err(Refusal::Budget.into());
+        }
+        self.reservation = Some((estimate, period, false));
+        Ok(())
+    }
+
+    /// Whether the tenant's budget asks to cut streams that cross it.
+    pub fn cuts(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.cut)
+    }
+
+    /// The response ended: debit the tokens it used and settle the reservation to its cost.
+    /// Runs on the body's last poll (or drop), so the Redis part goes to a task.
+    pub fn settle(mut self, tokens: u64, cost: u64) {
+        self.finish(tokens, cost);
+    }
+
+    fn finish(&mut self, tokens: u64, cost: u64) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let p = self.policy.clone();
+        p.local.release(&self.local_scopes, tokens);
+        if let Some((est, _, false)) = &self.reservation {
+            p.local
+                .reserved(&self.tenant)
+                .fetch_sub(*est, Ordering::AcqRel);
+            if let Some(b) = &self.budget {
+                let now = crate::keys::unix_now();
+                let period = crate::ledger::month_of(now);
+                p.publish(&self.tenant, p.ledger_spend(&self.tenant, now), b, &period);
+                if p.shared.is_some() {
+                    // Decided locally during an outage: Redis gets this spend when it returns.
+                    *p.local
+                        .unsynced_spend
+                        .entry((Box::<str>::from(&*self.tenant), period))
+                        .or_default() += cost;
+                }
+            }
+        }
+        let redis_reservation = matches!(self.reservation, Some((_, _, true)));
+        if self.redis_scopes.is_empty() && !redis_reservation {
+            return;
+        }
+        let Some((s, mut conn)) = p.conn() else {
+            return;
+        };
+        let mut keys: Vec<String> = Vec::new();
+        let mut args: Vec<String> = vec![
+            self.member.clone(),
+            self.redis_scopes.len().to_string(),
+            tokens.to_string(),
+        ];
+        let scope_key = |scope: &str, what: &str| {
+            let (t, rest) = scope.split_once('/').unwrap_or((scope, ""));
+            if rest.is_empty() {
+                p.key(&[t, what])
+            } else {
+                p.key(&[t, rest, what])
+            }
+        };
+        for (scope, _) in &self.redis_scopes {
+            keys.push(scope_key(scope, "conc"));
+        }
+        for (scope, l) in &self.redis_scopes {
+            keys.push(scope_key(scope, "tpm"));
+            args.push(l.tokens_per_minute.unwrap_or(0).to_string());
+        }
+        let budget = match (&self.reservation, &self.budget) {
+            (Some((est, period, true)), Some(b)) => Some((*est, period.clone(), b.clone())),
+            _ => None,
+        };
+        let tenant = self.tenant.clone();
+        if let Some((est, period, _)) = &budget {
+            keys.push(p.key(&[&tenant, "res", period]));
+            keys.push(p.key(&[&tenant, "spend", period]));
+            args.push(format!("{}:{est}", self.member));
+            args.push(cost.to_string());
+            args.push(p.ledger_spend(&tenant, crate::keys::unix_now()).to_string());
+            args.push(SPEND_TTL_SECS.to_string());
+        }
+        tokio::spawn(async move {
+            let mut inv = s.finish.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            for a in args {
+                inv.arg(a);
+            }
+            let r = tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<u64>(&mut conn))
+                .await
+                .unwrap_or_else(|_| Err(timeout_err()));
+            match p.redis_result(&s, r) {
+                Some(spent) => {
+                    if let Some((_, period, b)) = budget {
+                        p.publish(&tenant, spent, &b, &period);
+                    }
+                }
+                None => {
+                    // The slot and the reservation expire on their own (SLOT_TTL); the spend
+                    // is owed to Redis and added on the next successful reservation.
+                    if let Some((_, period, _)) = budget {
+                        *p.local
+                            .unsynced_spend
+                            .entry((Box::<str>::from(&*tenant), period))
+                            .or_default() += cost;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.finish(0, 0);
+    }
+}
+
+/// A reservation estimate: the request's input (its body size as tokens, at ~4 bytes a token:
+/// an over-estimate for JSON) plus its output cap, at the model's prices. `None` when the
+/// model has no price (nothing to reserve; the request still counts once metered).
+pub fn estimate(
+    price: Option<crate::pricing::Price>,
+    body_len: u64,
+    max_tokens: Option<u64>,
+    default_max_tokens: u64,
+) -> u64 {
+    let Some(p) = price else {
+        return 0;
+    };
+    let input = body_len.div_ceil(4);
+    let output = max_tokens.unwrap_or(default_max_tokens);
+    input
+        .saturating_mul(p.input)
+        .saturating_add(output.saturating_mul(p.output))
+}
+
+/// `max_tokens` / `max_output_tokens` / `max_completion_tokens` (Gemini:
+/// `generationConfig.maxOutputTokens`) of a JSON request body.
+pub fn max_tokens(body: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(|x| x.as_u64()))
+        .or_else(|| v.pointer("/generationConfig/maxOutputTokens")?.as_u64())
+}
+
+/// The request's `model`, from a JSON body.
+pub fn body_model(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("model")?.as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_refill_per_minute_and_say_when() {
+        let mut b = Bucket::new(60.0);
+        b.level = 0.0;
+        assert_eq!(wait_secs(b.level, 60.0), 1);
+        assert_eq!(wait_secs(-119.0, 60.0), 120);
+        b.at -= Duration::from_secs(2);
+        let l = b.refill(60.0);
+        assert!((1.9..2.1).contains(&l), "{l}");
+    }
+
+    #[test]
+    fn estimates_and_body_fields() {
+        let p = crate::pricing::Price {
+            input: 150,
+            output: 600,
+            ..Default::default()
+        };
+        assert_eq!(estimate(Some(p), 400, Some(10), 4096), 100 * 150 + 10 * 600);
+        assert_eq!(estimate(Some(p), 0, None, 4096), 4096 * 600);
+        assert_eq!(estimate(None, 400, Some(10), 4096), 0);
+        assert_eq!(max_tokens(br#"{"model":"m","max_tokens":77}"#), Some(77));
+        assert_eq!(max_tokens(br#"{"max_output_tokens":5}"#), Some(5));
+        assert_eq!(
+            max_tokens(br#"{"generationConfig":{"maxOutputTokens":9}}"#),
+            Some(9)
+        );
+        assert_eq!(
+            body_model(br#"{"model":"gpt-4o"}"#).as_deref(),
+            Some("gpt-4o")
+        );
+    }
+}
