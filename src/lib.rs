@@ -15,6 +15,7 @@ pub mod admin_api;
 pub mod admit;
 pub mod audit;
 pub mod config;
+pub mod cut;
 pub mod error;
 pub mod forward;
 pub mod identify;

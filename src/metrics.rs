@@ -539,12 +539,27 @@ pub struct Recorder {
     pub compressed: bool,
     /// Rate-limit slots and budget reservation, settled to the metered usage at the end.
     pub admission: Option<crate::policy::Admission>,
+    /// Set when the stream may be cut for budget (`on_exhausted: cut`).
+    pub cut: Option<Arc<crate::cut::CutState>>,
 }
 
 impl Recorder {
     pub fn finish(mut self, mut usage: Usage, outcome: Outcome, bytes: u64) {
         if usage.model.is_none() {
             usage.model = self.request_model.get().map(|m| m.to_string());
+        }
+        if let Some(c) = &self.cut
+            && c.cut.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // A cut stream never reached its final usage event: bill the running estimate
+            // (Anthropic's input count from message_start is exact and kept).
+            if !usage.found {
+                usage.input = c.input_tokens;
+            }
+            usage.output = usage
+                .output
+                .max(c.events.load(std::sync::atomic::Ordering::Relaxed));
+            usage.found = true;
         }
         if self.characters > 0 && self.status.is_success() {
             usage.characters = self.characters;
@@ -647,6 +662,7 @@ mod tests {
                 characters: 0,
                 compressed: false,
                 admission: None,
+                cut: None,
             };
             let usage = Usage {
                 input: 1,

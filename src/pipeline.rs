@@ -28,7 +28,8 @@ use crate::stream_usage::{
 use crate::usage::{Capability, MeteredBody, scanner_for_capability};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
-pub type ProxyBody = Either<StripUsage<MeteredBody<IdleTimeout<Incoming>>>, Full<Bytes>>;
+pub type ProxyBody =
+    Either<StripUsage<MeteredBody<crate::cut::CutBody<IdleTimeout<Incoming>>>>, Full<Bytes>>;
 
 /// A short random id per request, for logs and error messages; formatted only when used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,7 +283,8 @@ impl Proxy {
         } else {
             (RequestBody::streaming(limited), false)
         };
-        if let Some(budget) = &policy.budget {
+        let mut cut_plan = None;
+        if let (Some(budget), Some(admission)) = (&policy.budget, admission.as_mut()) {
             let (len, max_out, model) = estimate;
             let price = model
                 .as_deref()
@@ -293,6 +295,19 @@ impl Proxy {
                 0
             };
             admission.reserve(nanos, crate::keys::unix_now()).await?;
+            if let (Some(allowance), Some(price)) = (admission.allowance(), price) {
+                let input_tokens = len.div_ceil(4);
+                cut_plan = Some(crate::cut::CutPlan {
+                    allowance,
+                    input_nanos: input_tokens.saturating_mul(price.input),
+                    output_nanos_per_token: price.output,
+                    shape: provider.error_shape(),
+                    state: Arc::new(crate::cut::CutState {
+                        input_tokens,
+                        ..Default::default()
+                    }),
+                });
+            }
         }
         let request_model = Arc::new(std::sync::OnceLock::new());
         if let Some(kind) = BodyKind::of(
@@ -356,7 +371,8 @@ impl Proxy {
             request_model,
             characters,
             compressed,
-            admission: Some(admission),
+            admission,
+            cut: cut_plan.as_ref().map(|p| p.state.clone()),
         };
         let strip = asked_usage
             && rparts.status.is_success()
@@ -369,6 +385,13 @@ impl Proxy {
             // The app never asked for usage, so its stream must not carry any.
             rparts.headers.remove(header::CONTENT_LENGTH);
         }
+        // Only an event stream can be cut cleanly; a JSON body is whole or nothing.
+        let sse = rparts.status.is_success()
+            && rparts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let rbody = crate::cut::CutBody::new(rbody, cut_plan.filter(|_| sse));
         let body = StripUsage::new(MeteredBody::new(rbody, scanner, recorder), strip);
         Ok(Response::from_parts(rparts, Either::Left(body)))
     }

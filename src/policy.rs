@@ -288,10 +288,10 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   reserved = reserved + (tonumber(string.match(m, ':(%d+)$')) or 0)
 end
 local est, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-if spent >= limit or spent + reserved + est > limit then return {0, spent} end
+if spent >= limit or spent + reserved + est > limit then return {0, spent, reserved} end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {1, spent}
+return {1, spent, reserved}
 "#;
 
 const FINISH_LUA: &str = r#"
@@ -372,6 +372,9 @@ pub struct Admission {
     /// (estimate, period, decided in Redis) of a budget reservation.
     reservation: Option<(u64, String, bool)>,
     budget: Option<BudgetSpec>,
+    /// With `on_exhausted: cut`: what this request may cost before its stream is ended (the
+    /// budget left after everyone else's spend and reservations when it was admitted).
+    allowance: Option<u64>,
     done: bool,
 }
 
@@ -453,7 +456,8 @@ impl Policy {
         }
     }
 
-    /// The rate limits of `tenant` on provider `idx`: refused or an admission to hold.
+    /// The rate limits of `tenant` on provider `idx`: refused, or an admission to hold;
+    /// `None` (nothing allocated, nothing to settle) for a tenant with no limits or budget.
     pub async fn admit(
         self: &Arc<Self>,
         tenant: &Arc<str>,
@@ -461,7 +465,10 @@ impl Policy {
         idx: usize,
         policy: &TenantPolicy,
         request_id: u64,
-    ) -> Result<Admission, AdmitError> {
+    ) -> Result<Option<Admission>, AdmitError> {
+        if policy.limits.is_none() && policy.provider_limits.is_empty() && policy.budget.is_none() {
+            return Ok(None);
+        }
         let mut adm = Admission {
             policy: self.clone(),
             tenant: tenant.clone(),
@@ -470,6 +477,7 @@ impl Policy {
             redis_scopes: Vec::new(),
             reservation: None,
             budget: policy.budget.clone(),
+            allowance: None,
             done: false,
         };
         let mut specs: Vec<(String, Arc<LimitSpec>)> = Vec::new();
@@ -480,7 +488,7 @@ impl Policy {
             specs.push((format!("{tenant}/{provider}"), l.clone()));
         }
         if specs.is_empty() {
-            return Ok(adm);
+            return Ok(Some(adm));
         }
         if let Some((s, mut conn)) = self.conn() {
             let mut inv = s.admit.prepare_invoke();
@@ -507,7 +515,7 @@ impl Policy {
             match self.redis_result(&s, r) {
                 Some((0, _)) => {
                     adm.redis_scopes = keys;
-                    return Ok(adm);
+                    return Ok(Some(adm));
                 }
                 Some((_, wait)) => return Err(Refusal::Rate(wait.max(1)).into()),
                 None => {
@@ -534,7 +542,7 @@ impl Policy {
             scopes.iter().map(|(s, l)| (s.clone(), &**l)).collect();
         self.local.admit(&view)?;
         adm.local_scopes = scopes;
-        Ok(adm)
+        Ok(Some(adm))
     }
 
     /// The tenant's spend this month per this replica's ledger (all replicas' with the
@@ -623,14 +631,18 @@ impl Admission {
                 .arg(seed)
                 .arg(unsynced)
                 .arg(SPEND_TTL_SECS);
-            let r = tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<(u8, u64)>(&mut conn))
-                .await
-                .unwrap_or_else(|_| Err(timeout_err()));
+            let r =
+                tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<(u8, u64, u64)>(&mut conn))
+                    .await
+                    .unwrap_or_else(|_| Err(timeout_err()));
             match p.redis_result(&s, r) {
-                Some((ok, spent)) => {
+                Some((ok, spent, others)) => {
                     p.publish(&tenant, spent, &b, &period);
                     if ok == 1 {
                         self.reservation = Some((estimate, period, true));
+                        self.allowance = b
+                            .cut
+                            .then(|| b.monthly_nanos.saturating_sub(spent + others));
                         return Ok(());
                     }
                     return Err(Refusal::Budget.into());
@@ -662,12 +674,15 @@ impl Admission {
             return Err(Refusal::Budget.into());
         }
         self.reservation = Some((estimate, period, false));
+        self.allowance = b
+            .cut
+            .then(|| b.monthly_nanos.saturating_sub(spent + before));
         Ok(())
     }
 
-    /// Whether the tenant's budget asks to cut streams that cross it.
-    pub fn cuts(&self) -> bool {
-        self.budget.as_ref().is_some_and(|b| b.cut)
+    /// With `on_exhausted: cut`, what this request may cost before its stream is ended.
+    pub fn allowance(&self) -> Option<u64> {
+        self.allowance
     }
 
     /// The response ended: debit the tokens it used and settle the reservation to its cost.

@@ -471,3 +471,87 @@ async fn redis_stopped_and_restarted_mid_run() {
     );
     r.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stream_that_crosses_the_budget_is_cut_cleanly_when_asked() {
+    let up = fake_upstream().await;
+    // 20,000 nano-dollars; the stream's input (~24 tokens at 150) plus 600 per event crosses
+    // it at the 29th event of 50.
+    let extra = format!(
+        "{}tenants:\n  streamy: {{ budget: {{ monthly_usd: 0.00002, on_exhausted: cut }} }}\n  steady: {{ budget: {{ monthly_usd: 0.00002 }} }}\n",
+        pricing()
+    );
+    let env = Env::new(&config_yaml(&up.url(), &extra));
+    env.add_key("streamy", "openai", CANARY_OPENAI).await;
+    env.add_key("steady", "openai", CANARY_OPENAI).await;
+    let r = byokd::server::start(env.config()).await.unwrap();
+    let base = format!("http://{}", r.data_addr);
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+    let stream = |tenant: &'static str| {
+        let base = base.clone();
+        async move {
+            chat_to(
+                &base,
+                tenant,
+                "/v1/chat/completions",
+                body,
+                &[("x-fake-events", "50"), ("x-fake-pace-ms", "5")],
+            )
+            .await
+        }
+    };
+    let got = stream("streamy").await;
+    assert_eq!(got.status, 200);
+    let text = got.text();
+    let chunks = text.matches("chat.completion.chunk").count();
+    assert!(
+        (25..=32).contains(&chunks),
+        "cut near the budget, got {chunks} chunks: {text}"
+    );
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let err: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(
+        err["error"]["code"], "budget_exceeded",
+        "an OpenAI-shaped error event: {last}"
+    );
+    assert!(!text.contains("[DONE]"));
+    // The upstream stream was cancelled, not read to the end.
+    let t = Instant::now();
+    while *up.state.cancelled.lock().unwrap() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "upstream not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Billed from the running estimate; the next request is refused.
+    let got = chat(&r, "streamy", &[]).await;
+    assert_eq!(got.code(), "budget_exceeded");
+    let usage = send(
+        &client(),
+        request(
+            "GET",
+            &format!("{base}/byokd/usage"),
+            &[("x-tenant-id", "streamy")],
+            "",
+        ),
+    )
+    .await
+    .json();
+    let spent: f64 = usage["limits"]["budget"]["spent_usd"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (0.00002..0.0000215).contains(&spent),
+        "overspend at most one event: {spent}"
+    );
+
+    // Without `cut`, the same stream runs to its end.
+    let got = stream("steady").await;
+    assert_eq!(got.text().matches("chat.completion.chunk").count(), 50);
+    assert!(got.text().contains("[DONE]"));
+    r.shutdown().await;
+}
