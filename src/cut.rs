@@ -173,10 +173,11 @@ mod tests {
         let text = String::from_utf8(out.to_vec()).unwrap();
         // The third event crosses 250 mid-frame: it is completed, then the error, then the end.
         assert!(text.starts_with("data: {\"a\":1}\n\ndata: {\"a\":2}\n\ndata: {\"a\":3}\n\n"));
-        assert!(
-            text.contains("event: error\ndata: {\"type\":\"error\""),
-            "{text}"
-        );
+        let last = text.trim_end().rsplit("\n\n").next().unwrap();
+        let json = last.strip_prefix("event: error\ndata: ").unwrap();
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["type"], "error", "{text}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("budget"));
         assert!(!text.contains("\"a\":4"), "{text}");
         assert!(state.cut.load(Ordering::Relaxed));
         assert_eq!(state.events.load(Ordering::Relaxed), 3);
