@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use crate::accept::Peer;
 use crate::admit::admit;
 use crate::config::{Config, IdentitySource};
-use crate::error::{CredentialError, LimitError, ProxyError};
+use crate::error::{CredentialError, ErrorChain, LimitError, ProxyError};
 use crate::forward::{IdleTimeout, Upstream};
 use crate::identify::{identify, user_key};
 use crate::keys::{KeySource, Keyring};
@@ -496,19 +496,4 @@ fn check_header_limits(h: &http::HeaderMap, cfg: &Config) -> Result<(), LimitErr
         return Err(LimitError::HeadersTooLarge);
     }
     Ok(())
-}
-
-/// Displays an error with its whole `source` chain, for operator logs only.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
 }

@@ -110,24 +110,10 @@ where
             let detail = match (&code, e.message()) {
                 (Some(c), Some(m)) => format!("{c}: {m}"),
                 (Some(c), None) => c.clone(),
-                _ => DisplayChain(&e).to_string(),
+                _ => crate::error::ErrorChain(&e).to_string(),
             };
             KeyError::KmsUnavailable(detail)
         }
-    }
-}
-
-struct DisplayChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
     }
 }
 
