@@ -1,6 +1,7 @@
 //! The admit step: may this tenant use this provider? A rejection never reaches the provider.
 //!
-//! Rate limits and budgets join here (DESIGN §1); today the policy is the provider allow-list.
+//! The allow-list is checked here; rate limits and the budget reservation follow in
+//! [`crate::policy`], which holds their state.
 
 use crate::config::TenantPolicy;
 use crate::error::AdmitError;

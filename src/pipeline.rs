@@ -286,6 +286,7 @@ impl Proxy {
         let mut cut_plan = None;
         if let (Some(budget), Some(admission)) = (&policy.budget, admission.as_mut()) {
             let (len, max_out, model) = estimate;
+            let model = model.or_else(|| crate::policy::path_model(parts.uri.path()));
             let price = model
                 .as_deref()
                 .and_then(|m| self.metrics.pricing.price(&provider.name, m));

@@ -829,6 +829,14 @@ pub fn body_model(body: &[u8]) -> Option<String> {
     v.get("model")?.as_str().map(str::to_string)
 }
 
+/// The model named in a Gemini path (`/v1beta/models/gemini-2.0-flash:generateContent`),
+/// where Gemini requests carry it instead of the body.
+pub fn path_model(path: &str) -> Option<String> {
+    let rest = &path[path.find("/models/")? + "/models/".len()..];
+    let m = rest.split([':', '/']).next()?;
+    (!m.is_empty()).then(|| m.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
