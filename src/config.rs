@@ -336,11 +336,31 @@ pub struct TenantPolicy {
     pub platform_fallback: bool,
     /// The tenant's end users may send their own key (`passthrough` identity source).
     pub passthrough: bool,
+    /// `failover`: per source provider index, what to try after its keys failed. Empty for
+    /// most tenants, so the lookup is a scan of nothing.
+    pub failover: Arc<[(usize, Box<[FailoverStep]>)]>,
+}
+
+/// One step of a failover chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverStep {
+    /// Another provider (index into [`Config::providers`]) with the tenant's key for it.
+    Provider(usize),
+    /// The `_platform` tenant's key for the source provider.
+    Platform,
 }
 
 impl TenantPolicy {
     pub fn allows(&self, provider: usize) -> bool {
         provider < 64 && self.allowed & (1u64 << provider) != 0
+    }
+
+    /// The failover chain of `provider`; empty when none is configured.
+    pub fn failover_of(&self, provider: usize) -> &[FailoverStep] {
+        self.failover
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map_or(&[], |(_, steps)| steps)
     }
 }
 
@@ -447,6 +467,80 @@ pub fn valid_tenant_id(t: &str) -> bool {
         && t.len() <= 128
         && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Wire formats a request can move between unchanged: the same kind, or two kinds that
+/// speak the OpenAI API (Azure has its own paths and auth, so it pairs only with Azure).
+fn same_wire(a: ProviderKind, b: ProviderKind) -> bool {
+    let openai_like = |k| matches!(k, ProviderKind::OpenAi | ProviderKind::Ollama);
+    a == b || (openai_like(a) && openai_like(b))
+}
+
+/// Resolves `failover: { source: [target, ...] }` into provider indexes; the error is
+/// (field, message).
+#[allow(clippy::type_complexity)]
+fn failover_chains(
+    field: &str,
+    map: &BTreeMap<String, Vec<String>>,
+    providers: &[Provider],
+    allowed: u64,
+) -> Result<Arc<[(usize, Box<[FailoverStep]>)]>, (String, String)> {
+    let index = |name: &str| providers.iter().position(|p| &*p.name == name);
+    let mut out = Vec::new();
+    for (source, targets) in map {
+        let f = format!("{field}.failover.{source}");
+        let src =
+            index(source).ok_or_else(|| (f.clone(), format!("unknown provider `{source}`")))?;
+        let mut steps: Vec<FailoverStep> = Vec::new();
+        for t in targets {
+            let step = if t == "platform" {
+                FailoverStep::Platform
+            } else {
+                let i = index(t).ok_or_else(|| {
+                    (
+                        f.clone(),
+                        format!("unknown provider `{t}`; a step is a provider name or `platform`"),
+                    )
+                })?;
+                let (a, b) = (&providers[src], &providers[i]);
+                if i == src {
+                    return Err((
+                        f,
+                        format!(
+                            "`{t}` fails over to itself; its other keys are tried anyway, and `platform` adds the platform key"
+                        ),
+                    ));
+                }
+                if !same_wire(a.kind, b.kind) {
+                    return Err((
+                        f,
+                        format!(
+                            "`{source}` speaks the {} wire format and `{t}` speaks {}: failover needs the same wire format (the same kind, or two OpenAI-compatible kinds: openai, ollama)",
+                            a.kind.as_str(),
+                            b.kind.as_str()
+                        ),
+                    ));
+                }
+                if i >= 64 || allowed & (1u64 << i) == 0 {
+                    return Err((
+                        f,
+                        format!(
+                            "`{t}` is not in allowed_providers: failover never reaches a provider the tenant may not use"
+                        ),
+                    ));
+                }
+                FailoverStep::Provider(i)
+            };
+            if steps.contains(&step) {
+                return Err((f, format!("`{t}` is listed twice")));
+            }
+            steps.push(step);
+        }
+        if !steps.is_empty() {
+            out.push((src, steps.into_boxed_slice()));
+        }
+    }
+    Ok(out.into())
 }
 
 fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
@@ -594,17 +688,23 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         for (k, present) in [
             ("limits", pf.limits.is_some()),
             ("budget", pf.budget.is_some()),
-            ("failover", pf.failover.is_some()),
         ] {
             if present {
                 return Err(not_yet(&format!("{field}.{k}")));
             }
         }
+        let failover = match &pf.failover {
+            Some(map) => {
+                failover_chains(field, map, &providers, allowed).map_err(|(f, m)| invalid(&f, m))?
+            }
+            None => base.map_or_else(|| Arc::from([]), |b| b.failover.clone()),
+        };
         Ok::<_, ConfigError>(TenantPolicy {
             default_provider,
             allowed,
             platform_fallback,
             passthrough,
+            failover,
         })
     };
     let defaults = policy("defaults", &file.defaults, None)?;
@@ -1058,5 +1158,69 @@ mod tests {
         assert!(!valid_tenant_id(""));
         assert!(!valid_tenant_id("a b"));
         assert!(!valid_tenant_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn failover_chains_resolve_and_check_the_wire_format() {
+        let c = parse(
+            "defaults: { failover: { openai: [openrouter, platform] } }\n\
+             tenants:\n  acme: { failover: { anthropic: [platform] } }\n  solo: { failover: {} }\n",
+        )
+        .unwrap();
+        let (o, r, a) = (
+            c.provider_index("openai").unwrap(),
+            c.provider_index("openrouter").unwrap(),
+            c.provider_index("anthropic").unwrap(),
+        );
+        let other = c.policy("other");
+        assert_eq!(
+            other.failover_of(o),
+            [FailoverStep::Provider(r), FailoverStep::Platform]
+        );
+        assert!(other.failover_of(a).is_empty());
+        // A tenant's map replaces the defaults' whole.
+        assert!(c.policy("acme").failover_of(o).is_empty());
+        assert_eq!(c.policy("acme").failover_of(a), [FailoverStep::Platform]);
+        assert!(c.policy("solo").failover_of(o).is_empty());
+        // OpenAI-compatible kinds pair; ollama speaks the OpenAI API too.
+        assert!(parse("defaults: { failover: { openai: [ollama, groq] } }\n").is_ok());
+        for (y, want) in [
+            (
+                "defaults: { failover: { openai: [anthropic] } }\n",
+                "same wire format",
+            ),
+            (
+                "defaults: { failover: { openai: [azure] } }\n",
+                "unknown provider",
+            ),
+            ("defaults: { failover: { openai: [openai] } }\n", "itself"),
+            (
+                "defaults: { failover: { openai: [nope] } }\n",
+                "unknown provider `nope`",
+            ),
+            (
+                "defaults: { failover: { nope: [platform] } }\n",
+                "unknown provider `nope`",
+            ),
+            (
+                "defaults: { failover: { openai: [platform, platform] } }\n",
+                "twice",
+            ),
+            (
+                "defaults: { allowed_providers: [openai], failover: { openai: [groq] } }\n",
+                "allowed_providers",
+            ),
+        ] {
+            let err = parse(y).unwrap_err().to_string();
+            assert!(err.contains(want), "{y}: {err}");
+            assert!(err.contains(".failover."), "{y}: {err}");
+        }
+        let azure = "providers: { azure: { base_url: \"https://x.openai.azure.com\" } }\n";
+        let err = parse(&format!(
+            "{azure}defaults: {{ failover: {{ azure: [openai] }} }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("azure wire format"), "{err}");
     }
 }
