@@ -491,3 +491,32 @@ async fn a_body_over_the_inspection_bound_gets_one_attempt() {
     let got = h.chat(CHAT).await;
     assert_eq!((got.status.as_u16(), attempts(&got)), (200, "2"));
 }
+
+#[tokio::test]
+async fn a_timeout_before_the_headers_fails_over() {
+    let h = Harness::new(
+        None,
+        None,
+        "limits: { first_byte_timeout: 300ms }\ntenants:\n  acme: { failover: { openai: [openrouter] } }\n",
+        &[("acme", "openai", "sk-slow2s-7777777777777777"), ("acme", "openrouter", ROUTER_KEY)],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let got = h.chat(CHAT).await;
+    assert_eq!((got.status.as_u16(), attempts(&got)), (200, "2"));
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(auth(&h.router.last()), format!("Bearer {ROUTER_KEY}"));
+    let m = h.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_upstream_errors_total",
+            &["provider=\"openai\"", "kind=\"timeout\""]
+        ),
+        Some(1.0)
+    );
+}

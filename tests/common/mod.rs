@@ -229,12 +229,16 @@ async fn fake_respond(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     // Per-key behaviour, for failover tests (a client header would apply to every attempt):
-    // a key containing `rate429` is rate-limited, one containing `fail503` hits an outage.
+    // a key containing `rate429` is rate-limited, one containing `fail503` hits an outage,
+    // one containing `slow2s` answers after two seconds.
     let auth: String = ["authorization", "x-api-key", "x-goog-api-key", "api-key"]
         .iter()
         .filter_map(|n| h.get(*n))
         .map(|v| v.to_str().unwrap_or(""))
         .collect();
+    if auth.contains("slow2s") {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     if auth.contains("rate429") {
         let mut r = full(
             429,
