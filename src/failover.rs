@@ -85,6 +85,11 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.candidates.is_empty()
     }
+
+    /// The key of the first attempt (benches and diagnostics).
+    pub fn first_record(&self) -> Option<&Arc<KeyRecord>> {
+        self.candidates.first()?.record.as_ref()
+    }
 }
 
 /// Builds the plan for `tenant` on provider `idx`. No usable key for the routed provider is
