@@ -520,3 +520,28 @@ async fn a_timeout_before_the_headers_fails_over() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn a_5xx_on_one_pooled_key_is_retried_on_the_next_key_without_a_chain() {
+    let h = Harness::new(
+        None,
+        None,
+        "",
+        &[("acme", "openai", KEY_503), ("acme", "openai", KEY_B)],
+    )
+    .await;
+    // Two requests: at least one starts on the failing key and is answered by the other.
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let got = h.chat(CHAT).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        answers.push(attempts(&got).to_string());
+    }
+    assert!(answers.contains(&"2".to_string()), "{answers:?}");
+    assert!(
+        h.up.seen()
+            .iter()
+            .all(|s| [format!("Bearer {KEY_503}"), format!("Bearer {KEY_B}")].contains(&auth(s)))
+    );
+    assert!(h.router.seen().is_empty());
+}
