@@ -58,6 +58,20 @@ fn setup() -> (tempfile::TempDir, Arc<Config>, Keyring, String) {
         ))
         .unwrap();
     }
+    // tenant-7 holds a pool of two keys.
+    rt.block_on(manage::add_key(
+        store.as_ref(),
+        kms.as_ref(),
+        &audit,
+        NewKey {
+            tenant: "tenant-7",
+            provider: &openai,
+            secret: &PlainKey::new("sk-bench-second-abcdefghijklmnop".into()),
+            label: None,
+            expires_in: None,
+        },
+    ))
+    .unwrap();
     let (token, _) = rt
         .block_on(manage::new_token(store.as_ref(), &audit, "tenant-500"))
         .unwrap();
@@ -141,6 +155,35 @@ fn bench(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    // The credential step as the pipeline runs it: plan the attempts (key pool, failover
+    // chain), then the chosen key's plaintext from the warm cache.
+    for (name, tenant) in [
+        ("credential/plan+resolve, one key", "tenant-500"),
+        ("credential/plan+resolve, pool of two keys", "tenant-7"),
+    ] {
+        ready(keyring.credential(tenant, &openai, false, RequestId::new())).unwrap();
+        let idx = cfg.provider_index("openai").unwrap();
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let plan = byokd::failover::plan(
+                    &keyring,
+                    &cfg,
+                    cfg.policy(tenant),
+                    black_box(tenant),
+                    idx,
+                )
+                .unwrap();
+                let first = plan.first_record().unwrap().clone();
+                ready(keyring.resolve(
+                    first,
+                    byokd::keys::KeySource::Tenant,
+                    &openai,
+                    RequestId::new(),
+                ))
+                .unwrap()
+            })
+        });
+    }
     c.bench_function("request_parts_clone (baseline for rewrite)", |b| {
         b.iter(|| black_box(by_header.clone()))
     });

@@ -372,11 +372,31 @@ pub struct TenantPolicy {
     /// Rate limits of (tenant, provider index), checked on top of the tenant's.
     pub provider_limits: Vec<(usize, Arc<crate::policy::LimitSpec>)>,
     pub budget: Option<crate::policy::BudgetSpec>,
+    /// `failover`: per source provider index, what to try after its keys failed. Empty for
+    /// most tenants, so the lookup is a scan of nothing.
+    pub failover: Arc<[(usize, Box<[FailoverStep]>)]>,
+}
+
+/// One step of a failover chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverStep {
+    /// Another provider (index into [`Config::providers`]) with the tenant's key for it.
+    Provider(usize),
+    /// The `_platform` tenant's key for the source provider.
+    Platform,
 }
 
 impl TenantPolicy {
     pub fn allows(&self, provider: usize) -> bool {
         provider < 64 && self.allowed & (1u64 << provider) != 0
+    }
+
+    /// The failover chain of `provider`; empty when none is configured.
+    pub fn failover_of(&self, provider: usize) -> &[FailoverStep] {
+        self.failover
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map_or(&[], |(_, steps)| steps)
     }
 }
 
@@ -486,6 +506,80 @@ pub fn valid_tenant_id(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
+/// Wire formats a request can move between unchanged: the same kind, or two kinds that
+/// speak the OpenAI API (Azure has its own paths and auth, so it pairs only with Azure).
+fn same_wire(a: ProviderKind, b: ProviderKind) -> bool {
+    let openai_like = |k| matches!(k, ProviderKind::OpenAi | ProviderKind::Ollama);
+    a == b || (openai_like(a) && openai_like(b))
+}
+
+/// Resolves `failover: { source: [target, ...] }` into provider indexes; the error is
+/// (field, message).
+#[allow(clippy::type_complexity)]
+fn failover_chains(
+    field: &str,
+    map: &BTreeMap<String, Vec<String>>,
+    providers: &[Provider],
+    allowed: u64,
+) -> Result<Arc<[(usize, Box<[FailoverStep]>)]>, (String, String)> {
+    let index = |name: &str| providers.iter().position(|p| &*p.name == name);
+    let mut out = Vec::new();
+    for (source, targets) in map {
+        let f = format!("{field}.failover.{source}");
+        let src =
+            index(source).ok_or_else(|| (f.clone(), format!("unknown provider `{source}`")))?;
+        let mut steps: Vec<FailoverStep> = Vec::new();
+        for t in targets {
+            let step = if t == "platform" {
+                FailoverStep::Platform
+            } else {
+                let i = index(t).ok_or_else(|| {
+                    (
+                        f.clone(),
+                        format!("unknown provider `{t}`; a step is a provider name or `platform`"),
+                    )
+                })?;
+                let (a, b) = (&providers[src], &providers[i]);
+                if i == src {
+                    return Err((
+                        f,
+                        format!(
+                            "`{t}` fails over to itself; its other keys are tried anyway, and `platform` adds the platform key"
+                        ),
+                    ));
+                }
+                if !same_wire(a.kind, b.kind) {
+                    return Err((
+                        f,
+                        format!(
+                            "`{source}` speaks the {} wire format and `{t}` speaks {}: failover needs the same wire format (the same kind, or two OpenAI-compatible kinds: openai, ollama)",
+                            a.kind.as_str(),
+                            b.kind.as_str()
+                        ),
+                    ));
+                }
+                if i >= 64 || allowed & (1u64 << i) == 0 {
+                    return Err((
+                        f,
+                        format!(
+                            "`{t}` is not in allowed_providers: failover never reaches a provider the tenant may not use"
+                        ),
+                    ));
+                }
+                FailoverStep::Provider(i)
+            };
+            if steps.contains(&step) {
+                return Err((f, format!("`{t}` is listed twice")));
+            }
+            steps.push(step);
+        }
+        if !steps.is_empty() {
+            out.push((src, steps.into_boxed_slice()));
+        }
+    }
+    Ok(out.into())
+}
+
 fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     let invalid = |field: &str, message: String| ConfigError::Invalid {
         path: path.to_path_buf(),
@@ -499,12 +593,6 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         } else {
             base_dir.join(p)
         }
-    };
-    let not_yet = |field: &str| {
-        invalid(
-            field,
-            "not available in this version of byokd yet (see the roadmap in README.md)".into(),
-        )
     };
     let tls = file.tls.as_ref().map(|t| crate::tls::TlsFiles {
         cert: resolve(&t.cert),
@@ -649,11 +737,6 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         let passthrough = pf
             .passthrough
             .unwrap_or_else(|| base.is_some_and(|b| b.passthrough));
-        for (k, present) in [("failover", pf.failover.is_some())] {
-            if present {
-                return Err(not_yet(&format!("{field}.{k}")));
-            }
-        }
         let fail_mode = |f: &str, v: Option<&str>, default| match v {
             None => Ok(default),
             Some("fail_open") => Ok(crate::policy::FailMode::Open),
@@ -772,6 +855,12 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 })
             }
         };
+        let failover = match &pf.failover {
+            Some(map) => {
+                failover_chains(field, map, &providers, allowed).map_err(|(f, m)| invalid(&f, m))?
+            }
+            None => base.map_or_else(|| Arc::from([]), |b| b.failover.clone()),
+        };
         Ok::<_, ConfigError>(TenantPolicy {
             default_provider,
             allowed,
@@ -780,6 +869,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             limits,
             provider_limits,
             budget,
+            failover,
         })
     };
     let defaults = policy("defaults", &file.defaults, None)?;
@@ -1177,10 +1267,30 @@ mod tests {
     }
 
     #[test]
-    fn planned_keys_are_refused_not_ignored() {
-        let y = "defaults: { failover: { openai: [mistral] } }\n";
-        let err = parse(y).unwrap_err().to_string();
-        assert!(err.contains("not available in this version"), "{y}: {err}");
+    fn policy_blocks_parse_and_inherit() {
+        let c = parse(
+            "defaults:\n  limits: { requests_per_minute: 60, providers: { anthropic: { concurrent: 2 } } }\n  budget: { monthly_usd: 500, alert_at: 0.8 }\n\
+             tenants:\n  acme: { limits: { concurrent: 4 }, budget: { monthly_usd: 2000, on_exhausted: cut } }\n",
+        )
+        .unwrap();
+        let acme = c.policy("acme");
+        let l = acme.limits.as_deref().unwrap();
+        assert_eq!((l.requests_per_minute, l.concurrent), (Some(60), Some(4)));
+        assert_eq!(acme.provider_limits.len(), 1);
+        let b = acme.budget.as_ref().unwrap();
+        assert_eq!(
+            (b.monthly_nanos, b.alert_at, b.cut),
+            (2_000_000_000_000, Some(0.8), true)
+        );
+        assert_eq!(b.on_shared_state_error, crate::policy::FailMode::Closed);
+        for bad in [
+            "defaults: { limits: { requests_per_minute: 0 } }\n",
+            "defaults: { budget: { monthly_usd: -1 } }\n",
+            "defaults: { budget: { monthly_usd: 5, on_exhausted: later } }\n",
+            "shared_state: { redis: { url: \"rediss://x\" } }\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -1230,5 +1340,69 @@ mod tests {
         assert!(!valid_tenant_id(""));
         assert!(!valid_tenant_id("a b"));
         assert!(!valid_tenant_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn failover_chains_resolve_and_check_the_wire_format() {
+        let c = parse(
+            "defaults: { failover: { openai: [openrouter, platform] } }\n\
+             tenants:\n  acme: { failover: { anthropic: [platform] } }\n  solo: { failover: {} }\n",
+        )
+        .unwrap();
+        let (o, r, a) = (
+            c.provider_index("openai").unwrap(),
+            c.provider_index("openrouter").unwrap(),
+            c.provider_index("anthropic").unwrap(),
+        );
+        let other = c.policy("other");
+        assert_eq!(
+            other.failover_of(o),
+            [FailoverStep::Provider(r), FailoverStep::Platform]
+        );
+        assert!(other.failover_of(a).is_empty());
+        // A tenant's map replaces the defaults' whole.
+        assert!(c.policy("acme").failover_of(o).is_empty());
+        assert_eq!(c.policy("acme").failover_of(a), [FailoverStep::Platform]);
+        assert!(c.policy("solo").failover_of(o).is_empty());
+        // OpenAI-compatible kinds pair; ollama speaks the OpenAI API too.
+        assert!(parse("defaults: { failover: { openai: [ollama, groq] } }\n").is_ok());
+        for (y, want) in [
+            (
+                "defaults: { failover: { openai: [anthropic] } }\n",
+                "same wire format",
+            ),
+            (
+                "defaults: { failover: { openai: [azure] } }\n",
+                "unknown provider",
+            ),
+            ("defaults: { failover: { openai: [openai] } }\n", "itself"),
+            (
+                "defaults: { failover: { openai: [nope] } }\n",
+                "unknown provider `nope`",
+            ),
+            (
+                "defaults: { failover: { nope: [platform] } }\n",
+                "unknown provider `nope`",
+            ),
+            (
+                "defaults: { failover: { openai: [platform, platform] } }\n",
+                "twice",
+            ),
+            (
+                "defaults: { allowed_providers: [openai], failover: { openai: [groq] } }\n",
+                "allowed_providers",
+            ),
+        ] {
+            let err = parse(y).unwrap_err().to_string();
+            assert!(err.contains(want), "{y}: {err}");
+            assert!(err.contains(".failover."), "{y}: {err}");
+        }
+        let azure = "providers: { azure: { base_url: \"https://x.openai.azure.com\" } }\n";
+        let err = parse(&format!(
+            "{azure}defaults: {{ failover: {{ azure: [openai] }} }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("azure wire format"), "{err}");
     }
 }

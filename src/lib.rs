@@ -7,7 +7,8 @@
 //!
 //! [`pipeline`] runs the steps in that order over one request; [`error`] maps every step's
 //! error to HTTP in one place; [`server`] assembles a running instance from a [`config::Config`];
-//! [`admin`] serves metrics and health; [`provider`] knows each provider's wire format.
+//! [`admin`] serves metrics and health; [`provider`] knows each provider's wire format;
+//! [`failover`] plans and runs a request's upstream attempts over [`pool`]ed keys.
 
 pub mod accept;
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod audit;
 pub mod config;
 pub mod cut;
 pub mod error;
+pub mod failover;
 pub mod forward;
 pub mod identify;
 pub mod keys;
@@ -24,6 +26,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod pool;
 pub mod pricing;
 pub mod provider;
 pub mod rewrite;

@@ -91,6 +91,9 @@ enum KeysCmd {
         tenant: String,
         #[arg(long)]
         provider: String,
+        /// Which key, when the tenant holds several for the provider (a key pool).
+        #[arg(long)]
+        key_id: Option<String>,
         #[arg(long)]
         verify: bool,
     },
@@ -302,12 +305,28 @@ async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
         KeysCmd::Rotate {
             tenant,
             provider: name,
+            key_id,
             verify: check,
         } => {
             let p = provider(&cfg, &name)?;
-            let current = manage::active_key(store, &tenant, &name)
-                .await?
-                .with_context(|| format!("tenant {tenant} has no active {name} key to rotate"))?;
+            let mut pool = manage::active_keys(store, &tenant, &name).await?;
+            // With a key pool, rotating "the" key would silently pick one: name it instead.
+            let current = match key_id {
+                Some(id) => pool.into_iter().find(|r| r.id == id).with_context(|| {
+                    format!("tenant {tenant} has no active {name} key with id {id}")
+                })?,
+                None if pool.len() > 1 => {
+                    let ids: Vec<&str> = pool.iter().map(|r| r.id.as_str()).collect();
+                    anyhow::bail!(
+                        "tenant {tenant} has {} active {name} keys (a key pool): name one with --key-id ({})",
+                        pool.len(),
+                        ids.join(", ")
+                    );
+                }
+                None => pool.pop().with_context(|| {
+                    format!("tenant {tenant} has no active {name} key to rotate")
+                })?,
+            };
             let secret = read_secret()?;
             manage::check_new_key(&tenant, &p, secret.expose().trim())?;
             if check {

@@ -15,21 +15,25 @@ use crate::accept::Peer;
 use crate::admit::admit;
 use crate::config::{Config, IdentitySource};
 use crate::error::{CredentialError, ErrorChain, LimitError, ProxyError};
+use crate::failover::Payload;
 use crate::forward::{IdleTimeout, Upstream};
 use crate::identify::{identify, user_key};
 use crate::keys::{KeySource, Keyring};
 use crate::metrics::{Metrics, Recorder};
+use crate::pool::Leased;
 use crate::provider::{ErrorShape, Provider};
-use crate::rewrite::{rewrite, strip_hop_by_hop, strip_own_headers};
+use crate::rewrite::{strip_hop_by_hop, strip_own_headers};
 use crate::route::{Target, check_method, route};
 use crate::stream_usage::{
-    BodyKind, Peeked, RequestBody, StripUsage, add_include_usage, read_bounded, speech_characters,
+    BodyKind, Peeked, RequestBody, StripUsage, read_bounded, speech_characters,
 };
 use crate::usage::{Capability, MeteredBody, scanner_for_capability};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
-pub type ProxyBody =
-    Either<StripUsage<MeteredBody<crate::cut::CutBody<IdleTimeout<Incoming>>>>, Full<Bytes>>;
+pub type ProxyBody = Either<
+    StripUsage<MeteredBody<crate::cut::CutBody<Leased<IdleTimeout<Incoming>>>>>,
+    Full<Bytes>,
+>;
 
 /// A short random id per request, for logs and error messages; formatted only when used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +87,8 @@ struct RequestCtx {
     shape: ErrorShape,
     tenant: Option<Arc<str>>,
     provider: Option<Arc<Provider>>,
+    /// Upstream attempts made so far (failover), for `x-byokd-attempts`.
+    progress: crate::failover::Progress,
 }
 
 /// Everything a request needs, built once at start.
@@ -135,6 +141,7 @@ impl Proxy {
             shape: ErrorShape::OpenAi,
             tenant: None,
             provider: None,
+            progress: Default::default(),
         };
         match self.run(req, peer, &mut ctx).await {
             Ok(resp) => resp,
@@ -157,8 +164,14 @@ impl Proxy {
                 status = e.status().as_u16(), error = e.code(), detail = %ErrorChain(e),
             ),
         }
-        e.to_response(ctx.shape, &ctx.id.to_string())
-            .map(Either::Right)
+        let mut resp = e.to_response(ctx.shape, &ctx.id.to_string());
+        if ctx.progress.attempts > 0 {
+            resp.headers_mut().insert(
+                crate::failover::ATTEMPTS_HEADER,
+                crate::failover::attempts_value(ctx.progress.attempts),
+            );
+        }
+        resp.map(Either::Right)
     }
 
     async fn run(
@@ -168,7 +181,7 @@ impl Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let cfg = &*self.config;
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
 
         // route: pure path parsing; it also fixes the error shape the app's SDK expects.
         check_method(&parts.method)?;
@@ -204,34 +217,21 @@ impl Proxy {
             return Err(LimitError::BodyTooLarge(max_body).into());
         }
 
-        // credential: the end user's own key if sent (and allowed), else the stored one.
-        let credential = match user_key(cfg, &parts.headers) {
-            Some((for_provider, key)) => {
-                Some(user_credential(policy, &provider, for_provider, key)?)
-            }
-            None => {
-                self.keyring
-                    .credential(&tenant, &provider, policy.platform_fallback, ctx.id)
-                    .await?
-            }
+        // credential: the end user's own key if sent (and allowed), else the tenant's key
+        // pool and failover chain; each attempt below decrypts the key it uses.
+        let plan = match user_key(cfg, &parts.headers) {
+            Some((for_provider, key)) => crate::failover::Plan::given(
+                idx,
+                user_credential(policy, &provider, for_provider, key)?,
+            ),
+            None => crate::failover::plan(&self.keyring, cfg, policy, &tenant, idx)?,
         };
-        if let Some(c) = credential.as_ref().filter(|c| c.source != KeySource::User) {
-            self.metrics
-                .key_lookup(&tenant, &provider.name, c.decrypted);
-        }
 
-        // rewrite
-        rewrite(
-            &mut parts,
-            &provider,
-            &route,
-            credential.as_ref(),
-            &self.tenant_headers,
-        )?;
-
-        // forward. Request bodies stream; two kinds are read first, whole and only up to
-        // MAX_INSPECTED_BODY: OpenAI-wire streaming chat (to ask for usage) and text-to-speech
-        // (whose billed unit is the request's `input`).
+        // forward. Request bodies stream; they are read first, whole and only up to
+        // MAX_INSPECTED_BODY, when byokd must look inside (OpenAI-wire streaming chat, to ask
+        // for usage; text-to-speech, whose billed unit is the request's `input`) or may have
+        // to send them again (a second key or a failover chain). A larger body gets a
+        // single attempt.
         let limited = Limited::new(body, max_body as usize);
         let is_post = parts.method == http::Method::POST;
         // Every billed call is a POST; a GET of the same path lists or fetches stored objects.
@@ -240,49 +240,41 @@ impl Proxy {
         } else {
             Capability::Other
         };
-        let chat_stream_usage =
-            provider.stream_usage && is_post && parts.uri.path().ends_with("/chat/completions");
+        let chat_path = is_post && parts.uri.path().ends_with("/chat/completions");
         let speech = is_post && capability == Capability::Speech;
         // A budget reserves the request's worst case before it leaves: its model and output
         // cap come from the body, read under the same bound.
         let budgeted = is_post && policy.budget.is_some();
         let mut characters = 0;
         let mut estimate = (declared_length(&parts.headers).unwrap_or(0), None, None);
-        let (mut req_body, asked_usage) = if chat_stream_usage || speech || budgeted {
-            let peeked = read_bounded(limited).await.map_err(|e| {
-                if crate::forward::body_too_large(e.as_ref()) {
-                    LimitError::BodyTooLarge(max_body)
-                } else {
-                    LimitError::ClientClosed
-                }
-            })?;
-            if let (true, Peeked::Whole(b)) = (budgeted, &peeked) {
-                estimate = (
-                    b.len() as u64,
-                    crate::policy::max_tokens(b),
-                    crate::policy::body_model(b),
-                );
-            }
-            match peeked {
-                Peeked::Whole(b) if speech => {
-                    characters = speech_characters(&b);
-                    (RequestBody::whole(b), false)
-                }
-                Peeked::Whole(b) if !chat_stream_usage => (RequestBody::whole(b), false),
-                Peeked::Whole(b) => match add_include_usage(&b) {
-                    Some(edited) => {
-                        parts
-                            .headers
-                            .insert(header::CONTENT_LENGTH, edited.len().into());
-                        (RequestBody::whole(Bytes::from(edited)), true)
+        let payload =
+            if (chat_path && provider.stream_usage) || speech || plan.can_retry() || budgeted {
+                let peeked = read_bounded(limited).await.map_err(|e| {
+                    if crate::forward::body_too_large(e.as_ref()) {
+                        LimitError::BodyTooLarge(max_body)
+                    } else {
+                        LimitError::ClientClosed
                     }
-                    None => (RequestBody::whole(b), false),
-                },
-                Peeked::Partial(rb) => (rb, false),
-            }
-        } else {
-            (RequestBody::streaming(limited), false)
-        };
+                })?;
+                if let (true, Peeked::Whole(b)) = (budgeted, &peeked) {
+                    estimate = (
+                        b.len() as u64,
+                        crate::policy::max_tokens(b),
+                        crate::policy::body_model(b),
+                    );
+                }
+                match peeked {
+                    Peeked::Whole(b) => {
+                        if speech {
+                            characters = speech_characters(&b);
+                        }
+                        Payload::whole(b, chat_path)
+                    }
+                    Peeked::Partial(rb) => Payload::Once(Some(rb)),
+                }
+            } else {
+                Payload::Once(Some(RequestBody::streaming(limited)))
+            };
         let mut cut_plan = None;
         if let (Some(budget), Some(admission)) = (&policy.budget, admission.as_mut()) {
             let (len, max_out, model) = estimate;
@@ -311,28 +303,36 @@ impl Proxy {
             }
         }
         let request_model = Arc::new(std::sync::OnceLock::new());
-        if let Some(kind) = BodyKind::of(
+        let body_kind = BodyKind::of(
             parts
                 .headers
                 .get(header::CONTENT_TYPE)
                 .map(|v| v.as_bytes()),
-        ) {
-            req_body.tap_model(kind, request_model.clone());
-        }
-        let upstream_req = Request::from_parts(parts, req_body);
-        self.metrics.overhead(ctx.started);
-        let resp = match self.upstream.send(upstream_req).await {
-            Ok(r) => r,
-            Err(e) => {
-                let kind = match e.kind() {
-                    crate::error::Code::UpstreamTimeout => "timeout",
-                    crate::error::Code::BodyTooLarge => "body_too_large",
-                    _ => "connect",
-                };
-                self.metrics.upstream_error(&provider.name, kind);
-                return Err(e);
-            }
+        );
+        let attempts = crate::failover::Attempts {
+            cfg,
+            keyring: &self.keyring,
+            metrics: &self.metrics,
+            upstream: &self.upstream,
+            route: &route,
+            tenant: &tenant,
+            tenant_headers: &self.tenant_headers,
+            request_id: ctx.id,
+            started: ctx.started,
+            body_kind,
+            request_model: request_model.clone(),
         };
+        let outcome = attempts.run(plan, parts, payload, &mut ctx.progress).await;
+        if let Some(i) = ctx.progress.provider {
+            ctx.provider = Some(cfg.providers[i].clone());
+        }
+        let done = outcome?;
+        let (idx, provider, asked_usage) = (
+            done.provider,
+            cfg.providers[done.provider].clone(),
+            done.asked_usage,
+        );
+        let resp = done.response;
         self.metrics.first_byte(idx, ctx.started);
 
         // meter + record: the body streams through; usage is recorded when it ends.
@@ -366,7 +366,7 @@ impl Proxy {
             status: rparts.status,
             started: ctx.started,
             request_id: ctx.id,
-            key_source: credential.as_ref().map_or(KeySource::None, |c| c.source),
+            key_source: done.source,
             price: None,
             capability,
             request_model,
@@ -386,13 +386,18 @@ impl Proxy {
             // The app never asked for usage, so its stream must not carry any.
             rparts.headers.remove(header::CONTENT_LENGTH);
         }
+        rparts.headers.insert(
+            crate::failover::ATTEMPTS_HEADER,
+            crate::failover::attempts_value(ctx.progress.attempts),
+        );
         // Only an event stream can be cut cleanly; a JSON body is whole or nothing.
         let sse = rparts.status.is_success()
             && rparts
                 .headers
                 .get(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let rbody = crate::cut::CutBody::new(rbody, cut_plan.filter(|_| sse));
+        let rbody =
+            crate::cut::CutBody::new(Leased::new(rbody, done.lease), cut_plan.filter(|_| sse));
         let body = StripUsage::new(MeteredBody::new(rbody, scanner, recorder), strip);
         Ok(Response::from_parts(rparts, Either::Left(body)))
     }

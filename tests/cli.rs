@@ -398,4 +398,39 @@ async fn keys_add_and_rotate_verify_the_key_live_first() {
         out.status.success() && text.contains("v2 (v1 retired)"),
         "{text}"
     );
+    // A second key makes a pool: rotation must name which key.
+    let out = tokio::task::spawn_blocking(add("sk-good-second-0123456789ab"))
+        .await
+        .unwrap();
+    let second = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let out = tokio::task::spawn_blocking(rotate("sk-good-rotation-22222222222"))
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an ambiguous rotation went through");
+    assert!(err.contains("--key-id") && err.contains(&second), "{err}");
+    let out = byokd(
+        &cfg,
+        &[
+            "keys",
+            "rotate",
+            "--tenant",
+            "acme",
+            "--provider",
+            "openai",
+            "--key-id",
+            &second,
+        ],
+        Some("sk-good-rotation-33333333333"),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with(&second) && text.contains("v2 (v1 retired)"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -329,7 +329,9 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
         .output()
         .unwrap();
     for k in String::from_utf8_lossy(&keys.stdout).lines() {
-        let _ = Command::new("redis-cli").args(["-p", "6379", "DEL", k]).output();
+        let _ = Command::new("redis-cli")
+            .args(["-p", "6379", "DEL", k])
+            .output();
     }
 }
 

@@ -146,6 +146,28 @@ pub async fn active_key(
         .max_by_key(|r| r.version))
 }
 
+/// Every active key of `tenant` for `provider` (a key pool), the newest version of each id.
+pub async fn active_keys(
+    store: &dyn KeyStore,
+    tenant: &str,
+    provider: &str,
+) -> Result<Vec<KeyRecord>, KeyError> {
+    let d = store.load().await?;
+    let mut out: Vec<KeyRecord> = Vec::new();
+    for r in d
+        .keys
+        .into_iter()
+        .filter(|r| r.tenant == tenant && r.provider == provider && r.state == KeyState::Active)
+    {
+        match out.iter_mut().find(|o| o.id == r.id) {
+            Some(o) if o.version < r.version => *o = r,
+            Some(_) => {}
+            None => out.push(r),
+        }
+    }
+    Ok(out)
+}
+
 /// A new secret for `key_id` as version n+1, active at once; the old version is retired.
 pub async fn rotate_key(
     store: &dyn KeyStore,

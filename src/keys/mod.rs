@@ -163,6 +163,8 @@ pub struct Keyring {
     store: Arc<dyn KeyStore>,
     inner: Arc<Shared_>,
     policy: CachePolicy,
+    /// In-flight counts and 429 cooldowns of pooled keys (see `pool`).
+    pools: crate::pool::KeyPools,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -200,7 +202,12 @@ impl Keyring {
                 epoch: Instant::now(),
             }),
             policy,
+            pools: crate::pool::KeyPools::default(),
         }
+    }
+
+    pub fn pools(&self) -> &crate::pool::KeyPools {
+        &self.pools
     }
 
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
@@ -238,6 +245,8 @@ impl Keyring {
         self.inner
             .cache
             .retain(|id, e| usable.contains(&(&**id, e.version)));
+        let ids: std::collections::HashSet<&str> = usable.iter().map(|(id, _)| *id).collect();
+        self.pools.retain(|id| ids.contains(id));
     }
 
     /// Reloads from the store now (after a management call made here), instead of waiting
@@ -281,6 +290,19 @@ impl Keyring {
                 Ok(None)
             };
         };
+        self.resolve(record, source, provider, request_id)
+            .await
+            .map(Some)
+    }
+
+    /// The plaintext of a chosen record: from the cache, or decrypted once (single flight).
+    pub async fn resolve(
+        &self,
+        record: Arc<KeyRecord>,
+        source: KeySource,
+        provider: &Provider,
+        request_id: crate::pipeline::RequestId,
+    ) -> Result<Credential, CredentialError> {
         let stale = match self.inner.cache.get(record.id.as_str()) {
             Some(e)
                 if e.version == record.version
@@ -289,12 +311,12 @@ impl Keyring {
             {
                 let age = e.fetched.elapsed();
                 if age < self.policy.ttl {
-                    return Ok(Some(Credential {
+                    return Ok(Credential {
                         value: e.value.clone(),
                         record: Some(record),
                         source,
                         decrypted: false,
-                    }));
+                    });
                 }
                 (age < self.policy.ttl + self.policy.stale_ttl).then(|| e.value.clone())
             }
@@ -309,22 +331,22 @@ impl Keyring {
             .fetch(&record, provider.auth_header().1, request_id, reason)
             .await
         {
-            Ok((value, decrypted)) => Ok(Some(Credential {
+            Ok((value, decrypted)) => Ok(Credential {
                 value,
                 record: Some(record),
                 source,
                 decrypted,
-            })),
+            }),
             Err(e) => match stale {
                 // The KMS is down or slow, not the record bad: keep serving what we had.
                 Some(value) if e.transient() => {
                     tracing::warn!(key_id = %record.id, error = %e, "KMS unavailable; serving a stale cached key");
-                    Ok(Some(Credential {
+                    Ok(Credential {
                         value,
                         record: Some(record),
                         source,
                         decrypted: false,
-                    }))
+                    })
                 }
                 _ => Err(CredentialError::Unavailable {
                     retry_after: self.retry_after(),

@@ -383,6 +383,28 @@ impl Snapshot {
             .iter()
             .find(|r| r.provider == provider && r.usable(now))
     }
+
+    /// Every usable key of `tenant` for `provider` (a key pool): the newest version of each
+    /// key id, newest key first. A tenant usually has one, so this allocates nothing until
+    /// the caller collects.
+    pub fn keys_for<'a>(
+        &'a self,
+        tenant: &str,
+        provider: &'a str,
+        now: i64,
+    ) -> impl Iterator<Item = &'a Arc<KeyRecord>> + 'a {
+        let keys: &'a [Arc<KeyRecord>] = self.tenants.get(tenant).map_or(&[], |t| &t.keys);
+        keys.iter().enumerate().filter_map(move |(i, r)| {
+            let usable = r.provider == provider && r.usable(now);
+            // Two active versions of one id are one key: only the newest (listed first) counts.
+            let shadowed = || {
+                keys[..i]
+                    .iter()
+                    .any(|o| o.id == r.id && o.provider == provider && o.usable(now))
+            };
+            (usable && !shadowed()).then_some(r)
+        })
+    }
 }
 
 /// What `keys list --json` and the admin API show of a record: masked form and metadata,

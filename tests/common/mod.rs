@@ -228,6 +228,33 @@ async fn fake_respond(
     if let Some(ms) = header_num(h, "x-fake-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    // Per-key behaviour, for failover tests (a client header would apply to every attempt):
+    // a key containing `rate429` is rate-limited, one containing `fail503` hits an outage,
+    // one containing `slow2s` answers after two seconds.
+    let auth: String = ["authorization", "x-api-key", "x-goog-api-key", "api-key"]
+        .iter()
+        .filter_map(|n| h.get(*n))
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    if auth.contains("slow2s") {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if auth.contains("rate429") {
+        let mut r = full(
+            429,
+            "application/json",
+            r#"{"error":{"message":"Rate limit reached for requests","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+        );
+        r.headers_mut().insert("retry-after", "2".parse().unwrap());
+        return r;
+    }
+    if auth.contains("fail503") {
+        return full(
+            503,
+            "application/json",
+            r#"{"error":{"message":"The server is overloaded","type":"server_error"}}"#,
+        );
+    }
     if let Some(status) = header_num(h, "x-fake-status") {
         return full(
             status as u16,

@@ -1,0 +1,537 @@
+//! Failover: which keys and providers a request may try, in order, and the attempt loop of
+//! the credential ► rewrite ► forward steps over them.
+//!
+//! The order: the tenant's usable keys for the routed provider (least in-flight first, keys
+//! cooling down after a 429 skipped), then each step of the tenant's `failover` chain (another
+//! provider of the same wire format with the tenant's key for it, or `platform`: the
+//! `_platform` key for the routed provider). An attempt is retried only when nothing went
+//! back to the client yet: on a connect error, a timeout before the response headers, a 429
+//! or a 5xx. The last attempt's answer passes through unchanged.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, request};
+use hyper::body::Incoming;
+
+use crate::config::{Config, FailoverStep, TenantPolicy};
+use crate::error::{Code, CredentialError, ProxyError};
+use crate::forward::{IdleTimeout, Upstream};
+use crate::keys::store::{KeyRecord, Snapshot};
+use crate::keys::{Credential, KeySource, Keyring, PLATFORM_TENANT, unix_now};
+use crate::metrics::Metrics;
+use crate::pipeline::RequestId;
+use crate::pool::{KeyLoad, KeyPools, Lease};
+use crate::provider::Provider;
+use crate::rewrite::rewrite;
+use crate::route::Route;
+use crate::stream_usage::{BodyKind, RequestBody, add_include_usage};
+
+/// Response header: how many upstream attempts the answer took.
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-byokd-attempts");
+
+/// Most upstream attempts one request makes, however many keys and chain steps there are:
+/// a request must not hammer a failing provider through a large pool.
+pub const MAX_ATTEMPTS: usize = 8;
+
+/// One key (or no key) on one provider.
+#[derive(Debug)]
+pub struct Candidate {
+    pub provider: usize,
+    record: Option<Arc<KeyRecord>>,
+    source: KeySource,
+    /// An end user's own key: already a credential, never pooled.
+    given: Option<Credential>,
+    load: Option<Arc<KeyLoad>>,
+}
+
+/// The attempts a request may make, in order. One key and no chain (the usual case) is a
+/// plan of one candidate built without touching the pool state.
+#[derive(Debug)]
+pub struct Plan {
+    candidates: Vec<Candidate>,
+    /// Count the request's key as in flight: it belongs to a pool of several, or other
+    /// attempts may follow.
+    counted: bool,
+}
+
+impl Plan {
+    /// The end user's own key (`passthrough`): one attempt, no failover to keys they did not
+    /// bring.
+    pub fn given(provider: usize, credential: Credential) -> Self {
+        Self {
+            candidates: vec![Candidate {
+                provider,
+                record: None,
+                source: credential.source,
+                given: Some(credential),
+                load: None,
+            }],
+            counted: false,
+        }
+    }
+
+    /// More than one attempt is possible, so the request body must be replayable.
+    pub fn can_retry(&self) -> bool {
+        self.candidates.len() > 1
+    }
+
+    pub fn len(&self) -> usize {
+        self.candidates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.candidates.is_empty()
+    }
+
+    /// The key of the first attempt (benches and diagnostics).
+    pub fn first_record(&self) -> Option<&Arc<KeyRecord>> {
+        self.candidates.first()?.record.as_ref()
+    }
+}
+
+/// Builds the plan for `tenant` on provider `idx`. No usable key for the routed provider is
+/// `no_key` as before failover existed: a chain backs up a failing provider, it does not
+/// stand in for a missing key.
+pub fn plan(
+    keyring: &Keyring,
+    cfg: &Config,
+    policy: &TenantPolicy,
+    tenant: &str,
+    idx: usize,
+) -> Result<Plan, CredentialError> {
+    let now = unix_now();
+    let snap = keyring.snapshot();
+    let provider = &cfg.providers[idx];
+    let chain = policy.failover_of(idx);
+
+    // Fast path: one key and no chain, the usual case: no pool state is touched.
+    if chain.is_empty() {
+        let mut own = snap.keys_for(tenant, &provider.name, now);
+        match (own.next(), own.next()) {
+            (Some(k), None) => return Ok(single(idx, k.clone(), KeySource::Tenant)),
+            (None, _) if policy.platform_fallback => {
+                let mut platform = snap.keys_for(PLATFORM_TENANT, &provider.name, now);
+                if let (Some(k), None) = (platform.next(), platform.next()) {
+                    return Ok(single(idx, k.clone(), KeySource::Platform));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut b = Builder {
+        snap: &snap,
+        pools: keyring.pools(),
+        now,
+        out: Vec::new(),
+        cooled: Vec::new(),
+        pooled: false,
+    };
+    if !b.own_or_platform(tenant, idx, provider, policy.platform_fallback) {
+        if provider.requires_key() {
+            return Err(CredentialError::NoKey(provider.name.to_string()));
+        }
+        b.keyless(idx);
+    }
+    for step in chain {
+        match *step {
+            FailoverStep::Platform => {
+                b.stage(PLATFORM_TENANT, idx, provider, KeySource::Platform);
+            }
+            // A chain inherited from `defaults` may name a provider this tenant's own
+            // allow-list excludes: skipped, since a refused provider is never reached.
+            FailoverStep::Provider(q) if policy.allows(q) => {
+                let p = &cfg.providers[q];
+                if !b.own_or_platform(tenant, q, p, policy.platform_fallback) && !p.requires_key() {
+                    b.keyless(q);
+                }
+            }
+            FailoverStep::Provider(_) => {}
+        }
+    }
+    let Builder {
+        mut out,
+        mut cooled,
+        pooled,
+        ..
+    } = b;
+    if out.is_empty() {
+        // Every key rests: try the one whose cooldown ends first rather than refuse; the
+        // provider's own 429 then passes through if it still objects.
+        cooled.sort_by_key(|(ms, _)| *ms);
+        out.extend(cooled.into_iter().map(|(_, c)| c).take(1));
+    }
+    out.truncate(MAX_ATTEMPTS);
+    let counted = pooled || out.len() > 1;
+    Ok(Plan {
+        candidates: out,
+        counted,
+    })
+}
+
+fn single(provider: usize, record: Arc<KeyRecord>, source: KeySource) -> Plan {
+    Plan {
+        candidates: vec![Candidate {
+            provider,
+            record: Some(record),
+            source,
+            given: None,
+            load: None,
+        }],
+        counted: false,
+    }
+}
+
+struct Builder<'a> {
+    snap: &'a Snapshot,
+    pools: &'a KeyPools,
+    now: i64,
+    out: Vec<Candidate>,
+    /// Keys resting after a 429, with the milliseconds left.
+    cooled: Vec<(u64, Candidate)>,
+    pooled: bool,
+}
+
+impl Builder<'_> {
+    /// Adds `tenant`'s usable keys for provider `idx`, least loaded first; false if it has none.
+    fn stage(&mut self, tenant: &str, idx: usize, provider: &Provider, source: KeySource) -> bool {
+        let records: Vec<&Arc<KeyRecord>> = self
+            .snap
+            .keys_for(tenant, &provider.name, self.now)
+            .collect();
+        if records.is_empty() {
+            return false;
+        }
+        self.pooled |= records.len() > 1;
+        let mut ranked: Vec<_> = records
+            .into_iter()
+            .filter(|r| {
+                let seen = |c: &Candidate| c.record.as_ref().is_some_and(|o| o.id == r.id);
+                !self.out.iter().any(seen) && !self.cooled.iter().any(|(_, c)| seen(c))
+            })
+            .map(|r| {
+                let load = self.pools.load(&r.id);
+                (KeyPools::rank(&load), r.clone(), load)
+            })
+            .collect();
+        // Stable: equal loads keep the store's order (newest key first).
+        ranked.sort_by_key(|(rank, _, _)| *rank);
+        for (_, record, load) in ranked {
+            let cooling = self.pools.cooling_ms(&load);
+            let c = Candidate {
+                provider: idx,
+                record: Some(record),
+                source,
+                given: None,
+                load: Some(load),
+            };
+            if cooling == 0 {
+                self.out.push(c);
+            } else {
+                self.cooled.push((cooling, c));
+            }
+        }
+        true
+    }
+
+    /// The tenant's keys for provider `idx`, else (if its policy allows) the platform's;
+    /// false if neither has one. The same rule as a request without failover.
+    fn own_or_platform(
+        &mut self,
+        tenant: &str,
+        idx: usize,
+        provider: &Provider,
+        fallback: bool,
+    ) -> bool {
+        self.stage(tenant, idx, provider, KeySource::Tenant)
+            || (fallback && self.stage(PLATFORM_TENANT, idx, provider, KeySource::Platform))
+    }
+
+    /// A provider that needs no key (Ollama): one attempt without auth.
+    fn keyless(&mut self, idx: usize) {
+        self.out.push(Candidate {
+            provider: idx,
+            record: None,
+            source: KeySource::None,
+            given: None,
+            load: None,
+        });
+    }
+}
+
+/// The request body, once or replayable.
+pub enum Payload {
+    /// Streamed (or larger than the inspection bound): one attempt only.
+    Once(Option<RequestBody>),
+    /// Read whole (at most `MAX_INSPECTED_BODY`): replayed for each attempt, edited per
+    /// provider when it wants `stream_options.include_usage`.
+    Whole {
+        original: Bytes,
+        /// `add_include_usage(original)`, computed on first need.
+        edited: OnceLock<Option<Bytes>>,
+        /// A POST to `/chat/completions`: the edit applies.
+        chat: bool,
+    },
+}
+
+impl Payload {
+    pub fn whole(original: Bytes, chat: bool) -> Self {
+        Self::Whole {
+            original,
+            edited: OnceLock::new(),
+            chat,
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Self::Whole { .. })
+    }
+
+    /// The body for one attempt at `provider`, and whether byokd asked for usage (so the
+    /// response must be stripped of it).
+    fn body_for(&mut self, provider: &Provider, headers: &mut HeaderMap) -> (RequestBody, bool) {
+        match self {
+            Self::Once(b) => (b.take().unwrap_or_else(RequestBody::empty), false),
+            Self::Whole {
+                original,
+                edited,
+                chat,
+            } => {
+                if *chat && provider.stream_usage {
+                    let e = edited.get_or_init(|| add_include_usage(original).map(Bytes::from));
+                    if let Some(e) = e {
+                        headers.insert(header::CONTENT_LENGTH, e.len().into());
+                        return (RequestBody::whole(e.clone()), true);
+                    }
+                }
+                (RequestBody::whole(original.clone()), false)
+            }
+        }
+    }
+}
+
+/// The answer the loop settled on.
+pub struct Attempted {
+    pub response: Response<IdleTimeout<Incoming>>,
+    pub provider: usize,
+    pub source: KeySource,
+    /// The key's in-flight count, held until the response body ends.
+    pub lease: Option<Lease>,
+    /// byokd added `include_usage` to this attempt's body.
+    pub asked_usage: bool,
+}
+
+/// What the attempt loop needs from the pipeline.
+pub struct Attempts<'a> {
+    pub cfg: &'a Config,
+    pub keyring: &'a Keyring,
+    pub metrics: &'a Metrics,
+    pub upstream: &'a Upstream,
+    pub route: &'a Route,
+    pub tenant: &'a str,
+    pub tenant_headers: &'a [HeaderName],
+    pub request_id: RequestId,
+    pub started: Instant,
+    /// For the request-model tap, set on every attempt's body (first answer wins).
+    pub body_kind: Option<BodyKind>,
+    pub request_model: Arc<OnceLock<Box<str>>>,
+}
+
+/// Progress visible to the pipeline when the loop ends in an error.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub attempts: u32,
+    /// The provider last tried (labels byokd's own error).
+    pub provider: Option<usize>,
+}
+
+impl Attempts<'_> {
+    /// Runs the plan. `parts` is the request as received; each attempt rewrites a copy.
+    pub async fn run(
+        &self,
+        plan: Plan,
+        parts: request::Parts,
+        mut payload: Payload,
+        progress: &mut Progress,
+    ) -> Result<Attempted, ProxyError> {
+        let max = if payload.replayable() {
+            plan.candidates.len()
+        } else {
+            // A body streamed to the first upstream cannot be sent again.
+            1
+        };
+        let counted = plan.counted;
+        let mut template = Some(parts);
+        // Providers that failed to connect or answer in time during this request: their
+        // other keys reach the same host, so they are skipped.
+        let mut down = 0u64;
+        let mut candidates = plan.candidates.into_iter().take(max);
+        let mut next = self.next_ready(&mut candidates, down, true).await?;
+        while let Some((cand, credential)) = next.take() {
+            let provider = &self.cfg.providers[cand.provider];
+            progress.provider = Some(cand.provider);
+            let mut parts = match template.take() {
+                Some(t) if candidates.len() > 0 => {
+                    let copy = clone_parts(&t);
+                    template = Some(t);
+                    copy
+                }
+                Some(t) => t,
+                None => break,
+            };
+            let (mut body, asked_usage) = payload.body_for(provider, &mut parts.headers);
+            rewrite(
+                &mut parts,
+                provider,
+                self.route,
+                credential.as_ref(),
+                self.tenant_headers,
+            )?;
+            if let Some(kind) = self.body_kind {
+                body.tap_model(kind, self.request_model.clone());
+            }
+            let lease = if counted {
+                cand.load.clone().map(KeyPools::lease)
+            } else {
+                None
+            };
+            if progress.attempts == 0 {
+                self.metrics.overhead(self.started);
+            }
+            progress.attempts += 1;
+            let failure = match self.upstream.send(Request::from_parts(parts, body)).await {
+                Err(e) => {
+                    let kind = match e.kind() {
+                        Code::UpstreamTimeout => "timeout",
+                        Code::BodyTooLarge => "body_too_large",
+                        _ => "connect",
+                    };
+                    self.metrics.upstream_error(&provider.name, kind);
+                    if e.kind() == Code::BodyTooLarge {
+                        return Err(e);
+                    }
+                    down |= bit(cand.provider);
+                    (kind, Err(e))
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+                        if let Some(r) = &cand.record {
+                            self.keyring
+                                .pools()
+                                .cool_down(&r.id, crate::pool::retry_after(resp.headers()));
+                        }
+                        "status_429"
+                    } else if status.is_server_error() {
+                        "status_5xx"
+                    } else {
+                        return Ok(Attempted {
+                            response: resp,
+                            provider: cand.provider,
+                            source: cand.source,
+                            lease,
+                            asked_usage,
+                        });
+                    };
+                    self.metrics.upstream_error(&provider.name, kind);
+                    (
+                        kind,
+                        Ok(Attempted {
+                            response: resp,
+                            provider: cand.provider,
+                            source: cand.source,
+                            lease,
+                            asked_usage,
+                        }),
+                    )
+                }
+            };
+            // Find the next attempt before dropping this answer: if none can be made, this
+            // one passes through unchanged.
+            next = self.next_ready(&mut candidates, down, false).await?;
+            if next.is_none() {
+                return failure.1;
+            }
+            tracing::info!(
+                request_id = %self.request_id, provider = %provider.name, kind = failure.0,
+                attempt = progress.attempts, "upstream attempt failed; trying the next"
+            );
+        }
+        Err(CredentialError::NoKey(
+            progress
+                .provider
+                .map_or_else(String::new, |i| self.cfg.providers[i].name.to_string()),
+        )
+        .into())
+    }
+
+    /// The next candidate that will really be tried, with its credential: providers that
+    /// went down in this request are skipped, and so (after the first) are keys that cannot
+    /// be decrypted right now.
+    async fn next_ready(
+        &self,
+        candidates: &mut impl Iterator<Item = Candidate>,
+        down: u64,
+        first: bool,
+    ) -> Result<Option<(Candidate, Option<Credential>)>, ProxyError> {
+        for cand in candidates.by_ref() {
+            if down & bit(cand.provider) != 0 {
+                continue;
+            }
+            let provider = &self.cfg.providers[cand.provider];
+            match self.credential(&cand, provider).await {
+                Ok(c) => return Ok(Some((cand, c))),
+                // The routed provider's first key failing is the request's answer, as
+                // before failover: a KMS outage is not the provider's fault.
+                Err(e) if first => return Err(e.into()),
+                Err(e) => tracing::warn!(
+                    request_id = %self.request_id, provider = %provider.name, error = %e,
+                    "failover key unavailable; skipped"
+                ),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn credential(
+        &self,
+        cand: &Candidate,
+        provider: &Provider,
+    ) -> Result<Option<Credential>, CredentialError> {
+        if let Some(c) = &cand.given {
+            return Ok(Some(c.clone()));
+        }
+        let Some(record) = &cand.record else {
+            return Ok(None);
+        };
+        let c = self
+            .keyring
+            .resolve(record.clone(), cand.source, provider, self.request_id)
+            .await?;
+        self.metrics
+            .key_lookup(self.tenant, &provider.name, c.decrypted);
+        Ok(Some(c))
+    }
+}
+
+fn bit(provider: usize) -> u64 {
+    1u64.checked_shl(provider as u32).unwrap_or(0)
+}
+
+/// A copy of the request head for one more attempt (extensions are not needed upstream).
+fn clone_parts(p: &request::Parts) -> request::Parts {
+    let (mut q, ()) = Request::new(()).into_parts();
+    q.method = p.method.clone();
+    q.uri = p.uri.clone();
+    q.version = p.version;
+    q.headers = p.headers.clone();
+    q
+}
+
+/// `x-byokd-attempts: n`.
+pub fn attempts_value(n: u32) -> HeaderValue {
+    HeaderValue::from(n)
+}
