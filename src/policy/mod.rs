@@ -10,13 +10,18 @@
 //! `fail_open` decides locally meanwhile (and adds what it spent to Redis when it returns),
 //! `fail_closed` refuses with 503 `shared_state_unavailable`.
 
+mod local;
+mod shared;
+
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
+
+use local::{Local, Scope};
+use shared::{ADMIT_LUA, FINISH_LUA, RESERVE_LUA, Shared, connect_loop, timeout_err};
 
 use crate::config::{Redacted, TenantPolicy};
 use crate::error::AdmitError;
@@ -62,156 +67,9 @@ const SLOT_TTL: Duration = Duration::from_secs(15 * 60);
 /// Spend keys outlive their month by a few days (a late settle lands in the right month).
 const SPEND_TTL_SECS: u64 = 40 * 86_400;
 
-// ---------- local state ----------
-
-/// A bucket refilled at `cap` per minute, holding at most `cap`. Tokens may go negative
-/// (a tokens-per-minute bucket is debited after the fact).
-#[derive(Debug)]
-struct Bucket {
-    level: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(cap: f64) -> Self {
-        Self {
-            level: cap,
-            at: Instant::now(),
-        }
-    }
-
-    fn refill(&mut self, cap: f64) -> f64 {
-        let now = Instant::now();
-        let dt = now.duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.level = (self.level + dt * cap / 60.0).min(cap);
-        self.level
-    }
-}
-
-/// Seconds until a bucket at `level` reaches 1 (at least 1, for `retry-after`).
-fn wait_secs(level: f64, cap: f64) -> u64 {
-    (((1.0 - level) * 60.0 / cap).ceil() as u64).max(1)
-}
-
-#[derive(Debug, Default)]
-struct Scope {
-    inflight: AtomicU32,
-    rpm: Mutex<Option<Bucket>>,
-    tpm: Mutex<Option<Bucket>>,
-}
-
-#[derive(Debug, Default)]
-struct Local {
-    scopes: DashMap<Box<str>, Arc<Scope>>,
-    /// Budget reservations in flight, per tenant, in nano-dollars.
-    reserved: DashMap<Box<str>, Arc<AtomicU64>>,
-    /// Spend settled locally while Redis was away, added to Redis when it returns.
-    unsynced_spend: DashMap<(Box<str>, String), u64>,
-}
-
-impl Local {
-    fn scope(&self, key: &str) -> Arc<Scope> {
-        if let Some(s) = self.scopes.get(key) {
-            return s.clone();
-        }
-        self.scopes.entry(key.into()).or_default().clone()
-    }
-
-    /// Takes a slot and a request from every scope, or nothing: a refusal by a later scope
-    /// gives back what the earlier ones took. Each take is atomic on its own (a CAS-style
-    /// add-then-check for concurrency, the scope's lock for a bucket).
-    fn admit(&self, scopes: &[(Arc<Scope>, &LimitSpec)]) -> Result<(), Refusal> {
-        let mut taken = 0;
-        let mut refusal = None;
-        for (s, l) in scopes {
-            if let Some(c) = l.concurrent
-                && s.inflight.fetch_add(1, Ordering::AcqRel) >= c
-            {
-                s.inflight.fetch_sub(1, Ordering::AcqRel);
-                refusal = Some(Refusal::Rate(1));
-                break;
-            }
-            if let Some(cap) = l.requests_per_minute {
-                let cap = f64::from(cap);
-                let mut g = s.rpm.lock().unwrap_or_else(|p| p.into_inner());
-                let b = g.get_or_insert_with(|| Bucket::new(cap));
-                let level = b.refill(cap);
-                if level < 1.0 {
-                    drop(g);
-                    if l.concurrent.is_some() {
-                        s.inflight.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    refusal = Some(Refusal::Rate(wait_secs(level, cap)));
-                    break;
-                }
-                b.level -= 1.0;
-            }
-            if let Some(cap) = l.tokens_per_minute {
-                let cap = cap as f64;
-                let mut g = s.tpm.lock().unwrap_or_else(|p| p.into_inner());
-                let level = g.get_or_insert_with(|| Bucket::new(cap)).refill(cap);
-                if level <= 0.0 {
-                    drop(g);
-                    self.untake(s, l);
-                    refusal = Some(Refusal::Rate(wait_secs(level, cap)));
-                    break;
-                }
-            }
-            taken += 1;
-        }
-        match refusal {
-            None => Ok(()),
-            Some(r) => {
-                for (s, l) in &scopes[..taken] {
-                    self.untake(s, l);
-                }
-                Err(r)
-            }
-        }
-    }
-
-    /// Gives back one scope's slot and request.
-    fn untake(&self, s: &Scope, l: &LimitSpec) {
-        if l.concurrent.is_some() {
-            s.inflight.fetch_sub(1, Ordering::AcqRel);
-        }
-        if let Some(cap) = l.requests_per_minute {
-            let mut g = s.rpm.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(b) = g.as_mut() {
-                b.level = (b.level + 1.0).min(f64::from(cap));
-            }
-        }
-    }
-
-    fn release(&self, scopes: &[(Arc<Scope>, Arc<LimitSpec>)], tokens: u64) {
-        for (s, l) in scopes {
-            if l.concurrent.is_some() {
-                s.inflight.fetch_sub(1, Ordering::AcqRel);
-            }
-            if let Some(cap) = l.tokens_per_minute
-                && tokens > 0
-            {
-                let cap = cap as f64;
-                let mut g = s.tpm.lock().unwrap_or_else(|p| p.into_inner());
-                let b = g.get_or_insert_with(|| Bucket::new(cap));
-                b.refill(cap);
-                b.level -= tokens as f64;
-            }
-        }
-    }
-
-    fn reserved(&self, tenant: &str) -> Arc<AtomicU64> {
-        if let Some(r) = self.reserved.get(tenant) {
-            return r.clone();
-        }
-        self.reserved.entry(tenant.into()).or_default().clone()
-    }
-}
-
 /// Why a request was refused, before it becomes an [`AdmitError`].
 #[derive(Debug)]
-enum Refusal {
+pub(super) enum Refusal {
     /// Rate or concurrency limit; seconds until a retry may pass.
     Rate(u64),
     Budget,
@@ -225,126 +83,6 @@ impl From<Refusal> for AdmitError {
             Refusal::Budget => AdmitError::BudgetExceeded,
             Refusal::Unavailable => AdmitError::SharedStateUnavailable,
         }
-    }
-}
-
-// ---------- Redis ----------
-
-const ADMIT_LUA: &str = r#"
--- KEYS: per scope: concurrency zset, rpm bucket, tpm bucket. ARGV: member, slot ttl ms,
--- then per scope: concurrency, rpm, tpm limits (0 = none).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS / 3
-local function level(key, cap)
-  local v = redis.call('HMGET', key, 'l', 'ts')
-  local l, ts = tonumber(v[1]), tonumber(v[2])
-  if l == nil then return cap end
-  return math.min(cap, l + (now - ts) * cap / 60000)
-end
-for i = 0, n - 1 do
-  local cl, rl, tl = tonumber(ARGV[3 + i*3]), tonumber(ARGV[4 + i*3]), tonumber(ARGV[5 + i*3])
-  if cl > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[1 + i*3], '-inf', now)
-    if redis.call('ZCARD', KEYS[1 + i*3]) >= cl then return {1, 1} end
-  end
-  if rl > 0 then
-    local l = level(KEYS[2 + i*3], rl)
-    if l < 1 then return {1, math.ceil((1 - l) * 60 / rl)} end
-  end
-  if tl > 0 then
-    local l = level(KEYS[3 + i*3], tl)
-    if l <= 0 then return {1, math.ceil((1 - l) * 60 / tl)} end
-  end
-end
-for i = 0, n - 1 do
-  local cl, rl = tonumber(ARGV[3 + i*3]), tonumber(ARGV[4 + i*3])
-  if cl > 0 then
-    redis.call('ZADD', KEYS[1 + i*3], now + tonumber(ARGV[2]), ARGV[1])
-    redis.call('PEXPIRE', KEYS[1 + i*3], ARGV[2])
-  end
-  if rl > 0 then
-    redis.call('HSET', KEYS[2 + i*3], 'l', tostring(level(KEYS[2 + i*3], rl) - 1), 'ts', now)
-    redis.call('PEXPIRE', KEYS[2 + i*3], 120000)
-  end
-end
-return {0, 0}
-"#;
-
-const RESERVE_LUA: &str = r#"
--- KEYS: reservations zset, spend. ARGV: member (id:estimate), estimate, limit, slot ttl ms,
--- seed (spend so far per the ledger, used when the key is missing), unsynced spend, spend ttl s.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[7])
-elseif tonumber(ARGV[6]) > 0 then
-  redis.call('INCRBY', KEYS[2], ARGV[6])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local spent = tonumber(redis.call('GET', KEYS[2]))
-local reserved = 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  reserved = reserved + (tonumber(string.match(m, ':(%d+)$')) or 0)
-end
-local est, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-if spent >= limit or spent + reserved + est > limit then return {0, spent, reserved} end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {1, spent, reserved}
-"#;
-
-const FINISH_LUA: &str = r#"
--- KEYS: n concurrency zsets, n tpm buckets, then (if budget) reservations zset and spend.
--- ARGV: member, n, tokens, then n tpm limits (0 = none), then budget member, cost, seed, ttl.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = tonumber(ARGV[2])
-local tokens = tonumber(ARGV[3])
-for i = 1, n do
-  redis.call('ZREM', KEYS[i], ARGV[1])
-  local cap = tonumber(ARGV[3 + i])
-  if cap > 0 and tokens > 0 then
-    local k = KEYS[n + i]
-    local v = redis.call('HMGET', k, 'l', 'ts')
-    local l, ts = tonumber(v[1]), tonumber(v[2])
-    if l == nil then l = cap else l = math.min(cap, l + (now - ts) * cap / 60000) end
-    redis.call('HSET', k, 'l', tostring(l - tokens), 'ts', now)
-    redis.call('PEXPIRE', k, 120000)
-  end
-end
-local spent = 0
-if #KEYS > 2 * n then
-  local res, spend = KEYS[2*n + 1], KEYS[2*n + 2]
-  local b = 4 + n
-  redis.call('ZREM', res, ARGV[b])
-  if redis.call('EXISTS', spend) == 0 then
-    redis.call('SET', spend, ARGV[b + 2], 'EX', ARGV[b + 3])
-  elseif tonumber(ARGV[b + 1]) > 0 then
-    redis.call('INCRBY', spend, ARGV[b + 1])
-    redis.call('EXPIRE', spend, ARGV[b + 3])
-  end
-  spent = tonumber(redis.call('GET', spend))
-end
-return spent
-"#;
-
-struct Shared {
-    cfg: RedisConfig,
-    conn: ArcSwapOption<redis::aio::ConnectionManager>,
-    admit: redis::Script,
-    reserve: redis::Script,
-    finish: redis::Script,
-    /// Last call failed: decisions follow `on_shared_state_error` until one succeeds.
-    down: AtomicBool,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("prefix", &self.cfg.prefix)
-            .field("down", &self.down)
-            .finish()
     }
 }
 
@@ -565,41 +303,6 @@ impl Policy {
                 alert_at = a,
                 "tenant budget crossed its alert threshold"
             );
-        }
-    }
-}
-
-fn timeout_err() -> redis::RedisError {
-    redis::RedisError::from((redis::ErrorKind::Io, "shared state call timed out"))
-}
-
-async fn connect_loop(s: Arc<Shared>, metrics: Arc<Metrics>) {
-    let mut wait = Duration::from_millis(200);
-    loop {
-        let r = async {
-            let client = redis::Client::open(s.cfg.url.0.as_str())?;
-            let cfg = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(s.cfg.timeout))
-                .set_response_timeout(Some(s.cfg.timeout))
-                .set_number_of_retries(1);
-            redis::aio::ConnectionManager::new_with_config(client, cfg).await
-        }
-        .await;
-        match r {
-            Ok(c) => {
-                s.conn.store(Some(Arc::new(c)));
-                s.down.store(false, Ordering::Release);
-                metrics.shared_state_up(true);
-                tracing::info!("shared state: connected to Redis");
-                return;
-            }
-            Err(e) => {
-                metrics.shared_state_up(false);
-                tracing::error!(error = %e, retry_in = ?wait,
-                    "shared state: cannot connect to Redis; policies follow on_shared_state_error");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
         }
     }
 }
@@ -840,17 +543,6 @@ pub fn path_model(path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_refill_per_minute_and_say_when() {
-        let mut b = Bucket::new(60.0);
-        b.level = 0.0;
-        assert_eq!(wait_secs(b.level, 60.0), 1);
-        assert_eq!(wait_secs(-119.0, 60.0), 120);
-        b.at -= Duration::from_secs(2);
-        let l = b.refill(60.0);
-        assert!((1.9..2.1).contains(&l), "{l}");
-    }
 
     #[test]
     fn estimates_and_body_fields() {
