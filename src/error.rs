@@ -198,6 +198,13 @@ impl Code {
 }
 
 impl ProxyError {
+    /// The upstream connection could not be made, so the request was never sent: the one
+    /// transport failure after which trying elsewhere cannot bill twice. A reset after the
+    /// request went out, or a timeout waiting for the answer, may already have cost money.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, Self::Forward(ForwardError::Unreachable(e)) if e.is_connect())
+    }
+
     pub fn kind(&self) -> Code {
         match self {
             Self::Route(RouteError::UnknownRoute | RouteError::UnknownProvider(_)) => {

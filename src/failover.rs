@@ -410,7 +410,9 @@ impl Attempts<'_> {
                         _ => "connect",
                     };
                     self.metrics.upstream_error(&provider.name, kind);
-                    if e.kind() == Code::BodyTooLarge {
+                    if !e.never_sent() {
+                        // Sent (or maybe sent) already: another attempt could be billed a
+                        // second time, so the error is the answer.
                         return Err(e);
                     }
                     down |= bit(cand.provider);

@@ -493,7 +493,9 @@ async fn a_body_over_the_inspection_bound_gets_one_attempt() {
 }
 
 #[tokio::test]
-async fn a_timeout_before_the_headers_fails_over() {
+async fn a_timeout_before_the_headers_is_not_retried() {
+    // The request went out: the provider may be generating (and billing) it, so trying the
+    // next provider could bill twice. Only a connect error, 429 or 5xx fails over.
     let h = Harness::new(
         None,
         None,
@@ -501,15 +503,15 @@ async fn a_timeout_before_the_headers_fails_over() {
         &[("acme", "openai", "sk-slow2s-7777777777777777"), ("acme", "openrouter", ROUTER_KEY)],
     )
     .await;
-    let started = std::time::Instant::now();
     let got = h.chat(CHAT).await;
-    assert_eq!((got.status.as_u16(), attempts(&got)), (200, "2"));
-    assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        started.elapsed()
+    assert_eq!(
+        (got.status.as_u16(), got.code(), attempts(&got)),
+        (504, "upstream_timeout", "1")
     );
-    assert_eq!(auth(&h.router.last()), format!("Bearer {ROUTER_KEY}"));
+    assert!(
+        h.router.seen().is_empty(),
+        "nothing sent to the chain provider"
+    );
     let m = h.metrics().await;
     assert_eq!(
         sample(
