@@ -188,6 +188,13 @@ pub fn server(
             .with_cert_resolver(resolver.clone()),
     };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if verifier.is_some() {
+        // A resumed session restores the client certificate of its first handshake without
+        // verifying it again: an expired certificate, or one of a CA since removed, would
+        // keep connecting. With client certificates, every connection is a full handshake.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {

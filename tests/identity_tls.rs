@@ -565,3 +565,81 @@ async fn the_end_users_own_key_is_used_once_and_kept_nowhere() {
     assert_eq!(b.proxy.keyring.cached(), 1, "only the stored key is cached");
     b.shutdown().await;
 }
+
+/// One HTTP/1.1 request over a fresh TLS connection made with `config` (shared between calls,
+/// so a session ticket from an earlier call would be offered for resumption). The status, or
+/// `None` when the handshake or the request failed.
+async fn raw_status(port: u16, config: Arc<rustls::ClientConfig>) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .ok()?;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{CHAT}",
+        CHAT.len()
+    );
+    tls.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.ok()?;
+    let text = String::from_utf8_lossy(&out);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_ca_applies_to_new_connections_and_sessions_do_not_resume_past_it() {
+    let up = fake_upstream().await;
+    let old = Pki::new("old tenants CA");
+    let new = Pki::new("new tenants CA");
+    let env = Env::new(&mtls_yaml(
+        &up.url(),
+        "  - mtls: { subject_cn: true }\n",
+        "",
+    ));
+    write_tls(env.dir.path(), &old, &old.server("byokd"));
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    let b = byokd::server::start(env.config()).await.unwrap();
+    let port = b.data_addr.port();
+    use ExtendedKeyUsagePurpose::ClientAuth;
+    let acme_old = old.client("acme", None, ClientAuth, false);
+    let acme_new = new.client("acme", None, ClientAuth, false);
+    // Server certificates are verified against the old CA throughout; only the client CA moves.
+    let server_ca = old.ca_pem();
+
+    // A shared client config remembers sessions, as a long-lived app's would.
+    let shared = Arc::new(client_tls_no_alpn(&server_ca, Some(&acme_old)));
+    assert_eq!(raw_status(port, shared.clone()).await, Some(200));
+    assert_eq!(raw_status(port, shared.clone()).await, Some(200));
+    // An HTTP/2 connection opened now stays open across the change.
+    let kept = https_client(&server_ca, Some(&acme_old));
+    assert_eq!(chat(&kept, port, &[]).await.unwrap().0.status, 200);
+
+    // cert-manager rotates the CA bundle: the old CA is gone, a new one trusted.
+    let tmp = env.dir.path().join("ca.crt.new");
+    std::fs::write(&tmp, new.ca_pem()).unwrap();
+    std::fs::rename(&tmp, env.dir.path().join("ca.crt")).unwrap();
+    let fresh_new = Arc::new(client_tls_no_alpn(&server_ca, Some(&acme_new)));
+    let mut switched = false;
+    for _ in 0..60 {
+        if raw_status(port, fresh_new.clone()).await == Some(200) {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(switched, "the new client CA was not picked up");
+    // The old CA's certificate is refused, also for a client holding a session from before.
+    assert_eq!(
+        raw_status(port, shared.clone()).await,
+        None,
+        "resumed past the CA change"
+    );
+    let fresh_old = Arc::new(client_tls_no_alpn(&server_ca, Some(&acme_old)));
+    assert_eq!(raw_status(port, fresh_old).await, None);
+    // The connection opened before the change keeps working.
+    assert_eq!(chat(&kept, port, &[]).await.unwrap().0.status, 200);
+    b.shutdown().await;
+}
