@@ -37,6 +37,8 @@ impl AdminError {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::Key(KeyError::Invalid(_)) => StatusCode::BAD_REQUEST,
             Self::Key(KeyError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Self::Key(KeyError::Conflict(_)) => StatusCode::CONFLICT,
+            Self::Key(KeyError::KmsRefused(_)) => StatusCode::BAD_GATEWAY,
             Self::Key(e) if e.transient() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Key(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Verify(VerifyError::Rejected(_) | VerifyError::Unsupported(_)) => {
@@ -52,6 +54,8 @@ impl AdminError {
         match self {
             Self::BadRequest(_) | Self::Key(KeyError::Invalid(_)) => "invalid_request",
             Self::NoRoute | Self::Key(KeyError::NotFound(_)) => "not_found",
+            Self::Key(KeyError::Conflict(_)) => "conflict",
+            Self::Key(KeyError::KmsRefused(_)) => "kms_refused",
             Self::Key(e) if e.transient() => "unavailable",
             Self::Key(_) => "internal_error",
             Self::Verify(VerifyError::Rejected(_)) => "key_rejected",
@@ -274,8 +278,37 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Incoming) -> Result<T, 
 fn query_param(q: Option<&str>, name: &str) -> Option<String> {
     q?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| v.to_string())
+        (k == name).then(|| percent_decode(v))
     })
+}
+
+/// `%3A` → `:` (tenant ids may hold `:`, which clients escape in a query).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -288,4 +321,16 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(
+            super::query_param(Some("a=1&tenant=acme%3Aeu"), "tenant").as_deref(),
+            Some("acme:eu")
+        );
+        assert_eq!(super::percent_decode("x%2"), "x%2");
+    }
 }

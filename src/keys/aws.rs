@@ -64,7 +64,8 @@ impl AwsKms {
             .get_or_init(|| async {
                 let timeouts = TimeoutConfig::builder()
                     .operation_timeout(self.cfg.timeout)
-                    .operation_attempt_timeout(self.cfg.timeout)
+                    // Half the budget per attempt, so the one retry below can happen.
+                    .operation_attempt_timeout(self.cfg.timeout / 2)
                     .connect_timeout(self.cfg.timeout.min(Duration::from_secs(1)))
                     .build();
                 let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -93,9 +94,11 @@ fn context(b: Binding<'_>) -> impl Iterator<Item = (&'static str, String)> + use
     .into_iter()
 }
 
-/// Sorts a KMS failure: a refused ciphertext (wrong context, wrong key, altered) is the
-/// record's fault and is reported; anything else (network, throttling, 5xx, disabled key)
-/// is the KMS being unavailable, served from the stale cache or answered with 503.
+/// Sorts a KMS failure into three: a refused ciphertext (wrong context, wrong key, altered)
+/// is the record's fault; a key KMS will not use (disabled, pending deletion, not found,
+/// access denied: an operator's decision) refuses this record without slowing anyone else
+/// and without stale serving; anything else (network, timeout, throttling, 5xx) is the KMS
+/// being unavailable: the stale cache serves and cold misses back off.
 fn classify<E, R>(e: SdkError<E, R>) -> KeyError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -103,9 +106,17 @@ where
 {
     let code = e.code().map(str::to_string);
     match code.as_deref() {
-        Some("InvalidCiphertextException" | "IncorrectKeyException" | "NotFoundException") => {
-            KeyError::Decrypt
-        }
+        Some("InvalidCiphertextException" | "IncorrectKeyException") => KeyError::Decrypt,
+        Some(
+            c @ ("NotFoundException"
+            | "DisabledException"
+            | "KMSInvalidStateException"
+            | "AccessDeniedException"
+            | "InvalidKeyUsageException"),
+        ) => KeyError::KmsRefused(format!(
+            "{c}: {}",
+            e.message().unwrap_or("KMS refused to use the key")
+        )),
         _ => {
             let detail = match (&code, e.message()) {
                 (Some(c), Some(m)) => format!("{c}: {m}"),

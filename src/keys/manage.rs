@@ -207,7 +207,7 @@ pub async fn rotate_key(
         current.label.clone(),
         current.expires_at.map(|e| {
             // A rotation keeps the key's lifetime length, counted from now.
-            unix_now() + (e - current.created_at).max(0)
+            unix_now().saturating_add(e.saturating_sub(current.created_at).max(0))
         }),
     )
     .await?;

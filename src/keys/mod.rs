@@ -52,6 +52,10 @@ pub enum KeyError {
     Decrypt,
     #[error("the KMS is unavailable: {0}")]
     KmsUnavailable(String),
+    #[error("the KMS refused to use this key: {0}")]
+    KmsRefused(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("the KMS is cooling down after a failure; not called")]
     KmsCoolingDown,
     #[error(transparent)]
@@ -165,6 +169,9 @@ pub struct Keyring {
     policy: CachePolicy,
     /// In-flight counts and 429 cooldowns of pooled keys (see `pool`).
     pools: crate::pool::KeyPools,
+    /// Load-and-swap runs one at a time, so a slow reload can never swap in a snapshot
+    /// older than one a faster reload already swapped in (a revoked key served again).
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -203,7 +210,13 @@ impl Keyring {
             }),
             policy,
             pools: crate::pool::KeyPools::default(),
+            reload_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Held by whoever loads the store to [`replace`](Self::replace) the snapshot.
+    pub async fn reload_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reload_lock.lock().await
     }
 
     pub fn pools(&self) -> &crate::pool::KeyPools {
@@ -252,6 +265,7 @@ impl Keyring {
     /// Reloads from the store now (after a management call made here), instead of waiting
     /// for the watcher or the notification.
     pub async fn reload(&self) -> Result<(), KeyError> {
+        let _serial = self.reload_guard().await;
         let data = self.store.load().await?;
         self.replace(&data);
         Ok(())
@@ -394,13 +408,23 @@ impl Keyring {
                 let inner = self.inner.clone();
                 let record = record.clone();
                 let max = self.policy.max_entries;
-                let f = async move {
+                // The decryption runs as its own task: it finishes (and fills the cache) even
+                // if every request waiting on it goes away, instead of idling half-done in
+                // `inflight` until a later request resumes it past its KMS timeout.
+                let task = tokio::spawn(async move {
                     let out = inner.decrypt(&record, prefix, request_id, reason).await;
                     if let Ok(v) = &out {
                         inner.insert(&record, v.clone(), max);
                     }
                     inner.inflight.remove(&flight_key);
                     out.map_err(Arc::new)
+                });
+                let f = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(Arc::new(KeyError::Corrupt(format!(
+                            "decryption task failed: {e}"
+                        ))))
+                    })
                 }
                 .boxed()
                 .shared();

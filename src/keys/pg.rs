@@ -123,6 +123,9 @@ impl std::fmt::Debug for PgStore {
 }
 
 fn unavailable(e: tokio_postgres::Error) -> KeyError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+        return KeyError::Conflict("that record exists already (a concurrent change)".into());
+    }
     // `Display` of a tokio-postgres error never includes the connection string.
     let mut msg = e.to_string();
     if let Some(db) = e.as_db_error() {
@@ -214,6 +217,21 @@ impl PgStore {
         let n = match change {
             Change::AddKey(r) => insert_key(&tx, r).await?,
             Change::Rotate(r) => {
+                // Lock the key's rows so a racing rotation waits, then sees the new version.
+                let rows = tx
+                    .query(
+                        "SELECT version FROM byokd_keys WHERE id = $1 FOR UPDATE",
+                        &[&r.id],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                let newest = rows.iter().map(|row| row.get::<_, i32>(0)).max();
+                if newest.is_some_and(|v| i64::from(v) + 1 != i64::from(r.version)) {
+                    return Err(KeyError::Conflict(format!(
+                        "key `{}` was rotated meanwhile; retry the rotation",
+                        r.id
+                    )));
+                }
                 let n = tx
                     .execute(
                         "UPDATE byokd_keys SET state = 'retired' WHERE id = $1 AND state = 'active'",
@@ -412,19 +430,29 @@ impl PgStore {
     /// of all replicas into the ledger's base. A failed write keeps the delta pending.
     pub async fn sync_usage(&self, ledger: &crate::ledger::Ledger) -> Result<(), KeyError> {
         let deltas = ledger.take_pending();
-        let mut g = match self.client().await {
-            Ok(g) => g,
-            Err(e) => {
-                for (t, d) in &deltas {
-                    ledger.settle(t, d, false);
-                }
-                return Err(e);
-            }
-        };
-        let Some(c) = g.as_mut() else {
-            for (t, d) in &deltas {
+        let written = std::sync::Mutex::new(vec![false; deltas.len()]);
+        let r = self
+            .bounded(self.sync_usage_now(ledger, &deltas, &written))
+            .await;
+        // Whatever was not written (an error, or the time bound cut the sync short) is
+        // pending again: nothing is lost.
+        let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
+        for ((t, d), done) in deltas.iter().zip(written) {
+            if !done {
                 ledger.settle(t, d, false);
             }
+        }
+        r
+    }
+
+    async fn sync_usage_now(
+        &self,
+        ledger: &crate::ledger::Ledger,
+        deltas: &[(String, crate::ledger::TenantMonth)],
+        written: &std::sync::Mutex<Vec<bool>>,
+    ) -> Result<(), KeyError> {
+        let mut g = self.client().await?;
+        let Some(c) = g.as_mut() else {
             return Err(KeyError::StoreUnavailable("no connection".into()));
         };
         let sets: Vec<String> = USAGE_COLUMNS
@@ -443,7 +471,7 @@ impl PgStore {
             sets.join(", ")
         );
         let mut failed = None;
-        for (tenant, delta) in &deltas {
+        for (i, (tenant, delta)) in deltas.iter().enumerate() {
             // One transaction per tenant: its delta is written whole or not at all.
             let r = async {
                 let tx = c.transaction().await.map_err(unavailable)?;
@@ -464,7 +492,12 @@ impl PgStore {
                 tx.commit().await.map_err(unavailable)
             }
             .await;
-            ledger.settle(tenant, delta, r.is_ok());
+            if r.is_ok() {
+                ledger.settle(tenant, delta, true);
+                if let Some(w) = written.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i) {
+                    *w = true;
+                }
+            }
             if let Err(e) = r {
                 failed = Some(e);
             }
@@ -517,9 +550,31 @@ impl PgStore {
     }
 }
 
+/// A partition that neither answers nor resets the connection must not hang management
+/// calls, reloads or the listener's resync: every call is bounded, and a timed-out
+/// connection is dropped so the next call connects afresh.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl PgStore {
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, KeyError>>,
+    ) -> Result<T, KeyError> {
+        match tokio::time::timeout(CALL_TIMEOUT, f).await {
+            Ok(r) => r,
+            Err(_) => {
+                *self.client.lock().await = None;
+                Err(KeyError::StoreUnavailable(format!(
+                    "PostgreSQL did not answer within {CALL_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+}
+
 impl KeyStore for PgStore {
     fn load(&self) -> StoreFuture<'_, StoreData> {
-        Box::pin(async move {
+        Box::pin(self.bounded(async move {
             let mut g = self.client().await?;
             let Some(c) = g.as_ref() else {
                 return Err(KeyError::StoreUnavailable("no connection".into()));
@@ -529,11 +584,11 @@ impl KeyStore for PgStore {
                 *g = None;
             }
             r
-        })
+        }))
     }
 
     fn apply(&self, change: Change) -> StoreFuture<'_, usize> {
-        Box::pin(async move {
+        Box::pin(self.bounded(async move {
             let mut g = self.client().await?;
             let Some(c) = g.as_mut() else {
                 return Err(KeyError::StoreUnavailable("no connection".into()));
@@ -543,7 +598,7 @@ impl KeyStore for PgStore {
                 *g = None;
             }
             r
-        })
+        }))
     }
 }
 

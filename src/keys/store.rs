@@ -24,9 +24,9 @@ pub enum KeyState {
     Revoked,
 }
 
-/// One stored key version. `Debug` shows no secret because the record holds none: only
-/// ciphertext and the wrapped data key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One stored key version: ciphertext and the wrapped data key, never the plaintext.
+/// `Debug` leaves out even those, so a stray `?record` in a log line shows metadata only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRecord {
     pub id: String,
@@ -48,6 +48,20 @@ pub struct KeyRecord {
     pub nonce: String,
     /// Base64 of ciphertext || tag.
     pub ciphertext: String,
+}
+
+impl std::fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("id", &self.id)
+            .field("tenant", &self.tenant)
+            .field("provider", &self.provider)
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .field("masked", &self.masked)
+            .field("kek_id", &self.kek_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KeyRecord {
@@ -144,6 +158,20 @@ impl StoreData {
                 Ok(1)
             }
             Change::Rotate(r) => {
+                let newest = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.id == r.id)
+                    .map(|k| k.version)
+                    .max();
+                if newest.is_some_and(|v| v + 1 != r.version) {
+                    // Two rotations raced from the same version: the second must not add a
+                    // second active copy of a version number.
+                    return Err(KeyError::Conflict(format!(
+                        "key `{}` was rotated meanwhile; retry the rotation",
+                        r.id
+                    )));
+                }
                 let mut n = 0;
                 for k in self
                     .keys
@@ -416,4 +444,53 @@ pub fn public_json(r: &KeyRecord) -> serde_json::Value {
         "masked": r.masked, "created_at": r.created_at,
         "expires_at": r.expires_at, "kek_id": r.kek_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, version: u32) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            tenant: "acme".into(),
+            provider: "openai".into(),
+            label: None,
+            version,
+            state: KeyState::Active,
+            created_at: 0,
+            expires_at: None,
+            masked: "sk-...abcd".into(),
+            kek_id: "k1".into(),
+            wrapped_dek: "WRAPPED".into(),
+            nonce: "NONCE".into(),
+            ciphertext: "CIPHERTEXT".into(),
+        }
+    }
+
+    #[test]
+    fn racing_rotations_conflict_instead_of_doubling_a_version() {
+        let mut d = StoreData::default();
+        d.apply(&Change::AddKey(rec("k", 1))).unwrap();
+        d.apply(&Change::Rotate(rec("k", 2))).unwrap();
+        // A second rotation computed from version 1 as well.
+        let err = d.apply(&Change::Rotate(rec("k", 2))).unwrap_err();
+        assert!(matches!(err, KeyError::Conflict(_)), "{err}");
+        assert_eq!(
+            d.keys
+                .iter()
+                .filter(|k| k.state == KeyState::Active)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn debug_of_a_record_shows_no_ciphertext() {
+        let text = format!("{:?}", rec("k", 1));
+        for hidden in ["WRAPPED", "NONCE", "CIPHERTEXT"] {
+            assert!(!text.contains(hidden), "{text}");
+        }
+        assert!(text.contains("sk-...abcd"));
+    }
 }

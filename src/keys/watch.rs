@@ -67,6 +67,7 @@ pub fn watch(
             tokio::time::sleep(Duration::from_millis(50)).await;
             while rx.try_recv().is_ok() {}
             let s = store.clone();
+            let _serial = keyring.reload_guard().await;
             match tokio::task::spawn_blocking(move || s.load_existing()).await {
                 Ok(Ok(data)) => {
                     keyring.replace(&data);

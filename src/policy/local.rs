@@ -109,6 +109,13 @@ impl Local {
         }
         match refusal {
             None => Ok(()),
+            Some(Refusal::Rate(first)) => {
+                for (s, l) in &scopes[..taken] {
+                    self.untake(s, l);
+                }
+                // The client must wait for the slowest scope, not the first that refused.
+                Err(Refusal::Rate(first.max(self.longest_wait(scopes))))
+            }
             Some(r) => {
                 for (s, l) in &scopes[..taken] {
                     self.untake(s, l);
@@ -116,6 +123,35 @@ impl Local {
                 Err(r)
             }
         }
+    }
+
+    /// Seconds until every scope would admit a request (at least 1 where one is full).
+    fn longest_wait(&self, scopes: &[(Arc<Scope>, &LimitSpec)]) -> u64 {
+        let mut wait = 0;
+        for (s, l) in scopes {
+            if l.concurrent
+                .is_some_and(|c| s.inflight.load(Ordering::Acquire) >= c)
+            {
+                wait = wait.max(1);
+            }
+            if let Some(cap) = l.requests_per_minute {
+                let cap = f64::from(cap);
+                let mut g = s.rpm.lock().unwrap_or_else(|p| p.into_inner());
+                let level = g.get_or_insert_with(|| Bucket::new(cap)).refill(cap);
+                if level < 1.0 {
+                    wait = wait.max(wait_secs(level, cap));
+                }
+            }
+            if let Some(cap) = l.tokens_per_minute {
+                let cap = cap as f64;
+                let mut g = s.tpm.lock().unwrap_or_else(|p| p.into_inner());
+                let level = g.get_or_insert_with(|| Bucket::new(cap)).refill(cap);
+                if level <= 0.0 {
+                    wait = wait.max(wait_secs(level, cap));
+                }
+            }
+        }
+        wait
     }
 
     /// Gives back one scope's slot and request.

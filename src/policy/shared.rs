@@ -23,21 +23,24 @@ local function level(key, cap)
   if l == nil then return cap end
   return math.min(cap, l + (now - ts) * cap / 60000)
 end
+-- Every scope is checked, and a refusal names the longest wait among them.
+local wait = 0
 for i = 0, n - 1 do
   local cl, rl, tl = tonumber(ARGV[3 + i*3]), tonumber(ARGV[4 + i*3]), tonumber(ARGV[5 + i*3])
   if cl > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[1 + i*3], '-inf', now)
-    if redis.call('ZCARD', KEYS[1 + i*3]) >= cl then return {1, 1} end
+    if redis.call('ZCARD', KEYS[1 + i*3]) >= cl then wait = math.max(wait, 1) end
   end
   if rl > 0 then
     local l = level(KEYS[2 + i*3], rl)
-    if l < 1 then return {1, math.ceil((1 - l) * 60 / rl)} end
+    if l < 1 then wait = math.max(wait, math.ceil((1 - l) * 60 / rl)) end
   end
   if tl > 0 then
     local l = level(KEYS[3 + i*3], tl)
-    if l <= 0 then return {1, math.ceil((1 - l) * 60 / tl)} end
+    if l <= 0 then wait = math.max(wait, math.ceil((1 - l) * 60 / tl)) end
   end
 end
+if wait > 0 then return {1, wait} end
 for i = 0, n - 1 do
   local cl, rl = tonumber(ARGV[3 + i*3]), tonumber(ARGV[4 + i*3])
   if cl > 0 then
