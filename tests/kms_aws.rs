@@ -108,6 +108,37 @@ async fn aws_kms_envelopes_through_the_real_binary() {
     let store_text = std::fs::read_to_string(env.store_path()).unwrap();
     assert!(!store_text.contains("canary"));
 
+    // The wrapped data key is bound by KMS itself to {tenant, provider, key_id}: KMS refuses
+    // it under any other context (not only byokd's AES-GCM binding).
+    {
+        use base64::Engine as _;
+        let r = store["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == acme.as_str())
+            .unwrap();
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(r["wrapped_dek"].as_str().unwrap())
+            .unwrap();
+        let kms = moto.client().await;
+        let decrypt = |tenant: &str| {
+            kms.decrypt()
+                .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(blob.clone()))
+                .encryption_context("tenant", tenant)
+                .encryption_context("provider", "openai")
+                .encryption_context("key_id", acme.as_str())
+                .send()
+        };
+        let ok = decrypt("acme").await.unwrap();
+        assert_eq!(ok.plaintext().unwrap().as_ref().len(), 32);
+        let err = decrypt("thief").await.unwrap_err();
+        assert_eq!(
+            aws_sdk_kms::error::ProvideErrorMetadata::code(&err),
+            Some("InvalidCiphertextException")
+        );
+    }
+
     let s = serve_env(&env, "serve", AWS_ENV).await;
     let got = chat(&s.data, "acme").await;
     assert_eq!(got.status, 200, "{}", got.text());
