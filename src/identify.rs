@@ -42,7 +42,7 @@ pub fn identify(
                     None
                 }
             }
-            IdentitySource::Bearer => from_token(snap, headers),
+            IdentitySource::Bearer => from_token(snap, headers)?,
             IdentitySource::Mtls(how) => from_cert(cfg, snap, peer, how)?,
             IdentitySource::Passthrough { .. } => None,
         };
@@ -61,9 +61,14 @@ fn from_header(
     headers: &HeaderMap,
     name: &http::HeaderName,
 ) -> Result<Option<Arc<str>>, IdentifyError> {
-    let Some(v) = headers.get(name) else {
+    let mut values = headers.get_all(name).iter();
+    let Some(v) = values.next() else {
         return Ok(None);
     };
+    // The header twice with different tenants is a conflict, not "the first one wins".
+    if values.any(|other| other != v) {
+        return Err(IdentifyError::Conflict);
+    }
     let t = v.to_str().map_err(|_| IdentifyError::BadTenantId)?;
     if !valid_tenant_id(t) {
         return Err(IdentifyError::BadTenantId);
@@ -88,10 +93,18 @@ fn from_cert(
         return Ok(None);
     };
     let t = match how {
-        CertTenant::UriSanPrefix(prefix) => cert
-            .uri_sans
-            .iter()
-            .find_map(|u| u.strip_prefix(prefix.as_str())),
+        CertTenant::UriSanPrefix(prefix) => {
+            let mut names = cert
+                .uri_sans
+                .iter()
+                .filter_map(|u| u.strip_prefix(prefix.as_str()));
+            let first = names.next();
+            // A certificate naming two tenants under the prefix names neither.
+            if first.is_some_and(|f| names.any(|n| n != f)) {
+                return Err(IdentifyError::Conflict);
+            }
+            first
+        }
         CertTenant::SubjectCn => cert.common_name.as_deref(),
     };
     let Some(t) = t else {
@@ -133,9 +146,9 @@ pub fn canonical(cfg: &Config, snap: &Snapshot, t: &str) -> Option<Arc<str>> {
 
 /// A platform token in whichever header the SDK used. Only the SHA-256 is compared: the
 /// map lookup is on a digest the caller cannot steer, so timing reveals nothing of the token.
-fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Option<Arc<str>> {
+fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Result<Option<Arc<str>>, IdentifyError> {
     if snap.tokens.is_empty() {
-        return None;
+        return Ok(None);
     }
     let bearer = headers
         .get(http::header::AUTHORIZATION)
@@ -143,11 +156,16 @@ fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Option<Arc<str>> {
     let others = TOKEN_HEADERS
         .iter()
         .filter_map(|h| headers.get(*h).map(|v| v.as_bytes()));
+    // Every candidate is hashed and looked up, so the time does not depend on which header
+    // held a token; two tokens of different tenants are a conflict.
+    let mut found: Option<&Arc<str>> = None;
     for candidate in bearer.into_iter().chain(others) {
         let digest: [u8; 32] = Sha256::digest(candidate.trim_ascii()).into();
-        if let Some(t) = snap.tokens.get(&digest) {
-            return Some(t.clone());
+        match (found, snap.tokens.get(&digest)) {
+            (None, Some(t)) => found = Some(t),
+            (Some(a), Some(b)) if a != b => return Err(IdentifyError::Conflict),
+            _ => {}
         }
     }
-    None
+    Ok(found.cloned())
 }

@@ -643,3 +643,105 @@ async fn a_new_client_ca_applies_to_new_connections_and_sessions_do_not_resume_p
     assert_eq!(chat(&kept, port, &[]).await.unwrap().0.status, 200);
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_answers_to_who_is_calling_are_a_conflict_never_the_first_one() {
+    let up = fake_upstream().await;
+    let env = Env::new(&config_yaml(&up.url(), ""));
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    env.add_key("beta", "openai", "sk-beta-0123456789abcdefghij")
+        .await;
+    let acme_token = env.new_token("acme").await;
+    let beta_token = env.new_token("beta").await;
+    let b = byokd::server::start(env.config()).await.unwrap();
+    let url = format!("http://{}/v1/chat/completions", b.data_addr);
+    let bearer_acme = format!("Bearer {acme_token}");
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        (
+            "the tenant header twice",
+            vec![("x-tenant-id", "acme"), ("x-tenant-id", "beta")],
+        ),
+        (
+            "tokens of two tenants",
+            vec![("authorization", &bearer_acme), ("x-api-key", &beta_token)],
+        ),
+        (
+            "a token and a header that disagree",
+            vec![("authorization", &bearer_acme), ("x-tenant-id", "beta")],
+        ),
+    ];
+    for (what, headers) in cases {
+        let got = send(&client(), request("POST", &url, &headers, CHAT)).await;
+        assert_eq!(
+            (got.status.as_u16(), got.code()),
+            (401, "identity_conflict"),
+            "{what}"
+        );
+    }
+    assert!(up.seen().is_empty());
+    // The same token in two headers (an SDK sending both) is one answer.
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &url,
+            &[("authorization", &bearer_acme), ("x-api-key", &acme_token)],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_certificate_and_a_token_that_disagree_or_two_tenant_sans_are_refused() {
+    let up = fake_upstream().await;
+    let pki = Pki::new("CA");
+    let env = Env::new(&mtls_yaml(
+        &up.url(),
+        "  - mtls: { uri_san_prefix: \"spiffe://example.org/tenant/\" }\n  - bearer: {}\n",
+        "",
+    ));
+    write_tls(env.dir.path(), &pki, &pki.server("byokd"));
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    env.add_key("beta", "openai", "sk-beta-0123456789abcdefghij")
+        .await;
+    let beta_token = env.new_token("beta").await;
+    let b = byokd::server::start(env.config()).await.unwrap();
+    let port = b.data_addr.port();
+    let acme = pki.client(
+        "x",
+        Some("spiffe://example.org/tenant/acme"),
+        ExtendedKeyUsagePurpose::ClientAuth,
+        false,
+    );
+    let c = https_client(&pki.ca_pem(), Some(&acme));
+    let bearer = format!("Bearer {beta_token}");
+    let (got, _) = chat(&c, port, &[("authorization", &bearer)]).await.unwrap();
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (401, "identity_conflict")
+    );
+    // A certificate naming two tenants under the prefix.
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![
+        SanType::URI("spiffe://example.org/tenant/acme".try_into().unwrap()),
+        SanType::URI("spiffe://example.org/tenant/beta".try_into().unwrap()),
+    ];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let two = Leaf {
+        cert: p.signed_by(&key, &pki.ca).unwrap().pem(),
+        key: key.serialize_pem(),
+    };
+    let (got, _) = chat(&https_client(&pki.ca_pem(), Some(&two)), port, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (401, "identity_conflict")
+    );
+    assert!(up.seen().is_empty());
+    b.shutdown().await;
+}
