@@ -247,12 +247,15 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
         &up.url(),
         "redis://127.0.0.1:6379",
         &prefix,
-        "  acme: { limits: { requests_per_minute: 6 } }\n  beta: { budget: { monthly_usd: 0.0025 } }\n",
+        "  acme: { limits: { requests_per_minute: 6 } }\n  beta: { budget: { monthly_usd: 0.0025 } }\n  conc: { limits: { concurrent: 2 } }\n  tok: { limits: { tokens_per_minute: 20 } }\n  both: { limits: { requests_per_minute: 100, providers: { openai: { concurrent: 5 } } }, budget: { monthly_usd: 1 } }\n",
     );
     let env = Env::new(&yaml);
     env.add_key("acme", "openai", CANARY_OPENAI).await;
     env.add_key("beta", "openai", "sk-beta-0123456789abcdefghij")
         .await;
+    for t in ["conc", "tok", "both"] {
+        env.add_key(t, "openai", CANARY_OPENAI).await;
+    }
     let a = serve_env(&env, "a", &[]).await;
     let b = serve_env(&env, "b", &[]).await;
 
@@ -298,6 +301,96 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
         }
     }
     assert_eq!(passed, 4, "the budget holds across replicas");
+
+    // Two in flight at once across both replicas; the slots come back when they end.
+    let slow = |base: String| async move {
+        chat_to(
+            &base,
+            "conc",
+            "/v1/chat/completions",
+            CHAT_CAPPED,
+            &[("x-fake-delay-ms", "500")],
+        )
+        .await
+        .status
+        .as_u16()
+    };
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(slow(if i % 2 == 0 {
+                a.data.clone()
+            } else {
+                b.data.clone()
+            }))
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for r in runs {
+        codes.push(r.await.unwrap());
+    }
+    codes.sort();
+    assert_eq!(
+        codes,
+        [200, 200, 429, 429],
+        "two concurrent for both replicas together"
+    );
+    assert_eq!(
+        slow(b.data.clone()).await,
+        200,
+        "slots released through Redis"
+    );
+
+    // Tokens per minute, debited in Redis with each response's 18 metered tokens.
+    assert_eq!(
+        chat_to(&a.data, "tok", "/v1/chat/completions", CHAT_CAPPED, &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        chat_to(&b.data, "tok", "/v1/chat/completions", CHAT_CAPPED, &[])
+            .await
+            .status,
+        200
+    );
+    let mut refused = false;
+    for _ in 0..20 {
+        let got = chat_to(&a.data, "tok", "/v1/chat/completions", CHAT_CAPPED, &[]).await;
+        if got.code() == "rate_limited" {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        refused,
+        "the token debit must reach Redis from both replicas"
+    );
+
+    // Limits on two scopes and a budget in one request: the finish script's full form.
+    for s in [&a, &b] {
+        assert_eq!(
+            chat_to(&s.data, "both", "/v1/chat/completions", CHAT_CAPPED, &[])
+                .await
+                .status,
+            200
+        );
+    }
+    let key = format!(
+        "{prefix}{{both}}:spend:{}",
+        byokd::ledger::month_of(byokd::keys::unix_now())
+    );
+    assert!(
+        eventually_sync(|| {
+            let out = Command::new("redis-cli")
+                .args(["-p", "6379", "GET", &key])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim() == "11700"
+        }),
+        "spend of `both` in Redis"
+    );
+
     // The spend settled in Redis: 4 × 5,850.
     let out = Command::new("redis-cli")
         .args(["-p", "6379", "GET"])
@@ -408,12 +501,14 @@ async fn redis_stopped_and_restarted_mid_run() {
         &up.url(),
         &format!("redis://127.0.0.1:{port}"),
         "t:",
-        "  acme: { limits: { requests_per_minute: 600 }, budget: { monthly_usd: 100 } }\n  open: { limits: { requests_per_minute: 600 }, budget: { monthly_usd: 100, on_shared_state_error: fail_open } }\n",
+        "  acme: { limits: { requests_per_minute: 600 }, budget: { monthly_usd: 100 } }\n  open: { limits: { requests_per_minute: 600 }, budget: { monthly_usd: 100, on_shared_state_error: fail_open } }\n  few: { limits: { requests_per_minute: 2 } }\n  strict: { limits: { requests_per_minute: 600, on_shared_state_error: fail_closed } }\n",
     );
     let env = Env::new(&yaml);
     env.add_key("acme", "openai", CANARY_OPENAI).await;
     env.add_key("open", "openai", "sk-open-0123456789abcdefghij")
         .await;
+    env.add_key("few", "openai", CANARY_OPENAI).await;
+    env.add_key("strict", "openai", CANARY_OPENAI).await;
     let r = byokd::server::start(env.config()).await.unwrap();
     // Connected: both tenants are served.
     let t = Instant::now();
@@ -444,6 +539,15 @@ async fn redis_stopped_and_restarted_mid_run() {
     for _ in 0..3 {
         assert_eq!(chat(&r, "open", &[]).await.status, 200);
     }
+    // Local accounting meanwhile: `few` still gets only two a minute.
+    assert_eq!(chat(&r, "few", &[]).await.status, 200);
+    assert_eq!(chat(&r, "few", &[]).await.status, 200);
+    assert_eq!(chat(&r, "few", &[]).await.code(), "rate_limited");
+    // A limit that says fail_closed refuses instead.
+    assert_eq!(
+        chat(&r, "strict", &[]).await.code(),
+        "shared_state_unavailable"
+    );
     assert_eq!(
         sample(&metrics(r.admin_addr).await, "byokd_shared_state_up", &[]),
         Some(0.0)
@@ -565,4 +669,64 @@ async fn a_stream_that_crosses_the_budget_is_cut_cleanly_when_asked() {
     assert_eq!(got.text().matches("chat.completion.chunk").count(), 50);
     assert!(got.text().contains("[DONE]"));
     r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_blip_does_not_hold_a_concurrency_slot_for_its_ttl() {
+    let up = fake_upstream().await;
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let yaml = redis_yaml(
+        &up.url(),
+        &format!("redis://127.0.0.1:{port}"),
+        "b:",
+        "  one: { limits: { concurrent: 1 } }\n",
+    );
+    let env = Env::new(&yaml);
+    env.add_key("one", "openai", CANARY_OPENAI).await;
+    let r = byokd::server::start(env.config()).await.unwrap();
+    let t = Instant::now();
+    while chat(&r, "one", &[]).await.status != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "never connected to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The release of that request's slot runs right after its response: let it land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A stream holds the one slot; Redis freezes while it runs, so its end cannot release it.
+    let base = format!("http://{}", r.data_addr);
+    let stream = tokio::spawn(async move {
+        chat_to(
+            &base,
+            "one",
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+            &[("x-fake-pace-ms", "200"), ("x-fake-events", "6")],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = redis.child.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    assert_eq!(stream.await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    // Once Redis answers, the release is retried: the slot is free in seconds, not 15 minutes.
+    let t = Instant::now();
+    loop {
+        let got = chat(&r, "one", &[]).await;
+        if got.status == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "slot still held after Redis returned: {}",
+            got.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r.shutdown().await;
+    drop(redis);
 }

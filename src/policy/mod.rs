@@ -165,6 +165,16 @@ impl Policy {
         k
     }
 
+    /// The key of one scope's state: `{tenant}:what` or `{tenant}:provider:what`.
+    fn scope_key(&self, scope: &str, what: &str) -> String {
+        let (t, rest) = scope.split_once('/').unwrap_or((scope, ""));
+        if rest.is_empty() {
+            self.key(&[t, what])
+        } else {
+            self.key(&[t, rest, what])
+        }
+    }
+
     fn conn(&self) -> Option<(Arc<Shared>, redis::aio::ConnectionManager)> {
         let s = self.shared.as_ref()?;
         let c = s.conn.load_full()?;
@@ -233,14 +243,7 @@ impl Policy {
             inv.arg(&adm.member).arg(SLOT_TTL.as_millis() as u64);
             let mut keys = Vec::new();
             for (scope, l) in &specs {
-                let (t, rest) = scope.split_once('/').unwrap_or((scope, ""));
-                let k = |what: &str| {
-                    if rest.is_empty() {
-                        self.key(&[t, what])
-                    } else {
-                        self.key(&[t, rest, what])
-                    }
-                };
+                let k = |what: &str| self.scope_key(scope, what);
                 inv.key(k("conc")).key(k("rpm")).key(k("tpm"));
                 inv.arg(l.concurrent.unwrap_or(0))
                     .arg(l.requests_per_minute.unwrap_or(0))
@@ -257,6 +260,24 @@ impl Policy {
                 }
                 Some((_, wait)) => return Err(Refusal::Rate(wait.max(1)).into()),
                 None => {
+                    // The script may have run before the call failed (a timeout): give back
+                    // any slot it took, once Redis answers again.
+                    let mut release_keys = Vec::new();
+                    let mut release_args =
+                        vec![adm.member.clone(), keys.len().to_string(), "0".into()];
+                    for (scope, _) in &keys {
+                        release_keys.push(self.scope_key(scope, "conc"));
+                    }
+                    for (scope, _) in &keys {
+                        release_keys.push(self.scope_key(scope, "tpm"));
+                        release_args.push("0".into());
+                    }
+                    tokio::spawn(finish_in_redis(
+                        self.clone(),
+                        release_keys,
+                        release_args,
+                        None,
+                    ));
                     if specs
                         .iter()
                         .any(|(_, l)| l.on_shared_state_error == FailMode::Closed)
@@ -422,23 +443,16 @@ impl Admission {
         if self.redis_scopes.is_empty() && !redis_reservation {
             return;
         }
-        let Some((s, mut conn)) = p.conn() else {
+        if p.shared.is_none() {
             return;
-        };
+        }
         let mut keys: Vec<String> = Vec::new();
         let mut args: Vec<String> = vec![
             self.member.clone(),
             self.redis_scopes.len().to_string(),
             tokens.to_string(),
         ];
-        let scope_key = |scope: &str, what: &str| {
-            let (t, rest) = scope.split_once('/').unwrap_or((scope, ""));
-            if rest.is_empty() {
-                p.key(&[t, what])
-            } else {
-                p.key(&[t, rest, what])
-            }
-        };
+        let scope_key = |scope: &str, what: &str| p.scope_key(scope, what);
         for (scope, _) in &self.redis_scopes {
             keys.push(scope_key(scope, "conc"));
         }
@@ -459,35 +473,54 @@ impl Admission {
             args.push(p.ledger_spend(&tenant, crate::keys::unix_now()).to_string());
             args.push(SPEND_TTL_SECS.to_string());
         }
-        tokio::spawn(async move {
+        let owed = budget.map(|(_, period, b)| (tenant, period, b, cost));
+        tokio::spawn(finish_in_redis(p, keys, args, owed));
+    }
+}
+
+/// Runs the finish script until Redis takes it: a slot or reservation left behind would hold
+/// a tenant's concurrency or budget for `SLOT_TTL` after a Redis blip. Gives up at that TTL
+/// (by then Redis expired them itself) and leaves the spend owed for the next reservation.
+/// A call that timed out may have run: retrying can count its spend twice, which errs
+/// toward refusing, never toward overspending.
+async fn finish_in_redis(
+    p: Arc<Policy>,
+    keys: Vec<String>,
+    args: Vec<String>,
+    owed: Option<(Arc<str>, String, BudgetSpec, u64)>,
+) {
+    let deadline = std::time::Instant::now() + SLOT_TTL;
+    let mut wait = Duration::from_millis(250);
+    loop {
+        if let Some((s, mut conn)) = p.conn() {
             let mut inv = s.finish.prepare_invoke();
-            for k in keys {
+            for k in &keys {
                 inv.key(k);
             }
-            for a in args {
+            for a in &args {
                 inv.arg(a);
             }
             let r = tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<u64>(&mut conn))
                 .await
                 .unwrap_or_else(|_| Err(timeout_err()));
-            match p.redis_result(&s, r) {
-                Some(spent) => {
-                    if let Some((_, period, b)) = budget {
-                        p.publish(&tenant, spent, &b, &period);
-                    }
+            if let Some(spent) = p.redis_result(&s, r) {
+                if let Some((tenant, period, b, _)) = &owed {
+                    p.publish(tenant, spent, b, period);
                 }
-                None => {
-                    // The slot and the reservation expire on their own (SLOT_TTL); the spend
-                    // is owed to Redis and added on the next successful reservation.
-                    if let Some((_, period, _)) = budget {
-                        *p.local
-                            .unsynced_spend
-                            .entry((Box::<str>::from(&*tenant), period))
-                            .or_default() += cost;
-                    }
-                }
+                return;
             }
-        });
+        }
+        if std::time::Instant::now() >= deadline {
+            if let Some((tenant, period, _, cost)) = owed {
+                *p.local
+                    .unsynced_spend
+                    .entry((Box::<str>::from(&*tenant), period))
+                    .or_default() += cost;
+            }
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }
 
