@@ -745,3 +745,49 @@ async fn a_certificate_and_a_token_that_disagree_or_two_tenant_sans_are_refused(
     assert!(up.seen().is_empty());
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_end_users_key_never_reaches_byokds_logs() {
+    use common::bin::serve_env;
+    let up = fake_upstream().await;
+    let yaml = config_yaml(&up.url(), "tenants:\n  acme: { passthrough: true }\n")
+        .replace("  - bearer: {}\n", "  - bearer: {}\n  - passthrough: {}\n");
+    let env = Env::new(&yaml);
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    // Logs at trace level, the most byokd writes.
+    let s = serve_env(&env, "serve", &[]).await;
+    const USER_KEY: &str = "sk-user-logcanary-9e8d7c6b5a4f3e2d";
+    let url = format!("{}/v1/chat/completions", s.data);
+    for (key, status) in [(USER_KEY, 200), ("pk-user-logcanary-badformat", 400)] {
+        let got = send(
+            &client(),
+            request(
+                "POST",
+                &url,
+                &[
+                    ("x-tenant-id", "acme"),
+                    ("x-user-api-key", key),
+                    ("x-user-provider", "openai"),
+                ],
+                CHAT,
+            ),
+        )
+        .await;
+        assert_eq!(got.status.as_u16(), status, "{}", got.text());
+    }
+    assert_eq!(
+        up.last().headers["authorization"],
+        format!("Bearer {USER_KEY}").as_str()
+    );
+    // Give the background log writer a moment, then read everything byokd printed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = s.logs();
+    assert!(
+        logs.contains("byokd::access"),
+        "no access log at all? {logs}"
+    );
+    assert!(
+        !logs.contains("logcanary"),
+        "the user key leaked into the logs"
+    );
+}
