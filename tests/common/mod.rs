@@ -581,3 +581,21 @@ pub fn sample(metrics: &str, name: &str, parts: &[&str]) -> Option<f64> {
 pub const CANARY_OPENAI: &str = "sk-canary-OPENAI-7d1f0c93b2a4e5f6";
 pub const CANARY_ANTHROPIC: &str = "sk-ant-canary-ANTHROPIC-55aa11bb22cc";
 pub const CANARY_GEMINI: &str = "AIzacanary-GEMINI-0123456789abcdefghij";
+
+/// Fails if `secret`, a 17-character slice of it, or the start of its base64 shows in `text`:
+/// a key can leak whole, cut, or encoded.
+pub fn assert_no_secret(text: &str, secret: &str, what: &str) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+    assert!(!text.contains(secret), "{secret} leaked into {what}");
+    if secret.len() >= 20 {
+        assert!(
+            !text.contains(&secret[3..20]),
+            "part of {secret} leaked into {what}"
+        );
+    }
+    assert!(
+        !text.contains(&b64[..16]),
+        "base64 of {secret} leaked into {what}"
+    );
+}
