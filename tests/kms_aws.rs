@@ -374,6 +374,22 @@ async fn aws_kms_envelopes_through_the_real_binary() {
         .await
     );
 
+    // The KMS process dies (connection refused, not a hang): a key past its TTL keeps
+    // serving from the stale window, answered fast.
+    let mut moto = moto;
+    let _ = moto.child.kill();
+    let _ = moto.child.wait();
+    tokio::time::sleep(Duration::from_secs(3)).await; // past the 3 s TTL
+    let t = Instant::now();
+    let got = chat(&s.data, "burst").await;
+    assert_eq!(
+        got.status,
+        200,
+        "stale serving with the KMS gone: {}",
+        got.text()
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
     // No key material anywhere byokd writes.
     let m = metrics(admin).await;
     let audit = std::fs::read_to_string(env.dir.path().join("audit.jsonl")).unwrap();

@@ -15,7 +15,6 @@ use common::*;
 /// A chat request with an output cap: its reservation is 25 input tokens (100 bytes) plus
 /// 1,000 output tokens of gpt-4o-mini, 603,750 nano-dollars.
 const CHAT_CAPPED: &str = r#"{"model":"gpt-4o-mini","max_tokens":1000,"messages":[{"role":"user","content":"hi there, byokd"}]}"#;
-const RESERVATION_NANOS: u64 = 603_750;
 
 fn pricing() -> String {
     format!(
@@ -226,7 +225,6 @@ async fn fifty_concurrent_requests_cannot_overspend_a_budget_that_fits_ten() {
     let got = chat(&r, "small", &[]).await;
     assert_eq!(got.code(), "budget_exceeded", "{}", got.text());
     r.shutdown().await;
-    let _ = RESERVATION_NANOS;
 }
 
 fn redis_yaml(upstream: &str, url: &str, prefix: &str, tenants: &str) -> String {

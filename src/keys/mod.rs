@@ -377,15 +377,12 @@ impl Keyring {
         until.saturating_sub(now).div_ceil(1000).max(1)
     }
 
-    /// Drops (and so zeroizes) entries past their TTL; while the KMS is failing, entries are
-    /// kept up to `stale_ttl` longer so they can keep serving. Run periodically by the server.
+    /// Drops (and so zeroizes) entries older than `ttl + stale_ttl`. Past `ttl` an entry is
+    /// only a fallback: a request refreshes it through the KMS and uses it only if the KMS
+    /// fails, so an outage that starts while a key is idle still finds it. `stale_ttl: 0`
+    /// drops plaintext at its TTL. Run periodically by the server.
     pub fn sweep(&self) {
-        let ttl = self.policy.ttl;
-        let keep = if self.inner.kms_down_until.load(Ordering::Relaxed) != 0 {
-            ttl + self.policy.stale_ttl
-        } else {
-            ttl
-        };
+        let keep = self.policy.ttl + self.policy.stale_ttl;
         self.inner.cache.retain(|_, e| e.fetched.elapsed() < keep);
     }
 
