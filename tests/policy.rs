@@ -240,7 +240,7 @@ fn redis_yaml(upstream: &str, url: &str, prefix: &str, tenants: &str) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_rate_limits_and_budget_through_redis() {
     let up = fake_upstream().await;
-    let prefix = format!("byokd-test-{}-{:x}:", std::process::id(), rand_u32());
+    let prefix = format!("byokd-test-{}-{:x}:", std::process::id(), rand_u64());
     let yaml = redis_yaml(
         &up.url(),
         "redis://127.0.0.1:6379",
@@ -424,13 +424,6 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
             .args(["-p", "6379", "DEL", k])
             .output();
     }
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(1);
-    h.finish() as u32
 }
 
 fn eventually_sync(mut f: impl FnMut() -> bool) -> bool {

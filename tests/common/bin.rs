@@ -265,7 +265,8 @@ impl PgDb {
     }
 }
 
-fn rand_u64() -> u64 {
+/// A random number for names that must not collide between test runs.
+pub fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(7);
