@@ -59,6 +59,17 @@ impl AwsKms {
         }
     }
 
+    /// The record's wrapped key from a KMS answer: the key that wrapped it (its ARN, as KMS
+    /// names it) and the ciphertext blob.
+    fn wrapped(&self, key_id: Option<&str>, blob: Option<&Blob>) -> Result<WrappedKey, KeyError> {
+        Ok(WrappedKey {
+            kek_id: key_id.map_or_else(|| self.cfg.key_id.clone(), str::to_string),
+            blob: blob
+                .map(|b| b.as_ref().to_vec())
+                .ok_or_else(|| KeyError::KmsUnavailable("KMS returned no ciphertext".into()))?,
+        })
+    }
+
     async fn client(&self) -> &aws_sdk_kms::Client {
         self.client
             .get_or_init(|| async {
@@ -154,15 +165,9 @@ impl Kms for AwsKms {
                 req = req.encryption_context(k, v);
             }
             let out = req.send().await.map_err(classify)?;
-            let kek_id = out
-                .key_id()
-                .map_or_else(|| self.cfg.key_id.clone(), str::to_string);
-            let blob = out
-                .ciphertext_blob()
-                .map(|b| b.as_ref().to_vec())
-                .ok_or_else(|| KeyError::KmsUnavailable("KMS returned no ciphertext".into()))?;
+            let wrapped = self.wrapped(out.key_id(), out.ciphertext_blob())?;
             let dek = data_key(out.plaintext)?;
-            Ok((dek, WrappedKey { kek_id, blob }))
+            Ok((dek, wrapped))
         })
     }
 
@@ -207,15 +212,7 @@ impl Kms for AwsKms {
                     .destination_encryption_context(k, v);
             }
             let out = req.send().await.map_err(classify)?;
-            Ok(WrappedKey {
-                kek_id: out
-                    .key_id()
-                    .map_or_else(|| self.cfg.key_id.clone(), str::to_string),
-                blob: out
-                    .ciphertext_blob()
-                    .map(|b| b.as_ref().to_vec())
-                    .ok_or_else(|| KeyError::KmsUnavailable("KMS returned no ciphertext".into()))?,
-            })
+            self.wrapped(out.key_id(), out.ciphertext_blob())
         })
     }
 
