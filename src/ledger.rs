@@ -362,7 +362,7 @@ impl Ledger {
         };
         let bytes = serde_json::to_vec(&file).map_err(|e| err(e.to_string()))?;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes).map_err(|e| err(e.to_string()))?;
+        write_owner_only(&tmp, &bytes).map_err(|e| err(e.to_string()))?;
         std::fs::rename(&tmp, path).map_err(|e| {
             self.dirty.store(true, Ordering::Relaxed);
             err(e.to_string())
@@ -371,6 +371,21 @@ impl Ledger {
 }
 
 /// The JSON answer of the usage endpoints.
+/// Writes `bytes` to a file only its owner can read or write (0600, whatever the umask, also
+/// over a leftover file): `serve` refuses a ledger that group or others can write.
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
+}
+
 pub fn usage_json(tenant: &str, m: &TenantMonth, limits: serde_json::Value) -> serde_json::Value {
     let providers: serde_json::Map<String, serde_json::Value> = m
         .providers
@@ -456,5 +471,24 @@ mod tests {
         assert_eq!(again.month("acme", dec).cost_nanos(), 7);
         std::fs::write(&path, b"{oops").unwrap();
         assert!(Ledger::open(&path).is_err());
+    }
+
+    #[test]
+    fn the_file_is_written_0600_even_over_a_loose_leftover_temp_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, b"left over").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let l = Ledger::open(&path).unwrap();
+        l.record("acme", "openai", "gpt-4o", &Usage::default(), Some(1), 0);
+        l.flush().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            Ledger::open(&path).unwrap().month("acme", 0).cost_nanos(),
+            1
+        );
     }
 }

@@ -268,6 +268,10 @@ async fn verify(cfg: &Config, p: &byokd::provider::Provider, secret: &PlainKey) 
 }
 
 async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
+    // Every key command, even one that never unwraps (`list`), refuses a KEK others can read.
+    if let byokd::config::KmsConfig::Local { keks, .. } = &cfg.kms {
+        byokd::keys::kms::check_kek_files(keks)?;
+    }
     let store = byokd::server::store(&cfg).await?;
     let store = store.as_ref();
     let audit = byokd::server::audit(&cfg);

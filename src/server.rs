@@ -23,7 +23,9 @@ use crate::pipeline::Proxy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("keys: {0}")]
+    /// Transparent: a key error names its file or service itself, and `{:#}` in `main` would
+    /// print it twice (as this error and as its source) otherwise.
+    #[error(transparent)]
     Keys(#[from] KeyError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -155,7 +157,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let cfg = Arc::new(cfg);
     let names: Vec<&str> = cfg.providers.iter().map(|p| &*p.name).collect();
     let ledger = match ledger_path(&cfg) {
-        Some(p) => crate::ledger::Ledger::open(&p)?,
+        Some(p) => {
+            crate::keys::perms::check_path(crate::keys::perms::KeyFile::Ledger, &p)?;
+            crate::ledger::Ledger::open(&p)?
+        }
         None => crate::ledger::Ledger::shared(),
     };
     let metrics = Arc::new(Metrics::new(

@@ -276,6 +276,104 @@ async fn corrupt_store_is_a_clear_error_at_start() {
     assert!(!list.status.success());
 }
 
+/// A world-readable KEK, a world-writable store or ledger: `keys list`, `keys add` and `serve`
+/// all refuse them with one line naming the file, its mode and the fix, and change nothing.
+#[test]
+fn key_files_with_loose_permissions_are_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(&config_yaml("http://127.0.0.1:9", ""));
+    let cfg = env.config_path.clone();
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let mode_of = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let add = ["keys", "add", "--tenant", "acme", "--provider", "openai"];
+    // The first key creates the KEK and the store, both owner-only.
+    ok(byokd(&cfg, &add, Some(CANARY_OPENAI)));
+    let kek = env.dir.path().join(".byokd/kek-k1");
+    let store = env.store_path();
+    assert_eq!((mode_of(&kek), mode_of(&store)), (0o600, 0o600));
+
+    let limit = Duration::from_secs(20);
+    let commands: [(&[&str], Option<&str>); 3] = [
+        (&["keys", "list"], None),
+        (&add, Some(CANARY_ANTHROPIC)),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            None,
+        ),
+    ];
+    let refused = |file: &std::path::Path, mode: &str, also: &[&str]| {
+        let before = std::fs::read(&store).unwrap();
+        for (args, stdin) in commands {
+            let out = byokd_exits_within(&cfg, args, stdin, limit);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{args:?} used {mode} {file:?}: {stderr}"
+            );
+            assert!(out.stdout.is_empty(), "{args:?} printed a result");
+            // One line: the file, its mode, the fix.
+            let line = stderr
+                .lines()
+                .find(|l| l.starts_with("byokd: error:"))
+                .unwrap_or_else(|| panic!("{args:?}: no error line in {stderr}"));
+            let path = file.display().to_string();
+            for part in [path.as_str(), mode, "chmod 600"].iter().chain(also) {
+                assert!(line.contains(part), "{args:?}: {part:?} missing in: {line}");
+            }
+            assert!(!stderr.contains(CANARY_ANTHROPIC), "{stderr}");
+        }
+        assert_eq!(std::fs::read(&store).unwrap(), before, "store changed");
+    };
+
+    chmod(&kek, 0o644);
+    refused(
+        &kek,
+        "mode 0644",
+        &["KEK file", "readable by others", "defaultMode: 0400"],
+    );
+    assert_eq!(mode_of(&kek), 0o644, "refused, not silently repaired");
+    chmod(&kek, 0o600);
+
+    chmod(&store, 0o666);
+    refused(
+        &store,
+        "mode 0666",
+        &["key store", "writable by group and others"],
+    );
+    assert_eq!(mode_of(&store), 0o666, "refused, not silently repaired");
+    chmod(&store, 0o600);
+
+    // The usage ledger beside the store is refused by `serve` too.
+    let ledger = env.dir.path().join(".byokd/usage.json");
+    std::fs::write(&ledger, "{}").unwrap();
+    chmod(&ledger, 0o622);
+    let out = byokd_exits_within(&cfg, commands[2].0, None, limit);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("usage ledger")
+            && stderr.contains(&ledger.display().to_string())
+            && stderr.contains("mode 0622")
+            && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+
+    // With the KEK and store owner-only again, the key added at the start is all there is.
+    let list = ok(byokd(&cfg, &["keys", "list"], None));
+    assert!(
+        list.contains("sk-...e5f6") && !list.contains("anthropic"),
+        "{list}"
+    );
+}
+
 #[tokio::test]
 async fn config_check_and_kek_generate() {
     let env = Env::new(&config_yaml("http://127.0.0.1:9", ""));

@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 
 use super::KeyError;
 use super::envelope::{self, Binding, DataKey, NONCE_LEN};
+use super::perms::{self, KeyFile};
 
 pub type KmsFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KeyError>> + Send + 'a>>;
 
@@ -63,6 +64,7 @@ impl std::fmt::Debug for LocalKek {
 impl LocalKek {
     /// Loads every KEK file. The active one is created (0600) if missing, with a warning:
     /// a KEK beside the store on local disk is a development setup, not a production one.
+    /// A KEK file others can read, or group or others can write, is refused.
     pub fn load(keks: &[(String, PathBuf)], active: &str) -> Result<Self, KeyError> {
         let mut map = HashMap::new();
         for (id, path) in keks {
@@ -172,8 +174,25 @@ pub fn create_kek_file(path: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// Refuses every configured KEK file that exists and others could read or anyone but its
+/// owner could write (see [`perms`]), without reading it: for commands that do not unwrap
+/// (`keys list`), so a loose KEK is caught by whichever command runs first.
+pub fn check_kek_files(keks: &[(String, PathBuf)]) -> Result<(), KeyError> {
+    keks.iter()
+        .try_for_each(|(_, path)| perms::check_path(KeyFile::Kek, path))
+}
+
+/// Reads a KEK file, refused before reading if its mode lets others read or write it.
 fn read_kek_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyError> {
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| KeyError::io(path, e))?);
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| KeyError::io(path, e))?;
+    perms::check(KeyFile::Kek, path, &file)?;
+    // One byte more than a KEK, allocated up front: a longer file is refused below, and the
+    // buffer never grows (a reallocation would leave a copy that is not zeroized).
+    let mut bytes = Zeroizing::new(Vec::with_capacity(33));
+    file.take(33)
+        .read_to_end(&mut bytes)
+        .map_err(|e| KeyError::io(path, e))?;
     let k: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
         KeyError::Corrupt(format!(
             "KEK file {} must hold exactly 32 bytes",
@@ -210,5 +229,53 @@ mod tests {
             ..b
         };
         assert!(kms.decrypt(&wrapped, other).await.is_err());
+    }
+
+    #[test]
+    fn a_kek_others_can_read_or_write_is_refused_by_load_and_check() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek-k1");
+        create_kek_file(&path).unwrap();
+        let keks = [("k1".to_string(), path.clone())];
+        for mode in [0o644, 0o604, 0o620, 0o602, 0o666] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            for err in [
+                LocalKek::load(&keks, "k1").unwrap_err(),
+                check_kek_files(&keks).unwrap_err(),
+            ] {
+                assert!(
+                    matches!(&err, KeyError::LoosePermissions { path: p, mode: m, .. }
+                        if *p == path && *m == mode),
+                    "{mode:04o}: {err}"
+                );
+                let text = err.to_string();
+                assert!(
+                    text.contains(&format!("{mode:04o}")) && text.contains("chmod 600"),
+                    "{text}"
+                );
+            }
+        }
+        // Owner only, or group read (a Kubernetes Secret in a pod with fsGroup): used.
+        for mode in [0o600, 0o400, 0o440, 0o640] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            LocalKek::load(&keks, "k1").unwrap();
+            check_kek_files(&keks).unwrap();
+        }
+        // A configured KEK that does not exist yet is not a permission problem.
+        check_kek_files(&[("k2".to_string(), dir.path().join("kek-k2"))]).unwrap();
+    }
+
+    #[test]
+    fn a_kek_file_of_the_wrong_length_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [31, 33, 64] {
+            let path = dir.path().join(format!("kek-{len}"));
+            std::fs::write(&path, vec![7u8; len]).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let err = LocalKek::load(&[("k".to_string(), path)], "k").unwrap_err();
+            assert!(err.to_string().contains("exactly 32 bytes"), "{err}");
+        }
     }
 }

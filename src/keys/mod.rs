@@ -9,6 +9,7 @@ pub mod aws;
 pub mod envelope;
 pub mod kms;
 pub mod manage;
+pub mod perms;
 pub mod pg;
 pub mod secret;
 pub mod store;
@@ -48,6 +49,14 @@ pub enum KeyError {
     },
     #[error("{0}")]
     Corrupt(String),
+    /// A key file others could read or change (see [`perms`]): refused, never used.
+    #[error("{}", perms::message(*.file, .path, *.mode))]
+    LoosePermissions {
+        file: perms::KeyFile,
+        path: PathBuf,
+        /// Permission bits (`st_mode & 0o7777`).
+        mode: u32,
+    },
     #[error("decryption failed: wrong key-encryption key, or the record was altered or moved")]
     Decrypt,
     #[error("the KMS is unavailable: {0}")]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::KeyError;
+use super::perms::{self, KeyFile};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -284,18 +285,25 @@ impl FileStore {
         &self.path
     }
 
-    /// Reads the store; a missing file is an empty store, a corrupt one an error.
+    /// Reads the store; a missing file is an empty store, a corrupt one an error, and one that
+    /// group or others can write is refused (they could swap records or revive revoked keys).
     pub fn load(&self) -> Result<StoreData, KeyError> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                KeyError::Corrupt(format!(
-                    "store file {} is not valid: {e}",
-                    self.path.display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreData::default()),
-            Err(e) => Err(KeyError::io(&self.path, e)),
-        }
+        use std::io::Read;
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StoreData::default()),
+            Err(e) => return Err(KeyError::io(&self.path, e)),
+        };
+        perms::check(KeyFile::Store, &self.path, &file)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| KeyError::io(&self.path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            KeyError::Corrupt(format!(
+                "store file {} is not valid: {e}",
+                self.path.display()
+            ))
+        })
     }
 
     /// Like [`load`](Self::load), but a missing file is an error: at run time a vanished
@@ -331,13 +339,16 @@ impl FileStore {
             .map_err(|e| KeyError::Corrupt(format!("cannot encode store: {e}")))?;
         let tmp = self.path.with_extension("tmp");
         {
-            use std::os::unix::fs::OpenOptionsExt;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
                 .mode(0o600)
                 .open(&tmp)
+                .map_err(|e| KeyError::io(&tmp, e))?;
+            // `mode` applies only to a file it creates: a temp file left behind keeps its own.
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| KeyError::io(&tmp, e))?;
             file.write_all(&bytes).map_err(|e| KeyError::io(&tmp, e))?;
             file.sync_all().map_err(|e| KeyError::io(&tmp, e))?;
@@ -483,6 +494,68 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn a_store_group_or_others_can_write_is_refused_and_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode_of = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("keys.json"));
+        store
+            .update(|d| d.apply(&Change::AddKey(rec("k", 1))))
+            .unwrap();
+        assert_eq!(mode_of(store.path()), 0o600);
+        for mode in [0o666, 0o620, 0o602, 0o660] {
+            std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let before = std::fs::read(store.path()).unwrap();
+            for err in [
+                store.load().unwrap_err(),
+                store.load_existing().unwrap_err(),
+                store
+                    .update(|d| d.apply(&Change::AddKey(rec("k2", 1))))
+                    .unwrap_err(),
+            ] {
+                assert!(
+                    matches!(&err, KeyError::LoosePermissions { file: KeyFile::Store, mode: m, .. }
+                        if *m == mode),
+                    "{mode:04o}: {err}"
+                );
+                let text = err.to_string();
+                assert!(
+                    text.contains("keys.json")
+                        && text.contains(&format!("mode {mode:04o}"))
+                        && text.contains("chmod 600"),
+                    "{text}"
+                );
+            }
+            // Refused, not repaired: the file and its mode stay as they were.
+            assert_eq!(std::fs::read(store.path()).unwrap(), before);
+            assert_eq!(mode_of(store.path()), mode);
+        }
+        // Readable by others is fine for the store: it holds ciphertext only.
+        std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(store.load().unwrap().keys.len(), 1);
+    }
+
+    #[test]
+    fn the_store_is_written_0600_even_over_a_loose_leftover_temp_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("keys.json"));
+        let tmp = store.path().with_extension("tmp");
+        std::fs::write(&tmp, b"left over").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).unwrap();
+        store
+            .update(|d| d.apply(&Change::AddKey(rec("k", 1))))
+            .unwrap();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(store.load().unwrap().keys.len(), 1);
     }
 
     #[test]

@@ -43,6 +43,57 @@ pub fn byokd_env(cfg: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &
     child.wait_with_output().unwrap()
 }
 
+/// Runs a command that must exit by itself within `limit`, such as `serve` refusing to start:
+/// one that is still running then is killed and fails the test with what it printed, so a
+/// `serve` that wrongly starts cannot hang the test. A child that exits before reading its
+/// stdin is fine (the write's broken pipe is ignored).
+pub fn byokd_exits_within(
+    cfg: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+    limit: Duration,
+) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("BYOKD_LOG")
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        let _ = pipe.write_all(s.as_bytes());
+    }
+    drop(pipe);
+    let read = |p: &Path| std::fs::read(p).unwrap_or_default();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "byokd {args:?} still running after {limit:?}: {}{}",
+                String::from_utf8_lossy(&read(&out)),
+                String::from_utf8_lossy(&read(&err))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: read(&out),
+        stderr: read(&err),
+    }
+}
+
 /// Runs a command that must succeed; its stdout.
 pub fn ok(out: Output) -> String {
     assert!(
