@@ -6,15 +6,17 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -30,9 +32,22 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A client on 127.0.0.1 reaching a `[::]` listener shows up as `::ffff:127.0.0.1`: still
+    /// loopback.
     pub fn loopback(&self) -> bool {
-        self.addr.ip().is_loopback()
+        self.addr.ip().to_canonical().is_loopback()
     }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host` header; without one, or with
+/// two, it must be refused with 400 (two proxies could otherwise disagree on its target).
+/// HTTP/2 names the target in `:authority`, and HTTP/1.0 may omit it.
+pub fn host_ok(version: http::Version, headers: &http::HeaderMap) -> bool {
+    if version != http::Version::HTTP_11 {
+        return true;
+    }
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_none()
 }
 
 /// The connection builder for the data listener, with the configured header limits. hyper's
@@ -61,15 +76,93 @@ pub fn admin_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves `listener` until `shutdown` flips to true, then stops accepting and waits up to
-/// `drain` for in-flight requests and streams to finish.
+/// How long a connection may sit with no request in flight before byokd closes it (HTTP/1.1:
+/// closed; HTTP/2: GOAWAY). Per connection, so an idle client costs a socket for at most this.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub keepalive_timeout: Duration,
+    pub drain: Duration,
+}
+
+/// What one connection is doing: requests in flight, and when the last one ended.
+#[derive(Debug)]
+struct ConnState {
+    born: tokio::time::Instant,
+    active: AtomicU32,
+    /// Milliseconds after `born` at which the last response ended.
+    last_ms: AtomicU64,
+}
+
+impl ConnState {
+    fn idle_since(&self) -> tokio::time::Instant {
+        self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Held by a response body: the connection counts as busy until the body ends or drops.
+struct Busy(Arc<ConnState>);
+
+impl Busy {
+    fn new(state: &Arc<ConnState>) -> Self {
+        state.active.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = self.0.born.elapsed().as_millis();
+        self.0
+            .last_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Release);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its connection marked busy while it streams.
+    pub struct Tracked<B> {
+        #[pin]
+        inner: B,
+        busy: Option<Busy>,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.busy.take();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `listener` until `shutdown` flips to true, then stops accepting, asks every open
+/// connection to finish (HTTP/2: GOAWAY) and waits up to `limits.drain` for in-flight requests
+/// and streams to end.
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
+    limits: ConnLimits,
 ) where
     F: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
@@ -77,7 +170,6 @@ pub async fn serve<F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
     // Connection tasks live here so the ones still open after the drain can be cut.
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -95,20 +187,28 @@ pub async fn serve<F, Fut, B>(
                 };
                 let _ = stream.set_nodelay(true);
                 let h = handler.clone();
-                let svc = move |peer: Arc<Peer>| service_fn(move |req| {
-                    let fut = h(req, peer.clone());
-                    async move { Ok::<_, Infallible>(fut.await) }
+                let state = Arc::new(ConnState {
+                    born: tokio::time::Instant::now(),
+                    active: AtomicU32::new(0),
+                    last_ms: AtomicU64::new(0),
                 });
+                let svc = {
+                    let state = state.clone();
+                    move |peer: Arc<Peer>| service_fn(move |req| {
+                        let busy = Busy::new(&state);
+                        let fut = h(req, peer.clone());
+                        async move {
+                            let resp = fut.await;
+                            Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, busy: Some(busy) }))
+                        }
+                    })
+                };
+                let stop = shutdown.clone();
                 match &tls {
                     None => {
                         let peer = Arc::new(Peer { addr, client_cert: None });
                         let conn = builder.serve_connection(TokioIo::new(stream), svc(peer)).into_owned();
-                        let conn = graceful.watch(conn);
-                        conns.spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
+                        conns.spawn(drive(conn, state, limits.keepalive_timeout, stop));
                     }
                     Some((acceptor, handshake_timeout)) => {
                         // The handshake runs in the connection's task, so a slow or hostile
@@ -116,7 +216,6 @@ pub async fn serve<F, Fut, B>(
                         // handshake at shutdown are simply dropped with the task set.
                         let (acceptor, timeout) = (acceptor.clone(), *handshake_timeout);
                         let builder = builder.clone();
-                        let watcher = graceful.watcher();
                         conns.spawn(async move {
                             let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
@@ -137,9 +236,7 @@ pub async fn serve<F, Fut, B>(
                                 .and_then(crate::tls::client_cert);
                             let peer = Arc::new(Peer { addr, client_cert });
                             let conn = builder.serve_connection(TokioIo::new(tls), svc(peer)).into_owned();
-                            if let Err(e) = watcher.watch(conn).await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
+                            drive(conn, state, limits.keepalive_timeout, stop).await;
                         });
                     }
                 }
@@ -148,16 +245,201 @@ pub async fn serve<F, Fut, B>(
         }
     }
     drop(listener);
-    let open = graceful.count();
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let open = conns.len();
+    let drained = tokio::time::timeout(limits.drain, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
         tracing::warn!(
             open,
-            ?drain,
+            drain = ?limits.drain,
             "drain timeout reached; closing remaining connections"
         );
     }
     conns.shutdown().await;
+}
+
+/// Runs one connection to its end: asks it to finish when the server shuts down, or when it
+/// has had no request in flight for `keepalive`.
+async fn drive<C>(
+    conn: C,
+    state: Arc<ConnState>,
+    keepalive: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulConn,
+{
+    let mut conn = std::pin::pin!(conn);
+    let idle = tokio::time::sleep(keepalive);
+    let mut idle = std::pin::pin!(idle);
+    let mut closing = *stop.borrow();
+    if closing {
+        conn.as_mut().shutdown_gracefully();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stop.changed(), if !closing => {
+                // A dropped sender means the server is gone: finish as on shutdown.
+                if changed.is_err() || *stop.borrow() {
+                    closing = true;
+                    conn.as_mut().shutdown_gracefully();
+                }
+            }
+            () = idle.as_mut(), if !closing => {
+                let next = state.idle_since() + keepalive;
+                if state.active.load(Ordering::Acquire) == 0 && next <= tokio::time::Instant::now() {
+                    closing = true;
+                    conn.as_mut().shutdown_gracefully();
+                } else if state.active.load(Ordering::Acquire) == 0 {
+                    idle.as_mut().reset(next);
+                } else {
+                    idle.as_mut().reset(tokio::time::Instant::now() + keepalive);
+                }
+            }
+        }
+    }
+}
+
+/// hyper-util's connection futures, which can be asked to finish their in-flight requests
+/// and close.
+trait GracefulConn {
+    fn shutdown_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulConn for auto::Connection<'static, I, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shutdown_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// The process-wide bound on request-body bytes held in memory (`limits.max_buffered_bytes`):
+/// bodies byokd reads whole before forwarding take from it, so many slow or large uploads at
+/// once cannot grow memory without limit.
+#[derive(Debug)]
+pub struct BufferBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+/// The buffered bytes of one request, given back when it drops.
+#[derive(Debug)]
+pub struct BufferPermit {
+    budget: Arc<BufferBudget>,
+    held: usize,
+}
+
+/// Taking more would pass `limits.max_buffered_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request bodies held in memory would pass limits.max_buffered_bytes")]
+pub struct BufferFull;
+
+impl BufferBudget {
+    pub fn new(max: u64) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max: usize::try_from(max).unwrap_or(usize::MAX),
+        })
+    }
+
+    pub fn permit(self: &Arc<Self>) -> BufferPermit {
+        BufferPermit {
+            budget: self.clone(),
+            held: 0,
+        }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl BufferPermit {
+    pub fn grow(&mut self, n: usize) -> Result<(), BufferFull> {
+        let b = &self.budget;
+        let mut cur = b.used.load(Ordering::Relaxed);
+        loop {
+            let next = cur
+                .checked_add(n)
+                .filter(|x| *x <= b.max)
+                .ok_or(BufferFull)?;
+            match b
+                .used
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        self.held += n;
+        Ok(())
+    }
+}
+
+impl Drop for BufferPermit {
+    fn drop(&mut self) {
+        if self.held > 0 {
+            self.budget.used.fetch_sub(self.held, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_loopback_is_loopback() {
+        let peer = |a: &str| Peer {
+            addr: a.parse().unwrap(),
+            client_cert: None,
+        };
+        assert!(peer("[::ffff:127.0.0.1]:5000").loopback());
+        assert!(peer("[::1]:5000").loopback());
+        assert!(peer("127.0.0.1:5000").loopback());
+        assert!(!peer("[::ffff:10.0.0.1]:5000").loopback());
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_host() {
+        let mut h = http::HeaderMap::new();
+        assert!(!host_ok(http::Version::HTTP_11, &h));
+        assert!(host_ok(http::Version::HTTP_2, &h));
+        assert!(host_ok(http::Version::HTTP_10, &h));
+        h.append(http::header::HOST, "a".parse().unwrap());
+        assert!(host_ok(http::Version::HTTP_11, &h));
+        h.append(http::header::HOST, "b".parse().unwrap());
+        assert!(!host_ok(http::Version::HTTP_11, &h));
+    }
+
+    #[test]
+    fn buffer_budget_is_shared_and_given_back() {
+        let b = BufferBudget::new(100);
+        let mut p1 = b.permit();
+        let mut p2 = b.permit();
+        p1.grow(60).unwrap();
+        assert!(p2.grow(50).is_err(), "60 + 50 passes the bound of 100");
+        p2.grow(40).unwrap();
+        assert_eq!(b.used(), 100);
+        drop(p1);
+        assert_eq!(b.used(), 40);
+        p2.grow(60).unwrap();
+        drop(p2);
+        assert_eq!(b.used(), 0);
+    }
 }

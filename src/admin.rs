@@ -26,6 +26,12 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if !crate::accept::host_ok(req.version(), req.headers()) {
+            return text(
+                StatusCode::BAD_REQUEST,
+                b"an HTTP/1.1 request needs exactly one Host header\n".to_vec(),
+            );
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let mut r = text(StatusCode::OK, self.metrics.render());
@@ -81,7 +87,7 @@ impl Admin {
         };
         let presented = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| crate::identify::bearer_token(v.as_bytes()))
             .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim_ascii())));
         let ok = presented.is_some_and(|d| {
             d.iter()

@@ -22,6 +22,8 @@ const MAX_BODY: usize = 64 * 1024;
 enum AdminError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("body over {MAX_BODY} bytes")]
+    TooLarge,
     #[error("not found")]
     NoRoute,
     #[error(transparent)]
@@ -34,6 +36,7 @@ impl AdminError {
     fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::Key(KeyError::Invalid(_)) => StatusCode::BAD_REQUEST,
             Self::Key(KeyError::NotFound(_)) => StatusCode::NOT_FOUND,
@@ -53,6 +56,7 @@ impl AdminError {
     fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) | Self::Key(KeyError::Invalid(_)) => "invalid_request",
+            Self::TooLarge => "body_too_large",
             Self::NoRoute | Self::Key(KeyError::NotFound(_)) => "not_found",
             Self::Key(KeyError::Conflict(_)) => "conflict",
             Self::Key(KeyError::KmsRefused(_)) => "kms_refused",
@@ -254,7 +258,13 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Incoming) -> Result<T, 
     let bytes = Limited::new(body, MAX_BODY)
         .collect()
         .await
-        .map_err(|_| AdminError::BadRequest(format!("body missing or over {MAX_BODY} bytes")))?
+        .map_err(|e| {
+            if crate::forward::body_too_large(e.as_ref()) {
+                AdminError::TooLarge
+            } else {
+                AdminError::BadRequest("the body could not be read".into())
+            }
+        })?
         .to_bytes();
     // The body may hold a secret: parse from a copy that is wiped afterwards. (The `Bytes`
     // buffer hyper filled is freed without wiping; it never leaves this function.)

@@ -275,12 +275,76 @@ pub struct LimitsFile {
     pub first_byte_timeout: Option<Dur>,
     pub idle_timeout: Option<Dur>,
     pub drain_timeout: Option<Dur>,
+    pub body_timeout: Option<Dur>,
+    pub keepalive_timeout: Option<Dur>,
+    pub max_buffered_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsFile {
     pub max_tenants: Option<usize>,
+    pub max_models_per_tenant: Option<usize>,
+    pub max_models: Option<usize>,
+}
+
+/// Parses the YAML into the file schema. A failure is one line: `LINE:COLUMN: FIELD.PATH: what
+/// was wrong, what was expected`, with a pointer to the reference.
+fn parse_file(text: &str) -> Result<FileConfig, String> {
+    let options = serde_saphyr::options! { with_snippet: false };
+    let mut track = serde_path_to_error::Track::new();
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        FileConfig::deserialize(serde_path_to_error::Deserializer::new(de, &mut track))
+    });
+    let e = match parsed {
+        Ok(file) => return Ok(file),
+        Err(e) => e,
+    };
+    let at = e
+        .location()
+        .filter(|l| l.line() > 0)
+        .map(|l| format!("line {} column {}: ", l.line(), l.column()))
+        .unwrap_or_default();
+    let field = track.path().to_string();
+    let field = if field.is_empty() || field == "." || field == "?" {
+        String::new()
+    } else {
+        format!("{field}: ")
+    };
+    Err(format!(
+        "{at}{field}{}; see the configuration reference in README.md",
+        plain_message(&e.to_string())
+    ))
+}
+
+/// The YAML library's message, without its own position prefix or library-specific hints, and
+/// with the expected type in words.
+fn plain_message(raw: &str) -> String {
+    let mut m = raw.trim();
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some(i) = rest.find(": ")
+    {
+        m = &rest[i + 2..];
+    }
+    let m = m.lines().next().unwrap_or(m);
+    let m = m.split(", set DuplicateKeyPolicy").next().unwrap_or(m);
+    let m = m.rsplit_once(" at line ").map_or(m, |(head, _)| head);
+    if let Some(key) = m.strip_prefix("duplicate mapping key: ") {
+        return format!("`{key}` is set twice; keep one");
+    }
+    for (ty, words) in [
+        ("u64", "a whole number, 0 or more"),
+        ("u32", "a whole number, 0 or more"),
+        ("usize", "a whole number, 0 or more"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("f64", "a number"),
+        ("bool", "true or false"),
+    ] {
+        if m == format!("invalid {ty}") {
+            return format!("expected {words}");
+        }
+    }
+    m.to_string()
 }
 
 // ---------- the validated runtime config ----------
@@ -409,6 +473,12 @@ pub struct Limits {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Longest pause allowed while the client sends its request body (408 past it).
+    pub body_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
+    pub keepalive_timeout: Duration,
+    /// Request-body bytes byokd may hold in memory at once, across all connections.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for Limits {
@@ -421,6 +491,9 @@ impl Default for Limits {
             first_byte_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(25),
+            body_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -460,7 +533,7 @@ pub struct Config {
     pub limits: Limits,
     /// Prices loaded from the `pricing` file (empty when none is configured).
     pub pricing: crate::pricing::Pricing,
-    pub max_metric_tenants: usize,
+    pub metric_caps: crate::metrics::LabelCaps,
 }
 
 impl Config {
@@ -475,9 +548,9 @@ impl Config {
 
     /// Parses YAML text as if read from `path` (relative paths resolve against its folder).
     pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let file: FileConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        let file = parse_file(text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: format!("{e}\nhint: see the configuration reference in README.md"),
+            message,
         })?;
         validate(file, path)
     }
@@ -1154,7 +1227,19 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         first_byte_timeout: l.first_byte_timeout.map_or(d.first_byte_timeout, |x| x.0),
         idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |x| x.0),
         drain_timeout: l.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+        body_timeout: l.body_timeout.map_or(d.body_timeout, |x| x.0),
+        keepalive_timeout: l.keepalive_timeout.map_or(d.keepalive_timeout, |x| x.0),
+        max_buffered_bytes: l.max_buffered_bytes.unwrap_or(d.max_buffered_bytes),
     };
+    if limits.max_buffered_bytes < crate::stream_usage::MAX_INSPECTED_BODY as u64 + 65536 {
+        return Err(invalid(
+            "limits.max_buffered_bytes",
+            format!(
+                "must be at least {} (one inspected body)",
+                crate::stream_usage::MAX_INSPECTED_BODY + 65536
+            ),
+        ));
+    }
     if limits.max_header_bytes < 1024 || limits.max_headers == 0 {
         return Err(invalid(
             "limits",
@@ -1197,7 +1282,17 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         },
         limits,
         pricing,
-        max_metric_tenants: file.metrics.max_tenants.unwrap_or(10_000),
+        metric_caps: {
+            let d = crate::metrics::LabelCaps::default();
+            crate::metrics::LabelCaps {
+                max_tenants: file.metrics.max_tenants.unwrap_or(d.max_tenants),
+                max_models_per_tenant: file
+                    .metrics
+                    .max_models_per_tenant
+                    .unwrap_or(d.max_models_per_tenant),
+                max_models: file.metrics.max_models.unwrap_or(d.max_models),
+            }
+        },
     })
 }
 
@@ -1225,6 +1320,38 @@ mod tests {
         assert!(c.defaults.allows(openai));
         // Azure has no default host, so it only exists when configured.
         assert!(c.provider_index("azure").is_none());
+    }
+
+    #[test]
+    fn parse_errors_are_one_line_with_position_field_and_expectation() {
+        let cases = [
+            (
+                "limits:\n  max_body_bytes: lots\n",
+                &["line 2 column 19", "limits.max_body_bytes", "expected a whole number"][..],
+            ),
+            (
+                "defaults:\n  limits: { requests_per_minute: -5 }\n",
+                &["line 2", "defaults.limits.requests_per_minute", "expected a whole number"],
+            ),
+            (
+                "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n",
+                &["line 2 column 1", "`listen` is set twice; keep one"],
+            ),
+            (
+                "limits:\n  idle_timeout: forever\n",
+                &["line 2 column 17", "limits.idle_timeout", "write e.g. 500ms"],
+            ),
+        ];
+        for (yaml, wanted) in cases {
+            let err = parse(yaml).unwrap_err().to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.starts_with("/etc/byokd/byokd.yaml: "), "{err}");
+            assert_eq!(err.matches("error").count(), 0, "{err}");
+            assert!(!err.contains("DuplicateKeyPolicy") && !err.contains("?:"), "{err}");
+            for w in wanted {
+                assert!(err.contains(w), "{w:?} missing: {err}");
+            }
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum RouteError {
     UnknownProvider(String),
     #[error("method {0} is not proxied")]
     MethodNotAllowed(http::Method),
+    #[error("an HTTP/1.1 request needs exactly one Host header")]
+    BadHost,
 }
 
 /// The identify step found no tenant, or found two.
@@ -77,6 +79,10 @@ pub enum LimitError {
     BodyTooLarge(u64),
     #[error("the request body could not be read: the client closed or broke the upload")]
     ClientClosed,
+    #[error("the request body stalled: nothing arrived within the body timeout")]
+    BodyTimeout,
+    #[error("byokd holds too many request bodies in memory right now; retry shortly")]
+    Overloaded,
 }
 
 /// The forward step could not get a response from the upstream.
@@ -90,6 +96,8 @@ pub enum ForwardError {
     BadUpstreamRequest(#[source] http::Error),
     #[error("the stored key cannot be sent as a header")]
     InvalidCredential,
+    #[error("the upstream response failed before its first byte")]
+    BodyFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Displays an error with its whole `source` chain, for operator logs only.
@@ -143,6 +151,7 @@ pub enum Code {
     BudgetExceeded,
     SharedStateUnavailable,
     UnknownRoute,
+    BadRequest,
     MethodNotAllowed,
     BodyTooLarge,
     HeadersTooLarge,
@@ -150,6 +159,8 @@ pub enum Code {
     PassthroughNotAllowed,
     InvalidUserKey,
     ClientClosed,
+    RequestTimeout,
+    Overloaded,
     UpstreamUnreachable,
     UpstreamTimeout,
 }
@@ -165,6 +176,7 @@ impl Code {
             Self::BudgetExceeded => "budget_exceeded",
             Self::SharedStateUnavailable => "shared_state_unavailable",
             Self::UnknownRoute => "unknown_route",
+            Self::BadRequest => "bad_request",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BodyTooLarge => "body_too_large",
             Self::HeadersTooLarge => "headers_too_large",
@@ -172,6 +184,8 @@ impl Code {
             Self::PassthroughNotAllowed => "passthrough_not_allowed",
             Self::InvalidUserKey => "invalid_user_key",
             Self::ClientClosed => "client_closed",
+            Self::RequestTimeout => "request_timeout",
+            Self::Overloaded => "overloaded",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
         }
@@ -182,6 +196,7 @@ impl Code {
             Self::UnknownTenant | Self::IdentityConflict => StatusCode::UNAUTHORIZED,
             Self::ProviderNotAllowed | Self::NoKey => StatusCode::FORBIDDEN,
             Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -191,6 +206,8 @@ impl Code {
             Self::PassthroughNotAllowed => StatusCode::FORBIDDEN,
             Self::InvalidUserKey => StatusCode::BAD_REQUEST,
             Self::ClientClosed => StatusCode::BAD_REQUEST,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -211,6 +228,7 @@ impl ProxyError {
                 Code::UnknownRoute
             }
             Self::Route(RouteError::MethodNotAllowed(_)) => Code::MethodNotAllowed,
+            Self::Route(RouteError::BadHost) => Code::BadRequest,
             Self::Identify(
                 IdentifyError::NoIdentity
                 | IdentifyError::BadTenantId
@@ -228,8 +246,16 @@ impl ProxyError {
             Self::Limit(LimitError::HeadersTooLarge) => Code::HeadersTooLarge,
             Self::Limit(LimitError::BodyTooLarge(_)) => Code::BodyTooLarge,
             Self::Limit(LimitError::ClientClosed) => Code::ClientClosed,
+            Self::Limit(LimitError::BodyTimeout) => Code::RequestTimeout,
+            Self::Limit(LimitError::Overloaded) => Code::Overloaded,
             Self::Forward(ForwardError::Unreachable(_) | ForwardError::BadUpstreamRequest(_)) => {
                 Code::UpstreamUnreachable
+            }
+            Self::Forward(ForwardError::BodyFailed(e)) => {
+                match crate::forward::caused_by::<crate::forward::IdleTimedOut>(e.as_ref()) {
+                    Some(_) => Code::UpstreamTimeout,
+                    None => Code::UpstreamUnreachable,
+                }
             }
             Self::Forward(ForwardError::Timeout(_)) => Code::UpstreamTimeout,
             Self::Forward(ForwardError::InvalidCredential) => Code::KeyUnavailable,
@@ -257,9 +283,11 @@ impl ProxyError {
             Self::Forward(
                 ForwardError::BadUpstreamRequest(_) | ForwardError::InvalidCredential,
             ) => Blame::Internal,
-            Self::Forward(ForwardError::Unreachable(_) | ForwardError::Timeout(_)) => {
-                Blame::Upstream
-            }
+            Self::Forward(
+                ForwardError::Unreachable(_)
+                | ForwardError::Timeout(_)
+                | ForwardError::BodyFailed(_),
+            ) => Blame::Upstream,
         }
     }
 
@@ -272,6 +300,7 @@ impl ProxyError {
                 Some(*retry_after)
             }
             Self::Forward(ForwardError::InvalidCredential) => Some(1),
+            Self::Limit(LimitError::Overloaded) => Some(1),
             _ => None,
         }
     }
@@ -362,6 +391,23 @@ mod tests {
             (LimitError::HeadersTooLarge.into(), "headers_too_large", 431),
             (LimitError::BodyTooLarge(1).into(), "body_too_large", 413),
             (LimitError::ClientClosed.into(), "client_closed", 400),
+            (LimitError::BodyTimeout.into(), "request_timeout", 408),
+            (RouteError::BadHost.into(), "bad_request", 400),
+            (LimitError::Overloaded.into(), "overloaded", 503),
+            (
+                ForwardError::BodyFailed("reset".into()).into(),
+                "upstream_unreachable",
+                502,
+            ),
+            (
+                ForwardError::BodyFailed(Box::new(crate::forward::IdleTimedOut {
+                    idle: std::time::Duration::from_secs(1),
+                    side: crate::forward::Side::Upstream,
+                }))
+                .into(),
+                "upstream_timeout",
+                504,
+            ),
             (
                 ForwardError::Timeout(std::time::Duration::from_secs(1)).into(),
                 "upstream_timeout",

@@ -513,8 +513,12 @@ impl Attempts<'_> {
             .keyring
             .resolve(record.clone(), cand.source, provider, self.request_id)
             .await?;
-        self.metrics
-            .key_lookup(self.tenant, &provider.name, c.decrypted);
+        self.metrics.key_lookup(
+            self.tenant,
+            &provider.name,
+            c.decrypted,
+            c.source == KeySource::Tenant,
+        );
         Ok(Some(c))
     }
 }

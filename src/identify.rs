@@ -144,6 +144,13 @@ pub fn canonical(cfg: &Config, snap: &Snapshot, t: &str) -> Option<Arc<str>> {
         .or_else(|| cfg.tenants.get_key_value(t).map(|(k, _)| k.clone()))
 }
 
+/// The credentials of an `Authorization: Bearer ...` value. The scheme is case-insensitive
+/// (RFC 9110 §11.1), so `bearer` and `BEARER` count as well.
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+}
+
 /// A platform token in whichever header the SDK used. Only the SHA-256 is compared: the
 /// map lookup is on a digest the caller cannot steer, so timing reveals nothing of the token.
 fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Result<Option<Arc<str>>, IdentifyError> {
@@ -152,7 +159,7 @@ fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Result<Option<Arc<str>>, 
     }
     let bearer = headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        .and_then(|v| bearer_token(v.as_bytes()));
     let others = TOKEN_HEADERS
         .iter()
         .filter_map(|h| headers.get(*h).map(|v| v.as_bytes()));
@@ -168,4 +175,19 @@ fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Result<Option<Arc<str>>, 
         }
     }
     Ok(found.cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer tok", "bearer tok", "BEARER tok", "bEaReR tok"] {
+            assert_eq!(bearer_token(v.as_bytes()), Some(&b"tok"[..]), "{v}");
+        }
+        for v in ["Basic tok", "Bearertok", "Bear", ""] {
+            assert_eq!(bearer_token(v.as_bytes()), None, "{v}");
+        }
+    }
 }

@@ -19,7 +19,28 @@ use crate::usage::{Outcome, Usage};
 
 pub const OTHER: &str = "__other__";
 
-/// Label values admitted so far, capped.
+/// Bounds on label values (config `metrics`).
+#[derive(Debug, Clone, Copy)]
+pub struct LabelCaps {
+    /// Distinct `tenant` values; the rest fold into `__other__`.
+    pub max_tenants: usize,
+    /// Distinct (provider, `model`) pairs per tenant.
+    pub max_models_per_tenant: usize,
+    /// Distinct `model` values of the series without a tenant label.
+    pub max_models: usize,
+}
+
+impl Default for LabelCaps {
+    fn default() -> Self {
+        Self {
+            max_tenants: 10_000,
+            max_models_per_tenant: 20,
+            max_models: 200,
+        }
+    }
+}
+
+/// Label values admitted so far, capped; first come, first served.
 #[derive(Debug)]
 struct LabelCap {
     seen: DashMap<Box<str>, ()>,
@@ -37,6 +58,7 @@ impl LabelCap {
         }
     }
 
+    /// `v` if it has a slot, taking one while there is room; else [`OTHER`].
     fn get<'a>(&self, v: &'a str) -> &'a str {
         if self.seen.contains_key(v) {
             return v;
@@ -49,6 +71,91 @@ impl LabelCap {
             self.admitted.fetch_add(1, Ordering::Relaxed);
         }
         v
+    }
+
+    /// `v` if it already has a slot, else [`OTHER`]: never takes one.
+    fn peek<'a>(&self, v: &'a str) -> &'a str {
+        if self.seen.contains_key(v) { v } else { OTHER }
+    }
+}
+
+/// The `tenant` label and, per tenant, its `(provider, model)` labels. Slots go only to
+/// tenants with a successful response (or a key in the store), so tenants that never paid
+/// cannot crowd out those that do, and each tenant's invented model names spend only its own
+/// `max_models` slots.
+#[derive(Debug)]
+struct TenantLabels {
+    seen: DashMap<Box<str>, Vec<(usize, Box<str>)>>,
+    admitted: AtomicUsize,
+    max_tenants: usize,
+    max_models: usize,
+}
+
+impl TenantLabels {
+    fn new(max_tenants: usize, max_models: usize) -> Self {
+        Self {
+            seen: DashMap::new(),
+            admitted: AtomicUsize::new(0),
+            max_tenants,
+            max_models,
+        }
+    }
+
+    fn peek<'a>(&self, t: &'a str) -> &'a str {
+        if self.seen.contains_key(t) { t } else { OTHER }
+    }
+
+    /// Takes a slot for a tenant the store vouches for (it has a key).
+    fn admit<'a>(&self, t: &'a str) -> &'a str {
+        if self.seen.contains_key(t) {
+            return t;
+        }
+        if self.admitted.load(Ordering::Relaxed) >= self.max_tenants {
+            return OTHER;
+        }
+        if self.seen.insert(t.into(), Vec::new()).is_none() {
+            self.admitted.fetch_add(1, Ordering::Relaxed);
+        }
+        t
+    }
+
+    /// The (tenant, model) labels of a finished request. Only a successful one takes slots.
+    fn labels<'a>(
+        &self,
+        t: &'a str,
+        provider: usize,
+        model: &'a str,
+        success: bool,
+    ) -> (&'a str, &'a str) {
+        let known = |models: &[(usize, Box<str>)]| {
+            model.is_empty() || models.iter().any(|(p, m)| *p == provider && **m == *model)
+        };
+        if let Some(models) = self.seen.get(t) {
+            if known(&models) {
+                return (t, model);
+            }
+            if !success || models.len() >= self.max_models {
+                return (t, OTHER);
+            }
+        } else if !success || self.admitted.load(Ordering::Relaxed) >= self.max_tenants {
+            return (OTHER, if model.is_empty() { model } else { OTHER });
+        }
+        let mut fresh = false;
+        let mut models = self.seen.entry(t.into()).or_insert_with(|| {
+            fresh = true;
+            Vec::new()
+        });
+        if fresh {
+            self.admitted.fetch_add(1, Ordering::Relaxed);
+        }
+        if known(&models) {
+            return (t, model);
+        }
+        if models.len() >= self.max_models {
+            return (t, OTHER);
+        }
+        models.push((provider, model.into()));
+        (t, model)
     }
 }
 
@@ -139,7 +246,9 @@ pub struct Metrics {
     compressed_logged: std::sync::atomic::AtomicBool,
     /// (provider, model) pairs already logged as unpriced: one log line each, not one per request.
     unpriced_logged: DashMap<Box<str>, ()>,
-    tenants: LabelCap,
+    tenants: TenantLabels,
+    /// The `model` label of the series without a tenant (the GenAI histograms, unpriced
+    /// requests): models that took a tenant's slot, capped across tenants.
     models: LabelCap,
 }
 
@@ -159,7 +268,7 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 impl Metrics {
     /// `providers` are the configured provider names, in config order.
     pub fn new(
-        max_tenants: usize,
+        caps: LabelCaps,
         providers: &[&str],
         pricing: crate::pricing::Pricing,
         ledger: crate::ledger::Ledger,
@@ -338,8 +447,8 @@ impl Metrics {
             usage_missing,
             compressed_logged: std::sync::atomic::AtomicBool::new(false),
             unpriced_logged: DashMap::new(),
-            tenants: LabelCap::new(max_tenants),
-            models: LabelCap::new(max_tenants),
+            tenants: TenantLabels::new(caps.max_tenants, caps.max_models_per_tenant),
+            models: LabelCap::new(caps.max_models),
         })
     }
 
@@ -350,9 +459,14 @@ impl Metrics {
         out
     }
 
-    pub fn key_lookup(&self, tenant: &str, provider: &str, decrypted: bool) {
+    /// `own`: the key is the tenant's own (the store vouches for the tenant), not the platform's.
+    pub fn key_lookup(&self, tenant: &str, provider: &str, decrypted: bool, own: bool) {
         if decrypted {
-            let t = self.tenants.get(tenant);
+            let t = if own {
+                self.tenants.admit(tenant)
+            } else {
+                self.tenants.peek(tenant)
+            };
             self.decryptions.with_label_values(&[t, provider]).inc();
         } else {
             self.cache_hits.inc();
@@ -360,8 +474,12 @@ impl Metrics {
     }
 
     /// A budgeted tenant's spend and limit (nano-dollars), as the two budget gauges.
+    /// Tenants without a label slot are left out: a gauge summed under `__other__` means nothing.
     pub fn budget(&self, tenant: &str, spent: u64, limit: u64) {
-        let t = self.tenants.get(tenant);
+        let t = self.tenants.peek(tenant);
+        if t == OTHER {
+            return;
+        }
         self.budget_spent
             .with_label_values(&[t])
             .set(spent as f64 / 1e9);
@@ -381,7 +499,7 @@ impl Metrics {
         for r in snap.tenants.values().flat_map(|t| t.keys.iter()) {
             if r.usable(now) && r.expires_at.is_some_and(|e| e - now <= SOON) {
                 *counts
-                    .entry((self.tenants.get(&r.tenant), &r.provider))
+                    .entry((self.tenants.admit(&r.tenant), &r.provider))
                     .or_default() += 1;
             }
         }
@@ -409,7 +527,7 @@ impl Metrics {
 
     /// A request byokd answered itself.
     pub fn rejected(&self, tenant: &str, provider: &str, code: &str, status: http::StatusCode) {
-        let t = self.tenants.get(tenant);
+        let t = self.tenants.peek(tenant);
         self.rejections.with_label_values(&[t, code]).inc();
         self.requests
             .with_label_values(&[t, provider, "", status.as_str()])
@@ -417,8 +535,18 @@ impl Metrics {
     }
 
     fn completed(&self, r: &Recorder, usage: &Usage) {
-        let t = self.tenants.get(&r.tenant);
-        let model = self.models.get(usage.model.as_deref().unwrap_or(""));
+        let success = r.status.is_success();
+        let (t, model) = self.tenants.labels(
+            &r.tenant,
+            r.provider_idx,
+            usage.model.as_deref().unwrap_or(""),
+            success,
+        );
+        let any_model = match model {
+            "" | OTHER => model,
+            m if success => self.models.get(m),
+            m => self.models.peek(m),
+        };
         let provider = &*r.provider;
         self.requests
             .with_label_values(&[t, provider, model, r.status.as_str()])
@@ -468,7 +596,7 @@ impl Metrics {
             s.duration.observe(elapsed);
         }
         self.gen_ai_duration
-            .with_label_values(&[provider, model])
+            .with_label_values(&[provider, any_model])
             .observe(elapsed);
         // Requests metered only in other units (images, speech, audio seconds) have no token
         // observation: a zero would skew the token histogram.
@@ -477,7 +605,7 @@ impl Metrics {
             let output = usage.output + usage.reasoning;
             for (ty, n) in [("input", input), ("output", output)] {
                 self.gen_ai_tokens
-                    .with_label_values(&[provider, model, ty])
+                    .with_label_values(&[provider, any_model, ty])
                     .observe(n as f64);
             }
         }
@@ -497,7 +625,10 @@ impl Metrics {
                     .with_label_values(&[t, provider, model, r.key_source.as_str()])
                     .inc_by(p.cost_nanos(usage)),
                 None => {
-                    self.unpriced.with_label_values(&[provider, model]).inc();
+                    self.unpriced
+                        .with_label_values(&[provider, any_model])
+                        .inc();
+                    let model = usage.model.as_deref().unwrap_or("");
                     let key = format!("{provider}/{model}");
                     if !self.unpriced_logged.contains_key(key.as_str())
                         && self.unpriced_logged.len() < 10_000
@@ -605,30 +736,61 @@ impl Recorder {
 mod tests {
     use super::*;
 
+    fn metrics(caps: LabelCaps) -> Arc<Metrics> {
+        Arc::new(
+            Metrics::new(
+                caps,
+                &["openai"],
+                Default::default(),
+                crate::ledger::Ledger::in_memory(),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn finish(m: &Arc<Metrics>, tenant: &str, model: &str, status: u16) {
+        let r = Recorder {
+            metrics: m.clone(),
+            tenant: tenant.into(),
+            provider: "openai".into(),
+            provider_idx: 0,
+            status: http::StatusCode::from_u16(status).unwrap(),
+            started: Instant::now(),
+            request_id: crate::pipeline::RequestId::new(),
+            key_source: KeySource::Tenant,
+            price: None,
+            capability: crate::usage::Capability::Tokens,
+            request_model: Default::default(),
+            characters: 0,
+            compressed: false,
+            admission: None,
+            cut: None,
+        };
+        let usage = Usage {
+            input: 1,
+            model: Some(model.into()),
+            found: true,
+            ..Usage::default()
+        };
+        r.finish(usage, Outcome::Complete, 0);
+    }
+
+    fn series<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .collect()
+    }
+
     #[test]
     fn twenty_thousand_tenants_fold_past_the_cap() {
-        let m = Metrics::new(
-            10_000,
-            &["openai"],
-            Default::default(),
-            crate::ledger::Ledger::in_memory(),
-        )
-        .unwrap();
+        let m = metrics(LabelCaps::default());
         for i in 0..20_000 {
-            m.rejected(
-                &format!("tenant-{i}"),
-                "openai",
-                "no_key",
-                http::StatusCode::FORBIDDEN,
-            );
+            finish(&m, &format!("tenant-{i}"), "gpt-4o", 200);
         }
         let text = String::from_utf8(m.render()).unwrap();
-        let series: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("byokd_rejections_total{"))
-            .collect();
-        assert_eq!(series.len(), 10_001, "10,000 tenants and __other__");
-        let other = series
+        let requests = series(&text, "byokd_requests_total");
+        assert_eq!(requests.len(), 10_001, "10,000 tenants and __other__");
+        let other = requests
             .iter()
             .find(|l| l.contains("tenant=\"__other__\""))
             .unwrap();
@@ -636,56 +798,84 @@ mod tests {
     }
 
     #[test]
-    fn models_past_the_cap_fold_into_other() {
-        let m = Arc::new(
-            Metrics::new(
-                3,
-                &["openai"],
-                Default::default(),
-                crate::ledger::Ledger::in_memory(),
-            )
-            .unwrap(),
+    fn only_tenants_with_a_success_take_a_slot() {
+        let m = metrics(LabelCaps {
+            max_tenants: 2,
+            ..LabelCaps::default()
+        });
+        // Rejections and failed answers never take a slot, however many tenants send them.
+        for i in 0..50 {
+            m.rejected(
+                &format!("stranger-{i}"),
+                "openai",
+                "no_key",
+                http::StatusCode::FORBIDDEN,
+            );
+            finish(&m, &format!("failing-{i}"), "gpt-4o", 401);
+        }
+        finish(&m, "payer-1", "gpt-4o", 200);
+        finish(&m, "payer-2", "gpt-4o", 200);
+        m.rejected(
+            "payer-1",
+            "openai",
+            "rate_limited",
+            http::StatusCode::TOO_MANY_REQUESTS,
         );
-        for i in 0..10 {
-            let r = Recorder {
-                metrics: m.clone(),
-                tenant: "acme".into(),
-                provider: "openai".into(),
-                provider_idx: 0,
-                status: http::StatusCode::OK,
-                started: Instant::now(),
-                request_id: crate::pipeline::RequestId::new(),
-                key_source: KeySource::Tenant,
-                price: None,
-                capability: crate::usage::Capability::Tokens,
-                request_model: Default::default(),
-                characters: 0,
-                compressed: false,
-                admission: None,
-                cut: None,
-            };
-            let usage = Usage {
-                input: 1,
-                model: Some(format!("model-{i}")),
-                found: true,
-                ..Usage::default()
-            };
-            r.finish(usage, Outcome::Complete, 0);
-        }
         let text = String::from_utf8(m.render()).unwrap();
-        let tokens: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("byokd_tokens_total{"))
-            .collect();
-        assert_eq!(tokens.len(), 4, "3 models and __other__: {tokens:?}");
-        let other = tokens
-            .iter()
-            .find(|l| l.contains("model=\"__other__\""))
-            .unwrap();
-        assert!(other.ends_with(" 7"), "{other}");
         for l in text.lines().filter(|l| l.starts_with("byokd_")) {
-            assert!(!l.contains("model-9"), "{l}");
+            assert!(!l.contains("stranger-") && !l.contains("failing-"), "{l}");
         }
+        assert!(text.contains("byokd_requests_total{code=\"200\",model=\"gpt-4o\",provider=\"openai\",tenant=\"payer-2\"} 1"), "{text}");
+        assert!(
+            text.contains("byokd_rejections_total{reason=\"rate_limited\",tenant=\"payer-1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("byokd_rejections_total{reason=\"no_key\",tenant=\"__other__\"} 50"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn invented_models_spend_only_their_tenants_slots() {
+        let m = metrics(LabelCaps {
+            max_tenants: 100,
+            max_models_per_tenant: 3,
+            max_models: 5,
+        });
+        finish(&m, "honest", "gpt-4o", 200);
+        for i in 0..1_500 {
+            finish(&m, "noisy", &format!("invented-{i}"), 200);
+        }
+        finish(&m, "honest", "gpt-4o-mini", 200);
+        let text = String::from_utf8(m.render()).unwrap();
+        let tokens = series(&text, "byokd_tokens_total");
+        let noisy: Vec<_> = tokens
+            .iter()
+            .filter(|l| l.contains("tenant=\"noisy\""))
+            .collect();
+        assert_eq!(noisy.len(), 4, "3 models and __other__: {noisy:?}");
+        assert!(
+            noisy
+                .iter()
+                .any(|l| l.contains("model=\"__other__\"") && l.ends_with(" 1497")),
+            "{noisy:?}"
+        );
+        for model in ["gpt-4o", "gpt-4o-mini"] {
+            assert!(
+                tokens.iter().any(|l| l.contains("tenant=\"honest\"")
+                    && l.contains(&format!("model=\"{model}\""))),
+                "{model}: {tokens:?}"
+            );
+        }
+        // The histograms without a tenant keep at most max_models model values (+ __other__).
+        let models: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gen_ai_client_operation_duration_seconds_count{"))
+            .filter_map(|l| l.split("gen_ai_request_model=\"").nth(1)?.split('"').next())
+            .collect();
+        assert!(models.len() <= 6, "{models:?}");
+        assert!(models.contains(OTHER), "{models:?}");
     }
 
     #[test]
@@ -695,5 +885,7 @@ mod tests {
         assert_eq!(cap.get("b"), "b");
         assert_eq!(cap.get("c"), OTHER);
         assert_eq!(cap.get("a"), "a");
+        assert_eq!(cap.peek("c"), OTHER);
+        assert_eq!(cap.peek("b"), "b");
     }
 }

@@ -14,9 +14,9 @@ use hyper::body::Incoming;
 use crate::accept::Peer;
 use crate::admit::admit;
 use crate::config::{Config, IdentitySource};
-use crate::error::{CredentialError, ErrorChain, LimitError, ProxyError};
+use crate::error::{CredentialError, ErrorChain, ForwardError, LimitError, ProxyError};
 use crate::failover::Payload;
-use crate::forward::{IdleTimeout, Upstream};
+use crate::forward::{IdleTimeout, Side, Upstream};
 use crate::identify::{identify, user_key};
 use crate::keys::{KeySource, Keyring};
 use crate::metrics::{Metrics, Recorder};
@@ -101,6 +101,8 @@ pub struct Proxy {
     pub policy: Arc<crate::policy::Policy>,
     /// Identity headers to strip before forwarding.
     tenant_headers: Vec<HeaderName>,
+    /// Request-body bytes held in memory across all connections.
+    buffers: Arc<crate::accept::BufferBudget>,
 }
 
 impl Proxy {
@@ -123,6 +125,7 @@ impl Proxy {
                 IdentitySource::Bearer | IdentitySource::Mtls(_) => vec![],
             })
             .collect();
+        let buffers = crate::accept::BufferBudget::new(config.limits.max_buffered_bytes);
         Self {
             config,
             keyring,
@@ -130,6 +133,7 @@ impl Proxy {
             upstream,
             policy,
             tenant_headers,
+            buffers,
         }
     }
 
@@ -143,10 +147,45 @@ impl Proxy {
             provider: None,
             progress: Default::default(),
         };
-        match self.run(req, peer, &mut ctx).await {
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
+        match self.run(parts, &mut body, peer, &mut ctx).await {
             Ok(resp) => resp,
-            Err(e) => self.reject(&ctx, &e),
+            Err(e) => {
+                if let Some(b) = body {
+                    self.discard(b).await;
+                }
+                self.reject(&ctx, &e)
+            }
         }
+    }
+
+    /// Reads and drops what is left of a small request body before byokd answers it itself.
+    /// An HTTP/2 stream answered while the client is still sending is reset, and clients then
+    /// lose the answer (curl: "stream was not closed cleanly"); a large or slow body is left
+    /// unread after a short bound.
+    async fn discard(&self, mut body: Incoming) {
+        const MAX_DISCARD: u64 = 256 * 1024;
+        use http_body::Body as _;
+        use http_body_util::BodyExt as _;
+        if body.is_end_stream() || body.size_hint().lower() > MAX_DISCARD {
+            return;
+        }
+        let wait = self
+            .config
+            .limits
+            .body_timeout
+            .min(std::time::Duration::from_secs(1));
+        let _ = tokio::time::timeout(wait, async {
+            let mut seen = 0u64;
+            while let Some(Ok(f)) = body.frame().await {
+                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > MAX_DISCARD {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     fn reject(&self, ctx: &RequestCtx, e: &ProxyError) -> Response<ProxyBody> {
@@ -174,16 +213,21 @@ impl Proxy {
         resp.map(Either::Right)
     }
 
+    /// The steps in order. `body` is taken when the request is forwarded; while it is still
+    /// there, nothing of it was read.
     async fn run(
         &self,
-        req: Request<Incoming>,
+        parts: http::request::Parts,
+        body: &mut Option<Incoming>,
         peer: &Peer,
         ctx: &mut RequestCtx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let cfg = &*self.config;
-        let (parts, body) = req.into_parts();
 
         // route: pure path parsing; it also fixes the error shape the app's SDK expects.
+        if !crate::accept::host_ok(parts.version, &parts.headers) {
+            return Err(crate::error::RouteError::BadHost.into());
+        }
         check_method(&parts.method)?;
         let route = route(cfg, parts.uri.path())?;
         if let Target::Named(i) = route.target {
@@ -232,7 +276,13 @@ impl Proxy {
         // for usage; text-to-speech, whose billed unit is the request's `input`) or may have
         // to send them again (a second key or a failover chain). A larger body gets a
         // single attempt.
-        let limited = Limited::new(body, max_body as usize);
+        let body = body.take().ok_or(LimitError::ClientClosed)?;
+        let limited = Limited::new(
+            crate::forward::ClientBody::new(body, cfg.limits.body_timeout, Side::Client),
+            max_body as usize,
+        );
+        // Held until the upstream answered: the buffered body may be sent again on failover.
+        let mut permit = self.buffers.permit();
         let is_post = parts.method == http::Method::POST;
         // Every billed call is a POST; a GET of the same path lists or fetches stored objects.
         let capability = if is_post {
@@ -249,9 +299,13 @@ impl Proxy {
         let mut estimate = (declared_length(&parts.headers).unwrap_or(0), None, None);
         let payload =
             if (chat_path && provider.stream_usage) || speech || plan.can_retry() || budgeted {
-                let peeked = read_bounded(limited).await.map_err(|e| {
+                let peeked = read_bounded(limited, &mut permit).await.map_err(|e| {
                     if crate::forward::body_too_large(e.as_ref()) {
                         LimitError::BodyTooLarge(max_body)
+                    } else if crate::forward::client_stalled(e.as_ref()) {
+                        LimitError::BodyTimeout
+                    } else if e.is::<crate::accept::BufferFull>() {
+                        LimitError::Overloaded
                     } else {
                         LimitError::ClientClosed
                     }
@@ -270,7 +324,7 @@ impl Proxy {
                         }
                         Payload::whole(b, chat_path)
                     }
-                    Peeked::Partial(rb) => Payload::Once(Some(rb)),
+                    Peeked::Partial(rb) => Payload::Once(Some(*rb)),
                 }
             } else {
                 Payload::Once(Some(RequestBody::streaming(limited)))
@@ -334,9 +388,13 @@ impl Proxy {
         );
         let resp = done.response;
         self.metrics.first_byte(idx, ctx.started);
+        drop(permit);
 
-        // meter + record: the body streams through; usage is recorded when it ends.
-        let (mut rparts, rbody) = resp.into_parts();
+        // meter + record: the body streams through; usage is recorded when it ends. Its first
+        // frame is awaited before the head goes back, so an upstream that fails before
+        // sending anything is answered 502, not with a bare closed connection.
+        let (mut rparts, mut rbody) = resp.into_parts();
+        rbody.prime().await.map_err(ForwardError::BodyFailed)?;
         strip_hop_by_hop(&mut rparts.headers);
         // Only byokd may say `x-byokd-error`: an upstream must not forge byokd's verdicts.
         strip_own_headers(&mut rparts.headers);

@@ -164,7 +164,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         None => crate::ledger::Ledger::shared(),
     };
     let metrics = Arc::new(Metrics::new(
-        cfg.max_metric_tenants,
+        cfg.metric_caps,
         &names,
         cfg.pricing.clone(),
         ledger,
@@ -286,7 +286,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             async move { p.handle(req, &peer).await }
         },
         data_rx,
-        cfg.limits.drain_timeout,
+        accept::ConnLimits {
+            keepalive_timeout: cfg.limits.keepalive_timeout,
+            drain: cfg.limits.drain_timeout,
+        },
     ));
     let a = admin.clone();
     let admin_task = tokio::spawn(accept::serve(
@@ -298,7 +301,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             async move { a.handle(req).await }
         },
         admin_rx,
-        std::time::Duration::from_secs(1),
+        accept::ConnLimits {
+            keepalive_timeout: cfg.limits.keepalive_timeout,
+            drain: std::time::Duration::from_secs(1),
+        },
     ));
     admin.ready.store(true, Ordering::Release);
     tracing::info!(

@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -29,7 +28,7 @@ const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
 /// looks at the first [`MODEL_HEAD`] bytes as they pass, for the request's `model`.
 pub struct RequestBody {
     prefix: Option<Bytes>,
-    rest: Option<http_body_util::Limited<Incoming>>,
+    rest: Option<http_body_util::Limited<crate::forward::ClientBody>>,
     tap: Option<ModelTap>,
 }
 
@@ -94,7 +93,7 @@ fn multipart_field(head: &[u8], name: &[u8]) -> Option<String> {
 }
 
 impl RequestBody {
-    pub fn streaming(rest: http_body_util::Limited<Incoming>) -> Self {
+    pub fn streaming(rest: http_body_util::Limited<crate::forward::ClientBody>) -> Self {
         Self {
             prefix: None,
             rest: Some(rest),
@@ -276,27 +275,30 @@ pub enum Peeked {
     /// The whole body, at most [`MAX_INSPECTED_BODY`] bytes.
     Whole(Bytes),
     /// A larger body: the bytes read, replayed ahead of the rest, still streaming.
-    Partial(RequestBody),
+    Partial(Box<RequestBody>),
 }
 
 /// Reads `body` whole if it is at most [`MAX_INSPECTED_BODY`] bytes; a larger body is never
-/// buffered: what was read goes first, the rest streams behind it.
+/// buffered: what was read goes first, the rest streams behind it. Every byte held counts
+/// against `permit` (the process-wide bound on buffered request bodies).
 pub async fn read_bounded(
-    mut body: http_body_util::Limited<Incoming>,
+    mut body: http_body_util::Limited<crate::forward::ClientBody>,
+    permit: &mut crate::accept::BufferPermit,
 ) -> Result<Peeked, Box<dyn std::error::Error + Send + Sync>> {
     let mut buf = BytesMut::new();
     loop {
         if buf.len() > MAX_INSPECTED_BODY {
-            return Ok(Peeked::Partial(RequestBody {
+            return Ok(Peeked::Partial(Box::new(RequestBody {
                 prefix: Some(buf.freeze()),
                 rest: Some(body),
                 tap: None,
-            }));
+            })));
         }
         match body.frame().await {
             None => break,
             Some(frame) => {
                 if let Ok(data) = frame?.into_data() {
+                    permit.grow(data.len())?;
                     buf.extend_from_slice(&data);
                 }
             }
