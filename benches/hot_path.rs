@@ -16,9 +16,9 @@ use byokd::config::Config;
 use byokd::identify::identify;
 use byokd::keys::manage::{self, NewKey};
 use byokd::keys::{Keyring, PlainKey};
-use byokd::pipeline::RequestId;
 use byokd::rewrite::rewrite;
 use byokd::route::route;
+use byokd::vocab::RequestId;
 
 /// Polls a future that must complete without waiting (a warm-cache lookup).
 fn ready<F: Future>(f: F) -> F::Output {

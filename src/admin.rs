@@ -89,12 +89,8 @@ impl Admin {
             .get(header::AUTHORIZATION)
             .and_then(|v| crate::identify::bearer_token(v.as_bytes()))
             .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim_ascii())));
-        let ok = presented.is_some_and(|d| {
-            d.iter()
-                .zip(expected.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        });
+        let ok = presented
+            .is_some_and(|d| bool::from(subtle::ConstantTimeEq::ct_eq(&d[..], &expected[..])));
         if ok {
             return None;
         }

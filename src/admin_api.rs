@@ -138,7 +138,7 @@ async fn route(
     let audit = proxy.keyring.audit().as_ref();
     let kms = proxy.keyring.kms().as_ref();
     let out = match (&parts.method, segs.as_slice()) {
-        (&Method::GET, ["admin", "tenants", t, "usage"]) if crate::config::valid_tenant_id(t) => {
+        (&Method::GET, ["admin", "tenants", t, "usage"]) if crate::vocab::valid_tenant_id(t) => {
             let resp = proxy.usage(t);
             let bytes = resp
                 .into_body()
@@ -229,7 +229,7 @@ async fn route(
         match proxy.keyring.reload().await {
             Ok(()) => proxy
                 .metrics
-                .key_expiry(&proxy.keyring.snapshot(), crate::keys::unix_now()),
+                .key_expiry(&proxy.keyring.snapshot(), crate::vocab::unix_now()),
             Err(e) => tracing::warn!(error = %e,
                 "reload after an admin change failed; the watcher will retry"),
         }
@@ -285,40 +285,12 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Incoming) -> Result<T, 
     })
 }
 
+/// A query parameter, percent-decoded (`%3A` → `:`: tenant ids may hold `:`, which clients
+/// escape in a query).
 fn query_param(q: Option<&str>, name: &str) -> Option<String> {
-    q?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-/// `%3A` → `:` (tenant ids may hold `:`, which clients escape in a query).
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(q?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -341,6 +313,9 @@ mod tests {
             super::query_param(Some("a=1&tenant=acme%3Aeu"), "tenant").as_deref(),
             Some("acme:eu")
         );
-        assert_eq!(super::percent_decode("x%2"), "x%2");
+        assert_eq!(
+            super::query_param(Some("tenant=x%2"), "tenant").as_deref(),
+            Some("x%2")
+        );
     }
 }

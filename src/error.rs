@@ -100,21 +100,6 @@ pub enum ForwardError {
     BodyFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Displays an error with its whole `source` chain, for operator logs only.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
-}
-
 /// Who caused an error: decides log level and whether an operator must act.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blame {

@@ -20,14 +20,15 @@ use crate::config::{Config, FailoverStep, TenantPolicy};
 use crate::error::{Code, CredentialError, ProxyError};
 use crate::forward::{IdleTimeout, Upstream};
 use crate::keys::store::{KeyRecord, Snapshot};
-use crate::keys::{Credential, KeySource, Keyring, PLATFORM_TENANT, unix_now};
+use crate::keys::{Credential, KeySource, Keyring, PLATFORM_TENANT};
 use crate::metrics::Metrics;
-use crate::pipeline::RequestId;
 use crate::pool::{KeyLoad, KeyPools, Lease};
 use crate::provider::Provider;
 use crate::rewrite::rewrite;
 use crate::route::Route;
 use crate::stream_usage::{BodyKind, RequestBody, add_include_usage};
+use crate::vocab::RequestId;
+use crate::vocab::unix_now;
 
 /// Response header: how many upstream attempts the answer took.
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-byokd-attempts");

@@ -10,11 +10,10 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::accept::Peer;
-use crate::config::{
-    CertTenant, Config, HeaderTrust, IdentitySource, reserved_tenant_id, valid_tenant_id,
-};
+use crate::config::{CertTenant, Config, HeaderTrust, IdentitySource};
 use crate::error::IdentifyError;
 use crate::keys::store::Snapshot;
+use crate::vocab::{reserved_tenant_id, valid_tenant_id};
 
 /// Headers an SDK puts its `api_key` in; any of them may carry a platform token.
 const TOKEN_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];

@@ -130,34 +130,7 @@ pub struct Ledger {
     pending: Option<DashMap<Box<str>, Mutex<TenantMonth>>>,
 }
 
-/// `YYYY-MM` of a unix time, UTC.
-pub fn month_of(unix_secs: i64) -> String {
-    let (year, month, _) = civil_from_days(unix_secs.div_euclid(86_400));
-    format!("{year:04}-{month:02}")
-}
-
-/// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian (Howard
-/// Hinnant's civil-from-days).
-pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// The first instant of the month after `period` (`YYYY-MM`), RFC 3339 UTC: when a
-/// monthly budget resets.
-pub fn next_month_start(period: &str) -> Option<String> {
-    let (y, m) = period.split_once('-')?;
-    let (y, m): (i64, u32) = (y.parse().ok()?, m.parse().ok()?);
-    let (y, m) = if m >= 12 { (y + 1, 1) } else { (y, m + 1) };
-    Some(format!("{y:04}-{m:02}-01T00:00:00Z"))
-}
+use crate::vocab::clock::month_of;
 
 /// Nano-dollars as an exact decimal string of USD (`28500` → `"0.0000285"`).
 pub fn usd(nanos: u64) -> String {

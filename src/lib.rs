@@ -35,3 +35,4 @@ pub mod server;
 pub mod stream_usage;
 pub mod tls;
 pub mod usage;
+pub mod vocab;

@@ -615,7 +615,7 @@ impl Metrics {
             usage.model.as_deref().unwrap_or(""),
             usage,
             r.price.map(|p| p.cost_nanos(usage)),
-            crate::keys::unix_now(),
+            crate::vocab::unix_now(),
         );
         if usage.metered() {
             match r.price {
@@ -655,7 +655,7 @@ pub struct Recorder {
     pub provider_idx: usize,
     pub status: http::StatusCode,
     pub started: Instant,
-    pub request_id: crate::pipeline::RequestId,
+    pub request_id: crate::vocab::RequestId,
     pub key_source: KeySource,
     /// Set by `finish` from the pricing table, so `completed` sees one struct.
     pub price: Option<crate::pricing::Price>,
@@ -756,7 +756,7 @@ mod tests {
             provider_idx: 0,
             status: http::StatusCode::from_u16(status).unwrap(),
             started: Instant::now(),
-            request_id: crate::pipeline::RequestId::new(),
+            request_id: crate::vocab::RequestId::new(),
             key_source: KeySource::Tenant,
             price: None,
             capability: crate::usage::Capability::Tokens,

@@ -1,7 +1,6 @@
 //! Runs the steps of the data flow, in order, over one request. The only file that knows
 //! the order: route ► identify ► admit ► credential ► rewrite ► forward ► meter ► record.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +13,7 @@ use hyper::body::Incoming;
 use crate::accept::Peer;
 use crate::admit::admit;
 use crate::config::{Config, IdentitySource};
-use crate::error::{CredentialError, ErrorChain, ForwardError, LimitError, ProxyError};
+use crate::error::{CredentialError, ForwardError, LimitError, ProxyError};
 use crate::failover::Payload;
 use crate::forward::{IdleTimeout, Side, Upstream};
 use crate::identify::{identify, user_key};
@@ -28,56 +27,13 @@ use crate::stream_usage::{
     BodyKind, Peeked, RequestBody, StripUsage, read_bounded, speech_characters,
 };
 use crate::usage::{Capability, MeteredBody, scanner_for_capability};
+use crate::vocab::{ErrorChain, RequestId};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
 pub type ProxyBody = Either<
     StripUsage<MeteredBody<crate::cut::CutBody<Leased<IdleTimeout<Incoming>>>>>,
     Full<Bytes>,
 >;
-
-/// A short random id per request, for logs and error messages; formatted only when used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestId(u64);
-
-impl RequestId {
-    /// Thread-local xorshift seeded from the OS: unique enough for correlation, no shared
-    /// counter cache line between cores.
-    pub fn new() -> Self {
-        thread_local! {
-            static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
-                let mut b = [0u8; 8];
-                let _ = getrandom::fill(&mut b);
-                u64::from_le_bytes(b) | 1
-            });
-        }
-        STATE.with(|s| {
-            let mut x = s.get();
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            s.set(x);
-            RequestId(x)
-        })
-    }
-}
-
-impl Default for RequestId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl RequestId {
-    pub fn as_u64(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for RequestId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
 
 /// Per-request state shared by the steps.
 #[derive(Debug)]
@@ -341,7 +297,7 @@ impl Proxy {
             } else {
                 0
             };
-            admission.reserve(nanos, crate::keys::unix_now()).await?;
+            admission.reserve(nanos, crate::vocab::unix_now()).await?;
             if let (Some(allowance), Some(price)) = (admission.allowance(), price) {
                 let input_tokens = len.div_ceil(4);
                 cut_plan = Some(crate::cut::CutPlan {
@@ -474,7 +430,7 @@ impl Proxy {
             .filter(|(i, _)| policy.allows(*i))
             .map(|(_, p)| &*p.name)
             .collect();
-        let month = self.metrics.ledger.month(tenant, crate::keys::unix_now());
+        let month = self.metrics.ledger.month(tenant, crate::vocab::unix_now());
         let rate = |l: &crate::policy::LimitSpec| {
             serde_json::json!({
                 "requests_per_minute": l.requests_per_minute,
@@ -495,7 +451,7 @@ impl Proxy {
                 "remaining_usd": crate::ledger::usd(b.monthly_nanos.saturating_sub(spent)),
                 "alert_at": b.alert_at,
                 "on_exhausted": if b.cut { "cut" } else { "reject" },
-                "resets_at": crate::ledger::next_month_start(&month.period),
+                "resets_at": crate::vocab::clock::next_month_start(&month.period),
             })
         });
         let limits = serde_json::json!({

@@ -376,7 +376,7 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
     }
     let key = format!(
         "{prefix}{{both}}:spend:{}",
-        byokd::ledger::month_of(byokd::keys::unix_now())
+        byokd::vocab::clock::month_of(byokd::vocab::unix_now())
     );
     assert!(
         eventually_sync(|| {
@@ -394,7 +394,7 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
         .args(["-p", "6379", "GET"])
         .arg(format!(
             "{prefix}{{beta}}:spend:{}",
-            byokd::ledger::month_of(byokd::keys::unix_now())
+            byokd::vocab::clock::month_of(byokd::vocab::unix_now())
         ))
         .output()
         .unwrap();
@@ -405,7 +405,7 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
                 .args(["-p", "6379", "GET"])
                 .arg(format!(
                     "{prefix}{{beta}}:spend:{}",
-                    byokd::ledger::month_of(byokd::keys::unix_now())
+                    byokd::vocab::clock::month_of(byokd::vocab::unix_now())
                 ))
                 .output()
                 .unwrap();
@@ -563,7 +563,7 @@ async fn redis_stopped_and_restarted_mid_run() {
     // open: 1 + 3 + 1 requests of 5,850 nano-dollars, all in Redis now.
     let key = format!(
         "t:{{open}}:spend:{}",
-        byokd::ledger::month_of(byokd::keys::unix_now())
+        byokd::vocab::clock::month_of(byokd::vocab::unix_now())
     );
     assert!(
         eventually_sync(|| {

@@ -132,7 +132,7 @@ where
             let detail = match (&code, e.message()) {
                 (Some(c), Some(m)) => format!("{c}: {m}"),
                 (Some(c), None) => c.clone(),
-                _ => crate::error::ErrorChain(&e).to_string(),
+                _ => crate::vocab::ErrorChain(&e).to_string(),
             };
             KeyError::KmsUnavailable(detail)
         }

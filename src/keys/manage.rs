@@ -12,10 +12,10 @@ use super::envelope::{self, Binding};
 use super::kms::Kms;
 use super::kms::WrappedKey;
 use super::store::{Change, KeyRecord, KeyState, KeyStore, TokenRecord};
-use super::{KeyError, PLATFORM_TENANT, PlainKey, unix_now};
+use super::{KeyError, PLATFORM_TENANT, PlainKey};
 use crate::audit::Audit;
-use crate::config::{reserved_tenant_id, valid_tenant_id};
 use crate::provider::{Provider, mask};
+use crate::vocab::{reserved_tenant_id, unix_now, valid_tenant_id};
 
 /// What a caller asks to register.
 #[derive(Debug)]

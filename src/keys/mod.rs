@@ -192,12 +192,6 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 impl Keyring {
     pub fn new(
         kms: Arc<dyn Kms>,
@@ -256,7 +250,7 @@ impl Keyring {
         // a just-revoked key, but it can no longer be found through the new snapshot, and the
         // sweep zeroizes it at its TTL at the latest.
         self.snapshot.store(snap.clone());
-        let now = unix_now();
+        let now = crate::vocab::unix_now();
         let usable: std::collections::HashSet<(&str, u32)> = snap
             .tenants
             .values()
@@ -292,9 +286,9 @@ impl Keyring {
         tenant: &str,
         provider: &Provider,
         platform_fallback: bool,
-        request_id: crate::pipeline::RequestId,
+        request_id: crate::vocab::RequestId,
     ) -> Result<Option<Credential>, CredentialError> {
-        let now = unix_now();
+        let now = crate::vocab::unix_now();
         let found = {
             let snap = self.snapshot.load();
             snap.key_for(tenant, &provider.name, now)
@@ -324,7 +318,7 @@ impl Keyring {
         record: Arc<KeyRecord>,
         source: KeySource,
         provider: &Provider,
-        request_id: crate::pipeline::RequestId,
+        request_id: crate::vocab::RequestId,
     ) -> Result<Credential, CredentialError> {
         let stale = match self.inner.cache.get(record.id.as_str()) {
             Some(e)
@@ -400,7 +394,7 @@ impl Keyring {
         &self,
         record: &Arc<KeyRecord>,
         prefix: &'static str,
-        request_id: crate::pipeline::RequestId,
+        request_id: crate::vocab::RequestId,
         reason: &'static str,
     ) -> Result<(AuthValue, bool), Arc<KeyError>> {
         let flight_key = format!(
@@ -479,7 +473,7 @@ impl Shared_ {
         &self,
         r: &KeyRecord,
         prefix: &str,
-        request_id: crate::pipeline::RequestId,
+        request_id: crate::vocab::RequestId,
         reason: &str,
     ) -> Result<AuthValue, KeyError> {
         let binding = Binding {

@@ -506,7 +506,7 @@ impl PgStore {
             *g = None;
             return Err(e);
         }
-        let period = crate::ledger::month_of(super::unix_now());
+        let period = crate::vocab::clock::month_of(crate::vocab::unix_now());
         let rows = c
             .query(
                 &format!(
@@ -629,7 +629,7 @@ pub fn listen(
 
 async fn reload(keyring: &Keyring, metrics: &Metrics) -> Result<(), KeyError> {
     keyring.reload().await?;
-    metrics.key_expiry(&keyring.snapshot(), super::unix_now());
+    metrics.key_expiry(&keyring.snapshot(), crate::vocab::unix_now());
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     Ok(())
 }

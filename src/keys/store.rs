@@ -394,7 +394,7 @@ impl Snapshot {
         for t in data
             .tokens
             .iter()
-            .filter(|t| !t.revoked && !crate::config::reserved_tenant_id(&t.tenant))
+            .filter(|t| !t.revoked && !crate::vocab::reserved_tenant_id(&t.tenant))
         {
             let mut h = [0u8; 32];
             if hex::decode_to_slice(&t.sha256, &mut h).is_ok() {

@@ -23,9 +23,10 @@ use dashmap::DashMap;
 use local::{Local, Scope};
 use shared::{ADMIT_LUA, FINISH_LUA, RESERVE_LUA, Shared, connect_loop, timeout_err};
 
-use crate::config::{Redacted, TenantPolicy};
+use crate::config::TenantPolicy;
 use crate::error::AdmitError;
 use crate::metrics::Metrics;
+use crate::vocab::Redacted;
 
 /// What to do with a policy when Redis cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,7 +336,7 @@ impl Admission {
             return Ok(());
         };
         let p = self.policy.clone();
-        let period = crate::ledger::month_of(now);
+        let period = crate::vocab::clock::month_of(now);
         let tenant = self.tenant.clone();
         if let Some((s, mut conn)) = p.conn() {
             let seed = p.ledger_spend(&tenant, now);
@@ -427,8 +428,8 @@ impl Admission {
                 .reserved(&self.tenant)
                 .fetch_sub(*est, Ordering::AcqRel);
             if let Some(b) = &self.budget {
-                let now = crate::keys::unix_now();
-                let period = crate::ledger::month_of(now);
+                let now = crate::vocab::unix_now();
+                let period = crate::vocab::clock::month_of(now);
                 p.publish(&self.tenant, p.ledger_spend(&self.tenant, now), b, &period);
                 if p.shared.is_some() {
                     // Decided locally during an outage: Redis gets this spend when it returns.
@@ -470,7 +471,10 @@ impl Admission {
             keys.push(p.key(&[&tenant, "spend", period]));
             args.push(format!("{}:{est}", self.member));
             args.push(cost.to_string());
-            args.push(p.ledger_spend(&tenant, crate::keys::unix_now()).to_string());
+            args.push(
+                p.ledger_spend(&tenant, crate::vocab::unix_now())
+                    .to_string(),
+            );
             args.push(SPEND_TTL_SECS.to_string());
         }
         let owed = budget.map(|(_, period, b)| (tenant, period, b, cost));

@@ -1,0 +1,14 @@
+//! The shared vocabulary at the bottom of the layers: small types and rules every other
+//! module may use and none of which imports anything of byokd's own.
+//!
+//! - [`ids`]: tenant id rules and the per-request id.
+//! - [`clock`]: unix time and the UTC calendar (months for budgets, RFC 3339 for records).
+//! - [`text`]: values hidden from `Debug`, and an error displayed with its causes.
+
+pub mod clock;
+pub mod ids;
+pub mod text;
+
+pub use clock::unix_now;
+pub use ids::{RequestId, reserved_tenant_id, valid_tenant_id};
+pub use text::{ErrorChain, Redacted};
