@@ -125,12 +125,13 @@ fn bench(c: &mut Criterion) {
     ready(keyring.credential("tenant-500", &openai, false, RequestId::new())).unwrap();
 
     c.bench_function("route", |b| {
-        b.iter(|| route(&cfg, black_box("/v1/chat/completions")).unwrap())
+        b.iter(|| route(&cfg.providers, black_box("/v1/chat/completions")).unwrap())
     });
     c.bench_function("identify/header", |b| {
         b.iter(|| {
             identify(
-                &cfg,
+                &cfg.identity,
+                &cfg.tenants,
                 &keyring.snapshot(),
                 black_box(&by_header.headers),
                 &peer,
@@ -141,7 +142,8 @@ fn bench(c: &mut Criterion) {
     c.bench_function("identify/bearer_sha256", |b| {
         b.iter(|| {
             identify(
-                &cfg,
+                &cfg.identity,
+                &cfg.tenants,
                 &keyring.snapshot(),
                 black_box(&by_token.headers),
                 &peer,
@@ -167,7 +169,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let plan = byokd::failover::plan(
                     &keyring,
-                    &cfg,
+                    &cfg.providers,
                     cfg.policy(tenant),
                     black_box(tenant),
                     idx,
@@ -188,7 +190,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(by_header.clone()))
     });
     let cred = ready(keyring.credential("tenant-500", &openai, false, RequestId::new())).unwrap();
-    let r = route(&cfg, "/v1/chat/completions").unwrap();
+    let r = route(&cfg.providers, "/v1/chat/completions").unwrap();
     c.bench_function("rewrite (incl. parts clone)", |b| {
         b.iter(|| {
             let mut p = by_header.clone();
@@ -201,8 +203,15 @@ fn bench(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let mut p = by_header.clone();
-                let r = route(&cfg, p.uri.path()).unwrap();
-                let tenant = identify(&cfg, &keyring.snapshot(), &p.headers, &peer).unwrap();
+                let r = route(&cfg.providers, p.uri.path()).unwrap();
+                let tenant = identify(
+                    &cfg.identity,
+                    &cfg.tenants,
+                    &keyring.snapshot(),
+                    &p.headers,
+                    &peer,
+                )
+                .unwrap();
                 let policy = cfg.policy(&tenant);
                 let provider = &cfg.providers[policy.default_provider];
                 let cred =

@@ -20,8 +20,22 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::Limits;
 use crate::tls::ClientCert;
+
+/// The request broke a configured size limit.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("request headers exceed the configured limit")]
+    HeadersTooLarge,
+    #[error("request body exceeds the configured limit of {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("the request body could not be read: the client closed or broke the upload")]
+    ClientClosed,
+    #[error("the request body stalled: nothing arrived within the body timeout")]
+    BodyTimeout,
+    #[error("byokd holds too many request bodies in memory right now; retry shortly")]
+    Overloaded,
+}
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -395,6 +409,40 @@ impl Drop for BufferPermit {
     fn drop(&mut self) {
         if self.held > 0 {
             self.budget.used.fetch_sub(self.held, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    pub header_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Longest pause allowed while the client sends its request body (408 past it).
+    pub body_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
+    pub keepalive_timeout: Duration,
+    /// Request-body bytes byokd may hold in memory at once, across all connections.
+    pub max_buffered_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 32 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(25),
+            body_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -11,9 +11,9 @@ use zeroize::Zeroizing;
 
 use crate::keys::manage::{self, NewKey};
 use crate::keys::store::public_json;
-use crate::keys::verify::{VerifyError, verify_key};
 use crate::keys::{KeyError, PlainKey};
 use crate::pipeline::Proxy;
+use crate::verify::{VerifyError, verify_key};
 
 /// Management bodies are small; a larger one is a mistake or an attack.
 const MAX_BODY: usize = 64 * 1024;
@@ -227,9 +227,12 @@ async fn route(
     // watcher event or notification.
     if parts.method != Method::GET {
         match proxy.keyring.reload().await {
-            Ok(()) => proxy
-                .metrics
-                .key_expiry(&proxy.keyring.snapshot(), crate::vocab::unix_now()),
+            Ok(()) => proxy.metrics.key_expiry(
+                proxy
+                    .keyring
+                    .snapshot()
+                    .expiring_soon(crate::vocab::unix_now()),
+            ),
             Err(e) => tracing::warn!(error = %e,
                 "reload after an admin change failed; the watcher will retry"),
         }

@@ -3,8 +3,8 @@
 //! The allow-list is checked here; rate limits and the budget reservation follow in
 //! [`crate::policy`], which holds their state.
 
-use crate::config::TenantPolicy;
-use crate::error::AdmitError;
+use crate::policy::AdmitError;
+use crate::policy::TenantPolicy;
 use crate::provider::Provider;
 
 pub fn admit(policy: &TenantPolicy, idx: usize, provider: &Provider) -> Result<(), AdmitError> {

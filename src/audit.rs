@@ -178,6 +178,12 @@ fn open_append(path: &Path) -> Result<std::fs::File, AuditError> {
         .map_err(err)
 }
 
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub target: AuditTarget,
+    pub on_error: OnError,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

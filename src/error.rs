@@ -1,6 +1,6 @@
 //! Every error byokd itself answers with, mapped to HTTP in one place.
 //!
-//! Each step of the data flow has its own error enum; [`ProxyError`] wraps them and is
+//! Each step of the data flow has its own error enum, in its own module; [`ProxyError`] wraps them and is
 //! the only place that decides the status code, the stable `x-byokd-error` code, who is
 //! to blame, and the provider-shaped body the client sees. Details stay in the `#[source]`
 //! chain for `tracing`; the client gets a short message and the request id.
@@ -9,96 +9,17 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
+use crate::accept::LimitError;
+use crate::failover::AttemptError;
+use crate::forward::ForwardError;
+use crate::identify::IdentifyError;
+use crate::keys::CredentialError;
+use crate::policy::AdmitError;
 use crate::provider::ErrorShape;
+use crate::route::RouteError;
 
 /// Name of the response header carrying the stable error code.
 pub const ERROR_HEADER: &str = "x-byokd-error";
-
-/// The route step could not map the path to a provider.
-#[derive(Debug, thiserror::Error)]
-pub enum RouteError {
-    #[error("no route for this path; use /v1/..., /{{provider}}/... or /byokd/...")]
-    UnknownRoute,
-    #[error("provider `{0}` is not configured")]
-    UnknownProvider(String),
-    #[error("method {0} is not proxied")]
-    MethodNotAllowed(http::Method),
-    #[error("an HTTP/1.1 request needs exactly one Host header")]
-    BadHost,
-}
-
-/// The identify step found no tenant, or found two.
-#[derive(Debug, thiserror::Error)]
-pub enum IdentifyError {
-    #[error("no tenant identity: send a platform token as the API key or the tenant header")]
-    NoIdentity,
-    #[error("the tenant header is not a valid tenant id ([A-Za-z0-9_.:-]{{1,128}})")]
-    BadTenantId,
-    #[error("tenant is not known to byokd")]
-    UnknownTenant,
-    #[error("identity sources disagree about the tenant")]
-    Conflict,
-}
-
-/// The admit step refused the request before it reached the provider.
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    #[error("provider `{0}` is not allowed for this tenant")]
-    ProviderNotAllowed(String),
-    #[error("rate limit reached for this tenant; retry in {retry_after} s")]
-    RateLimited { retry_after: u64 },
-    #[error("this tenant's monthly budget is exhausted")]
-    BudgetExceeded,
-    #[error("limits cannot be checked right now (shared state unavailable); retry shortly")]
-    SharedStateUnavailable,
-}
-
-/// The credential step has no usable key.
-#[derive(Debug, thiserror::Error)]
-pub enum CredentialError {
-    #[error("no key registered for provider `{0}` for this tenant")]
-    NoKey(String),
-    #[error("this tenant's end users may not send their own key")]
-    PassthroughNotAllowed,
-    #[error("the user key header is invalid: {0}")]
-    BadUserKey(String),
-    #[error("the key could not be decrypted right now; retry shortly")]
-    Unavailable {
-        retry_after: u64,
-        #[source]
-        source: std::sync::Arc<crate::keys::KeyError>,
-    },
-}
-
-/// The request broke a configured size limit.
-#[derive(Debug, thiserror::Error)]
-pub enum LimitError {
-    #[error("request headers exceed the configured limit")]
-    HeadersTooLarge,
-    #[error("request body exceeds the configured limit of {0} bytes")]
-    BodyTooLarge(u64),
-    #[error("the request body could not be read: the client closed or broke the upload")]
-    ClientClosed,
-    #[error("the request body stalled: nothing arrived within the body timeout")]
-    BodyTimeout,
-    #[error("byokd holds too many request bodies in memory right now; retry shortly")]
-    Overloaded,
-}
-
-/// The forward step could not get a response from the upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("upstream could not be reached")]
-    Unreachable(#[source] hyper_util::client::legacy::Error),
-    #[error("upstream sent no response within {0:?}")]
-    Timeout(std::time::Duration),
-    #[error("upstream request could not be built")]
-    BadUpstreamRequest(#[source] http::Error),
-    #[error("the stored key cannot be sent as a header")]
-    InvalidCredential,
-    #[error("the upstream response failed before its first byte")]
-    BodyFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
 
 /// Who caused an error: decides log level and whether an operator must act.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,14 +120,17 @@ impl Code {
     }
 }
 
-impl ProxyError {
-    /// The upstream connection could not be made, so the request was never sent: the one
-    /// transport failure after which trying elsewhere cannot bill twice. A reset after the
-    /// request went out, or a timeout waiting for the answer, may already have cost money.
-    pub fn never_sent(&self) -> bool {
-        matches!(self, Self::Forward(ForwardError::Unreachable(e)) if e.is_connect())
+impl From<AttemptError> for ProxyError {
+    fn from(e: AttemptError) -> Self {
+        match e {
+            AttemptError::Forward(f) => Self::Forward(f),
+            AttemptError::Limit(l) => Self::Limit(l),
+            AttemptError::Credential(c) => Self::Credential(c),
+        }
     }
+}
 
+impl ProxyError {
     pub fn kind(&self) -> Code {
         match self {
             Self::Route(RouteError::UnknownRoute | RouteError::UnknownProvider(_)) => {

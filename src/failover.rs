@@ -16,12 +16,13 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, request};
 use hyper::body::Incoming;
 
-use crate::config::{Config, FailoverStep, TenantPolicy};
-use crate::error::{Code, CredentialError, ProxyError};
+use crate::forward::{ForwardError, SendError};
 use crate::forward::{IdleTimeout, Upstream};
+use crate::keys::CredentialError;
 use crate::keys::store::{KeyRecord, Snapshot};
 use crate::keys::{Credential, KeySource, Keyring, PLATFORM_TENANT};
 use crate::metrics::Metrics;
+use crate::policy::{FailoverStep, TenantPolicy};
 use crate::pool::{KeyLoad, KeyPools, Lease};
 use crate::provider::Provider;
 use crate::rewrite::rewrite;
@@ -98,14 +99,14 @@ impl Plan {
 /// stand in for a missing key.
 pub fn plan(
     keyring: &Keyring,
-    cfg: &Config,
+    providers: &[Arc<Provider>],
     policy: &TenantPolicy,
     tenant: &str,
     idx: usize,
 ) -> Result<Plan, CredentialError> {
     let now = unix_now();
     let snap = keyring.snapshot();
-    let provider = &cfg.providers[idx];
+    let provider = &providers[idx];
     let chain = policy.failover_of(idx);
 
     // Fast path: one key and no chain, the usual case: no pool state is touched.
@@ -145,7 +146,7 @@ pub fn plan(
             // A chain inherited from `defaults` may name a provider this tenant's own
             // allow-list excludes: skipped, since a refused provider is never reached.
             FailoverStep::Provider(q) if policy.allows(q) => {
-                let p = &cfg.providers[q];
+                let p = &providers[q];
                 if !b.own_or_platform(tenant, q, p, policy.platform_fallback) && !p.requires_key() {
                     b.keyless(q);
                 }
@@ -327,7 +328,7 @@ pub struct Attempted {
 
 /// What the attempt loop needs from the pipeline.
 pub struct Attempts<'a> {
-    pub cfg: &'a Config,
+    pub providers: &'a [Arc<Provider>],
     pub keyring: &'a Keyring,
     pub metrics: &'a Metrics,
     pub upstream: &'a Upstream,
@@ -339,6 +340,27 @@ pub struct Attempts<'a> {
     /// For the request-model tap, set on every attempt's body (first answer wins).
     pub body_kind: Option<BodyKind>,
     pub request_model: Arc<OnceLock<Box<str>>>,
+}
+
+/// Why the attempt loop gave up: the last upstream call's failure, a rewrite that could not
+/// be built, or no usable key.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Limit(#[from] crate::accept::LimitError),
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+}
+
+impl From<SendError> for AttemptError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Forward(f) => Self::Forward(f),
+            SendError::Limit(l) => Self::Limit(l),
+        }
+    }
 }
 
 /// Progress visible to the pipeline when the loop ends in an error.
@@ -357,7 +379,7 @@ impl Attempts<'_> {
         parts: request::Parts,
         mut payload: Payload,
         progress: &mut Progress,
-    ) -> Result<Attempted, ProxyError> {
+    ) -> Result<Attempted, AttemptError> {
         let max = if payload.replayable() {
             plan.candidates.len()
         } else {
@@ -372,7 +394,7 @@ impl Attempts<'_> {
         let mut candidates = plan.candidates.into_iter().take(max);
         let mut next = self.next_ready(&mut candidates, down, true).await?;
         while let Some((cand, credential)) = next.take() {
-            let provider = &self.cfg.providers[cand.provider];
+            let provider = &self.providers[cand.provider];
             progress.provider = Some(cand.provider);
             let mut parts = match template.take() {
                 Some(t) if candidates.len() > 0 => {
@@ -405,19 +427,15 @@ impl Attempts<'_> {
             progress.attempts += 1;
             let failure = match self.upstream.send(Request::from_parts(parts, body)).await {
                 Err(e) => {
-                    let kind = match e.kind() {
-                        Code::UpstreamTimeout => "timeout",
-                        Code::BodyTooLarge => "body_too_large",
-                        _ => "connect",
-                    };
+                    let kind = e.kind();
                     self.metrics.upstream_error(&provider.name, kind);
                     if !e.never_sent() {
                         // Sent (or maybe sent) already: another attempt could be billed a
                         // second time, so the error is the answer.
-                        return Err(e);
+                        return Err(e.into());
                     }
                     down |= bit(cand.provider);
-                    (kind, Err(e))
+                    (kind, Err(e.into()))
                 }
                 Ok(resp) => {
                     let status = resp.status();
@@ -466,7 +484,7 @@ impl Attempts<'_> {
         Err(CredentialError::NoKey(
             progress
                 .provider
-                .map_or_else(String::new, |i| self.cfg.providers[i].name.to_string()),
+                .map_or_else(String::new, |i| self.providers[i].name.to_string()),
         )
         .into())
     }
@@ -479,12 +497,12 @@ impl Attempts<'_> {
         candidates: &mut impl Iterator<Item = Candidate>,
         down: u64,
         first: bool,
-    ) -> Result<Option<(Candidate, Option<Credential>)>, ProxyError> {
+    ) -> Result<Option<(Candidate, Option<Credential>)>, AttemptError> {
         for cand in candidates.by_ref() {
             if down & bit(cand.provider) != 0 {
                 continue;
             }
-            let provider = &self.cfg.providers[cand.provider];
+            let provider = &self.providers[cand.provider];
             match self.credential(&cand, provider).await {
                 Ok(c) => return Ok(Some((cand, c))),
                 // The routed provider's first key failing is the request's answer, as

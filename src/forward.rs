@@ -23,8 +23,50 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::time::Sleep;
 
-use crate::config::{Limits, UpstreamConfig};
-use crate::error::{ForwardError, LimitError, ProxyError};
+use crate::accept::LimitError;
+use crate::accept::Limits;
+
+/// The forward step could not get a response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("upstream could not be reached")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream sent no response within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("upstream request could not be built")]
+    BadUpstreamRequest(#[source] http::Error),
+    #[error("the stored key cannot be sent as a header")]
+    InvalidCredential,
+    #[error("the upstream response failed before its first byte")]
+    BodyFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// One upstream call failed: the provider's side, or the app's body (too large, stalled).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+}
+
+impl SendError {
+    /// The upstream connection could not be made, so the request was never sent: the one
+    /// transport failure after which trying elsewhere cannot bill twice. A reset after the
+    /// request went out, or a timeout waiting for the answer, may already have cost money.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, Self::Forward(ForwardError::Unreachable(e)) if e.is_connect())
+    }
+
+    /// The `kind` label of `byokd_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Forward(ForwardError::Timeout(_)) => "timeout",
+            Self::Limit(LimitError::BodyTooLarge(_)) => "body_too_large",
+            _ => "connect",
+        }
+    }
+}
 
 /// The request body as sent upstream: the app's body, streamed, capped in size (with at most
 /// a small edited prefix, see `stream_usage`).
@@ -111,7 +153,7 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<IdleTimeout<Incoming>>, ProxyError> {
+    ) -> Result<Response<IdleTimeout<Incoming>>, SendError> {
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.first_byte_timeout).into()),
             Ok(Err(e)) if body_too_large(&e) => {
@@ -285,6 +327,13 @@ pub fn caused_by<'a, T: std::error::Error + 'static>(
 /// The app's request body stalled past `limits.body_timeout`.
 pub fn client_stalled(e: &(dyn std::error::Error + 'static)) -> bool {
     caused_by::<IdleTimedOut>(e).is_some_and(|t| t.side == Side::Client)
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
 }
 
 #[cfg(test)]

@@ -10,22 +10,40 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::accept::Peer;
-use crate::config::{CertTenant, Config, HeaderTrust, IdentitySource};
-use crate::error::IdentifyError;
+use std::collections::HashMap;
+
 use crate::keys::store::Snapshot;
+use crate::policy::TenantPolicy;
 use crate::vocab::{reserved_tenant_id, valid_tenant_id};
+
+/// The identify step found no tenant, or found two.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentifyError {
+    #[error("no tenant identity: send a platform token as the API key or the tenant header")]
+    NoIdentity,
+    #[error("the tenant header is not a valid tenant id ([A-Za-z0-9_.:-]{{1,128}})")]
+    BadTenantId,
+    #[error("tenant is not known to byokd")]
+    UnknownTenant,
+    #[error("identity sources disagree about the tenant")]
+    Conflict,
+}
 
 /// Headers an SDK puts its `api_key` in; any of them may carry a platform token.
 const TOKEN_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];
 
+/// Tenants named in the config's `tenants:` section (they exist without a key or token).
+pub type Configured = HashMap<Arc<str>, TenantPolicy>;
+
 pub fn identify(
-    cfg: &Config,
+    sources: &[IdentitySource],
+    configured: &Configured,
     snap: &Snapshot,
     headers: &HeaderMap,
     peer: &Peer,
 ) -> Result<Arc<str>, IdentifyError> {
     let mut found: Option<Arc<str>> = None;
-    for src in &cfg.identity {
+    for src in sources {
         let t = match src {
             IdentitySource::Header { name, only_from } => {
                 let trusted = match only_from {
@@ -36,13 +54,13 @@ pub fn identify(
                 // From a peer it does not trust, the header is not evidence of anything: it is
                 // ignored (and stripped before forwarding), never an error that probes it.
                 if trusted {
-                    from_header(cfg, snap, headers, name)?
+                    from_header(configured, snap, headers, name)?
                 } else {
                     None
                 }
             }
             IdentitySource::Bearer => from_token(snap, headers)?,
-            IdentitySource::Mtls(how) => from_cert(cfg, snap, peer, how)?,
+            IdentitySource::Mtls(how) => from_cert(configured, snap, peer, how)?,
             IdentitySource::Passthrough { .. } => None,
         };
         match (&found, t) {
@@ -55,7 +73,7 @@ pub fn identify(
 }
 
 fn from_header(
-    cfg: &Config,
+    configured: &Configured,
     snap: &Snapshot,
     headers: &HeaderMap,
     name: &http::HeaderName,
@@ -75,7 +93,7 @@ fn from_header(
     if reserved_tenant_id(t) {
         return Err(IdentifyError::UnknownTenant);
     }
-    canonical(cfg, snap, t)
+    canonical(configured, snap, t)
         .map(Some)
         .ok_or(IdentifyError::UnknownTenant)
 }
@@ -83,7 +101,7 @@ fn from_header(
 /// The tenant a verified client certificate names: a URI SAN under the configured prefix
 /// (a SPIFFE ID such as `spiffe://example.org/tenant/acme`) or the subject CN.
 fn from_cert(
-    cfg: &Config,
+    configured: &Configured,
     snap: &Snapshot,
     peer: &Peer,
     how: &CertTenant,
@@ -115,15 +133,18 @@ fn from_cert(
     if reserved_tenant_id(t) {
         return Err(IdentifyError::UnknownTenant);
     }
-    canonical(cfg, snap, t)
+    canonical(configured, snap, t)
         .map(Some)
         .ok_or(IdentifyError::UnknownTenant)
 }
 
 /// The end user's own key for this one request (`passthrough`): the provider it is for and
 /// the key, if both headers are present. Never stored, cached or logged.
-pub fn user_key<'h>(cfg: &Config, headers: &'h HeaderMap) -> Option<(&'h [u8], &'h [u8])> {
-    cfg.identity.iter().find_map(|s| match s {
+pub fn user_key<'h>(
+    sources: &[IdentitySource],
+    headers: &'h HeaderMap,
+) -> Option<(&'h [u8], &'h [u8])> {
+    sources.iter().find_map(|s| match s {
         IdentitySource::Passthrough {
             key_header,
             provider_header,
@@ -136,11 +157,11 @@ pub fn user_key<'h>(cfg: &Config, headers: &'h HeaderMap) -> Option<(&'h [u8], &
 }
 
 /// The shared `Arc<str>` for a tenant name, so later steps never allocate it.
-pub fn canonical(cfg: &Config, snap: &Snapshot, t: &str) -> Option<Arc<str>> {
+pub fn canonical(configured: &Configured, snap: &Snapshot, t: &str) -> Option<Arc<str>> {
     snap.tenants
         .get_key_value(t)
         .map(|(k, _)| k.clone())
-        .or_else(|| cfg.tenants.get_key_value(t).map(|(k, _)| k.clone()))
+        .or_else(|| configured.get_key_value(t).map(|(k, _)| k.clone()))
 }
 
 /// The credentials of an `Authorization: Bearer ...` value. The scheme is case-insensitive
@@ -174,6 +195,42 @@ fn from_token(snap: &Snapshot, headers: &HeaderMap) -> Result<Option<Arc<str>>, 
         }
     }
     Ok(found.cloned())
+}
+
+/// Which peers the tenant header is believed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderTrust {
+    /// Only from a loopback peer (the app in the same pod): the default.
+    Loopback,
+    /// Only on a connection with a verified client certificate.
+    Mtls,
+    /// From anyone who can reach the listener.
+    Any,
+}
+
+/// How the tenant is read from a verified client certificate.
+#[derive(Debug, Clone)]
+pub enum CertTenant {
+    /// A URI SAN starting with this prefix; the rest is the tenant (SPIFFE IDs).
+    UriSanPrefix(String),
+    /// The subject common name.
+    SubjectCn,
+}
+
+/// Where the tenant id may come from, in the order they are tried.
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    Header {
+        name: http::HeaderName,
+        only_from: HeaderTrust,
+    },
+    Bearer,
+    Mtls(CertTenant),
+    /// Not a tenant source: enables the end user's own key for tenants that allow it.
+    Passthrough {
+        key_header: http::HeaderName,
+        provider_header: http::HeaderName,
+    },
 }
 
 #[cfg(test)]

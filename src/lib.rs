@@ -35,4 +35,5 @@ pub mod server;
 pub mod stream_usage;
 pub mod tls;
 pub mod usage;
+pub mod verify;
 pub mod vocab;

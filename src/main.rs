@@ -262,7 +262,7 @@ fn provider(cfg: &Config, name: &str) -> Result<std::sync::Arc<byokd::provider::
 /// The live check of `--verify`, through the same upstream client `serve` uses.
 async fn verify(cfg: &Config, p: &byokd::provider::Provider, secret: &PlainKey) -> Result<()> {
     let upstream = byokd::forward::Upstream::new(&cfg.upstream, &cfg.limits)?;
-    byokd::keys::verify::verify_key(&upstream, p, secret.expose().trim()).await?;
+    byokd::verify::verify_key(&upstream, p, secret.expose().trim()).await?;
     eprintln!("verified: {} accepted the key", p.name);
     Ok(())
 }

@@ -14,8 +14,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::keys::KeySource;
 use crate::usage::{Outcome, Usage};
+use crate::vocab::KeySource;
 
 pub const OTHER: &str = "__other__";
 
@@ -492,16 +492,15 @@ impl Metrics {
         self.shared_state_up.set(i64::from(up));
     }
 
-    /// Recounts `byokd_keys_expiring_soon` from a store snapshot (on reload and every sweep).
-    pub fn key_expiry(&self, snap: &crate::keys::store::Snapshot, now: i64) {
-        const SOON: i64 = 14 * 86_400;
+    /// Recounts `byokd_keys_expiring_soon` from the (tenant, provider) of every usable key
+    /// that expires soon (on reload and every sweep). The store vouches for these tenants, so
+    /// they take label slots.
+    pub fn key_expiry<'a>(&self, expiring: impl IntoIterator<Item = (&'a str, &'a str)>) {
         let mut counts: std::collections::HashMap<(&str, &str), i64> = Default::default();
-        for r in snap.tenants.values().flat_map(|t| t.keys.iter()) {
-            if r.usable(now) && r.expires_at.is_some_and(|e| e - now <= SOON) {
-                *counts
-                    .entry((self.tenants.admit(&r.tenant), &r.provider))
-                    .or_default() += 1;
-            }
+        for (tenant, provider) in expiring {
+            *counts
+                .entry((self.tenants.admit(tenant), provider))
+                .or_default() += 1;
         }
         self.keys_expiring.reset();
         for ((t, p), n) in counts {

@@ -10,13 +10,16 @@ use http::{Request, Response};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::accept::LimitError;
 use crate::accept::Peer;
 use crate::admit::admit;
 use crate::config::{Config, IdentitySource};
-use crate::error::{CredentialError, ForwardError, LimitError, ProxyError};
+use crate::error::ProxyError;
 use crate::failover::Payload;
+use crate::forward::ForwardError;
 use crate::forward::{IdleTimeout, Side, Upstream};
 use crate::identify::{identify, user_key};
+use crate::keys::CredentialError;
 use crate::keys::{KeySource, Keyring};
 use crate::metrics::{Metrics, Recorder};
 use crate::pool::Leased;
@@ -182,10 +185,10 @@ impl Proxy {
 
         // route: pure path parsing; it also fixes the error shape the app's SDK expects.
         if !crate::accept::host_ok(parts.version, &parts.headers) {
-            return Err(crate::error::RouteError::BadHost.into());
+            return Err(crate::route::RouteError::BadHost.into());
         }
         check_method(&parts.method)?;
-        let route = route(cfg, parts.uri.path())?;
+        let route = route(&cfg.providers, parts.uri.path())?;
         if let Target::Named(i) = route.target {
             ctx.shape = cfg.providers[i].error_shape();
         }
@@ -193,7 +196,7 @@ impl Proxy {
 
         // identify
         let snapshot = self.keyring.snapshot();
-        let tenant = identify(cfg, &snapshot, &parts.headers, peer)?;
+        let tenant = identify(&cfg.identity, &cfg.tenants, &snapshot, &parts.headers, peer)?;
         drop(snapshot);
         ctx.tenant = Some(tenant.clone());
         let policy = cfg.policy(&tenant);
@@ -219,12 +222,12 @@ impl Proxy {
 
         // credential: the end user's own key if sent (and allowed), else the tenant's key
         // pool and failover chain; each attempt below decrypts the key it uses.
-        let plan = match user_key(cfg, &parts.headers) {
+        let plan = match user_key(&cfg.identity, &parts.headers) {
             Some((for_provider, key)) => crate::failover::Plan::given(
                 idx,
                 user_credential(policy, &provider, for_provider, key)?,
             ),
-            None => crate::failover::plan(&self.keyring, cfg, policy, &tenant, idx)?,
+            None => crate::failover::plan(&self.keyring, &cfg.providers, policy, &tenant, idx)?,
         };
 
         // forward. Request bodies stream; they are read first, whole and only up to
@@ -320,7 +323,7 @@ impl Proxy {
                 .map(|v| v.as_bytes()),
         );
         let attempts = crate::failover::Attempts {
-            cfg,
+            providers: &cfg.providers,
             keyring: &self.keyring,
             metrics: &self.metrics,
             upstream: &self.upstream,
@@ -476,7 +479,7 @@ impl Proxy {
 
 /// A credential from the end user's key header: checked, used for this request, never kept.
 fn user_credential(
-    policy: &crate::config::TenantPolicy,
+    policy: &crate::policy::TenantPolicy,
     provider: &Provider,
     for_provider: &[u8],
     key: &[u8],

@@ -8,7 +8,7 @@
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Version, request};
 
-use crate::error::ForwardError;
+use crate::forward::ForwardError;
 use crate::keys::Credential;
 use crate::provider::{Provider, ProviderKind};
 use crate::route::Route;

@@ -3,15 +3,29 @@
 //! `/v1/...` goes to the tenant's default provider with the path unchanged; `/{provider}/...`
 //! goes to the named provider with the rest of the path; `/byokd/...` is byokd's own.
 
-use crate::config::Config;
-use crate::error::RouteError;
+use std::sync::Arc;
+
+use crate::provider::Provider;
+
+/// The route step could not map the path to a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route for this path; use /v1/..., /{{provider}}/... or /byokd/...")]
+    UnknownRoute,
+    #[error("provider `{0}` is not configured")]
+    UnknownProvider(String),
+    #[error("method {0} is not proxied")]
+    MethodNotAllowed(http::Method),
+    #[error("an HTTP/1.1 request needs exactly one Host header")]
+    BadHost,
+}
 
 /// Where a request goes before the tenant is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// The tenant's `default_provider` (OpenAI wire format by convention).
     Default,
-    /// A provider by index into `Config::providers`.
+    /// A provider by index into the configured providers.
     Named(usize),
     /// `GET /byokd/usage`: the calling tenant's usage this month, answered by byokd itself.
     Usage,
@@ -50,7 +64,7 @@ pub fn check_method(m: &http::Method) -> Result<(), RouteError> {
     }
 }
 
-pub fn route(cfg: &Config, path: &str) -> Result<Route, RouteError> {
+pub fn route(providers: &[Arc<Provider>], path: &str) -> Result<Route, RouteError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(RouteError::UnknownRoute);
     };
@@ -72,8 +86,9 @@ pub fn route(cfg: &Config, path: &str) -> Result<Route, RouteError> {
         }),
         "byokd" | "" => Err(RouteError::UnknownRoute),
         name => {
-            let idx = cfg
-                .provider_index(name)
+            let idx = providers
+                .iter()
+                .position(|p| &*p.name == name)
                 .ok_or_else(|| RouteError::UnknownProvider(name.chars().take(64).collect()))?;
             Ok(Route {
                 target: Target::Named(idx),
@@ -111,12 +126,13 @@ mod tests {
 
     #[test]
     fn routes() {
-        let cfg = Config::from_yaml("{}", std::path::Path::new("/x/byokd.yaml")).unwrap();
+        let cfg =
+            crate::config::Config::from_yaml("{}", std::path::Path::new("/x/byokd.yaml")).unwrap();
         let p = "/v1/chat/completions";
-        let r = route(&cfg, p).unwrap();
+        let r = route(&cfg.providers, p).unwrap();
         assert_eq!((r.target, r.upstream_path(p)), (Target::Default, p));
         let p = "/anthropic/v1/messages";
-        let r = route(&cfg, p).unwrap();
+        let r = route(&cfg.providers, p).unwrap();
         assert_eq!(
             r.target,
             Target::Named(cfg.provider_index("anthropic").unwrap())
@@ -124,14 +140,16 @@ mod tests {
         assert_eq!(r.upstream_path(p), "/v1/messages");
         let p = "/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent";
         assert_eq!(
-            route(&cfg, p).unwrap().upstream_path(p),
+            route(&cfg.providers, p).unwrap().upstream_path(p),
             "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
         );
         assert_eq!(
-            route(&cfg, "/openai").unwrap().upstream_path("/openai"),
+            route(&cfg.providers, "/openai")
+                .unwrap()
+                .upstream_path("/openai"),
             "/"
         );
-        assert!(route(&cfg, "/nope/v1/x").is_err());
+        assert!(route(&cfg.providers, "/nope/v1/x").is_err());
         for bad in [
             "/groq/../v1/chat/completions",
             "/openrouter/./x",
@@ -141,18 +159,21 @@ mod tests {
             "/openai/v1/%5Cx",
             "/v1/../../x",
         ] {
-            assert!(route(&cfg, bad).is_err(), "{bad}");
+            assert!(route(&cfg.providers, bad).is_err(), "{bad}");
         }
         // Dots inside a segment are fine (model names, versions).
         assert!(
             route(
-                &cfg,
+                &cfg.providers,
                 "/gemini/v1beta/models/gemini-2.5-flash:generateContent"
             )
             .is_ok()
         );
-        assert_eq!(route(&cfg, "/byokd/usage").unwrap().target, Target::Usage);
-        assert!(route(&cfg, "/byokd/other").is_err());
-        assert!(route(&cfg, "/").is_err());
+        assert_eq!(
+            route(&cfg.providers, "/byokd/usage").unwrap().target,
+            Target::Usage
+        );
+        assert!(route(&cfg.providers, "/byokd/other").is_err());
+        assert!(route(&cfg.providers, "/").is_err());
     }
 }

@@ -207,7 +207,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     };
     // A change that landed between the first load and the watcher start is picked up here.
     keyring.reload().await?;
-    metrics.key_expiry(&keyring.snapshot(), crate::vocab::unix_now());
+    metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
     let sweeper = {
         let keyring = keyring.clone();
         let metrics = metrics.clone();
@@ -220,7 +220,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 tokio::select! {
                     _ = sweep.tick() => {
                         keyring.sweep();
-                        metrics.key_expiry(&keyring.snapshot(), crate::vocab::unix_now());
+                        metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
                     }
                     _ = flush.tick() => flush_ledger(&metrics, pg.as_deref()).await,
                 }

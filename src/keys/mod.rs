@@ -13,7 +13,6 @@ pub mod perms;
 pub mod pg;
 pub mod secret;
 pub mod store;
-pub mod verify;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -29,12 +28,28 @@ use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Shared};
 
 use crate::audit::{Audit, AuditError};
-use crate::error::CredentialError;
 use crate::provider::Provider;
 use envelope::Binding;
 use kms::{Kms, WrappedKey};
 pub use secret::{AuthValue, PlainKey};
 use store::{KeyRecord, KeyStore, Snapshot, StoreData};
+
+/// The credential step has no usable key.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("no key registered for provider `{0}` for this tenant")]
+    NoKey(String),
+    #[error("this tenant's end users may not send their own key")]
+    PassthroughNotAllowed,
+    #[error("the user key header is invalid: {0}")]
+    BadUserKey(String),
+    #[error("the key could not be decrypted right now; retry shortly")]
+    Unavailable {
+        retry_after: u64,
+        #[source]
+        source: std::sync::Arc<crate::keys::KeyError>,
+    },
+}
 
 /// The reserved tenant whose keys serve tenants with `fallback: [platform]`.
 pub const PLATFORM_TENANT: &str = "_platform";
@@ -101,26 +116,7 @@ impl KeyError {
     }
 }
 
-/// Who pays for a request: label `key_source`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeySource {
-    Tenant,
-    Platform,
-    /// The end user's own key, sent with the request (`passthrough`).
-    User,
-    None,
-}
-
-impl KeySource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tenant => "tenant",
-            Self::Platform => "platform",
-            Self::User => "user",
-            Self::None => "none",
-        }
-    }
-}
+pub use crate::vocab::KeySource;
 
 /// The key a request will use.
 #[derive(Debug, Clone)]
@@ -544,4 +540,31 @@ impl Shared_ {
             (r, _) => r,
         }
     }
+}
+
+#[derive(Debug, Clone)]
+pub enum KmsConfig {
+    Local {
+        keks: Vec<(String, PathBuf)>,
+        active: String,
+    },
+    Aws(aws::AwsKmsConfig),
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    File {
+        path: PathBuf,
+    },
+    /// The URL is kept out of `Debug`: it may carry a password.
+    Postgres {
+        url: crate::vocab::Redacted,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyCacheConfig {
+    pub ttl: Duration,
+    pub stale_ttl: Duration,
+    pub max_entries: usize,
 }

@@ -613,7 +613,9 @@ pub fn listen(
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(250);
         loop {
-            match listen_once(&url, &keyring, &metrics).await {
+            // Once listening, `listen_once` resets `backoff`: a connection lost after a good
+            // one is retried after 250 ms again, not after what earlier losses grew it to.
+            match listen_once(&url, &keyring, &metrics, &mut backoff).await {
                 Ok(()) => backoff = Duration::from_millis(250),
                 Err(e) => {
                     metrics.config_reloads.with_label_values(&["error"]).inc();
@@ -629,12 +631,17 @@ pub fn listen(
 
 async fn reload(keyring: &Keyring, metrics: &Metrics) -> Result<(), KeyError> {
     keyring.reload().await?;
-    metrics.key_expiry(&keyring.snapshot(), crate::vocab::unix_now());
+    metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     Ok(())
 }
 
-async fn listen_once(url: &str, keyring: &Keyring, metrics: &Metrics) -> Result<(), KeyError> {
+async fn listen_once(
+    url: &str,
+    keyring: &Keyring,
+    metrics: &Metrics,
+    backoff: &mut Duration,
+) -> Result<(), KeyError> {
     let (client, mut conn) = connect(url).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let pump = tokio::spawn(async move {
@@ -659,6 +666,7 @@ async fn listen_once(url: &str, keyring: &Keyring, metrics: &Metrics) -> Result<
         .await
         .map_err(unavailable)?;
     reload(keyring, metrics).await?;
+    *backoff = Duration::from_millis(250);
     tracing::info!("store listener: listening for changes in PostgreSQL");
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     resync.tick().await;

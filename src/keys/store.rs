@@ -376,6 +376,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// (tenant, provider) of each usable key that expires within 14 days: rotate them.
+    pub fn expiring_soon(&self, now: i64) -> impl Iterator<Item = (&str, &str)> {
+        const SOON: i64 = 14 * 86_400;
+        self.tenants
+            .values()
+            .flat_map(|t| t.keys.iter())
+            .filter(move |r| r.usable(now) && r.expires_at.is_some_and(|e| e - now <= SOON))
+            .map(|r| (&*r.tenant, &*r.provider))
+    }
+
     pub fn build(data: &StoreData) -> Self {
         let mut s = Snapshot::default();
         for r in &data.keys {

@@ -71,7 +71,7 @@ pub fn watch(
             match tokio::task::spawn_blocking(move || s.load_existing()).await {
                 Ok(Ok(data)) => {
                     keyring.replace(&data);
-                    metrics.key_expiry(&keyring.snapshot(), crate::vocab::unix_now());
+                    metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
                     metrics.config_reloads.with_label_values(&["ok"]).inc();
                     tracing::info!(
                         keys = data.keys.len(),

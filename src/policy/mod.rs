@@ -23,10 +23,21 @@ use dashmap::DashMap;
 use local::{Local, Scope};
 use shared::{ADMIT_LUA, FINISH_LUA, RESERVE_LUA, Shared, connect_loop, timeout_err};
 
-use crate::config::TenantPolicy;
-use crate::error::AdmitError;
 use crate::metrics::Metrics;
 use crate::vocab::Redacted;
+
+/// The admit step refused the request before it reached the provider.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("provider `{0}` is not allowed for this tenant")]
+    ProviderNotAllowed(String),
+    #[error("rate limit reached for this tenant; retry in {retry_after} s")]
+    RateLimited { retry_after: u64 },
+    #[error("this tenant's monthly budget is exhausted")]
+    BudgetExceeded,
+    #[error("limits cannot be checked right now (shared state unavailable); retry shortly")]
+    SharedStateUnavailable,
+}
 
 /// What to do with a policy when Redis cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +384,16 @@ impl Admission {
                     return Err(Refusal::Budget.into());
                 }
                 None => {
+                    // The script may have run before the call failed (its answer lost): give
+                    // back the reservation it may have taken once Redis answers, as admit
+                    // does with its slots. The finish script with the reservations as its
+                    // one slot set is a plain ZREM (no tokens: the bucket is not touched).
+                    tokio::spawn(finish_in_redis(
+                        p.clone(),
+                        vec![p.key(&[&tenant, "res", &period]), p.key(&[&tenant, "tpm"])],
+                        vec![member, "1".into(), "0".into(), "0".into()],
+                        None,
+                    ));
                     // The unsynced amount is still owed to Redis.
                     if unsynced > 0 {
                         *p.local
@@ -575,6 +596,49 @@ pub fn path_model(path: &str) -> Option<String> {
     let rest = &path[path.find("/models/")? + "/models/".len()..];
     let m = rest.split([':', '/']).next()?;
     (!m.is_empty()).then(|| m.to_string())
+}
+
+/// A tenant's policy with provider names resolved to indexes into the config's provider list.
+#[derive(Debug, Clone)]
+pub struct TenantPolicy {
+    pub default_provider: usize,
+    /// Bit i set = provider i allowed. Providers are capped at 64 in validation.
+    pub allowed: u64,
+    /// Use `_platform` keys when the tenant has none for a provider.
+    pub platform_fallback: bool,
+    /// The tenant's end users may send their own key (`passthrough` identity source).
+    pub passthrough: bool,
+    /// Rate limits of the tenant as a whole; `None` = unlimited.
+    pub limits: Option<Arc<LimitSpec>>,
+    /// Rate limits of (tenant, provider index), checked on top of the tenant's.
+    pub provider_limits: Vec<(usize, Arc<LimitSpec>)>,
+    pub budget: Option<BudgetSpec>,
+    /// `failover`: per source provider index, what to try after its keys failed. Empty for
+    /// most tenants, so the lookup is a scan of nothing.
+    pub failover: Arc<[(usize, Box<[FailoverStep]>)]>,
+}
+
+/// One step of a failover chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverStep {
+    /// Another provider (index into the config's provider list) with the tenant's key for it.
+    Provider(usize),
+    /// The `_platform` tenant's key for the source provider.
+    Platform,
+}
+
+impl TenantPolicy {
+    pub fn allows(&self, provider: usize) -> bool {
+        provider < 64 && self.allowed & (1u64 << provider) != 0
+    }
+
+    /// The failover chain of `provider`; empty when none is configured.
+    pub fn failover_of(&self, provider: usize) -> &[FailoverStep] {
+        self.failover
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map_or(&[], |(_, steps)| steps)
+    }
 }
 
 #[cfg(test)]

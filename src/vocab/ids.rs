@@ -58,6 +58,27 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// Who pays for a request: label `key_source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Tenant,
+    Platform,
+    /// The end user's own key, sent with the request (`passthrough`).
+    User,
+    None,
+}
+
+impl KeySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant",
+            Self::Platform => "platform",
+            Self::User => "user",
+            Self::None => "none",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,5 +10,5 @@ pub mod ids;
 pub mod text;
 
 pub use clock::unix_now;
-pub use ids::{RequestId, reserved_tenant_id, valid_tenant_id};
+pub use ids::{KeySource, RequestId, reserved_tenant_id, valid_tenant_id};
 pub use text::{ErrorChain, Redacted};
