@@ -161,7 +161,7 @@ impl ProxyError {
                 Code::UpstreamUnreachable
             }
             Self::Forward(ForwardError::BodyFailed(e)) => {
-                match crate::forward::caused_by::<crate::forward::IdleTimedOut>(e.as_ref()) {
+                match crate::timeouts::caused_by::<crate::timeouts::IdleTimedOut>(e.as_ref()) {
                     Some(_) => Code::UpstreamTimeout,
                     None => Code::UpstreamUnreachable,
                 }
@@ -309,9 +309,9 @@ mod tests {
                 502,
             ),
             (
-                ForwardError::BodyFailed(Box::new(crate::forward::IdleTimedOut {
+                ForwardError::BodyFailed(Box::new(crate::timeouts::IdleTimedOut {
                     idle: std::time::Duration::from_secs(1),
-                    side: crate::forward::Side::Upstream,
+                    side: crate::timeouts::Side::Upstream,
                 }))
                 .into(),
                 "upstream_timeout",

@@ -16,8 +16,8 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, request};
 use hyper::body::Incoming;
 
+use crate::forward::Upstream;
 use crate::forward::{ForwardError, SendError};
-use crate::forward::{IdleTimeout, Upstream};
 use crate::keys::CredentialError;
 use crate::keys::store::{KeyRecord, Snapshot};
 use crate::keys::{Credential, KeySource, Keyring, PLATFORM_TENANT};
@@ -28,6 +28,7 @@ use crate::provider::Provider;
 use crate::rewrite::rewrite;
 use crate::route::Route;
 use crate::stream_usage::{BodyKind, RequestBody, add_include_usage};
+use crate::timeouts::IdleTimeout;
 use crate::vocab::RequestId;
 use crate::vocab::unix_now;
 

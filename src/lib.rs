@@ -33,6 +33,7 @@ pub mod rewrite;
 pub mod route;
 pub mod server;
 pub mod stream_usage;
+pub mod timeouts;
 pub mod tls;
 pub mod usage;
 pub mod verify;

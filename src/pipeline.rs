@@ -17,7 +17,7 @@ use crate::config::{Config, IdentitySource};
 use crate::error::ProxyError;
 use crate::failover::Payload;
 use crate::forward::ForwardError;
-use crate::forward::{IdleTimeout, Side, Upstream};
+use crate::forward::Upstream;
 use crate::identify::{identify, user_key};
 use crate::keys::CredentialError;
 use crate::keys::{KeySource, Keyring};
@@ -29,6 +29,7 @@ use crate::route::{Target, check_method, route};
 use crate::stream_usage::{
     BodyKind, Peeked, RequestBody, StripUsage, read_bounded, speech_characters,
 };
+use crate::timeouts::{IdleTimeout, Side};
 use crate::usage::{Capability, MeteredBody, scanner_for_capability};
 use crate::vocab::{ErrorChain, RequestId};
 
@@ -237,7 +238,7 @@ impl Proxy {
         // single attempt.
         let body = body.take().ok_or(LimitError::ClientClosed)?;
         let limited = Limited::new(
-            crate::forward::ClientBody::new(body, cfg.limits.body_timeout, Side::Client),
+            crate::timeouts::ClientBody::new(body, cfg.limits.body_timeout, Side::Client),
             max_body as usize,
         );
         // Held until the upstream answered: the buffered body may be sent again on failover.
@@ -261,7 +262,7 @@ impl Proxy {
                 let peeked = read_bounded(limited, &mut permit).await.map_err(|e| {
                     if crate::forward::body_too_large(e.as_ref()) {
                         LimitError::BodyTooLarge(max_body)
-                    } else if crate::forward::client_stalled(e.as_ref()) {
+                    } else if crate::timeouts::client_stalled(e.as_ref()) {
                         LimitError::BodyTimeout
                     } else if e.is::<crate::accept::BufferFull>() {
                         LimitError::Overloaded

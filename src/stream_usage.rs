@@ -28,7 +28,7 @@ const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
 /// looks at the first [`MODEL_HEAD`] bytes as they pass, for the request's `model`.
 pub struct RequestBody {
     prefix: Option<Bytes>,
-    rest: Option<http_body_util::Limited<crate::forward::ClientBody>>,
+    rest: Option<http_body_util::Limited<crate::timeouts::ClientBody>>,
     tap: Option<ModelTap>,
 }
 
@@ -93,7 +93,7 @@ fn multipart_field(head: &[u8], name: &[u8]) -> Option<String> {
 }
 
 impl RequestBody {
-    pub fn streaming(rest: http_body_util::Limited<crate::forward::ClientBody>) -> Self {
+    pub fn streaming(rest: http_body_util::Limited<crate::timeouts::ClientBody>) -> Self {
         Self {
             prefix: None,
             rest: Some(rest),
@@ -282,7 +282,7 @@ pub enum Peeked {
 /// buffered: what was read goes first, the rest streams behind it. Every byte held counts
 /// against `permit` (the process-wide bound on buffered request bodies).
 pub async fn read_bounded(
-    mut body: http_body_util::Limited<crate::forward::ClientBody>,
+    mut body: http_body_util::Limited<crate::timeouts::ClientBody>,
     permit: &mut crate::accept::BufferPermit,
 ) -> Result<Peeked, Box<dyn std::error::Error + Send + Sync>> {
     let mut buf = BytesMut::new();
