@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bin;
+pub mod faults;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
