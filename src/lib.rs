@@ -2,13 +2,21 @@
 //!
 //! ```text
 //! listener ─► route ─► identify ─► admit ─► credential ─► rewrite ─► forward ─► meter ─► record
-//! accept.rs   route.rs identify.rs admit.rs keys/        rewrite.rs forward.rs usage.rs metrics.rs
+//! accept.rs   route.rs identify.rs admit.rs keys/        rewrite.rs forward.rs meter.rs record.rs
 //! ```
 //!
-//! [`pipeline`] runs the steps in that order over one request; [`error`] maps every step's
-//! error to HTTP in one place; [`server`] assembles a running instance from a [`config::Config`];
-//! [`admin`] serves metrics and health; [`provider`] knows each provider's wire format;
-//! [`failover`] plans and runs a request's upstream attempts over [`pool`]ed keys.
+//! The modules stack in layers, each importing only its own layer or those below (enforced
+//! by `layering.rs`, a test):
+//!
+//! - vocabulary: [`vocab`] (ids, clock, redaction);
+//! - domain: [`provider`], [`pricing`], [`ledger`], [`audit`], [`metrics`] (the registry and
+//!   its label caps), [`usage`] (the scanners), [`tls`], [`timeouts`];
+//! - services: [`keys`], [`policy`], [`pool`];
+//! - steps: [`accept`], [`route`], [`identify`], [`admit`], [`rewrite`], [`forward`],
+//!   [`stream_usage`], [`cut`], [`failover`], [`meter`], [`record`];
+//! - composition: [`error`] (every step's error to HTTP in one place), [`config`] (parse and
+//!   assemble), [`pipeline`] (the only file that knows the order of the steps);
+//! - surfaces: [`admin`], [`admin_api`], [`server`], [`verify`], and `main.rs`.
 
 pub mod accept;
 pub mod admin;
@@ -23,12 +31,14 @@ pub mod forward;
 pub mod identify;
 pub mod keys;
 pub mod ledger;
+pub mod meter;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod pool;
 pub mod pricing;
 pub mod provider;
+pub mod record;
 pub mod rewrite;
 pub mod route;
 pub mod server;
@@ -38,3 +48,6 @@ pub mod tls;
 pub mod usage;
 pub mod verify;
 pub mod vocab;
+
+#[cfg(test)]
+mod layering;

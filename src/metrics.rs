@@ -4,7 +4,6 @@
 //! capped: past `metrics.max_tenants` distinct values, new ones fold into `__other__`, so a
 //! SaaS with a million tenants cannot blow up the scrape.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -14,7 +13,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::usage::{Outcome, Usage};
+use crate::usage::Usage;
 use crate::vocab::KeySource;
 
 pub const OTHER: &str = "__other__";
@@ -533,10 +532,11 @@ impl Metrics {
             .inc();
     }
 
-    fn completed(&self, r: &Recorder, usage: &Usage) {
+    /// Counts a finished request in every series and the ledger.
+    pub fn completed(&self, r: &Completed<'_>, usage: &Usage) {
         let success = r.status.is_success();
         let (t, model) = self.tenants.labels(
-            &r.tenant,
+            r.tenant,
             r.provider_idx,
             usage.model.as_deref().unwrap_or(""),
             success,
@@ -546,7 +546,7 @@ impl Metrics {
             m if success => self.models.get(m),
             m => self.models.peek(m),
         };
-        let provider = &*r.provider;
+        let provider = r.provider;
         self.requests
             .with_label_values(&[t, provider, model, r.status.as_str()])
             .inc();
@@ -609,7 +609,7 @@ impl Metrics {
             }
         }
         self.ledger.record(
-            &r.tenant,
+            r.tenant,
             provider,
             usage.model.as_deref().unwrap_or(""),
             usage,
@@ -645,95 +645,27 @@ impl Metrics {
     }
 }
 
-/// Everything needed to record one forwarded request when its body ends.
-#[derive(Debug)]
-pub struct Recorder {
-    pub metrics: Arc<Metrics>,
-    pub tenant: Arc<str>,
-    pub provider: Arc<str>,
+/// One finished request, as the series need it (the record step builds it).
+#[derive(Debug, Clone, Copy)]
+pub struct Completed<'a> {
+    pub tenant: &'a str,
+    pub provider: &'a str,
+    /// Index into the configured providers, for the per-provider histograms.
     pub provider_idx: usize,
     pub status: http::StatusCode,
     pub started: Instant,
-    pub request_id: crate::vocab::RequestId,
     pub key_source: KeySource,
-    /// Set by `finish` from the pricing table, so `completed` sees one struct.
     pub price: Option<crate::pricing::Price>,
     /// What the endpoint bills in; decides whether missing usage is worth counting.
     pub capability: crate::usage::Capability,
-    /// The request's `model`, found in the first bytes of its body as it streamed upstream:
-    /// the label when the response names none (transcriptions, speech, cut streams).
-    pub request_model: Arc<std::sync::OnceLock<Box<str>>>,
-    /// Text-to-speech: characters of the request's `input`.
-    pub characters: u64,
     /// The upstream sent a `content-encoding` other than identity: not scanned.
     pub compressed: bool,
-    /// Rate-limit slots and budget reservation, settled to the metered usage at the end.
-    pub admission: Option<crate::policy::Admission>,
-    /// Set when the stream may be cut for budget (`on_exhausted: cut`).
-    pub cut: Option<Arc<crate::cut::CutState>>,
-}
-
-impl Recorder {
-    pub fn finish(mut self, mut usage: Usage, outcome: Outcome, bytes: u64) {
-        if usage.model.is_none() {
-            usage.model = self.request_model.get().map(|m| m.to_string());
-        }
-        if let Some(c) = &self.cut
-            && c.cut.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            // A cut stream never reached its final usage event: bill the running estimate
-            // (Anthropic's input count from message_start is exact and kept).
-            if !usage.found {
-                usage.input = c.input_tokens;
-            }
-            usage.output = usage
-                .output
-                .max(c.events.load(std::sync::atomic::Ordering::Relaxed));
-            usage.found = true;
-        }
-        if self.characters > 0 && self.status.is_success() {
-            usage.characters = self.characters;
-            usage.found = true;
-        }
-        self.price = usage
-            .model
-            .as_deref()
-            .and_then(|m| self.metrics.pricing.price(&self.provider, m))
-            .filter(|p| p.covers(&usage));
-        self.metrics.completed(&self, &usage);
-        if let Some(a) = self.admission.take() {
-            let tokens = usage.input
-                + usage.cached_input
-                + usage.cache_write
-                + usage.output
-                + usage.reasoning;
-            a.settle(tokens, self.price.map_or(0, |p| p.cost_nanos(&usage)));
-        }
-        tracing::info!(
-            target: "byokd::access",
-            request_id = %self.request_id,
-            tenant = %self.tenant,
-            provider = %self.provider,
-            status = self.status.as_u16(),
-            model = usage.model.as_deref().unwrap_or(""),
-            input_tokens = usage.input,
-            cached_input_tokens = usage.cached_input,
-            cache_write_tokens = usage.cache_write,
-            output_tokens = usage.output,
-            reasoning_tokens = usage.reasoning,
-            usage_found = usage.found,
-            key_source = self.key_source.as_str(),
-            cost_usd = self.price.map(|p| p.cost_nanos(&usage) as f64 / 1e9),
-            bytes,
-            outcome = outcome.as_str(),
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-        );
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn metrics(caps: LabelCaps) -> Arc<Metrics> {
         Arc::new(
@@ -748,22 +680,16 @@ mod tests {
     }
 
     fn finish(m: &Arc<Metrics>, tenant: &str, model: &str, status: u16) {
-        let r = Recorder {
-            metrics: m.clone(),
-            tenant: tenant.into(),
-            provider: "openai".into(),
+        let r = Completed {
+            tenant,
+            provider: "openai",
             provider_idx: 0,
             status: http::StatusCode::from_u16(status).unwrap(),
             started: Instant::now(),
-            request_id: crate::vocab::RequestId::new(),
             key_source: KeySource::Tenant,
             price: None,
             capability: crate::usage::Capability::Tokens,
-            request_model: Default::default(),
-            characters: 0,
             compressed: false,
-            admission: None,
-            cut: None,
         };
         let usage = Usage {
             input: 1,
@@ -771,7 +697,7 @@ mod tests {
             found: true,
             ..Usage::default()
         };
-        r.finish(usage, Outcome::Complete, 0);
+        m.completed(&r, &usage);
     }
 
     fn series<'a>(text: &'a str, name: &str) -> Vec<&'a str> {

@@ -21,16 +21,18 @@ use crate::forward::Upstream;
 use crate::identify::{identify, user_key};
 use crate::keys::CredentialError;
 use crate::keys::{KeySource, Keyring};
-use crate::metrics::{Metrics, Recorder};
+use crate::meter::MeteredBody;
+use crate::metrics::Metrics;
 use crate::pool::Leased;
 use crate::provider::{ErrorShape, Provider};
+use crate::record::Recorder;
 use crate::rewrite::{strip_hop_by_hop, strip_own_headers};
 use crate::route::{Target, check_method, route};
 use crate::stream_usage::{
     BodyKind, Peeked, RequestBody, StripUsage, read_bounded, speech_characters,
 };
 use crate::timeouts::{IdleTimeout, Side};
-use crate::usage::{Capability, MeteredBody, scanner_for_capability};
+use crate::usage::{Capability, scanner_for_capability};
 use crate::vocab::{ErrorChain, RequestId};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.

@@ -8,15 +8,10 @@
 //! tail of [`JSON_TAIL`] are, so usage at the end of a huge event is still found. Memory per
 //! request is bounded by [`MAX_BUFFERED`].
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use memchr::memmem;
 use serde::Deserialize;
 
-use crate::metrics::Recorder;
 
 /// Longest SSE line kept across frames; longer lines (huge content deltas) are skipped.
 pub const MAX_LINE: usize = 256 * 1024;
@@ -1001,97 +996,6 @@ impl UsageScanner for JsonScanner {
             }
         }
         usage
-    }
-}
-
-/// Wraps the upstream response body: frames pass through unchanged; the scanner sees each
-/// data frame; the recorder fires exactly once, at end of stream, on error, or on drop
-/// (client went away), so a cancelled stream is still metered for what was sent.
-pub struct MeteredBody<B> {
-    inner: B,
-    scanner: Scanner,
-    recorder: Option<Recorder>,
-    bytes: u64,
-}
-
-impl<B> MeteredBody<B> {
-    pub fn new(inner: B, scanner: Scanner, recorder: Recorder) -> Self {
-        Self {
-            inner,
-            scanner,
-            recorder: Some(recorder),
-            bytes: 0,
-        }
-    }
-
-    fn complete(&mut self, outcome: Outcome) {
-        if let Some(r) = self.recorder.take() {
-            let usage = self.scanner.finish();
-            r.finish(usage, outcome, self.bytes);
-        }
-    }
-}
-
-/// How a response body ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Complete,
-    UpstreamError,
-    ClientGone,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Complete => "complete",
-            Self::UpstreamError => "upstream_error",
-            Self::ClientGone => "client_gone",
-        }
-    }
-}
-
-impl<B> Drop for MeteredBody<B> {
-    fn drop(&mut self) {
-        self.complete(Outcome::ClientGone);
-    }
-}
-
-impl<B> Body for MeteredBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                    this.scanner.feed(data);
-                }
-                if this.inner.is_end_stream() {
-                    this.complete(Outcome::Complete);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.complete(Outcome::UpstreamError),
-            Poll::Ready(None) => this.complete(Outcome::Complete),
-            Poll::Pending => {}
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
