@@ -3,8 +3,11 @@
 //! An OpenAI-style stream reports usage only when the request sets
 //! `stream_options.include_usage`. When the app did not, byokd adds it (the rewrite half: one
 //! insertion right after the body's opening `{`), then hides what that changes in the response
-//! (the meter half): the `"usage":null` field of every chunk and the extra usage-only chunk.
-//! The app receives byte for byte the stream it asked for; the meter saw the usage.
+//! (the meter half): the `"usage":null` field of every chunk and the extra usage-only chunk,
+//! in whatever layout the provider gives its JSON (compact, spaced, pretty-printed over
+//! several `data:` lines). The app receives byte for byte the stream it asked for (for a
+//! compact stream, exactly what the provider sends without `include_usage`); the meter saw the
+//! usage.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -16,7 +19,7 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::usage::MAX_LINE;
+use crate::usage::{MAX_LINE, member_values, skip_ws};
 
 /// Largest request body byokd reads to decide; larger ones stream through unedited.
 pub const MAX_INSPECTED_BODY: usize = 1024 * 1024;
@@ -321,16 +324,71 @@ pub fn speech_characters(body: &[u8]) -> u64 {
         .map_or(0, |i| i.chars().count() as u64)
 }
 
-/// Removes what byokd's `include_usage` added from an OpenAI SSE stream: the trailing
-/// `,"usage":null` of each chunk and the usage-only chunk (with its blank line). Inactive, it
-/// passes frames through untouched.
+/// Removes what byokd's `include_usage` added from an OpenAI SSE stream: the `"usage":null`
+/// member of each chunk (with its comma) and the usage-only chunk (the whole event). Inactive,
+/// it passes frames through untouched.
+///
+/// It works on whole events (up to the blank line that ends each), whatever the JSON's layout:
+/// compact, spaced (`, "usage": null`), or pretty-printed over several `data:` lines. An SSE
+/// client dispatches an event only at its blank line, so holding an event's lines until then
+/// delays nothing it could see. Events whole in one frame are edited in place; only an event
+/// split across frames is gathered first.
 pub struct StripUsage<B> {
     inner: B,
     active: bool,
-    partial: BytesMut,
-    /// The usage chunk was dropped; its terminating blank line goes too.
-    dropping: bool,
+    /// The current event, while it is incomplete across frames (at most [`MAX_LINE`]).
+    pending: BytesMut,
+    /// What the current line held at the end of the last frame: whether a blank line (the
+    /// event's end) may still be in the making.
+    line: LineSoFar,
+    /// The current event outgrew [`MAX_LINE`]: not a chunk byokd must edit (those are small),
+    /// so its bytes pass on as they come until it ends.
+    passing: bool,
+    /// The data of an event on several `data:` lines, joined as SSE joins them.
+    joined: Vec<u8>,
     done: bool,
+}
+
+/// The current line's bytes so far, as far as spotting a blank line goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineSoFar {
+    Empty,
+    /// A lone `\r`: `\n` next makes it a blank `\r\n` line.
+    Cr,
+    Text,
+}
+
+impl LineSoFar {
+    /// The state once `bytes` (no `\n` among them) are added to the line.
+    fn then(self, bytes: &[u8]) -> Self {
+        match (self, bytes) {
+            (_, []) => self,
+            (Self::Empty, [b'\r']) => Self::Cr,
+            _ => Self::Text,
+        }
+    }
+
+    /// The state after `buf`, which has no event end in it, following `self`.
+    fn after(self, buf: &[u8]) -> Self {
+        match memchr::memrchr(b'\n', buf) {
+            Some(i) => Self::Empty.then(&buf[i + 1..]),
+            None => self.then(buf),
+        }
+    }
+}
+
+/// Where the event that `buf` continues ends (just past its blank line), if it ends in `buf`;
+/// `line` is what the current line held before `buf`.
+fn event_end(buf: &[u8], mut line: LineSoFar) -> Option<usize> {
+    let mut start = 0;
+    for i in memchr::memchr_iter(b'\n', buf) {
+        if line.then(&buf[start..i]) != LineSoFar::Text {
+            return Some(i + 1);
+        }
+        line = LineSoFar::Empty;
+        start = i + 1;
+    }
+    None
 }
 
 impl<B> StripUsage<B> {
@@ -338,84 +396,184 @@ impl<B> StripUsage<B> {
         Self {
             inner,
             active,
-            partial: BytesMut::new(),
-            dropping: false,
+            pending: BytesMut::new(),
+            line: LineSoFar::Empty,
+            passing: false,
+            joined: Vec::new(),
             done: false,
         }
     }
 
-    /// Appends the transformed form of one complete line (with its `\n`) to `out`.
-    fn line(&mut self, line: &[u8], out: &mut BytesMut) {
-        let body = line.strip_suffix(b"\n").unwrap_or(line);
-        let body = body.strip_suffix(b"\r").unwrap_or(body);
-        if self.dropping {
-            self.dropping = false;
-            if body.is_empty() {
-                return;
-            }
+    /// Appends one whole event (with the blank line that ends it), edited, to `out`: nothing
+    /// if it is the usage-only chunk, else without its `"usage":null` member.
+    fn event(&mut self, raw: &[u8], out: &mut BytesMut) {
+        if raw.len() > MAX_LINE {
+            // Too long to be one byokd edits, whether it came in one frame or many.
+            out.extend_from_slice(raw);
+            return;
         }
-        if let Some(data) = body.strip_prefix(b"data:") {
-            if is_usage_chunk(data) {
-                self.dropping = true;
-                return;
+        let mut lines = 0;
+        let mut first: &[u8] = &[];
+        let mut start = 0;
+        while start < raw.len() {
+            let end = memchr::memchr(b'\n', &raw[start..]).map_or(raw.len(), |i| start + i);
+            let line = &raw[start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(v) = line.strip_prefix(b"data:") {
+                let v = v.strip_prefix(b" ").unwrap_or(v);
+                match lines {
+                    0 => first = v,
+                    1 => {
+                        self.joined.clear();
+                        self.joined.extend_from_slice(first);
+                        self.joined.push(b'\n');
+                        self.joined.extend_from_slice(v);
+                    }
+                    _ => {
+                        self.joined.push(b'\n');
+                        self.joined.extend_from_slice(v);
+                    }
+                }
+                lines += 1;
             }
-            if let Some((at, len)) = null_usage_field(body) {
-                out.extend_from_slice(&body[..at]);
-                out.extend_from_slice(&body[at + len..]);
-                out.extend_from_slice(&line[body.len()..]);
-                return;
-            }
+            start = end + 1;
         }
-        out.extend_from_slice(line);
+        let data = if lines > 1 { &self.joined[..] } else { first };
+        if lines > 0 && is_usage_chunk(data) {
+            return;
+        }
+        match null_usage_field(raw) {
+            Some((at, len)) => {
+                out.extend_from_slice(&raw[..at]);
+                out.extend_from_slice(&raw[at + len..]);
+            }
+            None => out.extend_from_slice(raw),
+        }
     }
 
     fn transform(&mut self, data: &[u8]) -> Bytes {
-        let mut out = BytesMut::with_capacity(data.len() + self.partial.len());
+        let mut out = BytesMut::with_capacity(data.len() + self.pending.len());
         let mut rest = data;
-        while let Some(i) = memchr::memchr(b'\n', rest) {
-            let (line, tail) = rest.split_at(i + 1);
-            if self.partial.is_empty() {
-                self.line(line, &mut out);
+        // The event begun in an earlier frame.
+        if self.passing || !self.pending.is_empty() {
+            let Some(end) = event_end(rest, self.line) else {
+                self.line = self.line.after(rest);
+                if self.passing {
+                    out.extend_from_slice(rest);
+                } else {
+                    self.pending.extend_from_slice(rest);
+                    self.pass_if_long(&mut out);
+                }
+                return out.freeze();
+            };
+            if self.passing {
+                out.extend_from_slice(&rest[..end]);
+                self.passing = false;
             } else {
-                let mut whole = std::mem::take(&mut self.partial);
-                whole.extend_from_slice(line);
-                self.line(&whole, &mut out);
+                self.pending.extend_from_slice(&rest[..end]);
+                let event = std::mem::take(&mut self.pending);
+                self.event(&event, &mut out);
+                self.pending = event;
+                self.pending.clear();
             }
-            rest = tail;
+            rest = &rest[end..];
         }
-        self.partial.extend_from_slice(rest);
-        if self.partial.len() > MAX_LINE {
-            // Not a chunk byokd must edit (those are small): pass it on as it is.
-            out.extend_from_slice(&self.partial);
-            self.partial.clear();
+        // Events whole in this frame, edited in place.
+        while let Some(end) = event_end(rest, LineSoFar::Empty) {
+            self.event(&rest[..end], &mut out);
+            rest = &rest[end..];
+        }
+        self.line = LineSoFar::Empty.after(rest);
+        self.pending.extend_from_slice(rest);
+        self.pass_if_long(&mut out);
+        out.freeze()
+    }
+
+    fn pass_if_long(&mut self, out: &mut BytesMut) {
+        if self.pending.len() > MAX_LINE {
+            out.extend_from_slice(&self.pending);
+            self.pending.clear();
+            self.passing = true;
+        }
+    }
+
+    /// The end of the stream: an event it cut short (no blank line) is edited all the same.
+    fn finish(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        if !self.pending.is_empty() {
+            let event = std::mem::take(&mut self.pending);
+            self.event(&event, &mut out);
         }
         out.freeze()
     }
 }
 
-/// Where the `"usage":null` member that `include_usage` added sits in a chunk, with its comma:
-/// `(start, len)`. Not necessarily last: OpenAI now puts `"obfuscation":"..."` after it, and
-/// other fields (`service_tier`, `system_fingerprint`) may move. A `"` inside a JSON string
-/// is always escaped, so `,"usage":null` followed by `,` or `}` is a member, never text; the
-/// last such member is the top-level one (it follows `choices`).
-fn null_usage_field(line: &[u8]) -> Option<(usize, usize)> {
-    const MEMBER: &[u8] = b",\"usage\":null";
-    let mut end = line.len();
-    while let Some(p) = memchr::memmem::rfind(&line[..end], MEMBER) {
-        if matches!(line.get(p + MEMBER.len()), Some(b',' | b'}')) {
-            return Some((p, MEMBER.len()));
+/// In a raw SSE event, the index of the first byte at or after `i` that is not whitespace
+/// between two JSON tokens of its data: JSON whitespace, or a line break into the next
+/// `data:` line (SSE joins data lines with "\n").
+fn raw_skip_ws(raw: &[u8], mut i: usize) -> usize {
+    loop {
+        match raw.get(i) {
+            Some(b' ' | b'\t' | b'\r') => i += 1,
+            Some(b'\n') if raw[i + 1..].starts_with(b"data:") => i += 6,
+            _ => return i,
         }
-        end = p;
     }
-    // First member: `{"usage":null,...`: drop it with the comma after it.
-    let first = memchr::memmem::find(line, b"{\"usage\":null,")?;
-    Some((first + 1, MEMBER.len()))
 }
 
-/// The usage-only chunk: no choices, a non-null usage.
+/// The same backwards: the index just past the token that precedes `i`.
+fn raw_skip_ws_back(raw: &[u8], mut i: usize) -> usize {
+    loop {
+        match i.checked_sub(1).map(|j| raw[j]) {
+            Some(b' ' | b'\t' | b'\r' | b'\n') => i -= 1,
+            Some(b':') if raw[..i].ends_with(b"\ndata:") => i -= 5,
+            _ => return i,
+        }
+    }
+}
+
+/// Where the `"usage":null` member that `include_usage` added sits in a raw event, with the
+/// comma that separates it: `(start, len)`. Not necessarily last: OpenAI now puts
+/// `"obfuscation":"..."` after it, and other fields (`service_tier`, `system_fingerprint`)
+/// may move. A `"` inside a JSON string is always escaped, so a `"usage"` that follows `,` or
+/// `{` and whose `null` is followed by `,` or `}` (whitespace allowed between them all) is a
+/// member, never text; the last such member is the top-level one (it follows `choices`).
+///
+/// - after another member: from the comma before it to the end of `null` (`,"usage":null`,
+///   `, "usage": null`, or across lines in pretty-printed data);
+/// - first member: from the key to the next member (`"usage":null,`, `"usage": null, `);
+/// - only member: the member alone, leaving `{}`.
+fn null_usage_field(raw: &[u8]) -> Option<(usize, usize)> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = raw.len();
+    while let Some(p) = memchr::memmem::rfind(&raw[..end], KEY) {
+        end = p;
+        let colon = raw_skip_ws(raw, p + KEY.len());
+        if raw.get(colon) != Some(&b':') {
+            continue;
+        }
+        let v = raw_skip_ws(raw, colon + 1);
+        if !raw[v..].starts_with(b"null") {
+            continue;
+        }
+        let null_end = v + 4;
+        let next = raw_skip_ws(raw, null_end);
+        let before = raw_skip_ws_back(raw, p);
+        match (before.checked_sub(1).map(|i| raw[i]), raw.get(next)) {
+            (Some(b','), Some(b',' | b'}')) => return Some((before - 1, null_end + 1 - before)),
+            (Some(b'{'), Some(b',')) => return Some((p, raw_skip_ws(raw, next + 1) - p)),
+            (Some(b'{'), Some(b'}')) => return Some((p, null_end - p)),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The usage-only chunk: an empty `choices` array and a `usage` object.
 fn is_usage_chunk(data: &[u8]) -> bool {
-    memchr::memmem::find(data, b"\"choices\":[]").is_some()
-        && memchr::memmem::find(data, b"\"usage\":{").is_some()
+    let empty_choices = member_values(data, b"\"choices\"")
+        .any(|v| data.get(v) == Some(&b'[') && data.get(skip_ws(data, v + 1)) == Some(&b']'));
+    empty_choices && member_values(data, b"\"usage\"").any(|v| data.get(v) == Some(&b'{'))
 }
 
 impl<B> Body for StripUsage<B>
@@ -449,8 +607,8 @@ where
                 },
                 Poll::Ready(None) => {
                     this.done = true;
-                    if !this.partial.is_empty() {
-                        let rest = std::mem::take(&mut this.partial).freeze();
+                    let rest = this.finish();
+                    if !rest.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
                     return Poll::Ready(None);
@@ -461,7 +619,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.partial.is_empty() && self.inner.is_end_stream())
+        self.done || (self.pending.is_empty() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -562,7 +720,7 @@ mod tests {
         for c in input.chunks(step) {
             out.extend_from_slice(&s.transform(c));
         }
-        out.extend_from_slice(&s.partial);
+        out.extend_from_slice(&s.finish());
         out
     }
 
@@ -626,5 +784,129 @@ mod tests {
         // Text that mentions it is escaped, so it is never a member.
         assert_eq!(f(r#"{"c":"\",\"usage\":null}"}"#), None);
         assert_eq!(f(r#"{"a":1,"usage":nullx}"#), None);
+        // Spaced, as servers written in Python send it: the member goes with its comma and
+        // the whitespace between them, and nothing else.
+        for (with, without) in [
+            (
+                r#"data: {"a": 1, "usage": null, "obfuscation": "x"}"#,
+                r#"data: {"a": 1, "obfuscation": "x"}"#,
+            ),
+            (r#"data: {"a": 1, "usage": null}"#, r#"data: {"a": 1}"#),
+            (
+                "data: {\"a\":\t1 ,\t\"usage\" :\tnull\t}",
+                "data: {\"a\":\t1 \t}",
+            ),
+            (r#"data: {"usage": null, "a": 1}"#, r#"data: {"a": 1}"#),
+            (r#"data: { "usage" : null }"#, r#"data: {  }"#),
+            // Pretty-printed over several `data:` lines (SSE joins them with "\n").
+            (
+                "data: {\ndata:   \"a\": [],\ndata:   \"usage\": null,\ndata:   \"b\": 2\ndata: }\n\n",
+                "data: {\ndata:   \"a\": [],\ndata:   \"b\": 2\ndata: }\n\n",
+            ),
+            (
+                "data: {\r\ndata:   \"a\": [],\r\ndata:   \"usage\": null\r\ndata: }\r\n\r\n",
+                "data: {\r\ndata:   \"a\": []\r\ndata: }\r\n\r\n",
+            ),
+            (
+                "data: {\ndata:   \"usage\": null,\ndata:   \"a\": 1\ndata: }\n\n",
+                "data: {\ndata:   \"a\": 1\ndata: }\n\n",
+            ),
+        ] {
+            assert_eq!(f(with).as_deref(), Some(without), "{with}");
+        }
+        assert_eq!(f(r#"{"a": "usage", "b": null}"#), None);
+        assert_eq!(f(r#"{"a": ["usage", null]}"#), None);
+        assert_eq!(f(r#"{"a": 1, "usage": {"x": null}}"#), None);
+    }
+
+    #[test]
+    fn usage_only_chunk_in_any_layout() {
+        for chunk in [
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":1}}"#,
+            r#"{"id": "c", "choices": [], "usage": {"prompt_tokens": 1}}"#,
+            "{\n  \"usage\": {\n    \"prompt_tokens\": 1\n  },\n  \"choices\": [\n  ]\n}",
+            "{\"choices\" :\t[ ] , \"usage\"\r\n: {}}",
+        ] {
+            assert!(is_usage_chunk(chunk.as_bytes()), "{chunk}");
+        }
+        for chunk in [
+            r#"{"id": "c", "choices": [{"index": 0}], "usage": null}"#,
+            r#"{"id": "c", "choices": [], "usage": null, "prompt_filter_results": []}"#,
+            r#"{"id": "c", "choices": [{"delta": {"content": "\"choices\": [], \"usage\": {"}}]}"#,
+        ] {
+            assert!(!is_usage_chunk(chunk.as_bytes()), "{chunk}");
+        }
+    }
+
+    /// An event on several `data:` lines, split anywhere: the usage-only one goes whole, the
+    /// others lose their `"usage": null` member and stay valid JSON.
+    #[test]
+    fn strips_multi_line_events_in_any_split() {
+        let with = concat!(
+            ": keep-alive comment\n\n",
+            "data: {\n",
+            "data:   \"id\": \"c\",\n",
+            "data:   \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hi\"}}],\n",
+            "data:   \"usage\": null\n",
+            "data: }\n\n",
+            "data: {\n",
+            "data:   \"id\": \"c\",\n",
+            "data:   \"choices\": [],\n",
+            "data:   \"usage\": {\"prompt_tokens\": 1, \"completion_tokens\": 2}\n",
+            "data: }\n\n",
+            "data: [DONE]\n\n"
+        );
+        let without = concat!(
+            ": keep-alive comment\n\n",
+            "data: {\n",
+            "data:   \"id\": \"c\",\n",
+            "data:   \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hi\"}}]\n",
+            "data: }\n\n",
+            "data: [DONE]\n\n"
+        );
+        for step in [1, 2, 3, 5, 17, 64, 4096] {
+            assert_eq!(
+                String::from_utf8(strip_all(with.as_bytes(), step)).unwrap(),
+                without,
+                "step {step}"
+            );
+        }
+        // A stream cut before the usage chunk's blank line: still dropped.
+        let cut = &with[..with.find("data: [DONE]").unwrap() - 1];
+        assert!(
+            !String::from_utf8(strip_all(cut.as_bytes(), 7))
+                .unwrap()
+                .contains("usage")
+        );
+    }
+
+    #[test]
+    fn an_event_too_long_to_edit_passes_untouched_and_the_next_is_edited() {
+        let big = "x".repeat(MAX_LINE + 10);
+        let with = format!(
+            "data: {{\"choices\": [{{\"delta\": {{\"content\": \"{big}\"}}}}], \"usage\": null}}\n\ndata: {{\"choices\": [{{}}], \"usage\": null}}\n\n"
+        );
+        let want = format!(
+            "data: {{\"choices\": [{{\"delta\": {{\"content\": \"{big}\"}}}}], \"usage\": null}}\n\ndata: {{\"choices\": [{{}}]}}\n\n"
+        );
+        for step in [1000, 100_000, 1 << 20] {
+            assert!(
+                strip_all(with.as_bytes(), step) == want.as_bytes(),
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn include_usage_added_to_spaced_and_pretty_requests() {
+        for body in [
+            "{\"model\": \"m\", \"stream\": true}",
+            "{\n  \"model\": \"m\",\n  \"stream\": true,\n  \"stream_options\": {\n    \"include_obfuscation\": false\n  }\n}",
+            "{\"stream\": true, \"stream_options\": {\"include_usage\": false}}",
+        ] {
+            let e = add_include_usage(body.as_bytes()).unwrap_or_else(|| panic!("{body}"));
+            let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true, "{body}");
+        }
     }
 }

@@ -1,17 +1,23 @@
 //! The meter step: an incremental usage scanner, and the body wrapper that feeds it.
 //!
 //! The response streams through untouched, frame by frame. The scanner never parses the whole
-//! body: for SSE it looks at complete `data:` lines and parses only those that carry usage
-//! (found with a SIMD substring search); for JSON it keeps a bounded head (for `model`) and a
-//! bounded tail (for the trailing `usage` object) and parses just that slice at the end.
-//! A line longer than [`MAX_LINE`] is not held: its first [`JSON_HEAD`] bytes and a sliding
-//! tail of [`JSON_TAIL`] are, so usage at the end of a huge event is still found. Memory per
-//! request is bounded by [`MAX_BUFFERED`].
-
+//! body: for SSE it looks at each event's data (one `data:` line, scanned in place, or several
+//! joined with "\n" as SSE defines) and parses only events that carry usage (found with a
+//! SIMD substring search); for JSON it keeps a bounded head (for `model`) and a bounded tail
+//! (for the trailing `usage` object) and parses just that slice at the end.
+//! Event data longer than [`MAX_LINE`] is not held: its first [`JSON_HEAD`] bytes and a
+//! sliding tail of [`JSON_TAIL`] are, so usage at the end of a huge event is still found.
+//! Memory per request is bounded by [`MAX_BUFFERED`].
+//!
+//! JSON may put whitespace between any two tokens (`{"usage": {"prompt_tokens": 9}}`, as
+//! servers written in Python send it, or pretty-printed over several `data:` lines) and
+//! members in any order. Every search for a member goes through `value_after_key` (the
+//! key, then optional whitespace, a colon, optional whitespace) and everything read is read
+//! by the JSON parser, so no byte pattern assumes a layout.
 
 use memchr::memmem;
 use serde::Deserialize;
-
+use serde_json::value::RawValue;
 
 /// Longest SSE line kept across frames; longer lines (huge content deltas) are skipped.
 pub const MAX_LINE: usize = 256 * 1024;
@@ -20,9 +26,10 @@ pub const JSON_HEAD: usize = 4096;
 /// Bytes kept from the end of a JSON body to find `usage`.
 pub const JSON_TAIL: usize = 64 * 1024;
 /// Upper bound of [`Scanner::buffered`] (buffer capacities, growth slack included), whatever
-/// the input: an SSE line buffer and Gemini's last usage (each at most twice [`MAX_LINE`]
-/// after amortised growth), the over-long line's head and tail windows.
-pub const MAX_BUFFERED: usize = 4 * MAX_LINE + 2 * JSON_HEAD + 4 * JSON_TAIL;
+/// the input: an SSE line buffer and an event's gathered data (each at most twice
+/// [`MAX_LINE`] after amortised growth), Gemini's last usage (twice [`JSON_TAIL`]), the
+/// over-long event's head and tail windows.
+pub const MAX_BUFFERED: usize = 4 * MAX_LINE + 2 * JSON_HEAD + 6 * JSON_TAIL;
 
 /// How a provider reports usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +275,8 @@ pub fn scanner_for(dialect: Dialect, content_type: Option<&[u8]>) -> Scanner {
 }
 
 /// Picks the scanner for a response of `capability`: speech responses are audio (their units
-/// come from the request), image and transcription JSON bodies get their unit counters.
+/// come from the request), image and transcription JSON bodies get their unit counters, and
+/// image streams count their `image_generation.completed` events.
 pub fn scanner_for_capability(
     dialect: Dialect,
     capability: Capability,
@@ -277,12 +285,18 @@ pub fn scanner_for_capability(
     let json = content_type.is_some_and(|ct| {
         memmem::find(ct, b"json").is_some() && memmem::find(ct, b"ndjson").is_none()
     });
+    let sse = content_type.is_some_and(|ct| memmem::find(ct, b"text/event-stream").is_some());
     match capability {
         Capability::Speech => Scanner::Off,
         Capability::Images if json && dialect != Dialect::None => {
             let mut s = JsonScanner::new(dialect);
             s.images = Some(DataCounter::default());
             Scanner::Json(s)
+        }
+        Capability::Images if sse && dialect != Dialect::None => {
+            let mut s = SseScanner::new(dialect);
+            s.images = true;
+            Scanner::Sse(s)
         }
         Capability::Transcription if json && dialect != Dialect::None => {
             let mut s = JsonScanner::new(dialect);
@@ -330,28 +344,49 @@ impl Scanner {
     }
 }
 
-/// Server-sent events: scans complete `data:` lines.
+/// Server-sent events: scans each event's data (its `data:` lines joined with "\n", as SSE
+/// defines it), or each line of newline-delimited JSON.
+///
+/// An event whose data is one line followed at once by the blank line that ends it (nearly
+/// every event of every provider) is scanned in place, straight from the frame: nothing is
+/// copied. Data spread over several `data:` lines (pretty-printed JSON), or over frames, is
+/// gathered in a bounded buffer first.
 #[derive(Debug)]
 pub struct SseScanner {
     dialect: Dialect,
+    /// The current line, while it is incomplete across frames (at most [`MAX_LINE`]).
     partial: Vec<u8>,
-    /// The current line grew past [`MAX_LINE`]: it is not held whole any more.
+    /// The current line grew past [`MAX_LINE`]: it is not held whole any more; its bytes go
+    /// to the event's data as they come, if `long_line` says they are worth it.
     skipping: bool,
-    /// ... but it may carry usage at its end (a Responses API `response.completed` with a
-    /// long output, a Gemini chunk with a long text): its first [`JSON_HEAD`] bytes (for
-    /// `model`) and a sliding tail of [`JSON_TAIL`] bytes (for `usage`) are kept.
+    /// The over-long line is data that may carry usage (a `data:` line of an event not known
+    /// to be content, or an NDJSON line).
+    long_line: bool,
+    /// The current event's data gathered so far, when it could not be scanned in place (at
+    /// most [`MAX_LINE`]).
+    data: Vec<u8>,
+    /// The current event has data (in `data`, or in the windows below).
+    has_data: bool,
+    /// The current event's data outgrew [`MAX_LINE`]. It may still carry usage at its end (a
+    /// Responses API `response.completed` with a long output, a Gemini chunk with a long
+    /// text): its first [`JSON_HEAD`] bytes (for `model`) and a sliding tail of [`JSON_TAIL`]
+    /// bytes (for `usage`) are kept.
     long: bool,
     long_head: Vec<u8>,
     long_tail: Vec<u8>,
-    /// `data:` lines still worth parsing for `model` alone (first chunks carry it).
+    /// Events still worth parsing for `model` alone (first chunks carry it).
     model_tries: u8,
     /// Newline-delimited JSON (Ollama's native streams): every line is an event.
     ndjson: bool,
     /// What the current event's `event:` line said about it; reset at the blank line.
     event: EventKind,
-    /// Gemini: the tail (from `"usageMetadata"` on) of the last chunk that had it. Every chunk
-    /// carries running totals, so only the last is parsed, once, at the end.
+    /// Gemini: the tail (from `"usageMetadata"` on, at most [`JSON_TAIL`]) of the last chunk
+    /// that had it. Every chunk carries running totals, so only the last is parsed, once, at
+    /// the end.
     gemini_last: Vec<u8>,
+    /// An Images API stream: each `image_generation.completed` (or `image_edit.completed`)
+    /// event is one image.
+    images: bool,
     usage: Usage,
 }
 
@@ -377,12 +412,27 @@ const USAGE_EVENTS: [&[u8]; 7] = [
     b"image_edit.completed",
 ];
 
+/// The `type` of the Responses API events that carry the final usage, as JSON text.
+const RESPONSES_FINAL: [&str; 3] = [
+    "\"response.completed\"",
+    "\"response.incomplete\"",
+    "\"response.failed\"",
+];
+
 /// A streamed image generation's final event for one image (`stream: true` on the Images
-/// API): one image, and the usage of gpt-image models. Its type leads the object.
+/// API): one image, and the usage of gpt-image models. Its `type` may sit anywhere in the
+/// object; base64 has no quotes, so the search skips megabytes of image quickly.
 fn is_image_done(data: &[u8]) -> bool {
-    let head = &data[..data.len().min(64)];
-    memmem::find(head, b"\"type\":\"image_generation.completed\"").is_some()
-        || memmem::find(head, b"\"type\":\"image_edit.completed\"").is_some()
+    member_is(
+        data,
+        b"\"type\"",
+        &[b"image_generation.completed", b"image_edit.completed"],
+    )
+}
+
+/// Whether an Ollama object is the final one (`"done": true`), which carries the counts.
+fn is_done(data: &[u8]) -> bool {
+    member_values(data, b"\"done\"").any(|v| data[v..].starts_with(b"true"))
 }
 
 static USAGE_KEY_REV: std::sync::LazyLock<memmem::FinderRev<'static>> =
@@ -395,24 +445,31 @@ static USAGE_KEY_REV: std::sync::LazyLock<memmem::FinderRev<'static>> =
 /// fall back to a forward search.
 fn chunk_has_usage(data: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
-    // Streams without obfuscation (Azure, compatibles, older): the member closes the chunk.
+    // Compact streams without obfuscation (Azure, compatibles, older): the member closes the
+    // chunk.
     if data.ends_with(b"\"usage\":null}") {
         return false;
     }
     let Some(p) = USAGE_KEY_REV.rfind(data) else {
         return false;
     };
-    let after = &data[p + KEY.len()..];
-    match after.iter().position(|b| !b.is_ascii_whitespace()) {
-        Some(i) if after[i] == b':' => {
-            let v = after[i + 1..].trim_ascii_start();
-            !v.is_empty() && !v.starts_with(b"null")
-        }
-        _ => usage_value_at(data, KEY).is_some(),
+    match value_after_key(data, p + KEY.len()) {
+        Some(v) => v < data.len() && !data[v..].starts_with(b"null"),
+        None => usage_value_at(data, KEY).is_some(),
     }
 }
+
 static GEMINI_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usageMetadata\""));
+
+/// Whether a blank line (`\n` or `\r\n`) starts at `at`: the line before it ends its event.
+fn blank_line_at(chunk: &[u8], at: usize) -> bool {
+    match chunk.get(at) {
+        Some(b'\n') => true,
+        Some(b'\r') => chunk.get(at + 1) == Some(&b'\n'),
+        _ => false,
+    }
+}
 
 impl SseScanner {
     pub fn new(dialect: Dialect) -> Self {
@@ -420,6 +477,9 @@ impl SseScanner {
             dialect,
             partial: Vec::new(),
             skipping: false,
+            long_line: false,
+            data: Vec::new(),
+            has_data: false,
             long: false,
             long_head: Vec::new(),
             long_tail: Vec::new(),
@@ -427,96 +487,9 @@ impl SseScanner {
             ndjson: false,
             event: EventKind::Unnamed,
             gemini_last: Vec::new(),
+            images: false,
             usage: Usage::default(),
         }
-    }
-
-    /// Bytes held now (capacity), for the memory-bound tests.
-    pub fn buffered(&self) -> usize {
-        self.partial.capacity()
-            + self.gemini_last.capacity()
-            + self.long_head.capacity()
-            + self.long_tail.capacity()
-    }
-
-    /// A line outgrew [`MAX_LINE`]; `a` then `b` are its bytes so far. Whether its head and
-    /// tail are worth keeping is decided now, from its start and the event it belongs to.
-    fn long_begin(&mut self, a: &[u8], b: &[u8]) {
-        self.skipping = true;
-        self.long_head.clear();
-        self.long_tail.clear();
-        let start: Vec<u8> = a.iter().chain(b).take(5).copied().collect();
-        self.long = self.dialect != Dialect::None
-            && (self.ndjson || (start == b"data:" && self.event != EventKind::Skip));
-        self.long_feed(a);
-        self.long_feed(b);
-    }
-
-    fn long_feed(&mut self, d: &[u8]) {
-        if !self.long {
-            return;
-        }
-        if self.long_head.len() < JSON_HEAD {
-            let n = (JSON_HEAD - self.long_head.len()).min(d.len());
-            self.long_head.extend_from_slice(&d[..n]);
-        }
-        keep_tail(&mut self.long_tail, d);
-    }
-
-    /// The over-long line ended: look for usage in its tail, `model` in its head only.
-    fn long_end(&mut self) {
-        self.skipping = false;
-        if !std::mem::take(&mut self.long) {
-            return;
-        }
-        let head = std::mem::take(&mut self.long_head);
-        let tail = std::mem::take(&mut self.long_tail);
-        let data = if self.ndjson {
-            &head[..]
-        } else {
-            head.strip_prefix(b"data:")
-                .unwrap_or(&head)
-                .trim_ascii_start()
-        };
-        match self.dialect {
-            Dialect::OpenAi if self.ndjson => {
-                if memmem::find(&tail, b"\"done\":true").is_some()
-                    || memmem::find(&tail, b"\"done\": true").is_some()
-                {
-                    if let Some(m) = string_after(data, b"\"model\"") {
-                        self.usage.model = Some(m);
-                    }
-                    self.usage.apply_ollama(&tail);
-                }
-            }
-            Dialect::OpenAi => {
-                // Images arrive whole in one event, base64: nearly always an over-long line.
-                if is_image_done(data) {
-                    self.usage.images += 1;
-                    self.usage.found = true;
-                }
-                // Responses API: `response.usage` closes the `response` object, so it is in
-                // the tail however long `output` was; `model` precedes `output`.
-                if let Some(u) = usage_in_tail(&tail, b"\"usage\"") {
-                    if self.usage.model.is_none() {
-                        self.usage.model = string_after(data, b"\"model\"");
-                    }
-                    self.usage.apply(self.dialect, &u);
-                }
-            }
-            Dialect::Gemini => {
-                if let Some(p) = memmem::rfind(&tail, b"\"usageMetadata\"") {
-                    self.gemini_last.clear();
-                    self.gemini_last.extend_from_slice(&tail[p..]);
-                }
-            }
-            Dialect::Anthropic | Dialect::None => {}
-        }
-        // Keep the allocations (bounded) for the next long line.
-        self.long_head = head;
-        self.long_head.clear();
-        self.long_tail = tail;
-        self.long_tail.clear();
     }
 
     pub fn ndjson(dialect: Dialect) -> Self {
@@ -526,15 +499,32 @@ impl SseScanner {
         }
     }
 
-    fn line(&mut self, line: &[u8]) {
+    /// Bytes held now (capacity), for the memory-bound tests.
+    pub fn buffered(&self) -> usize {
+        self.partial.capacity()
+            + self.data.capacity()
+            + self.gemini_last.capacity()
+            + self.long_head.capacity()
+            + self.long_tail.capacity()
+    }
+
+    /// One complete line, without its `\n`. `next_blank`: the next line is known to be
+    /// blank, so a `data:` line that starts an event is all of its data.
+    fn line(&mut self, line: &[u8], next_blank: bool) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let data = if self.ndjson {
-            line
-        } else if let Some(d) = line.strip_prefix(b"data:") {
+        if self.ndjson {
+            self.event_data(line);
+        } else if let Some(v) = line.strip_prefix(b"data:") {
             if self.event == EventKind::Skip {
                 return;
             }
-            d
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            if !self.has_data && next_blank {
+                self.event_data(v);
+            } else {
+                self.data_line();
+                self.data_push(v);
+            }
         } else if let Some(name) = line.strip_prefix(b"event:") {
             let name = name.trim_ascii();
             self.event = if USAGE_EVENTS.contains(&name) {
@@ -542,84 +532,179 @@ impl SseScanner {
             } else {
                 EventKind::Skip
             };
-            return;
+        } else if line.is_empty() {
+            self.end_event();
+        }
+    }
+
+    /// A `data:` line begins: lines of one event join with "\n".
+    fn data_line(&mut self) {
+        if self.has_data {
+            self.data_push(b"\n");
+        }
+        self.has_data = true;
+    }
+
+    /// Appends to the current event's data; past [`MAX_LINE`], only its head and tail stay.
+    fn data_push(&mut self, b: &[u8]) {
+        if !self.long && self.data.len() + b.len() > MAX_LINE {
+            self.long = true;
+            self.long_head.clear();
+            self.long_tail.clear();
+            let data = std::mem::take(&mut self.data);
+            self.window_push(&data);
+            self.data = data;
+            self.data.clear();
+        }
+        if self.long {
+            self.window_push(b);
         } else {
-            if line.is_empty() {
-                self.event = EventKind::Unnamed;
-            }
+            self.data.extend_from_slice(b);
+        }
+    }
+
+    fn window_push(&mut self, d: &[u8]) {
+        if self.long_head.len() < JSON_HEAD {
+            let n = (JSON_HEAD - self.long_head.len()).min(d.len());
+            self.long_head.extend_from_slice(&d[..n]);
+        }
+        keep_tail(&mut self.long_tail, d);
+    }
+
+    /// The blank line: the event's data, if gathered, is scanned now.
+    #[inline]
+    fn end_event(&mut self) {
+        if self.has_data {
+            self.gathered_event();
+        }
+        self.event = EventKind::Unnamed;
+    }
+
+    /// Scans the data gathered for the current event, and forgets it.
+    fn gathered_event(&mut self) {
+        if self.long {
+            self.long_event();
+        } else {
+            let data = std::mem::take(&mut self.data);
+            self.event_data(&data);
+            self.data = data;
+        }
+        self.data.clear();
+        self.has_data = false;
+        self.long = false;
+    }
+
+    /// A line outgrew [`MAX_LINE`]; `a` then `b` are its bytes so far. Whether they are worth
+    /// keeping is decided now, from its start and the event it belongs to.
+    fn long_begin(&mut self, a: &[u8], b: &[u8]) {
+        self.skipping = true;
+        self.long_line = false;
+        if self.dialect == Dialect::None {
             return;
-        };
+        }
+        let mut skip = 0;
+        if !self.ndjson {
+            let mut start = [0u8; 6];
+            let mut n = 0;
+            for (s, &c) in start.iter_mut().zip(a.iter().chain(b)) {
+                *s = c;
+                n += 1;
+            }
+            if !start[..n].starts_with(b"data:") || self.event == EventKind::Skip {
+                return;
+            }
+            skip = if n == 6 && start[5] == b' ' { 6 } else { 5 };
+        }
+        self.long_line = true;
+        self.data_line();
+        let in_a = skip.min(a.len());
+        self.data_push(&a[in_a..]);
+        self.data_push(&b[(skip - in_a).min(b.len())..]);
+    }
+
+    fn long_piece(&mut self, d: &[u8]) {
+        if self.long_line {
+            self.data_push(d);
+        }
+    }
+
+    /// The over-long line ended. An NDJSON line is a whole event; an SSE event ends at its
+    /// blank line.
+    fn long_end(&mut self) {
+        self.skipping = false;
+        if std::mem::take(&mut self.long_line) && self.ndjson {
+            self.end_event();
+        }
+    }
+
+    /// An event whose data outgrew [`MAX_LINE`]: usage from its tail, `model` from its head.
+    fn long_event(&mut self) {
+        let head = std::mem::take(&mut self.long_head);
+        let tail = std::mem::take(&mut self.long_tail);
         match self.dialect {
             Dialect::OpenAi if self.ndjson => {
-                if memmem::find(data, b"\"done\":true").is_some()
-                    || memmem::find(data, b"\"done\": true").is_some()
-                {
+                if is_done(&tail) {
+                    if let Some(m) = string_after(&head, b"\"model\"") {
+                        self.usage.model = Some(m);
+                    }
+                    self.usage.apply_ollama(&tail);
+                }
+            }
+            Dialect::OpenAi => {
+                // Images arrive whole in one event, base64: nearly always over-long.
+                if self.images && (is_image_done(&head) || is_image_done(&tail)) {
+                    self.usage.images += 1;
+                    self.usage.found = true;
+                }
+                // Responses API: `response.usage` closes the `response` object, so it is in
+                // the tail however long `output` was; `model` precedes `output`.
+                if let Some(u) = usage_in_tail(&tail, b"\"usage\"") {
+                    if self.usage.model.is_none() {
+                        self.usage.model = string_after(&head, b"\"model\"");
+                    }
+                    self.usage.apply(self.dialect, &u);
+                }
+            }
+            Dialect::Gemini => {
+                if let Some(p) = memmem::rfind(&tail, b"\"usageMetadata\"") {
+                    self.gemini_keep(&tail[p..]);
+                }
+            }
+            Dialect::Anthropic | Dialect::None => {}
+        }
+        // Keep the allocations (bounded) for the next long event.
+        self.long_head = head;
+        self.long_head.clear();
+        self.long_tail = tail;
+        self.long_tail.clear();
+    }
+
+    /// Keeps Gemini's last usage, from its `usageMetadata` key on (the object is small: a
+    /// [`JSON_TAIL`] window holds it whatever follows).
+    fn gemini_keep(&mut self, from_key: &[u8]) {
+        self.gemini_last.clear();
+        self.gemini_last
+            .extend_from_slice(&from_key[..from_key.len().min(JSON_TAIL)]);
+    }
+
+    /// The whole data of one event (or one NDJSON line).
+    fn event_data(&mut self, data: &[u8]) {
+        match self.dialect {
+            Dialect::OpenAi if self.ndjson => {
+                if is_done(data) {
                     if let Some(m) = string_after(data, b"\"model\"") {
                         self.usage.model = Some(m);
                     }
                     self.usage.apply_ollama(data);
                 }
             }
-            // Responses API events are named; without the name, their data starts with the type.
-            Dialect::OpenAi
-                if (self.event == EventKind::Usage
-                    || data
-                        .trim_ascii_start()
-                        .starts_with(b"{\"type\":\"response."))
-                    && is_responses_final(data) =>
-            {
-                #[derive(Deserialize)]
-                struct Event {
-                    response: Resp,
-                }
-                #[derive(Deserialize)]
-                struct Resp {
-                    model: Option<String>,
-                    usage: Option<RawUsage>,
-                }
-                if let Ok(e) = serde_json::from_slice::<Event>(data) {
-                    if let Some(m) = e.response.model.filter(|m| !m.is_empty()) {
-                        self.usage.model = Some(m);
-                    }
-                    if let Some(u) = e.response.usage {
-                        self.usage.apply(self.dialect, &u);
-                    }
-                }
-            }
+            Dialect::OpenAi => self.openai_event(data),
             Dialect::Gemini => {
                 if let Some(p) = GEMINI_KEY.find(data) {
                     if self.usage.model.is_none() {
                         self.usage.model = string_after(data, b"\"modelVersion\"");
                     }
-                    self.gemini_last.clear();
-                    self.gemini_last.extend_from_slice(&data[p..]);
-                }
-            }
-            Dialect::OpenAi => {
-                #[derive(Deserialize)]
-                struct Chunk {
-                    model: Option<String>,
-                    usage: Option<RawUsage>,
-                }
-                if is_image_done(data) {
-                    self.usage.images += 1;
-                    self.usage.found = true;
-                }
-                let has_usage = chunk_has_usage(data);
-                let want_model = self.usage.model.is_none() && self.model_tries > 0;
-                if want_model {
-                    self.model_tries -= 1;
-                }
-                if (has_usage || want_model)
-                    && let Ok(c) = serde_json::from_slice::<Chunk>(data)
-                {
-                    // Azure's first chunk (prompt_filter_results) has `"model":""`.
-                    if self.usage.model.is_none() {
-                        self.usage.model = c.model.filter(|m| !m.is_empty());
-                    }
-                    if let Some(u) = c.usage {
-                        self.usage.apply(self.dialect, &u);
-                    }
+                    self.gemini_keep(&data[p..]);
                 }
             }
             Dialect::Anthropic => {
@@ -654,18 +739,106 @@ impl SseScanner {
             Dialect::None => {}
         }
     }
+
+    /// One OpenAI event: a chat chunk (top-level `usage`), a Responses API event (usage in
+    /// `response` when its `type` is final), an image event. Parsed only when it is named as
+    /// carrying usage, when its last `usage` member is not null, or while `model` is unknown;
+    /// the JSON parser makes layout and key order irrelevant.
+    fn openai_event(&mut self, data: &[u8]) {
+        #[derive(Deserialize)]
+        struct Event<'a> {
+            model: Option<String>,
+            usage: Option<RawUsage>,
+            /// Kept raw: only compared, and never a reason to reject the event.
+            #[serde(rename = "type", borrow)]
+            kind: Option<&'a RawValue>,
+            #[serde(borrow)]
+            response: Option<&'a RawValue>,
+        }
+        #[derive(Deserialize)]
+        struct Resp {
+            model: Option<String>,
+            usage: Option<RawUsage>,
+        }
+        if self.images && is_image_done(data) {
+            self.usage.images += 1;
+            self.usage.found = true;
+        }
+        let want_model = self.usage.model.is_none() && self.model_tries > 0;
+        if want_model {
+            self.model_tries -= 1;
+        }
+        if !(want_model || self.event == EventKind::Usage || chunk_has_usage(data)) {
+            return;
+        }
+        let Ok(e) = serde_json::from_slice::<Event>(data) else {
+            return;
+        };
+        if let Some(r) = e
+            .response
+            .and_then(|r| serde_json::from_str::<Resp>(r.get()).ok())
+        {
+            let model = r.model.filter(|m| !m.is_empty());
+            if e.kind.is_some_and(|k| RESPONSES_FINAL.contains(&k.get())) {
+                if model.is_some() {
+                    self.usage.model = model;
+                }
+                if let Some(u) = r.usage {
+                    self.usage.apply(self.dialect, &u);
+                }
+            } else if self.usage.model.is_none() {
+                self.usage.model = model;
+            }
+        }
+        // Azure's first chunk (prompt_filter_results) has `"model":""`.
+        if self.usage.model.is_none() {
+            self.usage.model = e.model.filter(|m| !m.is_empty());
+        }
+        if let Some(u) = e.usage {
+            self.usage.apply(self.dialect, &u);
+        }
+    }
 }
 
-/// The events of OpenAI's Responses API stream that carry the final usage.
-fn is_responses_final(data: &[u8]) -> bool {
-    memmem::find(data, b"\"type\":\"response.").is_some()
-        && [
-            &b"response.completed"[..],
-            b"response.incomplete",
-            b"response.failed",
-        ]
-        .iter()
-        .any(|t| memmem::find(data, t).is_some())
+/// JSON's insignificant whitespace (RFC 8259 §2): space, tab, line feed, carriage return.
+pub(crate) fn is_json_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The index of the first byte at or after `at` that is not JSON whitespace (`hay.len()` if
+/// there is none).
+pub(crate) fn skip_ws(hay: &[u8], mut at: usize) -> usize {
+    while at < hay.len() && is_json_ws(hay[at]) {
+        at += 1;
+    }
+    at
+}
+
+/// `key_end` is just past a string's closing quote. If the string is an object key (a colon
+/// follows, whitespace allowed around it), the index of its value's first byte (possibly
+/// `hay.len()` if the text ends there); if it is a value, `None`.
+///
+/// This one rule is what makes every search insensitive to layout. A `"` inside a JSON
+/// string is always escaped, so a byte search for `"key"` never matches inside a string;
+/// it matches a string value equal to `key`, which the colon test rejects.
+pub(crate) fn value_after_key(hay: &[u8], key_end: usize) -> Option<usize> {
+    let colon = skip_ws(hay, key_end);
+    (hay.get(colon) == Some(&b':')).then(|| skip_ws(hay, colon + 1))
+}
+
+/// The value positions of every member named `key` (quotes included) in `hay`, in order.
+pub(crate) fn member_values<'a>(hay: &'a [u8], key: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    memmem::find_iter(hay, key).filter_map(move |p| value_after_key(hay, p + key.len()))
+}
+
+/// Whether some member named `key` has one of the string values `values` (without quotes).
+fn member_is(hay: &[u8], key: &[u8], values: &[&[u8]]) -> bool {
+    member_values(hay, key).any(|v| {
+        hay.get(v) == Some(&b'"')
+            && values
+                .iter()
+                .any(|x| hay[v + 1..].starts_with(x) && hay.get(v + 1 + x.len()) == Some(&b'"'))
+    })
 }
 
 /// The unsigned integer value of object key `key`, if present.
@@ -730,24 +903,10 @@ pub(crate) fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Position just after `key` when it is an object key whose value is not `null`.
+/// The value position of the first member named `key`, unless that value is `null`.
 fn usage_value_at(hay: &[u8], key: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(p) = memmem::find(&hay[from..], key) {
-        let after = from + p + key.len();
-        let rest = &hay[after..];
-        let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
-        if rest[colon] == b':' {
-            let v = &rest[colon + 1..];
-            let start = v.iter().position(|b| !b.is_ascii_whitespace())?;
-            if v[start..].starts_with(b"null") {
-                return None;
-            }
-            return Some(after + colon + 1 + start);
-        }
-        from = after;
-    }
-    None
+    let v = member_values(hay, key).next()?;
+    (v < hay.len() && !hay[v..].starts_with(b"null")).then_some(v)
 }
 
 impl UsageScanner for SseScanner {
@@ -756,7 +915,7 @@ impl UsageScanner for SseScanner {
             match memchr::memchr(b'\n', chunk) {
                 None => {
                     if self.skipping {
-                        self.long_feed(chunk);
+                        self.long_piece(chunk);
                     } else if self.partial.len() + chunk.len() > MAX_LINE {
                         let partial = std::mem::take(&mut self.partial);
                         self.long_begin(&partial, chunk);
@@ -769,12 +928,12 @@ impl UsageScanner for SseScanner {
                 }
                 Some(i) => {
                     if self.skipping {
-                        self.long_feed(&chunk[..i]);
+                        self.long_piece(&chunk[..i]);
                         self.long_end();
                     } else if self.partial.len() + i <= MAX_LINE {
                         self.partial.extend_from_slice(&chunk[..i]);
                         let line = std::mem::take(&mut self.partial);
-                        self.line(&line);
+                        self.line(&line, blank_line_at(chunk, i + 1));
                         self.partial = line;
                     } else {
                         let partial = std::mem::take(&mut self.partial);
@@ -789,7 +948,7 @@ impl UsageScanner for SseScanner {
         }
         let mut start = 0;
         for i in memchr::memchr_iter(b'\n', chunk) {
-            self.line(&chunk[start..i]);
+            self.line(&chunk[start..i], blank_line_at(chunk, i + 1));
             start = i + 1;
         }
         let rest = &chunk[start..];
@@ -805,8 +964,10 @@ impl UsageScanner for SseScanner {
             self.long_end();
         } else if !self.partial.is_empty() {
             let line = std::mem::take(&mut self.partial);
-            self.line(&line);
+            self.line(&line, true);
         }
+        // An event the stream ended without a blank line still counts.
+        self.end_event();
         if !self.gemini_last.is_empty() {
             let last = std::mem::take(&mut self.gemini_last);
             if let Some(at) = usage_value_at(&last, b"\"usageMetadata\"")
@@ -1268,8 +1429,95 @@ mod tests {
              data: {{\"type\":\"image_generation.completed\",\"b64_json\":\"QUJD\",\"usage\":{{\"total_tokens\":4170,\"input_tokens\":10,\"output_tokens\":4160}}}}\n\n"
         );
         for step in [1000, 16 * 1024, 1 << 22] {
-            let u = feed_split(SseScanner::new(Dialect::OpenAi), body.as_bytes(), step);
+            let s = scanner_for_capability(
+                Dialect::OpenAi,
+                Capability::Images,
+                Some(b"text/event-stream"),
+            );
+            let u = feed_split(s, body.as_bytes(), step);
             assert_eq!((u.images, u.input, u.output), (2, 10, 4160), "step {step}");
+        }
+    }
+
+    #[test]
+    fn member_search_allows_whitespace_and_rejects_values() {
+        let hay = b"{\"a\" :\t\"usage\", \"usage\"\r\n:\n {\"x\": 1}, \"n\": null}";
+        let at: Vec<usize> = member_values(hay, b"\"usage\"").collect();
+        assert_eq!(at.len(), 1, "the string value is not a member");
+        assert_eq!(hay[at[0]], b'{');
+        assert_eq!(usage_value_at(hay, b"\"n\""), None, "null is no value");
+        assert_eq!(value_after_key(b"\"k\"  ", 3), None);
+        assert_eq!(value_after_key(b"\"k\" : ", 3), Some(6));
+        assert!(member_is(b"{\"type\" : \"b\"}", b"\"type\"", &[b"a", b"b"]));
+        assert!(!member_is(b"{\"type\": \"bb\"}", b"\"type\"", &[b"b"]));
+        assert!(is_done(b"{\"done\"\t:\ttrue}") && !is_done(b"{\"done\": false}"));
+    }
+
+    /// The shapes an OpenAI-compatible server written in Python sends: spaced, keys in its
+    /// own order, no `event:` lines, data pretty-printed over several `data:` lines.
+    #[test]
+    fn responses_stream_spaced_unnamed_reordered_and_multi_line() {
+        let created = r#"{"response": {"usage": null, "model": "o3", "id": "r"}, "type": "response.created"}"#;
+        let delta = r#"{"delta": "Hi \"usage\": {\"input_tokens\": 1}", "type": "response.output_text.delta"}"#;
+        let done = r#"{"response": {"usage": {"output_tokens_details": {"reasoning_tokens": 64}, "output_tokens": 90, "input_tokens_details": {"cached_tokens": 150}, "input_tokens": 200}, "model": "o3-2025-04-16"}, "sequence_number": 3, "type": "response.completed"}"#;
+        let one_line = format!("data: {created}\n\ndata: {delta}\n\ndata: {done}\n\n");
+        let multi = |j: &str| {
+            let mut out = String::new();
+            for part in j.split(", ") {
+                out.push_str("data: ");
+                out.push_str(part);
+                out.push_str(",\n");
+            }
+            // Each line ends with the comma that `split` took; the last one has none.
+            format!("{}\n\n", out.trim_end_matches(",\n"))
+        };
+        let multi_line = format!("{}{}{}", multi(created), multi(delta), multi(done));
+        assert!(multi_line.contains("\"type\": \"response.completed\"}\n\n"));
+        for body in [one_line, multi_line] {
+            for step in [1, 7, 4096] {
+                let u = feed_split(SseScanner::new(Dialect::OpenAi), body.as_bytes(), step);
+                assert_eq!(
+                    (u.input, u.cached_input, u.output, u.reasoning),
+                    (50, 150, 26, 64),
+                    "step {step}: {body}"
+                );
+                assert_eq!(u.model.as_deref(), Some("o3-2025-04-16"));
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_images_in_any_layout_and_key_order() {
+        let big = "A".repeat(600 * 1024);
+        let body = format!(
+            "event: image_generation.partial_image\ndata: {{\"b64_json\": \"{big}\", \"type\": \"image_generation.partial_image\"}}\n\n\
+             event: image_generation.completed\ndata: {{\"b64_json\": \"{big}\", \"usage\": {{\"input_tokens\": 10, \"output_tokens\": 4160}}, \"type\": \"image_generation.completed\"}}\n\n\
+             data: {{\"b64_json\": \"QUJD\",\ndata:  \"type\" : \"image_edit.completed\",\ndata: \"usage\": {{\"input_tokens\": 10, \"output_tokens\": 4160}}}}\n\n"
+        );
+        for step in [1000, 16 * 1024, 1 << 22] {
+            let s = scanner_for_capability(
+                Dialect::OpenAi,
+                Capability::Images,
+                Some(b"text/event-stream"),
+            );
+            let u = feed_split(s, body.as_bytes(), step);
+            assert_eq!((u.images, u.input, u.output), (2, 10, 4160), "step {step}");
+        }
+    }
+
+    #[test]
+    fn ollama_ndjson_with_any_spacing() {
+        let nd = concat!(
+            "{\"model\":\"llama3.2\",\"done\":false}\n",
+            "{ \"eval_count\" :\t298, \"prompt_eval_count\": 26, \"done\" :\ttrue , \"model\" : \"llama3.2\" }\r\n"
+        );
+        for step in [1, 5, 4096] {
+            let u = feed_split(SseScanner::ndjson(Dialect::OpenAi), nd.as_bytes(), step);
+            assert_eq!(
+                (u.input, u.output, u.model.as_deref()),
+                (26, 298, Some("llama3.2")),
+                "step {step}"
+            );
         }
     }
 

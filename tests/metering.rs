@@ -276,3 +276,73 @@ async fn ollama_openai_endpoint_streams_are_metered_by_default() {
         "{m}"
     );
 }
+
+/// OpenAI-compatible servers written in Python lay their JSON out as `{"a": 1, "b": 2}`; some
+/// pretty-print it over several `data:` lines (valid SSE). The app that did not ask for usage
+/// still gets exactly the stream it asked for (no usage-only chunk with `"choices": []`, no
+/// `"usage": null`), and both a chat stream and a Responses API stream are metered.
+#[tokio::test]
+async fn spaced_and_pretty_provider_streams_are_stripped_and_metered() {
+    for (style, name) in [(JsonStyle::Spaced, "spaced"), (JsonStyle::Pretty, "pretty")] {
+        let h = Harness::new().await;
+        let format = ("x-fake-format", name);
+        let body =
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let got = h.post("/v1/chat/completions", &[JSON, format], body).await;
+        assert_eq!(got.status, 200);
+        let sent: serde_json::Value = serde_json::from_slice(&h.up.last().body).unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], true, "{name}");
+        let want: String = openai_events(3, "gpt-4o-mini", false)
+            .iter()
+            .map(|e| String::from_utf8(restyle_stream(e.as_bytes(), style, false)).unwrap())
+            .collect();
+        let text = got.text();
+        assert_eq!(text, want, "{name}: byte for byte the stream without usage");
+        assert!(!text.contains("\"usage\"") && !text.contains("\"choices\": []"));
+
+        let body = r#"{"model":"o4-mini","stream":true,"input":"hi"}"#;
+        let got = h.post("/v1/responses", &[JSON, format], body).await;
+        assert_eq!(got.status, 200);
+        let want: String = responses_events("o4-mini")
+            .iter()
+            .map(|e| String::from_utf8(restyle_stream(e.as_bytes(), style, false)).unwrap())
+            .collect();
+        assert_eq!(
+            got.text(),
+            want,
+            "{name}: a Responses stream passes untouched"
+        );
+
+        let m = h.metrics().await;
+        let tokens = |model: &str, ty: &str| {
+            sample(
+                &m,
+                "byokd_tokens_total",
+                &[
+                    "tenant=\"acme\"",
+                    &format!("model=\"{model}\""),
+                    &format!("type=\"{ty}\""),
+                ],
+            )
+        };
+        // Chat: 120 prompt (100 cached), 30 completion (10 reasoning).
+        for (ty, n) in [
+            ("input", 20.0),
+            ("cached_input", 100.0),
+            ("output", 20.0),
+            ("reasoning", 10.0),
+        ] {
+            assert_eq!(tokens("gpt-4o-mini", ty), Some(n), "{name} chat {ty}: {m}");
+        }
+        // Responses: 328 input (256 cached), 180 output (128 reasoning).
+        for (ty, n) in [
+            ("input", 72.0),
+            ("cached_input", 256.0),
+            ("output", 52.0),
+            ("reasoning", 128.0),
+        ] {
+            assert_eq!(tokens("o4-mini", ty), Some(n), "{name} responses {ty}: {m}");
+        }
+        assert_eq!(sample(&m, "byokd_usage_missing_total", &[]), None, "{m}");
+    }
+}

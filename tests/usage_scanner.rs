@@ -1,11 +1,26 @@
 //! The usage scanner against recorded-format provider bodies (`tests/fixtures/`): any split
-//! into frames gives exactly the provider-reported usage; hostile input never panics.
+//! into frames, and any layout of the JSON (compact, spaced as Python servers send it,
+//! pretty-printed over multi-line SSE `data:`, keys reordered, CRLF), gives exactly the
+//! provider-reported usage; the usage stripper removes exactly what `include_usage` added;
+//! hostile input never panics.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::StreamBody;
+
+use byokd::stream_usage::StripUsage;
 use byokd::usage::{
     Capability, Dialect, MAX_BUFFERED, Scanner, Usage, UsageScanner, scanner_for,
     scanner_for_capability,
 };
+use common::{JsonStyle, restyle_json, restyle_stream};
 use proptest::prelude::*;
 
 struct Case {
@@ -105,17 +120,51 @@ fn fixture(name: &str) -> Vec<u8> {
     .unwrap()
 }
 
-fn scan(case: &Case, body: &[u8], cuts: &[usize]) -> Usage {
-    let mut s: Scanner = scanner_for(case.dialect, Some(case.content_type.as_bytes()));
-    let mut at = 0;
+/// `body` cut at `cuts` (taken modulo its length): the frames as hyper might deliver them.
+fn frames<'a>(body: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
     cuts.sort_unstable();
+    let mut at = 0;
+    let mut out = Vec::with_capacity(cuts.len() + 1);
     for c in cuts {
-        s.feed(&body[at..c]);
+        out.push(&body[at..c]);
         at = c;
     }
-    s.feed(&body[at..]);
+    out.push(&body[at..]);
+    out
+}
+
+fn scan(case: &Case, body: &[u8], cuts: &[usize]) -> Usage {
+    let mut s: Scanner = scanner_for(case.dialect, Some(case.content_type.as_bytes()));
+    for f in frames(body, cuts) {
+        s.feed(f);
+    }
     s.finish()
+}
+
+/// A fixture laid out in `style`, with CRLF line ends if `crlf` (in JSON whitespace too; a
+/// fixture recorded with CRLF, as Gemini sends it, keeps them either way).
+fn styled(file: &str, content_type: &str, style: JsonStyle, crlf: bool) -> Vec<u8> {
+    let body = fixture(file);
+    let body = if content_type.contains("event-stream") {
+        restyle_stream(&body, style, false)
+    } else if content_type.contains("ndjson") {
+        restyle_stream(&body, style, true)
+    } else {
+        restyle_json(&body, style)
+    };
+    if crlf {
+        let mut out = Vec::with_capacity(body.len() * 2);
+        for (i, &b) in body.iter().enumerate() {
+            if b == b'\n' && (i == 0 || body[i - 1] != b'\r') {
+                out.push(b'\r');
+            }
+            out.push(b);
+        }
+        out
+    } else {
+        body
+    }
 }
 
 fn check(case: &Case, u: &Usage) {
@@ -145,6 +194,77 @@ fn every_fixture_whole_and_byte_by_byte() {
     }
 }
 
+/// The restyled fixtures really have the layout the tests claim, so a scanner that matches
+/// compact byte patterns cannot pass them by luck.
+#[test]
+fn restyled_fixtures_have_the_layout_claimed() {
+    let sse = "text/event-stream";
+    let compact = styled(
+        "openai_chat.json",
+        "application/json",
+        JsonStyle::Compact,
+        false,
+    );
+    let compact = String::from_utf8(compact).unwrap();
+    assert!(compact.contains(r#"{"id":"chatcmpl-B9","object":"chat.completion","#));
+    assert!(compact.contains(r#""content":"The word \"usage\": appears here, and"#));
+    let spaced = styled("openai_chat_stream.sse", sse, JsonStyle::Spaced, false);
+    let spaced = String::from_utf8(spaced).unwrap();
+    assert!(spaced.contains(r#""choices": [], "usage": {"prompt_tokens": 1117, "#));
+    assert!(spaced.contains(r#"}], "usage": null}"#));
+    let pretty = styled("openai_responses_stream.sse", sse, JsonStyle::Pretty, false);
+    let pretty = String::from_utf8(pretty).unwrap();
+    assert!(pretty.contains("event: response.completed\ndata: {\ndata:   \"type\": \"response.completed\",\ndata:   \"sequence_number\": 3,\n"));
+    let sorted = styled(
+        "openai_responses_stream.sse",
+        sse,
+        JsonStyle::SortedSpaced,
+        false,
+    );
+    let sorted = String::from_utf8(sorted).unwrap();
+    assert!(sorted.contains(r#""sequence_number": 3, "type": "response.completed"}"#));
+    let nd = styled(
+        "ollama_chat.ndjson",
+        "application/x-ndjson",
+        JsonStyle::Compact,
+        true,
+    );
+    assert!(
+        String::from_utf8(nd)
+            .unwrap()
+            .contains("\"done\":true,\"total_duration\"")
+    );
+}
+
+#[test]
+fn every_fixture_in_every_layout_whole_and_byte_by_byte() {
+    for case in CASES {
+        for style in JsonStyle::ALL {
+            for crlf in [false, true] {
+                let body = styled(case.file, case.content_type, style, crlf);
+                let what = format!("{} {style:?} crlf={crlf}", case.file);
+                let u = scan(case, &body, &[]);
+                assert!(u.found, "{what}: no usage found");
+                let every_byte: Vec<usize> = (0..body.len()).collect();
+                for u in [u, scan(case, &body, &every_byte)] {
+                    assert_eq!(
+                        (
+                            u.input,
+                            u.cached_input,
+                            u.cache_write,
+                            u.output,
+                            u.reasoning
+                        ),
+                        case.tokens,
+                        "{what}"
+                    );
+                    assert_eq!(u.model.as_deref(), Some(case.model), "{what}");
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
@@ -154,12 +274,127 @@ proptest! {
         check(case, &scan(case, &fixture(case.file), &cuts));
     }
 
+    /// Every fixture in every layout (compact, spaced, pretty over multi-line `data:`, keys
+    /// sorted; LF or CRLF), in any split: the same usage and model.
+    #[test]
+    fn any_layout_any_split_gives_the_reported_usage(idx in 0..CASES.len(), style in 0..JsonStyle::ALL.len(), crlf in any::<bool>(), cuts in prop::collection::vec(any::<usize>(), 0..40)) {
+        let case = &CASES[idx];
+        let body = styled(case.file, case.content_type, JsonStyle::ALL[style], crlf);
+        let u = scan(case, &body, &cuts);
+        prop_assert_eq!(
+            (u.input, u.cached_input, u.cache_write, u.output, u.reasoning),
+            case.tokens,
+            "{} {:?} crlf={}", case.file, JsonStyle::ALL[style], crlf
+        );
+        prop_assert_eq!(u.model.as_deref(), Some(case.model));
+    }
+
+    /// The usage stripper on a stream in any layout and split: the client gets exactly the
+    /// stream the provider sends without `include_usage`, in the same layout.
+    #[test]
+    fn strip_removes_exactly_what_include_usage_added_in_any_layout(idx in 0..STRIP_CASES.len(), style in 0..JsonStyle::ALL.len(), crlf in any::<bool>(), cuts in prop::collection::vec(any::<usize>(), 0..40)) {
+        check_strip(STRIP_CASES[idx], JsonStyle::ALL[style], crlf, &cuts);
+    }
+
+    /// The stripper on token soup (SSE fields, JSON punctuation, whitespace, `"usage"`,
+    /// `null`) in any split never panics, and a stream without `"usage"` passes unchanged.
+    #[test]
+    fn strip_survives_token_soup(tokens in prop::collection::vec(0..14usize, 0..200), cuts in prop::collection::vec(any::<usize>(), 0..20)) {
+        const T: [&[u8]; 14] = [b"data:", b" ", b"\n", b"\r", b"\"usage\"", b":", b"null", b",", b"{", b"}", b"\"choices\"", b"[]", b"\t", b"x"];
+        let body: Vec<u8> = tokens.iter().flat_map(|&t| T[t].iter().copied()).collect();
+        let out = strip(&body, &cuts);
+        if memchr::memmem::find(&body, b"\"usage\"").is_none() {
+            prop_assert_eq!(out, body);
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic(dialect in 0..3u8, ct in 0..3u8, body in prop::collection::vec(any::<u8>(), 0..4096), cuts in prop::collection::vec(any::<usize>(), 0..20)) {
         let d = [Dialect::OpenAi, Dialect::Anthropic, Dialect::Gemini][dialect as usize];
         let ct = ["text/event-stream", "application/json", "application/x-ndjson"][ct as usize];
         let case = Case { file: "", dialect: d, content_type: ct, tokens: (0, 0, 0, 0, 0), model: "" };
         let _ = scan(&case, &body, &cuts);
+    }
+}
+
+/// Streams with `include_usage` and the same streams without it.
+const STRIP_CASES: [(&str, &str); 2] = [
+    ("openai_chat_stream.sse", "openai_chat_stream_no_usage.sse"),
+    (
+        "openai_chat_stream_obfuscation.sse",
+        "openai_chat_stream_obfuscation_no_usage.sse",
+    ),
+];
+
+/// `body` through an active [`StripUsage`], in the frames given.
+fn strip(body: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = frames(body, cuts)
+        .into_iter()
+        .map(|f| Ok(Frame::data(Bytes::copy_from_slice(f))))
+        .collect();
+    let mut s = StripUsage::new(StreamBody::new(futures_util::stream::iter(frames)), true);
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut out = Vec::new();
+    loop {
+        match Pin::new(&mut s).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => out.extend_from_slice(&f.into_data().unwrap()),
+            Poll::Ready(Some(Err(e))) => match e {},
+            Poll::Ready(None) => return out,
+            Poll::Pending => panic!("a ready stream is never pending"),
+        }
+    }
+}
+
+/// The JSON of each event of an SSE body, its `data:` lines joined as SSE joins them.
+fn event_data(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8(body.to_vec())
+        .unwrap()
+        .replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter_map(|event| {
+            let lines: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|v| v.strip_prefix(' ').unwrap_or(v))
+                .collect();
+            (!lines.is_empty()).then(|| lines.join("\n"))
+        })
+        .collect()
+}
+
+fn check_strip((with, without): (&str, &str), style: JsonStyle, crlf: bool, cuts: &[usize]) {
+    let sse = "text/event-stream";
+    let what = format!("{with} {style:?} crlf={crlf}");
+    let input = styled(with, sse, style, crlf);
+    let got = strip(&input, cuts);
+    let want = styled(without, sse, style, crlf);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want),
+        "{what}"
+    );
+    // Each event is still valid JSON, with a choice to read and no trace of usage.
+    for data in event_data(&got) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&data)
+            .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {data}"));
+        assert!(v.get("usage").is_none(), "{what}: {data}");
+        assert!(v["choices"][0].is_object(), "{what}: {data}");
+    }
+}
+
+#[test]
+fn strip_in_every_layout_whole_and_byte_by_byte() {
+    for case in STRIP_CASES {
+        for style in JsonStyle::ALL {
+            for crlf in [false, true] {
+                check_strip(case, style, crlf, &[]);
+                let n = styled(case.0, "text/event-stream", style, crlf).len();
+                check_strip(case, style, crlf, &(0..n).collect::<Vec<_>>());
+            }
+        }
     }
 }
 

@@ -152,6 +152,27 @@ pub fn openai_events(n: usize, model: &str, include_usage: bool) -> Vec<String> 
     v
 }
 
+/// A Responses API stream (`/v1/responses`, `stream: true`): named events, usage only in
+/// `response.completed` (`input_tokens` and `output_tokens` include the cached and reasoning
+/// parts).
+pub fn responses_events(model: &str) -> Vec<String> {
+    vec![
+        format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"{model}\",\"output\":[],\"usage\":null}}}}\n\n"
+        ),
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi \\\"usage\\\": {}\"}\n\n".to_string(),
+        format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"{model}\",\"output\":[{{\"type\":\"message\",\"id\":\"msg_1\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{{\"type\":\"output_text\",\"text\":\"Hi \\\"usage\\\": {{}}\",\"annotations\":[]}}]}}],\"usage\":{{\"input_tokens\":328,\"input_tokens_details\":{{\"cached_tokens\":256}},\"output_tokens\":180,\"output_tokens_details\":{{\"reasoning_tokens\":128}},\"total_tokens\":508}}}}}}\n\n"
+        ),
+    ]
+}
+
+fn responses_json(model: &str) -> String {
+    format!(
+        "{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"{model}\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"Hi\"}}]}}],\"usage\":{{\"input_tokens\":328,\"input_tokens_details\":{{\"cached_tokens\":256}},\"output_tokens\":180,\"output_tokens_details\":{{\"reasoning_tokens\":128}},\"total_tokens\":508}}}}"
+    )
+}
+
 fn openai_json(model: &str) -> String {
     format!(
         "{{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"Hello from the fake\"}},\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":11,\"completion_tokens\":7,\"total_tokens\":18}}}}"
@@ -267,8 +288,29 @@ async fn fake_respond(
     let n = header_num(h, "x-fake-events").unwrap_or(3) as usize;
     let streaming = memchr::memmem::find(&body, b"\"stream\":true").is_some()
         || memchr::memmem::find(&body, b"\"stream\": true").is_some();
+    // `x-fake-format: spaced|pretty`: the provider lays its JSON out as Python servers do.
+    let style = h
+        .get("x-fake-format")
+        .and_then(|v| JsonStyle::parse(v.to_str().ok()?));
+    let styled = |events: Vec<String>| match style {
+        Some(s) => events
+            .iter()
+            .map(|e| String::from_utf8(restyle_stream(e.as_bytes(), s, false)).unwrap())
+            .collect(),
+        None => events,
+    };
     let path = parts.uri.path();
-    if path.ends_with("/chat/completions") {
+    if path.ends_with("/responses") {
+        let model = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["model"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "o4-mini".into());
+        if streaming {
+            sse(state, styled(responses_events(&model)), pace)
+        } else {
+            full(200, "application/json", responses_json(&model))
+        }
+    } else if path.ends_with("/chat/completions") {
         let model = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v["model"].as_str().map(str::to_string))
@@ -276,18 +318,18 @@ async fn fake_respond(
         if streaming {
             let include_usage = memchr::memmem::find(&body, b"\"include_usage\":true").is_some()
                 || memchr::memmem::find(&body, b"\"include_usage\": true").is_some();
-            sse(state, openai_events(n, &model, include_usage), pace)
+            sse(state, styled(openai_events(n, &model, include_usage)), pace)
         } else {
             full(200, "application/json", openai_json(&model))
         }
     } else if path.ends_with("/v1/messages") {
         if streaming {
-            sse(state, anthropic_events(n), pace)
+            sse(state, styled(anthropic_events(n)), pace)
         } else {
             full(200, "application/json", ANTHROPIC_JSON)
         }
     } else if path.contains(":streamGenerateContent") {
-        sse(state, gemini_events(n), pace)
+        sse(state, styled(gemini_events(n)), pace)
     } else if path.contains(":generateContent") {
         full(
             200,
@@ -599,4 +641,179 @@ pub fn assert_no_secret(text: &str, secret: &str, what: &str) {
         !text.contains(&b64[..16]),
         "base64 of {secret} leaked into {what}"
     );
+}
+
+/// How a provider lays out its JSON: the same tokens in the same order (except
+/// [`JsonStyle::SortedSpaced`]), with the whitespace JSON allows between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonStyle {
+    /// `{"a":1,"b":[1,2]}`, as OpenAI, Anthropic and Gemini send it.
+    Compact,
+    /// `{"a": 1, "b": [1, 2]}`: Python's `json.dumps` default, as OpenAI-compatible servers
+    /// written in Python send it.
+    Spaced,
+    /// `json.dumps(indent=2)`: one member per line. In SSE, each line is its own `data:`
+    /// line (the lines join with "\n"); NDJSON cannot hold it and gets [`JsonStyle::Spaced`].
+    Pretty,
+    /// Spaced, with every object's keys in sorted order: nothing may depend on key order.
+    SortedSpaced,
+}
+
+impl JsonStyle {
+    pub const ALL: [JsonStyle; 4] = [
+        JsonStyle::Compact,
+        JsonStyle::Spaced,
+        JsonStyle::Pretty,
+        JsonStyle::SortedSpaced,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "compact" => Self::Compact,
+            "spaced" => Self::Spaced,
+            "pretty" => Self::Pretty,
+            "sorted" => Self::SortedSpaced,
+            _ => return None,
+        })
+    }
+}
+
+/// `json` (one valid JSON text) laid out in `style`; string contents are kept byte for byte.
+pub fn restyle_json(json: &[u8], style: JsonStyle) -> Vec<u8> {
+    let sorted;
+    let json = if style == JsonStyle::SortedSpaced {
+        // serde_json's map without `preserve_order` is a BTreeMap: keys come out sorted.
+        let v: serde_json::Value = serde_json::from_slice(json).unwrap();
+        sorted = serde_json::to_vec(&v).unwrap();
+        &sorted[..]
+    } else {
+        json
+    };
+    // The tokens without any whitespace between them.
+    let mut tokens = Vec::with_capacity(json.len());
+    let (mut in_str, mut esc) = (false, false);
+    for &b in json {
+        if in_str {
+            tokens.push(b);
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+        } else if b == b'"' {
+            in_str = true;
+            tokens.push(b);
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            tokens.push(b);
+        }
+    }
+    let pretty = style == JsonStyle::Pretty;
+    let spaced = style != JsonStyle::Compact;
+    let newline = |out: &mut Vec<u8>, depth: usize| {
+        out.push(b'\n');
+        out.extend(std::iter::repeat_n(b' ', 2 * depth));
+    };
+    let mut out = Vec::with_capacity(tokens.len() * 2);
+    let mut depth = 0usize;
+    let (mut in_str, mut esc) = (false, false);
+    for (i, &b) in tokens.iter().enumerate() {
+        if in_str {
+            out.push(b);
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_str = true;
+                out.push(b);
+            }
+            b'{' | b'[' => {
+                out.push(b);
+                depth += 1;
+                if pretty && !matches!(tokens.get(i + 1), Some(b'}' | b']')) {
+                    newline(&mut out, depth);
+                }
+            }
+            b'}' | b']' => {
+                depth -= 1;
+                if pretty && !matches!(tokens[i - 1], b'{' | b'[') {
+                    newline(&mut out, depth);
+                }
+                out.push(b);
+            }
+            b',' => {
+                out.push(b);
+                if pretty {
+                    newline(&mut out, depth);
+                } else if spaced {
+                    out.push(b' ');
+                }
+            }
+            b':' => {
+                out.push(b);
+                if spaced {
+                    out.push(b' ');
+                }
+            }
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+/// An SSE body (or NDJSON, one JSON text per line) with every JSON payload laid out in
+/// `style`. Lines that are not JSON (`event:`, `data: [DONE]`, blank) and line endings are
+/// kept. A pretty SSE payload spreads over several `data:` lines, valid SSE.
+pub fn restyle_stream(body: &[u8], style: JsonStyle, ndjson: bool) -> Vec<u8> {
+    let is_json = |v: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(v).is_ok();
+    let mut out = Vec::with_capacity(body.len() * 2);
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        let eol = &line[content.len()..];
+        if ndjson {
+            if is_json(content) {
+                let style = if style == JsonStyle::Pretty {
+                    JsonStyle::Spaced
+                } else {
+                    style
+                };
+                out.extend_from_slice(&restyle_json(content, style));
+            } else {
+                out.extend_from_slice(content);
+            }
+            out.extend_from_slice(eol);
+            continue;
+        }
+        let value = content
+            .strip_prefix(b"data:")
+            .map(|v| v.strip_prefix(b" ").unwrap_or(v));
+        match value {
+            Some(v) if is_json(v) => {
+                let json = restyle_json(v, style);
+                let sep: &[u8] = if eol.is_empty() { b"\n" } else { eol };
+                for (i, l) in json.split(|&b| b == b'\n').enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(sep);
+                    }
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(l);
+                }
+                out.extend_from_slice(eol);
+            }
+            _ => {
+                out.extend_from_slice(content);
+                out.extend_from_slice(eol);
+            }
+        }
+    }
+    out
 }
