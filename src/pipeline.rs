@@ -186,16 +186,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let cfg = &*self.config;
 
-        // route: pure path parsing; it also fixes the error shape the app's SDK expects.
-        if !crate::accept::host_ok(parts.version, &parts.headers) {
-            return Err(crate::route::RouteError::BadHost.into());
-        }
-        check_method(&parts.method)?;
-        let route = route(&cfg.providers, parts.uri.path())?;
-        if let Target::Named(i) = route.target {
-            ctx.shape = cfg.providers[i].error_shape();
-        }
-        check_header_limits(&parts.headers, cfg)?;
+        // route
+        let route = self.route(&parts, ctx)?;
 
         // identify
         let snapshot = self.keyring.snapshot();
@@ -233,129 +225,207 @@ impl Proxy {
             None => crate::failover::plan(&self.keyring, &cfg.providers, policy, &tenant, idx)?,
         };
 
-        // forward. Request bodies stream; they are read first, whole and only up to
-        // MAX_INSPECTED_BODY, when byokd must look inside (OpenAI-wire streaming chat, to ask
-        // for usage; text-to-speech, whose billed unit is the request's `input`) or may have
-        // to send them again (a second key or a failover chain). A larger body gets a
-        // single attempt.
+        // forward: the body (read first when byokd must look inside or may resend it), the
+        // budget reservation, then the attempts.
+        let facts = Facts::of(&parts, policy, &provider);
         let body = body.take().ok_or(LimitError::ClientClosed)?;
-        let limited = Limited::new(
-            crate::timeouts::ClientBody::new(body, cfg.limits.body_timeout, Side::Client),
-            max_body as usize,
-        );
         // Held until the upstream answered: the buffered body may be sent again on failover.
         let mut permit = self.buffers.permit();
-        let is_post = parts.method == http::Method::POST;
-        // Every billed call is a POST; a GET of the same path lists or fetches stored objects.
-        let capability = if is_post {
-            Capability::of_path(parts.uri.path())
-        } else {
-            Capability::Other
-        };
-        let chat_path = is_post && parts.uri.path().ends_with("/chat/completions");
-        let speech = is_post && capability == Capability::Speech;
-        // A budget reserves the request's worst case before it leaves: its model and output
-        // cap come from the body, read under the same bound.
-        let budgeted = is_post && policy.budget.is_some();
-        let mut characters = 0;
-        let mut estimate = (declared_length(&parts.headers).unwrap_or(0), None, None);
-        let payload =
-            if (chat_path && provider.stream_usage) || speech || plan.can_retry() || budgeted {
-                let peeked = read_bounded(limited, &mut permit).await.map_err(|e| {
-                    if crate::forward::body_too_large(e.as_ref()) {
-                        LimitError::BodyTooLarge(max_body)
-                    } else if crate::timeouts::client_stalled(e.as_ref()) {
-                        LimitError::BodyTimeout
-                    } else if e.is::<crate::accept::BufferFull>() {
-                        LimitError::Overloaded
-                    } else {
-                        LimitError::ClientClosed
-                    }
-                })?;
-                if let (true, Peeked::Whole(b)) = (budgeted, &peeked) {
-                    estimate = (
-                        b.len() as u64,
-                        crate::policy::max_tokens(b),
-                        crate::policy::body_model(b),
-                    );
-                }
-                match peeked {
-                    Peeked::Whole(b) => {
-                        if speech {
-                            characters = speech_characters(&b);
-                        }
-                        Payload::whole(b, chat_path)
-                    }
-                    Peeked::Partial(rb) => Payload::Once(Some(*rb)),
-                }
-            } else {
-                Payload::Once(Some(RequestBody::streaming(limited)))
-            };
-        let mut cut_plan = None;
-        if let (Some(budget), Some(admission)) = (&policy.budget, admission.as_mut()) {
-            let (len, max_out, model) = estimate;
-            let model = model.or_else(|| crate::policy::path_model(parts.uri.path()));
-            let price = model
-                .as_deref()
-                .and_then(|m| self.metrics.pricing.price(&provider.name, m));
-            let nanos = if is_post {
-                crate::policy::estimate(price, len, max_out, budget.default_max_tokens)
-            } else {
-                0
-            };
-            admission.reserve(nanos, crate::vocab::unix_now()).await?;
-            if let (Some(allowance), Some(price)) = (admission.allowance(), price) {
-                let input_tokens = len.div_ceil(4);
-                cut_plan = Some(crate::cut::CutPlan {
-                    allowance,
-                    input_nanos: input_tokens.saturating_mul(price.input),
-                    output_nanos_per_token: price.output,
-                    shape: provider.error_shape(),
-                    state: Arc::new(crate::cut::CutState {
-                        input_tokens,
-                        ..Default::default()
-                    }),
-                });
+        let (payload, read) = self
+            .payload(body, &facts, plan.can_retry(), &mut permit)
+            .await?;
+        let cut = match (&policy.budget, admission.as_mut()) {
+            (Some(budget), Some(a)) => {
+                self.reserve(budget, a, &provider, &parts, &facts, read.estimate)
+                    .await?
             }
-        }
-        let request_model = Arc::new(std::sync::OnceLock::new());
-        let body_kind = BodyKind::of(
-            parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .map(|v| v.as_bytes()),
-        );
-        let attempts = crate::failover::Attempts {
-            providers: &cfg.providers,
-            keyring: &self.keyring,
-            metrics: &self.metrics,
-            upstream: &self.upstream,
-            route: &route,
-            tenant: &tenant,
-            tenant_headers: &self.tenant_headers,
-            request_id: ctx.id,
-            started: ctx.started,
-            body_kind,
-            request_model: request_model.clone(),
+            _ => None,
         };
-        let outcome = attempts.run(plan, parts, payload, &mut ctx.progress).await;
+        let request_model = Arc::new(std::sync::OnceLock::new());
+        let body_kind = BodyKind::of(content_type(&parts.headers));
+        let outcome = self
+            .attempts(&route, &tenant, ctx, body_kind, request_model.clone())
+            .run(plan, parts, payload, &mut ctx.progress)
+            .await;
         if let Some(i) = ctx.progress.provider {
             ctx.provider = Some(cfg.providers[i].clone());
         }
         let done = outcome?;
-        let (idx, provider, asked_usage) = (
-            done.provider,
-            cfg.providers[done.provider].clone(),
-            done.asked_usage,
-        );
-        let resp = done.response;
-        self.metrics.first_byte(idx, ctx.started);
+        self.metrics.first_byte(done.provider, ctx.started);
         drop(permit);
 
-        // meter + record: the body streams through; usage is recorded when it ends. Its first
-        // frame is awaited before the head goes back, so an upstream that fails before
-        // sending anything is answered 502, not with a bare closed connection.
-        let (mut rparts, mut rbody) = resp.into_parts();
+        // meter + record
+        let metered = Metered {
+            tenant,
+            capability: facts.capability,
+            characters: read.characters,
+            request_model,
+            admission,
+            cut,
+        };
+        self.respond(done, metered, ctx).await
+    }
+
+    /// The forward step's attempt loop for this request.
+    fn attempts<'a>(
+        &'a self,
+        route: &'a crate::route::Route,
+        tenant: &'a Arc<str>,
+        ctx: &RequestCtx,
+        body_kind: Option<BodyKind>,
+        request_model: Arc<std::sync::OnceLock<Box<str>>>,
+    ) -> crate::failover::Attempts<'a> {
+        crate::failover::Attempts {
+            providers: &self.config.providers,
+            keyring: &self.keyring,
+            metrics: &self.metrics,
+            upstream: &self.upstream,
+            route,
+            tenant,
+            tenant_headers: &self.tenant_headers,
+            request_id: ctx.id,
+            started: ctx.started,
+            body_kind,
+            request_model,
+        }
+    }
+
+    /// The route step, with the request-level checks that come before any lookup: one `Host`
+    /// (HTTP/1.1), a proxied method, header limits. It also fixes the error shape the app's
+    /// SDK expects.
+    fn route(
+        &self,
+        parts: &http::request::Parts,
+        ctx: &mut RequestCtx,
+    ) -> Result<crate::route::Route, ProxyError> {
+        let cfg = &*self.config;
+        if !crate::accept::host_ok(parts.version, &parts.headers) {
+            return Err(crate::route::RouteError::BadHost.into());
+        }
+        check_method(&parts.method)?;
+        let route = route(&cfg.providers, parts.uri.path())?;
+        if let Target::Named(i) = route.target {
+            ctx.shape = cfg.providers[i].error_shape();
+        }
+        check_header_limits(&parts.headers, cfg)?;
+        Ok(route)
+    }
+
+    /// The request body as it will be sent: streamed, or read first (whole, up to
+    /// `MAX_INSPECTED_BODY`) when byokd must look inside (OpenAI-wire streaming chat, to ask
+    /// for usage; text-to-speech, billed by the request's `input`; a budget, whose reservation
+    /// needs the model and output cap) or may have to send it again (a second key or a
+    /// failover chain). A larger body gets a single attempt.
+    async fn payload(
+        &self,
+        body: Incoming,
+        facts: &Facts,
+        may_retry: bool,
+        permit: &mut crate::accept::BufferPermit,
+    ) -> Result<(Payload, BodyRead), LimitError> {
+        let limits = &self.config.limits;
+        let max_body = limits.max_body_bytes;
+        let limited = Limited::new(
+            crate::timeouts::ClientBody::new(body, limits.body_timeout, Side::Client),
+            max_body as usize,
+        );
+        let mut read = BodyRead {
+            characters: 0,
+            estimate: Estimate {
+                len: facts.declared_length,
+                max_out: None,
+                model: None,
+            },
+        };
+        if !(facts.usage_edit || facts.speech || may_retry || facts.budgeted) {
+            return Ok((Payload::Once(Some(RequestBody::streaming(limited))), read));
+        }
+        let peeked = read_bounded(limited, permit).await.map_err(|e| {
+            if crate::forward::body_too_large(e.as_ref()) {
+                LimitError::BodyTooLarge(max_body)
+            } else if crate::timeouts::client_stalled(e.as_ref()) {
+                LimitError::BodyTimeout
+            } else if e.is::<crate::accept::BufferFull>() {
+                LimitError::Overloaded
+            } else {
+                LimitError::ClientClosed
+            }
+        })?;
+        let payload = match peeked {
+            Peeked::Whole(b) => {
+                if facts.budgeted {
+                    read.estimate = Estimate {
+                        len: b.len() as u64,
+                        max_out: crate::policy::max_tokens(&b),
+                        model: crate::policy::body_model(&b),
+                    };
+                }
+                if facts.speech {
+                    read.characters = speech_characters(&b);
+                }
+                Payload::whole(b, facts.chat_path)
+            }
+            Peeked::Partial(rb) => Payload::Once(Some(*rb)),
+        };
+        Ok((payload, read))
+    }
+
+    /// Reserves the request's worst case against the budget before it leaves, and plans the
+    /// stream cut when the budget says `on_exhausted: cut`.
+    async fn reserve(
+        &self,
+        budget: &crate::policy::BudgetSpec,
+        admission: &mut crate::policy::Admission,
+        provider: &Provider,
+        parts: &http::request::Parts,
+        facts: &Facts,
+        estimate: Estimate,
+    ) -> Result<Option<crate::cut::CutPlan>, ProxyError> {
+        let model = estimate
+            .model
+            .or_else(|| crate::policy::path_model(parts.uri.path()));
+        let price = model
+            .as_deref()
+            .and_then(|m| self.metrics.pricing.price(&provider.name, m));
+        let nanos = if facts.is_post {
+            crate::policy::estimate(
+                price,
+                estimate.len,
+                estimate.max_out,
+                budget.default_max_tokens,
+            )
+        } else {
+            0
+        };
+        admission.reserve(nanos, crate::vocab::unix_now()).await?;
+        let (Some(allowance), Some(price)) = (admission.allowance(), price) else {
+            return Ok(None);
+        };
+        let input_tokens = estimate.len.div_ceil(4);
+        Ok(Some(crate::cut::CutPlan {
+            allowance,
+            input_nanos: input_tokens.saturating_mul(price.input),
+            output_nanos_per_token: price.output,
+            shape: provider.error_shape(),
+            state: Arc::new(crate::cut::CutState {
+                input_tokens,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    /// The answer the app gets: the upstream's head (hop-by-hop and `x-byokd-*` removed,
+    /// `x-byokd-attempts` added) and its body streaming through the meter. The body's first
+    /// frame is awaited before the head goes back, so an upstream that fails before sending
+    /// anything is answered 502, not with a bare closed connection.
+    async fn respond(
+        &self,
+        done: crate::failover::Attempted,
+        metered: Metered,
+        ctx: &RequestCtx,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let provider = &self.config.providers[done.provider];
+        let (mut rparts, mut rbody) = done.response.into_parts();
         rbody.prime().await.map_err(ForwardError::BodyFailed)?;
         strip_hop_by_hop(&mut rparts.headers);
         // Only byokd may say `x-byokd-error`: an upstream must not forge byokd's verdicts.
@@ -366,44 +436,38 @@ impl Proxy {
             .headers
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        let scanner = if rparts.status.is_success() && !compressed {
+        let ok = rparts.status.is_success() && !compressed;
+        let scanner = if ok {
             scanner_for_capability(
                 provider.dialect(),
-                capability,
-                rparts
-                    .headers
-                    .get(header::CONTENT_TYPE)
-                    .map(|v| v.as_bytes()),
+                metered.capability,
+                content_type(&rparts.headers),
             )
         } else {
             crate::usage::Scanner::Off
         };
         let recorder = Recorder {
             metrics: self.metrics.clone(),
-            tenant,
+            tenant: metered.tenant,
             provider: provider.name.clone(),
-            provider_idx: idx,
+            provider_idx: done.provider,
             status: rparts.status,
             started: ctx.started,
             request_id: ctx.id,
             key_source: done.source,
             price: None,
-            capability,
-            request_model,
-            characters,
+            capability: metered.capability,
+            request_model: metered.request_model,
+            characters: metered.characters,
             compressed,
-            admission,
-            cut: cut_plan.as_ref().map(|p| p.state.clone()),
+            admission: metered.admission,
+            cut: metered.cut.as_ref().map(|p| p.state.clone()),
         };
-        let strip = asked_usage
-            && rparts.status.is_success()
-            && !compressed
-            && rparts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let sse = ok
+            && content_type(&rparts.headers).is_some_and(|v| v.starts_with(b"text/event-stream"));
+        // The app never asked for usage, so its stream must not carry any.
+        let strip = done.asked_usage && sse;
         if strip {
-            // The app never asked for usage, so its stream must not carry any.
             rparts.headers.remove(header::CONTENT_LENGTH);
         }
         rparts.headers.insert(
@@ -411,16 +475,85 @@ impl Proxy {
             crate::failover::attempts_value(ctx.progress.attempts),
         );
         // Only an event stream can be cut cleanly; a JSON body is whole or nothing.
-        let sse = rparts.status.is_success()
-            && rparts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let rbody =
-            crate::cut::CutBody::new(Leased::new(rbody, done.lease), cut_plan.filter(|_| sse));
+        let cut = metered.cut.filter(|_| {
+            rparts.status.is_success()
+                && content_type(&rparts.headers)
+                    .is_some_and(|v| v.starts_with(b"text/event-stream"))
+        });
+        let rbody = crate::cut::CutBody::new(Leased::new(rbody, done.lease), cut);
         let body = StripUsage::new(MeteredBody::new(rbody, scanner, recorder), strip);
         Ok(Response::from_parts(rparts, Either::Left(body)))
     }
+}
+
+/// What the request's method, path and headers say about how its body must be handled.
+struct Facts {
+    is_post: bool,
+    /// What the endpoint bills in. Every billed call is a POST; a GET of the same path lists
+    /// or fetches stored objects.
+    capability: Capability,
+    /// A POST to `/chat/completions`.
+    chat_path: bool,
+    /// A streaming chat to a provider that wants `include_usage` added: the body is read.
+    usage_edit: bool,
+    speech: bool,
+    /// The tenant has a budget: the reservation needs the body's model and output cap.
+    budgeted: bool,
+    declared_length: u64,
+}
+
+impl Facts {
+    fn of(
+        parts: &http::request::Parts,
+        policy: &crate::policy::TenantPolicy,
+        provider: &Provider,
+    ) -> Self {
+        let is_post = parts.method == http::Method::POST;
+        let path = parts.uri.path();
+        let capability = if is_post {
+            Capability::of_path(path)
+        } else {
+            Capability::Other
+        };
+        let chat_path = is_post && path.ends_with("/chat/completions");
+        Self {
+            is_post,
+            capability,
+            chat_path,
+            usage_edit: chat_path && provider.stream_usage,
+            speech: is_post && capability == Capability::Speech,
+            budgeted: is_post && policy.budget.is_some(),
+            declared_length: declared_length(&parts.headers).unwrap_or(0),
+        }
+    }
+}
+
+/// What the meter and the recorder need from the request side.
+struct Metered {
+    tenant: Arc<str>,
+    capability: Capability,
+    characters: u64,
+    request_model: Arc<std::sync::OnceLock<Box<str>>>,
+    admission: Option<crate::policy::Admission>,
+    cut: Option<crate::cut::CutPlan>,
+}
+
+/// What reading the body found out.
+struct BodyRead {
+    /// Text-to-speech: characters of the request's `input`.
+    characters: u64,
+    estimate: Estimate,
+}
+
+/// The inputs of a budget reservation: body size, output cap and model.
+struct Estimate {
+    len: u64,
+    max_out: Option<u64>,
+    model: Option<String>,
+}
+
+fn content_type(h: &http::HeaderMap) -> Option<&[u8]> {
+    h.get(header::CONTENT_TYPE).map(|v| v.as_bytes())
 }
 
 impl Proxy {
