@@ -1,0 +1,100 @@
+//! Validates `providers` (built-ins, overrides and additions: names, kinds, base URLs,
+//! `stream_usage`, the 64-provider cap) and `pricing` (the price file it points to).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::ConfigError;
+use super::Ctx;
+use super::file::ProviderFile;
+use crate::provider::{self, Provider, ProviderKind};
+
+/// The provider table: built-ins first, then config entries override or add. Indexes into it
+/// are the provider ids the rest of the config (allow-lists, failover) refers to.
+pub(super) fn providers(
+    ctx: &Ctx,
+    file: &BTreeMap<String, ProviderFile>,
+) -> Result<Vec<Provider>, ConfigError> {
+    let mut providers: Vec<Provider> = provider::builtins();
+    for (name, pf) in file {
+        let existing = providers.iter().position(|p| &*p.name == name.as_str());
+        let p = provider(ctx, name, pf, existing.map(|i| &providers[i]))?;
+        match existing {
+            Some(i) => providers[i] = p,
+            None => providers.push(p),
+        }
+    }
+    // Azure has no public default host: it is usable only once configured.
+    providers.retain(|p| !p.base_url.is_empty());
+    if providers.len() > 64 {
+        return Err(ctx.invalid("providers", "at most 64 providers are supported".into()));
+    }
+    Ok(providers)
+}
+
+/// One `providers.NAME` entry; `builtin` is the built-in of that name it overrides, if any.
+fn provider(
+    ctx: &Ctx,
+    name: &str,
+    pf: &ProviderFile,
+    builtin: Option<&Provider>,
+) -> Result<Provider, ConfigError> {
+    let field = format!("providers.{name}");
+    if !crate::vocab::valid_tenant_id(name) || name == "v1" || name == "byokd" {
+        return Err(ctx.invalid(
+            &field,
+            "provider names use [A-Za-z0-9_.:-] and cannot be `v1` or `byokd`".into(),
+        ));
+    }
+    let kind = match (&pf.kind, builtin) {
+        (Some(k), _) => ProviderKind::parse(k).ok_or_else(|| {
+            ctx.invalid(
+                &format!("{field}.kind"),
+                format!("unknown kind `{k}`; use one of openai, anthropic, gemini, azure, ollama"),
+            )
+        })?,
+        (None, Some(b)) => b.kind,
+        (None, None) => {
+            return Err(ctx.invalid(
+                &format!("{field}.kind"),
+                "a provider that is not built in needs a kind".into(),
+            ));
+        }
+    };
+    let base_url = match (&pf.base_url, builtin) {
+        (Some(u), _) => u.clone(),
+        (None, Some(b)) => b.base_url.clone(),
+        (None, None) => {
+            return Err(ctx.invalid(
+                &format!("{field}.base_url"),
+                "a provider that is not built in needs a base_url".into(),
+            ));
+        }
+    };
+    let mut p = Provider::new(name, kind, &base_url)
+        .map_err(|m| ctx.invalid(&format!("{field}.base_url"), m))?;
+    if let Some(su) = pf.stream_usage {
+        if su && matches!(kind, ProviderKind::Anthropic | ProviderKind::Gemini) {
+            return Err(ctx.invalid(
+                &format!("{field}.stream_usage"),
+                "only OpenAI-wire providers (openai, azure, ollama) have stream_options".into(),
+            ));
+        }
+        p.stream_usage = su;
+    }
+    Ok(p)
+}
+
+/// Loads the `pricing` file (resolved against the config's folder); none configured is an
+/// empty table.
+pub(super) fn pricing(
+    ctx: &Ctx,
+    file: Option<&Path>,
+) -> Result<crate::pricing::Pricing, ConfigError> {
+    match file.map(|p| ctx.resolve(p)) {
+        None => Ok(crate::pricing::Pricing::default()),
+        Some(p) => {
+            crate::pricing::Pricing::load(&p).map_err(|e| ctx.invalid("pricing", e.to_string()))
+        }
+    }
+}
