@@ -21,6 +21,21 @@ use crate::keys::{CachePolicy, KeyError, Keyring};
 use crate::metrics::Metrics;
 use crate::pipeline::Proxy;
 
+/// The PostgreSQL store and ledger, or, in a build without the `postgres` feature, a type
+/// with no values: config validation refuses `store.postgres` there, so none is ever made.
+#[cfg(feature = "postgres")]
+type Pg = crate::keys::pg::PgStore;
+#[cfg(not(feature = "postgres"))]
+#[derive(Debug)]
+enum Pg {}
+
+#[cfg(not(feature = "postgres"))]
+impl Pg {
+    async fn sync_usage(&self, _: &crate::ledger::Ledger) -> Result<(), KeyError> {
+        match *self {}
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Transparent: a key error names its file or service itself, and `{:#}` in `main` would
@@ -49,7 +64,13 @@ pub enum StartError {
 pub fn kms(cfg: &Config) -> Result<Arc<dyn Kms>, KeyError> {
     match &cfg.kms {
         KmsConfig::Local { keks, active } => Ok(Arc::new(LocalKek::load(keks, active)?)),
+        #[cfg(feature = "aws-kms")]
         KmsConfig::Aws(a) => Ok(Arc::new(crate::keys::aws::AwsKms::new(a.clone()))),
+        // Refused by config validation in a build without the feature.
+        #[cfg(not(feature = "aws-kms"))]
+        KmsConfig::Aws(_) => Err(KeyError::Invalid(
+            "this byokd was built without the `aws-kms` feature".into(),
+        )),
     }
 }
 
@@ -59,15 +80,18 @@ pub async fn store(cfg: &Config) -> Result<Arc<dyn KeyStore>, KeyError> {
 }
 
 /// The store, and the PostgreSQL handle when that is what it is (it also keeps the ledger).
-async fn open_store(
-    cfg: &Config,
-) -> Result<(Arc<dyn KeyStore>, Option<Arc<crate::keys::pg::PgStore>>), KeyError> {
+async fn open_store(cfg: &Config) -> Result<(Arc<dyn KeyStore>, Option<Arc<Pg>>), KeyError> {
     match &cfg.store {
         StoreConfig::File { path } => Ok((Arc::new(FileStore::new(path.clone())), None)),
+        #[cfg(feature = "postgres")]
         StoreConfig::Postgres { url } => {
-            let pg = Arc::new(crate::keys::pg::PgStore::open(&url.0).await?);
+            let pg = Arc::new(Pg::open(&url.0).await?);
             Ok((pg.clone(), Some(pg)))
         }
+        #[cfg(not(feature = "postgres"))]
+        StoreConfig::Postgres { .. } => Err(KeyError::Invalid(
+            "this byokd was built without the `postgres` feature".into(),
+        )),
     }
 }
 
@@ -98,7 +122,7 @@ pub struct Running {
     admin: Arc<Admin>,
     _watch: Watch,
     _tls: Option<crate::tls::ServerTls>,
-    pg: Option<Arc<crate::keys::pg::PgStore>>,
+    pg: Option<Arc<Pg>>,
 }
 
 /// What keeps the snapshot fresh: a file watcher or a PostgreSQL listener.
@@ -137,7 +161,7 @@ impl Running {
 
 /// Writes the usage ledger off the async workers (file) or adds it to PostgreSQL; a failure
 /// is logged and retried next tick, nothing is dropped.
-async fn flush_ledger(metrics: &Arc<Metrics>, pg: Option<&crate::keys::pg::PgStore>) {
+async fn flush_ledger(metrics: &Arc<Metrics>, pg: Option<&Pg>) {
     if let Some(pg) = pg {
         if let Err(e) = pg.sync_usage(&metrics.ledger).await {
             tracing::error!(error = %e, "cannot write the usage ledger to PostgreSQL; will retry");
@@ -199,11 +223,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 metrics.clone(),
             )?)
         }
+        #[cfg(feature = "postgres")]
         StoreConfig::Postgres { url } => Watch::Postgres(crate::keys::pg::listen(
             url.0.clone(),
             keyring.clone(),
             metrics.clone(),
         )),
+        // open_store refused it above.
+        #[cfg(not(feature = "postgres"))]
+        StoreConfig::Postgres { .. } => Watch::Postgres(tokio::spawn(async {})),
     };
     // A change that landed between the first load and the watcher start is picked up here.
     keyring.reload().await?;

@@ -266,7 +266,7 @@ pub(super) fn parse_file(text: &str) -> Result<FileConfig, String> {
         format!("{field}: ")
     };
     Err(format!(
-        "{at}{field}{}; see the configuration reference in README.md",
+        "{at}{field}{}; see docs/configuration.md",
         plain_message(&e.to_string())
     ))
 }

@@ -25,7 +25,13 @@ pub(super) fn kms(ctx: &Ctx, file: Option<KmsFile>) -> Result<KmsConfig, ConfigE
                     ctx.invalid("kms.aws.key_id", "set the KMS key id, ARN or alias".into())
                 );
             }
-            KmsConfig::Aws(crate::keys::aws::AwsKmsConfig {
+            if !cfg!(feature = "aws-kms") {
+                return Err(ctx.invalid(
+                    "kms.aws",
+                    "this byokd was built without the `aws-kms` feature; build it with default features".into(),
+                ));
+            }
+            KmsConfig::Aws(crate::keys::AwsKmsConfig {
                 key_id: a.key_id,
                 region: a.region,
                 endpoint_url: a.endpoint_url,
@@ -73,6 +79,12 @@ pub(super) fn store(ctx: &Ctx, file: Option<StoreFile>) -> Result<StoreConfig, C
             postgres: Some(pg),
             file: None,
         }) => {
+            if !cfg!(feature = "postgres") {
+                return Err(ctx.invalid(
+                    "store.postgres",
+                    "this byokd was built without the `postgres` feature; build it with default features".into(),
+                ));
+            }
             if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://")) {
                 return Err(ctx.invalid("store.postgres.url", "expected a postgres:// URL".into()));
             }

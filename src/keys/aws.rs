@@ -18,18 +18,9 @@ use aws_sdk_kms::types::DataKeySpec;
 use tokio::sync::OnceCell;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::KeyError;
 use super::envelope::{Binding, DataKey};
 use super::kms::{Kms, KmsFuture, WrappedKey};
-
-/// Settings of `kms.aws`.
-#[derive(Debug, Clone)]
-pub struct AwsKmsConfig {
-    pub key_id: String,
-    pub region: Option<String>,
-    pub endpoint_url: Option<String>,
-    pub timeout: Duration,
-}
+use super::{AwsKmsConfig, KeyError};
 
 pub struct AwsKms {
     cfg: AwsKmsConfig,

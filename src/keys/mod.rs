@@ -5,11 +5,13 @@
 //! cache (`DashMap`, no global lock). A miss decrypts once through the KMS/KEK and writes an
 //! audit event; nothing on this path touches the disk.
 
+#[cfg(feature = "aws-kms")]
 pub mod aws;
 pub mod envelope;
 pub mod kms;
 pub mod manage;
 pub mod perms;
+#[cfg(feature = "postgres")]
 pub mod pg;
 pub mod secret;
 pub mod store;
@@ -145,7 +147,7 @@ type Flight = Shared<BoxFuture<'static, Result<AuthValue, Arc<KeyError>>>>;
 /// (503 with this retry-after) instead of each waiting for a timeout.
 const KMS_COOLDOWN: Duration = Duration::from_secs(2);
 
-/// Cache settings; see README "Key cache" for why these defaults.
+/// Cache settings; see docs/keys.md, "Key cache defaults" for why these defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct CachePolicy {
     pub ttl: Duration,
@@ -548,7 +550,7 @@ pub enum KmsConfig {
         keks: Vec<(String, PathBuf)>,
         active: String,
     },
-    Aws(aws::AwsKmsConfig),
+    Aws(AwsKmsConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -567,4 +569,13 @@ pub struct KeyCacheConfig {
     pub ttl: Duration,
     pub stale_ttl: Duration,
     pub max_entries: usize,
+}
+
+/// Settings of `kms.aws`.
+#[derive(Debug, Clone)]
+pub struct AwsKmsConfig {
+    pub key_id: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub timeout: std::time::Duration,
 }
