@@ -4,7 +4,7 @@
 //! closed or open; local-KEK rotation with `rewrap` while requests flow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

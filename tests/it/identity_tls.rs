@@ -4,7 +4,7 @@
 //! certificate rotation during a run, a real `curl --cert` call, and the end user's own key.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! fake provider. Needs `pip install -r tests/requirements.txt` (`.ci/test` does it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

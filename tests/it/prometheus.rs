@@ -3,7 +3,7 @@
 //! answers PromQL for a tenant's tokens and cost. `.ci/run` installs the package.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -2,7 +2,7 @@
 //! drain, and the canary-key leak check over every output byokd produces.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! replicas sharing Redis; Redis stopped and restarted mid-run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! metered without the app's opt-in, the usage-missing counter, and identity encoding.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

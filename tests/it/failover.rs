@@ -3,7 +3,7 @@
 //! retried (a stream already started, a body over the inspection bound).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! with a stream in flight, master-key rotation with `keys rewrap` under load, revocation.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -6,7 +6,7 @@
 //! served once the link is back, and no usage goes missing from the ledger.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! loopback peers, and an upstream that fails before its first byte.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! provider and model, persisted so they survive a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use sha2::{Digest, Sha256};

@@ -2,7 +2,7 @@
 //! metering, against the fake provider.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,24 @@
+//! The integration tests: one binary, a module per area, one shared harness (`common`: the
+//! fake provider, byokd in-process or as the real binary, moto, PostgreSQL and Redis helpers).
+//! One binary links the dependency tree once, not once per area.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod admin_api;
+mod cli;
+mod failover;
+mod faults;
+mod hardening;
+mod identity_tls;
+mod kms_aws;
+mod metering;
+mod policy;
+mod prometheus;
+mod proxy;
+mod sdk;
+mod store_postgres;
+mod upstream_tls;
+mod usage_api;
+mod usage_scanner;
