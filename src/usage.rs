@@ -46,6 +46,9 @@ pub enum Dialect {
     None,
 }
 
+/// Largest count of one token type taken from a usage report (2^40, about 10^12).
+pub const MAX_TOKENS: u64 = 1 << 40;
+
 /// Token counts in DESIGN §3's disjoint types, plus the model the provider reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -219,6 +222,7 @@ impl Usage {
             }
             Dialect::None => {}
         }
+        self.clamp_tokens();
     }
 
     /// Ollama's native API reports counts on the final object, outside any usage object.
@@ -229,11 +233,31 @@ impl Usage {
             self.found = true;
             self.input = prompt.unwrap_or(0);
             self.output = eval.unwrap_or(0);
+            self.clamp_tokens();
+        }
+    }
+
+    /// Token counts come from the upstream's text: a broken or hostile one can report
+    /// `u64::MAX`. No response has [`MAX_TOKENS`] tokens, so capping there costs nothing and
+    /// keeps every sum of counts (here, in metrics, in the ledger) far from overflowing.
+    fn clamp_tokens(&mut self) {
+        for n in [
+            &mut self.input,
+            &mut self.cached_input,
+            &mut self.cache_write,
+            &mut self.output,
+            &mut self.reasoning,
+        ] {
+            *n = (*n).min(MAX_TOKENS);
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.input + self.cached_input + self.cache_write + self.output + self.reasoning
+        self.input
+            .saturating_add(self.cached_input)
+            .saturating_add(self.cache_write)
+            .saturating_add(self.output)
+            .saturating_add(self.reasoning)
     }
 
     /// Whether anything billable was counted: tokens or another unit.
@@ -1339,6 +1363,34 @@ mod tests {
             (u.input, u.output, u.model.as_deref()),
             (8, 0, Some("text-embedding-3-small"))
         );
+    }
+
+    /// Found by fuzzing (fuzz/corpus/usage_scanner/json_huge_numbers): counts near
+    /// `u64::MAX` overflowed `total()` (a panic in debug builds, a wrapped, too-small total in
+    /// release).
+    #[test]
+    fn absurd_token_counts_are_capped_not_overflowed() {
+        let json = r#"{"model":"m","usage":{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551615,"completion_tokens_details":{"reasoning_tokens":1}}}"#;
+        let u = feed_split(JsonScanner::new(Dialect::OpenAi), json.as_bytes(), 7);
+        assert_eq!(
+            (u.input, u.output, u.reasoning),
+            (MAX_TOKENS, MAX_TOKENS, 1)
+        );
+        assert_eq!(u.total(), 2 * MAX_TOKENS + 1);
+        let ollama = br#"{"done":true,"prompt_eval_count":18446744073709551615,"eval_count":18446744073709551615}"#;
+        let u = feed_split(
+            SseScanner::ndjson(Dialect::OpenAi),
+            &[&ollama[..], b"\n"].concat(),
+            5,
+        );
+        assert_eq!((u.input, u.output), (MAX_TOKENS, MAX_TOKENS));
+        let u = Usage {
+            input: u64::MAX,
+            output: 1,
+            ..Usage::default()
+        };
+        assert_eq!(u.total(), u64::MAX);
+        assert!(u.metered());
     }
 
     #[test]

@@ -40,10 +40,12 @@ fn provider(
     builtin: Option<&Provider>,
 ) -> Result<Provider, ConfigError> {
     let field = format!("providers.{name}");
-    if !crate::vocab::valid_tenant_id(name) || name == "v1" || name == "byokd" {
+    // `.` and `..` would pass the character check, but the route step refuses them as dot
+    // segments: such a provider could never be reached by its `/{name}/` route.
+    if !crate::vocab::valid_tenant_id(name) || matches!(name, "v1" | "byokd" | "." | "..") {
         return Err(ctx.invalid(
             &field,
-            "provider names use [A-Za-z0-9_.:-] and cannot be `v1` or `byokd`".into(),
+            "provider names use [A-Za-z0-9_.:-] and cannot be `v1`, `byokd`, `.` or `..`".into(),
         ));
     }
     let kind = match (&pf.kind, builtin) {
@@ -96,5 +98,29 @@ pub(super) fn pricing(
         Some(p) => {
             crate::pricing::Pricing::load(&p).map_err(|e| ctx.invalid("pricing", e.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_parse as parse;
+
+    /// Found by the `config` fuzz target's check that every accepted provider is routable
+    /// (seed `fuzz/corpus/config/provider_named_dot_dot.yaml`).
+    #[test]
+    fn names_the_router_refuses_are_refused() {
+        let yaml = |name: &str| {
+            format!(
+                "providers:\n  \"{name}\": {{ kind: openai, base_url: \"https://x.example\" }}\n"
+            )
+        };
+        for name in ["v1", "byokd", ".", ".."] {
+            let err = parse(&yaml(name)).unwrap_err().to_string();
+            assert!(err.contains(&format!("providers.{name}")), "{err}");
+        }
+        let cfg = parse(&yaml("...")).unwrap();
+        let i = cfg.provider_index("...").unwrap();
+        let r = crate::route::route(&cfg.providers, "/.../v1/chat/completions").unwrap();
+        assert_eq!(r.target, crate::route::Target::Named(i));
     }
 }
