@@ -18,6 +18,7 @@ mod policy;
 mod prometheus;
 mod proxy;
 mod sdk;
+mod soak;
 mod store_postgres;
 mod upstream_tls;
 mod usage_api;

@@ -12,11 +12,11 @@
 //! be far more. Runs shorter than 5 minutes skip the memory checks (too little warm-up).
 //!
 //! Slow and heavy, so ignored by default:
-//! `cargo test --release --test soak -- --ignored --nocapture` (`BYOKD_SOAK_SECS=120` for a
+//! `cargo test --release --test it soak:: -- --ignored --nocapture` (`BYOKD_SOAK_SECS=120` for a
 //! shorter run).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -379,7 +379,7 @@ async fn until(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a 10-minute soak: cargo test --release --test soak -- --ignored --nocapture"]
+#[ignore = "a 10-minute soak: cargo test --release --test it soak:: -- --ignored --nocapture"]
 async fn soak_5000_tenants_500_streams_with_rotation_and_reload() {
     let secs: u64 = std::env::var("BYOKD_SOAK_SECS")
         .ok()
