@@ -351,10 +351,11 @@ pub struct BufferBudget {
     max: usize,
 }
 
-/// The buffered bytes of one request, given back when it drops.
+/// The buffered bytes of one request, given back when it drops. It borrows the budget: no
+/// shared reference count is touched per request.
 #[derive(Debug)]
-pub struct BufferPermit {
-    budget: Arc<BufferBudget>,
+pub struct BufferPermit<'a> {
+    budget: &'a BufferBudget,
     held: usize,
 }
 
@@ -364,16 +365,16 @@ pub struct BufferPermit {
 pub struct BufferFull;
 
 impl BufferBudget {
-    pub fn new(max: u64) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(max: u64) -> Self {
+        Self {
             used: AtomicUsize::new(0),
             max: usize::try_from(max).unwrap_or(usize::MAX),
-        })
+        }
     }
 
-    pub fn permit(self: &Arc<Self>) -> BufferPermit {
+    pub fn permit(&self) -> BufferPermit<'_> {
         BufferPermit {
-            budget: self.clone(),
+            budget: self,
             held: 0,
         }
     }
@@ -383,7 +384,7 @@ impl BufferBudget {
     }
 }
 
-impl BufferPermit {
+impl BufferPermit<'_> {
     pub fn grow(&mut self, n: usize) -> Result<(), BufferFull> {
         let b = &self.budget;
         let mut cur = b.used.load(Ordering::Relaxed);
@@ -405,7 +406,7 @@ impl BufferPermit {
     }
 }
 
-impl Drop for BufferPermit {
+impl Drop for BufferPermit<'_> {
     fn drop(&mut self) {
         if self.held > 0 {
             self.budget.used.fetch_sub(self.held, Ordering::Relaxed);

@@ -64,7 +64,7 @@ pub struct Proxy {
     /// Identity headers to strip before forwarding.
     tenant_headers: Vec<HeaderName>,
     /// Request-body bytes held in memory across all connections.
-    buffers: Arc<crate::accept::BufferBudget>,
+    buffers: crate::accept::BufferBudget,
 }
 
 impl Proxy {
@@ -321,7 +321,7 @@ impl Proxy {
         body: Incoming,
         facts: &Facts,
         may_retry: bool,
-        permit: &mut crate::accept::BufferPermit,
+        permit: &mut crate::accept::BufferPermit<'_>,
     ) -> Result<(Payload, BodyRead), LimitError> {
         let limits = &self.config.limits;
         let max_body = limits.max_body_bytes;
@@ -463,8 +463,9 @@ impl Proxy {
             admission: metered.admission,
             cut: metered.cut.as_ref().map(|p| p.state.clone()),
         };
-        let sse = ok
-            && content_type(&rparts.headers).is_some_and(|v| v.starts_with(b"text/event-stream"));
+        let event_stream =
+            content_type(&rparts.headers).is_some_and(|v| v.starts_with(b"text/event-stream"));
+        let sse = ok && event_stream;
         // The app never asked for usage, so its stream must not carry any.
         let strip = done.asked_usage && sse;
         if strip {
@@ -475,11 +476,9 @@ impl Proxy {
             crate::failover::attempts_value(ctx.progress.attempts),
         );
         // Only an event stream can be cut cleanly; a JSON body is whole or nothing.
-        let cut = metered.cut.filter(|_| {
-            rparts.status.is_success()
-                && content_type(&rparts.headers)
-                    .is_some_and(|v| v.starts_with(b"text/event-stream"))
-        });
+        let cut = metered
+            .cut
+            .filter(|_| rparts.status.is_success() && event_stream);
         let rbody = crate::cut::CutBody::new(Leased::new(rbody, done.lease), cut);
         let body = StripUsage::new(MeteredBody::new(rbody, scanner, recorder), strip);
         Ok(Response::from_parts(rparts, Either::Left(body)))

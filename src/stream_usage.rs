@@ -286,7 +286,7 @@ pub enum Peeked {
 /// against `permit` (the process-wide bound on buffered request bodies).
 pub async fn read_bounded(
     mut body: http_body_util::Limited<crate::timeouts::ClientBody>,
-    permit: &mut crate::accept::BufferPermit,
+    permit: &mut crate::accept::BufferPermit<'_>,
 ) -> Result<Peeked, Box<dyn std::error::Error + Send + Sync>> {
     let mut buf = BytesMut::new();
     loop {
