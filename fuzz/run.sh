@@ -3,8 +3,8 @@
 # usage_scanner, config, key_record, router. Needs cargo-fuzz (`cargo install cargo-fuzz`);
 # RUSTC_BOOTSTRAP=1 lets a stable toolchain take its sanitizer flags. New inputs go to
 # fuzz/work/TARGET (ignored by git): the seeds in fuzz/corpus/TARGET are read, not written.
-# A failing input lands in fuzz/artifacts/TARGET; tests/fuzz_seeds.rs runs those too, so
-# `cargo test --test fuzz_seeds` reproduces it. Once fixed, copy it into fuzz/corpus/TARGET
+# A failing input lands in fuzz/artifacts/TARGET; tests/it/fuzz_seeds.rs runs those too, so
+# `cargo test --test it fuzz_seeds` reproduces it. Once fixed, copy it into fuzz/corpus/TARGET
 # under a name that says what it found.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -8,8 +8,10 @@ mod common;
 
 mod admin_api;
 mod cli;
+mod drain;
 mod failover;
 mod faults;
+mod fuzz_seeds;
 mod hardening;
 mod identity_tls;
 mod kms_aws;

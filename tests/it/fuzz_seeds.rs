@@ -2,9 +2,7 @@
 //! `fuzz/artifacts/<target>/`, where `cargo fuzz` leaves crashes, when present) goes through
 //! the same check the fuzzer runs, `fuzz/checks.rs`. Longer runs: README, "Fuzzing".
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-#[path = "../fuzz/checks.rs"]
+#[path = "../../fuzz/checks.rs"]
 mod checks;
 
 use std::path::Path;
