@@ -6,7 +6,11 @@
 
 use std::hint::black_box;
 
-use byokd::usage::{Capability, Dialect, UsageScanner, scanner_for_capability};
+use byokd::usage::{Capability, DialectRef, UsageScanner, scanner_for_capability};
+
+fn dialect(kind: &str) -> DialectRef {
+    byokd::provider::kind(kind).and_then(|k| k.usage())
+}
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn openai_sse(events: usize) -> Vec<u8> {
@@ -61,35 +65,35 @@ fn bench(c: &mut Criterion) {
     let cases = [
         (
             "sse/openai_chat_20k_events",
-            Dialect::OpenAi,
+            dialect("openai"),
             &b"text/event-stream"[..],
             Capability::Tokens,
             openai_sse(20_000),
         ),
         (
             "sse/openai_chat_obfuscation_20k_events",
-            Dialect::OpenAi,
+            dialect("openai"),
             b"text/event-stream",
             Capability::Tokens,
             openai_sse_obfuscated(20_000),
         ),
         (
             "sse/anthropic_20k_events",
-            Dialect::Anthropic,
+            dialect("anthropic"),
             b"text/event-stream",
             Capability::Tokens,
             anthropic_sse(20_000),
         ),
         (
             "json/openai_8MiB",
-            Dialect::OpenAi,
+            dialect("openai"),
             b"application/json",
             Capability::Tokens,
             big_json(8 << 20),
         ),
         (
             "json/images_b64_8MiB",
-            Dialect::OpenAi,
+            dialect("openai"),
             b"application/json",
             Capability::Images,
             images_json(8 << 20),

@@ -40,12 +40,12 @@ fn config_dir() -> PathBuf {
 // usage_scanner
 // ---------------------------------------------------------------------------------------
 
-const DIALECTS: [Dialect; 4] = [
-    Dialect::OpenAi,
-    Dialect::Anthropic,
-    Dialect::Gemini,
-    Dialect::None,
-];
+/// Every registered kind's dialect, and none.
+fn dialects() -> Vec<Option<&'static dyn Dialect>> {
+    let mut v: Vec<_> = byokd::provider::KINDS.iter().map(|k| k.usage()).collect();
+    v.push(None);
+    v
+}
 const SSE: Option<&[u8]> = Some(b"text/event-stream; charset=utf-8");
 const NDJSON: Option<&[u8]> = Some(b"application/x-ndjson");
 const JSON: Option<&[u8]> = Some(b"application/json");
@@ -80,7 +80,7 @@ pub fn usage_scanner(data: &[u8]) {
     let n = usize::from(n % 64).min(rest.len());
     let (lens, body) = rest.split_at(n);
     let frames = frames(body, lens);
-    for dialect in DIALECTS {
+    for dialect in dialects() {
         for (cap, ct) in KINDS {
             let whole = scan(scanner_for_capability(dialect, cap, ct), &[body]);
             let split = scan(scanner_for_capability(dialect, cap, ct), &frames);

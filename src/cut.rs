@@ -65,19 +65,11 @@ fn data_events(d: &[u8]) -> u64 {
 }
 
 fn error_event(shape: ErrorShape) -> Bytes {
-    let body = shape.error_body(
+    shape.stream_error(
         http::StatusCode::TOO_MANY_REQUESTS,
         "budget_exceeded",
         "byokd: this tenant's monthly budget was exhausted during the stream; it was ended",
-    );
-    let mut ev = Vec::with_capacity(body.len() + 32);
-    if shape == ErrorShape::Anthropic {
-        ev.extend_from_slice(b"event: error\n");
-    }
-    ev.extend_from_slice(b"data: ");
-    ev.extend_from_slice(&body);
-    ev.extend_from_slice(b"\n\n");
-    Bytes::from(ev)
+    )
 }
 
 impl<B> Body for CutBody<B>
@@ -165,7 +157,11 @@ mod tests {
                 allowance: 250,
                 input_nanos: 0,
                 output_nanos_per_token: 100,
-                shape: ErrorShape::Anthropic,
+                // A wire that names its stream events: the error event is named too.
+                shape: ErrorShape::new(
+                    |_, _, m| serde_json::json!({ "type": "error", "error": { "message": m } }),
+                    Some("error"),
+                ),
                 state: state.clone(),
             }),
         );

@@ -326,7 +326,7 @@ mod tests {
         for (err, code, status) in cases {
             assert_eq!(err.code(), code, "{err:?}");
             assert_eq!(err.status().as_u16(), status, "{err:?}");
-            let resp = err.to_response(ErrorShape::OpenAi, "rid");
+            let resp = err.to_response(ErrorShape::default(), "rid");
             assert_eq!(resp.headers()[ERROR_HEADER], code);
         }
     }

@@ -253,7 +253,7 @@ impl Builder<'_> {
             || (fallback && self.stage(PLATFORM_TENANT, idx, provider, KeySource::Platform))
     }
 
-    /// A provider that needs no key (Ollama): one attempt without auth.
+    /// A provider that needs no key (a local server): one attempt without auth.
     fn keyless(&mut self, idx: usize) {
         self.out.push(Candidate {
             provider: idx,

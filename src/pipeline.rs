@@ -104,7 +104,7 @@ impl Proxy {
         let mut ctx = RequestCtx {
             id: RequestId::new(),
             started: Instant::now(),
-            shape: ErrorShape::OpenAi,
+            shape: ErrorShape::default(),
             tenant: None,
             provider: None,
             progress: Default::default(),
@@ -333,8 +333,7 @@ impl Proxy {
             characters: 0,
             estimate: Estimate {
                 len: facts.declared_length,
-                max_out: None,
-                model: None,
+                body: None,
             },
         };
         if !(facts.usage_edit || facts.speech || may_retry || facts.budgeted) {
@@ -356,8 +355,7 @@ impl Proxy {
                 if facts.budgeted {
                     read.estimate = Estimate {
                         len: b.len() as u64,
-                        max_out: crate::policy::max_tokens(&b),
-                        model: crate::policy::body_model(&b),
+                        body: Some(b.clone()),
                     };
                 }
                 if facts.speech {
@@ -381,19 +379,13 @@ impl Proxy {
         facts: &Facts,
         estimate: Estimate,
     ) -> Result<Option<crate::cut::CutPlan>, ProxyError> {
-        let model = estimate
-            .model
-            .or_else(|| crate::policy::path_model(parts.uri.path()));
+        let (model, max_out) =
+            provider.model_and_output_cap(estimate.body.as_deref(), parts.uri.path());
         let price = model
             .as_deref()
             .and_then(|m| self.metrics.pricing.price(&provider.name, m));
         let nanos = if facts.is_post {
-            crate::policy::estimate(
-                price,
-                estimate.len,
-                estimate.max_out,
-                budget.default_max_tokens,
-            )
+            crate::policy::estimate(price, estimate.len, max_out, budget.default_max_tokens)
         } else {
             0
         };
@@ -547,8 +539,8 @@ struct BodyRead {
 /// The inputs of a budget reservation: body size, output cap and model.
 struct Estimate {
     len: u64,
-    max_out: Option<u64>,
-    model: Option<String>,
+    /// The whole body, when it was read: the model and output cap come from it.
+    body: Option<Bytes>,
 }
 
 fn content_type(h: &http::HeaderMap) -> Option<&[u8]> {
@@ -634,7 +626,7 @@ fn user_credential(
         .check_key_format(key)
         .map_err(CredentialError::BadUserKey)?;
     Ok(crate::keys::Credential {
-        value: crate::keys::AuthValue::new(provider.auth_header().1, key.as_bytes()),
+        value: provider.auth().credential(key.as_bytes()),
         record: None,
         source: KeySource::User,
         decrypted: false,

@@ -64,7 +64,7 @@ impl Recorder {
             && c.cut.load(std::sync::atomic::Ordering::Relaxed)
         {
             // A cut stream never reached its final usage event: bill the running estimate
-            // (Anthropic's input count from message_start is exact and kept).
+            // (an input count reported at the stream's start is exact and kept).
             if !usage.found {
                 usage.input = c.input_tokens;
             }

@@ -10,7 +10,7 @@ use http::{HeaderMap, Version, request};
 
 use crate::forward::ForwardError;
 use crate::keys::Credential;
-use crate::provider::{Provider, ProviderKind};
+use crate::provider::Provider;
 use crate::route::Route;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -24,22 +24,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Auth the app may have sent to byokd (SDK api keys, platform tokens).
-const CLIENT_AUTH: [HeaderName; 4] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("api-key"),
-    HeaderName::from_static("x-goog-api-key"),
-];
-
 /// byokd's own request headers (identity, passthrough) that must not reach a provider.
 const BYOKD_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-tenant-id"),
     HeaderName::from_static("x-user-api-key"),
     HeaderName::from_static("x-user-provider"),
 ];
-
-const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
 /// Removes hop-by-hop headers, including those the `Connection` header names. Used in both
 /// directions.
@@ -98,7 +88,9 @@ pub fn rewrite(
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     h.remove(header::HOST);
-    for n in CLIENT_AUTH
+    // Auth the app may have sent to byokd (SDK api keys, platform tokens), in any
+    // provider's header.
+    for n in crate::provider::auth_headers()
         .iter()
         .chain(&BYOKD_HEADERS)
         .chain(tenant_headers)
@@ -112,16 +104,16 @@ pub fn rewrite(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    if provider.kind == ProviderKind::Anthropic && !h.contains_key(&ANTHROPIC_VERSION) {
-        h.insert(ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01"));
+    for (name, value) in provider.kind.default_headers() {
+        if !h.contains_key(name) {
+            h.insert(name.clone(), value.clone());
+        }
     }
     if let Some(c) = credential {
-        let (name, _) = provider.auth_header();
-        let value = c
-            .value
-            .header_value()
-            .ok_or(ForwardError::InvalidCredential)?;
-        h.insert(name, value);
+        provider
+            .auth()
+            .authorize(parts, &c.value)
+            .map_err(|_| ForwardError::InvalidCredential)?;
     }
     Ok(())
 }
@@ -130,7 +122,7 @@ fn has_key_param(q: &str) -> bool {
     q.split('&').any(|p| p == "key" || p.starts_with("key="))
 }
 
-/// The query without `key=...` (Gemini's API-key parameter).
+/// The query without `key=...` (an API key passed as a query parameter).
 fn strip_key_param(q: &str) -> Option<String> {
     let kept: Vec<&str> = q
         .split('&')

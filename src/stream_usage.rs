@@ -19,7 +19,8 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::usage::{MAX_LINE, member_values, skip_ws};
+use crate::usage::MAX_LINE;
+use crate::usage::bytes::{member_values, skip_ws, string_after};
 
 /// Largest request body byokd reads to decide; larger ones stream through unedited.
 pub const MAX_INSPECTED_BODY: usize = 1024 * 1024;
@@ -76,7 +77,7 @@ impl ModelTap {
 
     fn resolve(self) {
         let model = match self.kind {
-            BodyKind::Json => crate::usage::string_after(&self.head, b"\"model\""),
+            BodyKind::Json => string_after(&self.head, b"\"model\""),
             BodyKind::Multipart => multipart_field(&self.head, b"model"),
         };
         if let Some(m) = model.filter(|m| m.len() <= 256) {

@@ -6,8 +6,7 @@
 use http::{Method, Request, header};
 
 use crate::forward::Upstream;
-use crate::keys::AuthValue;
-use crate::provider::{Provider, ProviderKind};
+use crate::provider::Provider;
 use crate::stream_usage::RequestBody;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,51 +21,39 @@ pub enum VerifyError {
     Unsupported(String),
 }
 
-/// The path of the provider's list-models endpoint.
-fn models_path(p: &Provider) -> Option<&'static str> {
-    match p.kind {
-        ProviderKind::OpenAi => Some("/v1/models"),
-        ProviderKind::Anthropic => Some("/v1/models"),
-        ProviderKind::Gemini => Some("/v1beta/models"),
-        ProviderKind::Azure => Some("/openai/models"),
-        ProviderKind::Ollama => None,
-    }
-}
-
 pub async fn verify_key(
     upstream: &Upstream,
     p: &Provider,
     secret: &str,
 ) -> Result<(), VerifyError> {
-    let path = models_path(p).ok_or_else(|| VerifyError::Unsupported(p.name.to_string()))?;
-    let query = matches!(p.kind, ProviderKind::Azure).then_some("api-version=2024-10-21");
+    let call = p
+        .kind
+        .verify_call()
+        .ok_or_else(|| VerifyError::Unsupported(p.name.to_string()))?;
     let uri = p
-        .upstream_uri(path, query)
+        .upstream_uri(call.path, call.query)
         .map_err(|e| VerifyError::Unreachable(e.to_string()))?;
-    let (name, prefix) = p.auth_header();
-    let auth = AuthValue::new(prefix, secret.as_bytes())
-        .header_value()
-        .ok_or(VerifyError::Rejected(400))?;
-    let mut req = Request::builder()
+    let req = Request::builder()
         .method(Method::GET)
         .uri(uri)
         .header(header::ACCEPT, "application/json")
         .body(RequestBody::empty())
         .map_err(|e| VerifyError::Unreachable(e.to_string()))?;
-    req.headers_mut().insert(name, auth);
-    if matches!(p.kind, ProviderKind::Anthropic) {
-        req.headers_mut().insert(
-            "anthropic-version",
-            http::HeaderValue::from_static("2023-06-01"),
-        );
+    let (mut parts, body) = req.into_parts();
+    for (name, value) in p.kind.default_headers() {
+        parts.headers.insert(name.clone(), value.clone());
     }
+    let auth = p.auth();
+    auth.authorize(&mut parts, &auth.credential(secret.as_bytes()))
+        .map_err(|_| VerifyError::Rejected(400))?;
+    let req = Request::from_parts(parts, body);
     let resp = upstream
         .send(req)
         .await
         .map_err(|e| VerifyError::Unreachable(e.to_string()))?;
     match resp.status().as_u16() {
         200..=299 => Ok(()),
-        // Gemini answers a bad key with 400 API_KEY_INVALID.
+        // Some APIs answer a bad key with 400 (API_KEY_INVALID).
         s @ (400 | 401 | 403) => Err(VerifyError::Rejected(s)),
         s => Err(VerifyError::Inconclusive(s)),
     }

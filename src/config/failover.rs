@@ -5,15 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::FailoverStep;
-use crate::provider::{Provider, ProviderKind};
+use crate::provider::Provider;
 
 /// Wire formats a request can move between unchanged: the same kind, or two kinds that
 /// speak the OpenAI API (Azure has its own paths and auth, so it pairs only with Azure).
-fn same_wire(a: ProviderKind, b: ProviderKind) -> bool {
-    let openai_like = |k| matches!(k, ProviderKind::OpenAi | ProviderKind::Ollama);
-    a == b || (openai_like(a) && openai_like(b))
-}
-
 /// Resolves `failover: { source: [target, ...] }` into provider indexes; the error is
 /// (field, message).
 #[allow(clippy::type_complexity)]
@@ -49,13 +44,13 @@ pub(super) fn failover_chains(
                         ),
                     ));
                 }
-                if !same_wire(a.kind, b.kind) {
+                if a.kind.wire() != b.kind.wire() {
                     return Err((
                         f,
                         format!(
-                            "`{source}` speaks the {} wire format and `{t}` speaks {}: failover needs the same wire format (the same kind, or two OpenAI-compatible kinds: openai, ollama)",
-                            a.kind.as_str(),
-                            b.kind.as_str()
+                            "`{source}` speaks the {} wire format and `{t}` speaks {}: failover needs the same wire format",
+                            a.kind.wire(),
+                            b.kind.wire()
                         ),
                     ));
                 }

@@ -87,7 +87,7 @@ fn policy(
         })?,
         None => match base {
             Some(b) => b.default_provider,
-            None => index(providers, "openai").unwrap_or(0),
+            None => index(providers, crate::provider::DEFAULT_PROVIDER).unwrap_or(0),
         },
     };
     let allowed = match &pf.allowed_providers {

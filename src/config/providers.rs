@@ -7,7 +7,7 @@ use std::path::Path;
 use super::ConfigError;
 use super::Ctx;
 use super::file::ProviderFile;
-use crate::provider::{self, Provider, ProviderKind};
+use crate::provider::{self, Provider};
 
 /// The provider table: built-ins first, then config entries override or add. Indexes into it
 /// are the provider ids the rest of the config (allow-lists, failover) refers to.
@@ -49,10 +49,10 @@ fn provider(
         ));
     }
     let kind = match (&pf.kind, builtin) {
-        (Some(k), _) => ProviderKind::parse(k).ok_or_else(|| {
+        (Some(k), _) => provider::kind(k).ok_or_else(|| {
             ctx.invalid(
                 &format!("{field}.kind"),
-                format!("unknown kind `{k}`; use one of openai, anthropic, gemini, azure, ollama"),
+                format!("unknown kind `{k}`; use one of {}", provider::kind_names()),
             )
         })?,
         (None, Some(b)) => b.kind,
@@ -76,10 +76,19 @@ fn provider(
     let mut p = Provider::new(name, kind, &base_url)
         .map_err(|m| ctx.invalid(&format!("{field}.base_url"), m))?;
     if let Some(su) = pf.stream_usage {
-        if su && matches!(kind, ProviderKind::Anthropic | ProviderKind::Gemini) {
+        if su && !kind.stream_usage() {
+            let with: Vec<&str> = provider::KINDS
+                .iter()
+                .filter(|k| k.stream_usage())
+                .map(|k| k.name())
+                .collect();
             return Err(ctx.invalid(
                 &format!("{field}.stream_usage"),
-                "only OpenAI-wire providers (openai, azure, ollama) have stream_options".into(),
+                format!(
+                    "the {} kind has no stream_options (kinds that do: {})",
+                    kind.name(),
+                    with.join(", ")
+                ),
             ));
         }
         p.stream_usage = su;

@@ -13,7 +13,6 @@ pub mod manage;
 pub mod perms;
 #[cfg(feature = "postgres")]
 pub mod pg;
-pub mod secret;
 pub mod store;
 pub mod watch;
 
@@ -30,10 +29,10 @@ use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Shared};
 
 use crate::audit::{Audit, AuditError};
-use crate::provider::Provider;
+use crate::provider::{Authenticator, Provider};
+pub use crate::vocab::{AuthValue, PlainKey};
 use envelope::Binding;
 use kms::{Kms, WrappedKey};
-pub use secret::{AuthValue, PlainKey};
 use store::{KeyRecord, KeyStore, Snapshot, StoreData};
 
 /// The credential step has no usable key.
@@ -343,7 +342,7 @@ impl Keyring {
             "cache_miss"
         };
         match self
-            .fetch(&record, provider.auth_header().1, request_id, reason)
+            .fetch(&record, provider.auth(), request_id, reason)
             .await
         {
             Ok((value, decrypted)) => Ok(Credential {
@@ -391,7 +390,7 @@ impl Keyring {
     async fn fetch(
         &self,
         record: &Arc<KeyRecord>,
-        prefix: &'static str,
+        auth: &'static dyn Authenticator,
         request_id: crate::vocab::RequestId,
         reason: &'static str,
     ) -> Result<(AuthValue, bool), Arc<KeyError>> {
@@ -410,7 +409,7 @@ impl Keyring {
                 // if every request waiting on it goes away, instead of idling half-done in
                 // `inflight` until a later request resumes it past its KMS timeout.
                 let task = tokio::spawn(async move {
-                    let out = inner.decrypt(&record, prefix, request_id, reason).await;
+                    let out = inner.decrypt(&record, auth, request_id, reason).await;
                     if let Ok(v) = &out {
                         inner.insert(&record, v.clone(), max);
                     }
@@ -470,7 +469,7 @@ impl Shared_ {
     async fn decrypt(
         &self,
         r: &KeyRecord,
-        prefix: &str,
+        auth: &dyn Authenticator,
         request_id: crate::vocab::RequestId,
         reason: &str,
     ) -> Result<AuthValue, KeyError> {
@@ -514,7 +513,7 @@ impl Shared_ {
                 &decode("ciphertext", &r.ciphertext)?,
                 &binding.aad(),
             )?;
-            Ok::<_, KeyError>(AuthValue::new(prefix, &plain))
+            Ok::<_, KeyError>(auth.credential(&plain))
         }
         .await;
         if matches!(result, Err(KeyError::KmsCoolingDown)) {

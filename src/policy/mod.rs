@@ -574,30 +574,6 @@ pub fn estimate(
         .saturating_add(output.saturating_mul(p.output))
 }
 
-/// `max_tokens` / `max_output_tokens` / `max_completion_tokens` (Gemini:
-/// `generationConfig.maxOutputTokens`) of a JSON request body.
-pub fn max_tokens(body: &[u8]) -> Option<u64> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(|x| x.as_u64()))
-        .or_else(|| v.pointer("/generationConfig/maxOutputTokens")?.as_u64())
-}
-
-/// The request's `model`, from a JSON body.
-pub fn body_model(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.get("model")?.as_str().map(str::to_string)
-}
-
-/// The model named in a Gemini path (`/v1beta/models/gemini-2.0-flash:generateContent`),
-/// where Gemini requests carry it instead of the body.
-pub fn path_model(path: &str) -> Option<String> {
-    let rest = &path[path.find("/models/")? + "/models/".len()..];
-    let m = rest.split([':', '/']).next()?;
-    (!m.is_empty()).then(|| m.to_string())
-}
-
 /// A tenant's policy with provider names resolved to indexes into the config's provider list.
 #[derive(Debug, Clone)]
 pub struct TenantPolicy {
@@ -646,7 +622,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn estimates_and_body_fields() {
+    fn estimates() {
         let p = crate::pricing::Price {
             input: 150,
             output: 600,
@@ -655,15 +631,5 @@ mod tests {
         assert_eq!(estimate(Some(p), 400, Some(10), 4096), 100 * 150 + 10 * 600);
         assert_eq!(estimate(Some(p), 0, None, 4096), 4096 * 600);
         assert_eq!(estimate(None, 400, Some(10), 4096), 0);
-        assert_eq!(max_tokens(br#"{"model":"m","max_tokens":77}"#), Some(77));
-        assert_eq!(max_tokens(br#"{"max_output_tokens":5}"#), Some(5));
-        assert_eq!(
-            max_tokens(br#"{"generationConfig":{"maxOutputTokens":9}}"#),
-            Some(9)
-        );
-        assert_eq!(
-            body_model(br#"{"model":"gpt-4o"}"#).as_deref(),
-            Some("gpt-4o")
-        );
     }
 }

@@ -1,112 +1,256 @@
-//! Providers: where a request goes, how the provider's auth is injected, what its errors look like.
+//! Providers: where a request goes, how a credential authenticates it, what its errors and
+//! usage reports look like.
 //!
-//! A provider is config (name, kind, base URL); its kind decides the wire format: auth header,
-//! error body shape and usage dialect. The upstream host always comes from here, never from
-//! the request, so a client cannot aim byokd at an arbitrary host.
+//! A provider kind is one file here, implementing [`Kind`]; [`KINDS`] registers it. A
+//! configured provider ([`Provider`]) is a kind plus a name and a base URL: many providers
+//! share a kind (every OpenAI-compatible host is the `openai` kind at another URL, one line
+//! in [`BUILTINS`]). The upstream host always comes from here, never from the request, so a
+//! client cannot aim byokd at an arbitrary host. Nothing outside this folder names a
+//! specific provider.
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, LazyLock};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderName, StatusCode, Uri};
+use http::{HeaderName, HeaderValue, StatusCode, Uri, request};
 
-use crate::usage::Dialect;
+use crate::usage::DialectRef;
+use crate::vocab::AuthValue;
 
-/// The wire formats byokd speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    /// OpenAI and every OpenAI-compatible API (Mistral, OpenRouter, Groq, DeepSeek, Together).
-    OpenAi,
-    Anthropic,
-    Gemini,
-    Azure,
-    /// OpenAI-compatible and native API; no auth unless the tenant registered a key.
-    Ollama,
+mod anthropic;
+mod azure;
+mod gemini;
+mod ollama;
+mod openai;
+
+/// Every kind, by its `kind` config value.
+pub static KINDS: [&dyn Kind; 5] = [
+    &openai::OpenAi,
+    &anthropic::Anthropic,
+    &gemini::Gemini,
+    &azure::Azure,
+    &ollama::Ollama,
+];
+
+/// Providers that exist without config: name, kind, base URL. An OpenAI-compatible host is
+/// one line. Azure has no public host, so its base URL is empty and it is dropped unless
+/// the config sets one.
+pub const BUILTINS: &[(&str, &str, &str)] = &[
+    ("openai", "openai", "https://api.openai.com"),
+    ("anthropic", "anthropic", "https://api.anthropic.com"),
+    (
+        "gemini",
+        "gemini",
+        "https://generativelanguage.googleapis.com",
+    ),
+    ("azure", "azure", ""),
+    ("mistral", "openai", "https://api.mistral.ai"),
+    ("openrouter", "openai", "https://openrouter.ai/api"),
+    ("groq", "openai", "https://api.groq.com/openai"),
+    ("deepseek", "openai", "https://api.deepseek.com"),
+    ("together", "openai", "https://api.together.xyz"),
+    ("ollama", "ollama", "http://127.0.0.1:11434"),
+];
+
+/// The provider `/v1` goes to when the config names no `default_provider`: the API most
+/// apps' SDKs speak.
+pub const DEFAULT_PROVIDER: &str = "openai";
+
+/// The kind registered as `name`.
+pub fn kind(name: &str) -> Option<&'static dyn Kind> {
+    KINDS.iter().copied().find(|k| k.name() == name)
 }
 
-impl ProviderKind {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "openai" => Self::OpenAi,
-            "anthropic" => Self::Anthropic,
-            "gemini" => Self::Gemini,
-            "azure" => Self::Azure,
-            "ollama" => Self::Ollama,
-            _ => return None,
-        })
+/// The registered kind names, for messages: `openai, anthropic, ...`.
+pub fn kind_names() -> String {
+    KINDS
+        .iter()
+        .map(|k| k.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every header some kind authenticates with: an app's copy of any of them is removed
+/// before a request goes upstream, whichever provider it goes to.
+pub fn auth_headers() -> &'static [HeaderName] {
+    static ALL: LazyLock<Vec<HeaderName>> = LazyLock::new(|| {
+        let mut v: Vec<HeaderName> = KINDS
+            .iter()
+            .filter_map(|k| k.auth().header().cloned())
+            .collect();
+        v.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        v.dedup();
+        v
+    });
+    &ALL
+}
+
+/// Everything specific to a provider's API. Defaults fit the OpenAI wire.
+pub trait Kind: fmt::Debug + Send + Sync {
+    /// The `kind` value in config.
+    fn name(&self) -> &'static str;
+
+    /// The request and response format it speaks: failover moves a request only between
+    /// providers of the same wire.
+    fn wire(&self) -> &'static str {
+        self.name()
     }
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OpenAi => "openai",
-            Self::Anthropic => "anthropic",
-            Self::Gemini => "gemini",
-            Self::Azure => "azure",
-            Self::Ollama => "ollama",
-        }
+    /// How a credential authenticates a request.
+    fn auth(&self) -> &'static dyn Authenticator;
+
+    /// Whether a request without a tenant key is refused (`no_key`) or sent without auth.
+    fn requires_key(&self) -> bool {
+        true
+    }
+
+    /// The prefix keys of `provider` (a provider of this kind, by name) start with, when
+    /// known: a registration-time check against pasting the wrong key.
+    fn key_prefix(&self, _provider: &str) -> Option<&'static str> {
+        None
+    }
+
+    /// The cheap authenticated call that checks a key live at registration.
+    fn verify_call(&self) -> Option<VerifyCall> {
+        None
+    }
+
+    /// Headers the API requires, set on requests that lack them.
+    fn default_headers(&self) -> &'static [(HeaderName, HeaderValue)] {
+        &[]
+    }
+
+    /// How responses report usage; `None`: not metered.
+    fn usage(&self) -> DialectRef;
+
+    /// The shape of its error bodies and stream error events.
+    fn errors(&self) -> ErrorShape;
+
+    /// Whether streaming chat requests may be given `stream_options.include_usage` (and
+    /// are, unless the provider's config says `stream_usage: false`).
+    fn stream_usage(&self) -> bool {
+        false
+    }
+
+    /// The output-token cap of a JSON request body, for budget estimates.
+    fn max_output_tokens(&self, body: &serde_json::Value) -> Option<u64> {
+        ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(|x| x.as_u64()))
+    }
+
+    /// The model named in the request path, for APIs that put it there.
+    fn path_model(&self, _path: &str) -> Option<String> {
+        None
     }
 }
 
-/// The JSON shape of an error body, per provider family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorShape {
-    OpenAi,
-    Anthropic,
-    Gemini,
+/// How a credential authenticates a request: it sets a header, or (for request-signing
+/// schemes) signs the request as a whole.
+pub trait Authenticator: fmt::Debug + Send + Sync {
+    /// The credential's ready-to-use form, built once per decryption and cached.
+    fn credential(&self, key: &[u8]) -> AuthValue;
+
+    /// Authenticates an upstream request.
+    fn authorize(&self, req: &mut request::Parts, cred: &AuthValue) -> Result<(), BadCredential>;
+
+    /// The header it authenticates with, if it is one header.
+    fn header(&self) -> Option<&HeaderName>;
+}
+
+/// A stored key that cannot be sent (not a valid header value).
+#[derive(Debug, thiserror::Error)]
+#[error("the stored credential cannot be sent as a header value")]
+pub struct BadCredential;
+
+/// A key sent in one header, after a fixed prefix (`Bearer `, or none).
+#[derive(Debug)]
+pub struct HeaderAuth {
+    name: HeaderName,
+    prefix: &'static str,
+}
+
+impl HeaderAuth {
+    pub const fn new(name: HeaderName, prefix: &'static str) -> Self {
+        Self { name, prefix }
+    }
+}
+
+impl Authenticator for HeaderAuth {
+    fn credential(&self, key: &[u8]) -> AuthValue {
+        AuthValue::new(self.prefix, key)
+    }
+
+    fn authorize(&self, req: &mut request::Parts, cred: &AuthValue) -> Result<(), BadCredential> {
+        let value = cred.header_value().ok_or(BadCredential)?;
+        req.headers.insert(self.name.clone(), value);
+        Ok(())
+    }
+
+    fn header(&self) -> Option<&HeaderName> {
+        Some(&self.name)
+    }
+}
+
+/// The live key check: a GET of `path` (list models, typically) under the base URL.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyCall {
+    pub path: &'static str,
+    pub query: Option<&'static str>,
+}
+
+/// How a provider's SDK expects an error: the body's JSON, and for streams, the `event:`
+/// name of an error event if its wire names events.
+#[derive(Clone, Copy)]
+pub struct ErrorShape {
+    body: fn(StatusCode, &str, &str) -> serde_json::Value,
+    event: Option<&'static str>,
 }
 
 impl ErrorShape {
-    /// A body the provider's own SDK parses: OpenAI `{"error":{message,type,code}}`,
-    /// Anthropic `{"type":"error","error":{type,message}}`, Gemini `{"error":{code,message,status}}`.
+    pub const fn new(
+        body: fn(StatusCode, &str, &str) -> serde_json::Value,
+        event: Option<&'static str>,
+    ) -> Self {
+        Self { body, event }
+    }
+
+    /// A body the provider's own SDK parses, with byokd's stable `code` where the shape has
+    /// room for one.
     pub fn error_body(self, status: StatusCode, code: &str, message: &str) -> Vec<u8> {
-        let v = match self {
-            Self::OpenAi => serde_json::json!({
-                "error": { "message": message, "type": openai_type(status), "param": null, "code": code }
-            }),
-            Self::Anthropic => serde_json::json!({
-                "type": "error",
-                "error": { "type": anthropic_type(status), "message": message }
-            }),
-            Self::Gemini => serde_json::json!({
-                "error": { "code": status.as_u16(), "message": message, "status": google_status(status) }
-            }),
-        };
-        serde_json::to_vec(&v).unwrap_or_default()
+        serde_json::to_vec(&(self.body)(status, code, message)).unwrap_or_default()
+    }
+
+    /// The same error as one SSE event, to end a stream with.
+    pub fn stream_error(self, status: StatusCode, code: &str, message: &str) -> Bytes {
+        let body = self.error_body(status, code, message);
+        let mut ev = Vec::with_capacity(body.len() + 32);
+        if let Some(name) = self.event {
+            ev.extend_from_slice(b"event: ");
+            ev.extend_from_slice(name.as_bytes());
+            ev.push(b'\n');
+        }
+        ev.extend_from_slice(b"data: ");
+        ev.extend_from_slice(&body);
+        ev.extend_from_slice(b"\n\n");
+        Bytes::from(ev)
     }
 }
 
-fn openai_type(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        500..=599 => "api_error",
-        _ => "invalid_request_error",
+/// Errors before a provider is known (unknown route, bad request) take the OpenAI shape:
+/// the SDK most apps use.
+impl Default for ErrorShape {
+    fn default() -> Self {
+        openai::ERRORS
     }
 }
 
-fn anthropic_type(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        503 => "overloaded_error",
-        500..=599 => "api_error",
-        _ => "invalid_request_error",
-    }
-}
-
-fn google_status(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        401 => "UNAUTHENTICATED",
-        403 => "PERMISSION_DENIED",
-        404 => "NOT_FOUND",
-        429 => "RESOURCE_EXHAUSTED",
-        502 | 503 => "UNAVAILABLE",
-        504 => "DEADLINE_EXCEEDED",
-        500..=599 => "INTERNAL",
-        _ => "INVALID_ARGUMENT",
+impl fmt::Debug for ErrorShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ErrorShape")
+            .field("event", &self.event)
+            .finish_non_exhaustive()
     }
 }
 
@@ -114,19 +258,19 @@ fn google_status(s: StatusCode) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct Provider {
     pub name: Arc<str>,
-    pub kind: ProviderKind,
+    pub kind: &'static dyn Kind,
     pub base_url: String,
     scheme: Scheme,
     authority: Authority,
     /// Path of the base URL without a trailing slash ("" or "/api").
     prefix: String,
     /// Add `stream_options.include_usage` to streaming chat requests that lack it (and hide
-    /// the result from the app), so streams are metered. OpenAI-wire kinds only.
+    /// the result from the app), so streams are metered. Only kinds whose wire has it.
     pub stream_usage: bool,
 }
 
 impl Provider {
-    pub fn new(name: &str, kind: ProviderKind, base_url: &str) -> Result<Self, String> {
+    pub fn new(name: &str, kind: &'static dyn Kind, base_url: &str) -> Result<Self, String> {
         let mut p = Provider {
             name: Arc::from(name),
             kind,
@@ -134,12 +278,7 @@ impl Provider {
             scheme: Scheme::HTTPS,
             authority: Authority::from_static("invalid"),
             prefix: String::new(),
-            // Ollama's OpenAI endpoint honours stream_options.include_usage since v0.5.2
-            // (December 2024); older servers ignore the field, so asking costs nothing there.
-            stream_usage: matches!(
-                kind,
-                ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Ollama
-            ),
+            stream_usage: kind.stream_usage(),
         };
         if base_url.is_empty() {
             return Ok(p);
@@ -166,34 +305,20 @@ impl Provider {
     }
 
     pub fn error_shape(&self) -> ErrorShape {
-        match self.kind {
-            ProviderKind::Anthropic => ErrorShape::Anthropic,
-            ProviderKind::Gemini => ErrorShape::Gemini,
-            ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Ollama => ErrorShape::OpenAi,
-        }
+        self.kind.errors()
     }
 
-    /// The header carrying the provider key, and the prefix before the key in its value.
-    pub fn auth_header(&self) -> (HeaderName, &'static str) {
-        match self.kind {
-            ProviderKind::OpenAi | ProviderKind::Ollama => (http::header::AUTHORIZATION, "Bearer "),
-            ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), ""),
-            ProviderKind::Gemini => (HeaderName::from_static("x-goog-api-key"), ""),
-            ProviderKind::Azure => (HeaderName::from_static("api-key"), ""),
-        }
+    pub fn auth(&self) -> &'static dyn Authenticator {
+        self.kind.auth()
     }
 
     /// Whether a request without a tenant key is refused (`no_key`) or sent without auth.
     pub fn requires_key(&self) -> bool {
-        !matches!(self.kind, ProviderKind::Ollama)
+        self.kind.requires_key()
     }
 
-    pub fn dialect(&self) -> Dialect {
-        match self.kind {
-            ProviderKind::OpenAi | ProviderKind::Azure | ProviderKind::Ollama => Dialect::OpenAi,
-            ProviderKind::Anthropic => Dialect::Anthropic,
-            ProviderKind::Gemini => Dialect::Gemini,
-        }
+    pub fn dialect(&self) -> DialectRef {
+        self.kind.usage()
     }
 
     /// The upstream URI for a request path (already stripped of the `/{provider}` prefix).
@@ -215,6 +340,22 @@ impl Provider {
             .build()
     }
 
+    /// What a budget estimate needs from a request: the model (the JSON body's `model`, or
+    /// the path for APIs that name it there) and the output-token cap. One parse.
+    pub fn model_and_output_cap(
+        &self,
+        body: Option<&[u8]>,
+        path: &str,
+    ) -> (Option<String>, Option<u64>) {
+        let v = body.and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
+        let model = v
+            .as_ref()
+            .and_then(|v| v.get("model")?.as_str().map(str::to_string))
+            .or_else(|| self.kind.path_model(path));
+        let cap = v.as_ref().and_then(|v| self.kind.max_output_tokens(v));
+        (model, cap)
+    }
+
     /// Registration-time format check; the message never contains the key.
     pub fn check_key_format(&self, key: &str) -> Result<(), String> {
         if key.len() < 8 || key.len() > 1024 {
@@ -223,13 +364,7 @@ impl Provider {
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("a provider key is printable ASCII without spaces".into());
         }
-        let expected = match (self.kind, &*self.name) {
-            (ProviderKind::OpenAi, "openai") => Some("sk-"),
-            (ProviderKind::Anthropic, _) => Some("sk-ant-"),
-            (ProviderKind::Gemini, _) => Some("AIza"),
-            _ => None,
-        };
-        match expected {
+        match self.kind.key_prefix(&self.name) {
             Some(p) if !key.starts_with(p) => Err(format!(
                 "a {} key starts with `{p}`; check that you pasted the right key",
                 self.name
@@ -247,36 +382,12 @@ pub fn mask(key: &str) -> String {
     format!("{}...{}", &key[..3], &key[key.len() - 4..])
 }
 
-/// Providers that exist without config. Azure has no public host, so it has an empty
-/// base URL and is dropped unless the config sets one.
+/// The built-in providers. One with an empty base URL is kept out of the config unless the
+/// config gives it one.
 pub fn builtins() -> Vec<Provider> {
-    let table = [
-        ("openai", ProviderKind::OpenAi, "https://api.openai.com"),
-        (
-            "anthropic",
-            ProviderKind::Anthropic,
-            "https://api.anthropic.com",
-        ),
-        (
-            "gemini",
-            ProviderKind::Gemini,
-            "https://generativelanguage.googleapis.com",
-        ),
-        ("azure", ProviderKind::Azure, ""),
-        ("mistral", ProviderKind::OpenAi, "https://api.mistral.ai"),
-        (
-            "openrouter",
-            ProviderKind::OpenAi,
-            "https://openrouter.ai/api",
-        ),
-        ("groq", ProviderKind::OpenAi, "https://api.groq.com/openai"),
-        ("deepseek", ProviderKind::OpenAi, "https://api.deepseek.com"),
-        ("together", ProviderKind::OpenAi, "https://api.together.xyz"),
-        ("ollama", ProviderKind::Ollama, "http://127.0.0.1:11434"),
-    ];
-    table
+    BUILTINS
         .iter()
-        .filter_map(|(n, k, u)| Provider::new(n, *k, u).ok())
+        .filter_map(|(name, k, url)| Provider::new(name, kind(k)?, url).ok())
         .collect()
 }
 
@@ -288,7 +399,7 @@ mod tests {
     fn upstream_uri_keeps_path_and_query_under_the_base_prefix() {
         let p = Provider::new(
             "openrouter",
-            ProviderKind::OpenAi,
+            kind("openai").unwrap(),
             "https://openrouter.ai/api/",
         )
         .unwrap();
@@ -300,9 +411,28 @@ mod tests {
     }
 
     #[test]
+    fn every_builtin_has_a_kind_and_a_url() {
+        let built = builtins();
+        for (name, k, _) in BUILTINS {
+            assert!(kind(k).is_some(), "{name}: no kind `{k}`");
+            assert!(built.iter().any(|p| &*p.name == *name), "{name}");
+        }
+        assert!(built.iter().any(|p| &*p.name == DEFAULT_PROVIDER));
+        let mut names: Vec<&str> = KINDS.iter().map(|k| k.name()).collect();
+        names.dedup();
+        assert_eq!(names.len(), KINDS.len(), "kind names are unique");
+        // Every kind's auth header is stripped from what the app sent.
+        for k in KINDS {
+            if let Some(h) = k.auth().header() {
+                assert!(auth_headers().contains(h), "{}", k.name());
+            }
+        }
+    }
+
+    #[test]
     fn base_url_must_be_absolute_http() {
-        assert!(Provider::new("x", ProviderKind::OpenAi, "ftp://x").is_err());
-        assert!(Provider::new("x", ProviderKind::OpenAi, "/relative").is_err());
+        assert!(Provider::new("x", kind("openai").unwrap(), "ftp://x").is_err());
+        assert!(Provider::new("x", kind("openai").unwrap(), "/relative").is_err());
     }
 
     #[test]
@@ -319,23 +449,25 @@ mod tests {
 
     #[test]
     fn error_bodies_have_each_providers_shape() {
-        let b: serde_json::Value = serde_json::from_slice(&ErrorShape::Anthropic.error_body(
-            StatusCode::UNAUTHORIZED,
-            "unknown_tenant",
-            "m",
-        ))
-        .unwrap();
+        let b: serde_json::Value =
+            serde_json::from_slice(&kind("anthropic").unwrap().errors().error_body(
+                StatusCode::UNAUTHORIZED,
+                "unknown_tenant",
+                "m",
+            ))
+            .unwrap();
         assert_eq!(b["type"], "error");
         assert_eq!(b["error"]["type"], "authentication_error");
-        let b: serde_json::Value = serde_json::from_slice(&ErrorShape::Gemini.error_body(
-            StatusCode::FORBIDDEN,
-            "no_key",
-            "m",
-        ))
+        let b: serde_json::Value = serde_json::from_slice(
+            &kind("gemini")
+                .unwrap()
+                .errors()
+                .error_body(StatusCode::FORBIDDEN, "no_key", "m"),
+        )
         .unwrap();
         assert_eq!(b["error"]["status"], "PERMISSION_DENIED");
         assert_eq!(b["error"]["code"], 403);
-        let b: serde_json::Value = serde_json::from_slice(&ErrorShape::OpenAi.error_body(
+        let b: serde_json::Value = serde_json::from_slice(&ErrorShape::default().error_body(
             StatusCode::NOT_FOUND,
             "unknown_route",
             "m",

@@ -6,13 +6,13 @@ use memchr::memmem;
 use super::*;
 
 /// JSON's insignificant whitespace (RFC 8259 §2): space, tab, line feed, carriage return.
-pub(crate) fn is_json_ws(b: u8) -> bool {
+pub fn is_json_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// The index of the first byte at or after `at` that is not JSON whitespace (`hay.len()` if
 /// there is none).
-pub(crate) fn skip_ws(hay: &[u8], mut at: usize) -> usize {
+pub fn skip_ws(hay: &[u8], mut at: usize) -> usize {
     while at < hay.len() && is_json_ws(hay[at]) {
         at += 1;
     }
@@ -26,18 +26,18 @@ pub(crate) fn skip_ws(hay: &[u8], mut at: usize) -> usize {
 /// This one rule is what makes every search insensitive to layout. A `"` inside a JSON
 /// string is always escaped, so a byte search for `"key"` never matches inside a string;
 /// it matches a string value equal to `key`, which the colon test rejects.
-pub(crate) fn value_after_key(hay: &[u8], key_end: usize) -> Option<usize> {
+pub fn value_after_key(hay: &[u8], key_end: usize) -> Option<usize> {
     let colon = skip_ws(hay, key_end);
     (hay.get(colon) == Some(&b':')).then(|| skip_ws(hay, colon + 1))
 }
 
 /// The value positions of every member named `key` (quotes included) in `hay`, in order.
-pub(crate) fn member_values<'a>(hay: &'a [u8], key: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+pub fn member_values<'a>(hay: &'a [u8], key: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
     memmem::find_iter(hay, key).filter_map(move |p| value_after_key(hay, p + key.len()))
 }
 
 /// Whether some member named `key` has one of the string values `values` (without quotes).
-pub(super) fn member_is(hay: &[u8], key: &[u8], values: &[&[u8]]) -> bool {
+pub fn member_is(hay: &[u8], key: &[u8], values: &[&[u8]]) -> bool {
     member_values(hay, key).any(|v| {
         hay.get(v) == Some(&b'"')
             && values
@@ -47,7 +47,7 @@ pub(super) fn member_is(hay: &[u8], key: &[u8], values: &[&[u8]]) -> bool {
 }
 
 /// The unsigned integer value of object key `key`, if present.
-pub(super) fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
+pub fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
     let at = usage_value_at(hay, key)?;
     let digits = hay[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&hay[at..at + digits])
@@ -58,7 +58,7 @@ pub(super) fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
 
 /// Keeps the last [`JSON_TAIL`] bytes of a stream in `tail` (at most twice that, amortised:
 /// compacted only when the buffer is twice the window).
-pub(super) fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
+pub fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
     if chunk.len() >= JSON_TAIL {
         tail.clear();
         tail.extend_from_slice(&chunk[chunk.len() - JSON_TAIL..]);
@@ -73,12 +73,11 @@ pub(super) fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
 
 /// The usage object that closes a JSON text, from its tail: the last occurrence of `key`
 /// whose value parses as usage (earlier ones may be in content or cut by the window).
-pub(super) fn usage_in_tail(tail: &[u8], key: &[u8]) -> Option<RawUsage> {
+pub fn usage_in_tail<T: serde::de::DeserializeOwned>(tail: &[u8], key: &[u8]) -> Option<T> {
     let mut end = tail.len();
     while let Some(p) = memmem::rfind(&tail[..end], key) {
         if let Some(at) = usage_value_at(&tail[p..], key) {
-            let mut it =
-                serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<RawUsage>();
+            let mut it = serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<T>();
             if let Some(Ok(u)) = it.next() {
                 return Some(u);
             }
@@ -89,7 +88,7 @@ pub(super) fn usage_in_tail(tail: &[u8], key: &[u8]) -> Option<RawUsage> {
 }
 
 /// The number value (integer or decimal) of object key `key`, if present.
-pub(super) fn float_after(hay: &[u8], key: &[u8]) -> Option<f64> {
+pub fn float_after(hay: &[u8], key: &[u8]) -> Option<f64> {
     let at = usage_value_at(hay, key)?;
     let len = hay[at..]
         .iter()
@@ -99,7 +98,7 @@ pub(super) fn float_after(hay: &[u8], key: &[u8]) -> Option<f64> {
 }
 
 /// The string value of object key `key`, if present.
-pub(crate) fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+pub fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
     let at = usage_value_at(hay, key)?;
     serde_json::Deserializer::from_slice(&hay[at..])
         .into_iter::<String>()
@@ -109,7 +108,7 @@ pub(crate) fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
 }
 
 /// The value position of the first member named `key`, unless that value is `null`.
-pub(super) fn usage_value_at(hay: &[u8], key: &[u8]) -> Option<usize> {
+pub fn usage_value_at(hay: &[u8], key: &[u8]) -> Option<usize> {
     let v = member_values(hay, key).next()?;
     (v < hay.len() && !hay[v..].starts_with(b"null")).then_some(v)
 }

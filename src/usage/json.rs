@@ -4,6 +4,18 @@
 use super::bytes::*;
 use super::*;
 
+/// The model (from the head, else the tail) and the usage object closing a whole JSON body,
+/// for dialects whose bodies name them `model_key` and `usage_key`.
+pub fn model_and_usage<T: serde::de::DeserializeOwned>(
+    head: &[u8],
+    tail: &[u8],
+    model_key: &[u8],
+    usage_key: &[u8],
+) -> (Option<String>, Option<T>) {
+    let model = string_after(head, model_key).or_else(|| string_after(tail, model_key));
+    (model, usage_in_tail(tail, usage_key))
+}
+
 /// Counts the elements of the top-level `data` array of a JSON body (image generation) in one
 /// pass, without holding any of it: a byte state machine with a depth counter, no recursion,
 /// so hostile nesting costs nothing. Strings (multi-megabyte `b64_json`) are skipped with a
@@ -110,7 +122,7 @@ impl DataCounter {
 /// A JSON body: bounded head and tail, parsed once at the end.
 #[derive(Debug)]
 pub struct JsonScanner {
-    dialect: Dialect,
+    dialect: &'static dyn Dialect,
     head: Vec<u8>,
     pub(super) tail: Vec<u8>,
     /// Image generation: counts the `data` array's elements as the body passes.
@@ -120,7 +132,7 @@ pub struct JsonScanner {
 }
 
 impl JsonScanner {
-    pub fn new(dialect: Dialect) -> Self {
+    pub fn new(dialect: &'static dyn Dialect) -> Self {
         Self {
             dialect,
             head: Vec::new(),
@@ -150,20 +162,7 @@ impl UsageScanner for JsonScanner {
 
     fn finish(&mut self) -> Usage {
         let mut usage = Usage::default();
-        let (usage_key, model_key): (&[u8], &[u8]) = match self.dialect {
-            Dialect::Gemini => (b"\"usageMetadata\"", b"\"modelVersion\""),
-            _ => (b"\"usage\"", b"\"model\""),
-        };
-        // `model` leads OpenAI and Anthropic bodies; Gemini puts `modelVersion` at the end.
-        usage.model =
-            string_after(&self.head, model_key).or_else(|| string_after(&self.tail, model_key));
-        let tail = &self.tail;
-        if let Some(u) = usage_in_tail(tail, usage_key) {
-            usage.apply(self.dialect, &u);
-        }
-        if !usage.found && self.dialect == Dialect::OpenAi {
-            usage.apply_ollama(tail);
-        }
+        self.dialect.json(&mut usage, &self.head, &self.tail);
         if let Some(c) = &self.images {
             usage.images = c.count();
             usage.found |= usage.images > 0;

@@ -4,11 +4,14 @@
 //! - [`ids`]: tenant id rules and the per-request id.
 //! - [`clock`]: unix time and the UTC calendar (months for budgets, RFC 3339 for records).
 //! - [`text`]: values hidden from `Debug`, and an error displayed with its causes.
+//! - [`secret`]: key material: hidden from `Debug`, never serializable, zeroized on drop.
 
 pub mod clock;
 pub mod ids;
+pub mod secret;
 pub mod text;
 
 pub use clock::unix_now;
 pub use ids::{KeySource, RequestId, reserved_tenant_id, valid_tenant_id};
+pub use secret::{AuthValue, PlainKey};
 pub use text::{ErrorChain, Redacted};

@@ -23,9 +23,15 @@ use byokd::usage::{
 use common::{JsonStyle, restyle_json, restyle_stream};
 use proptest::prelude::*;
 
+/// The usage dialect of a provider kind.
+fn dialect(kind: &str) -> &'static dyn Dialect {
+    byokd::provider::kind(kind).and_then(|k| k.usage()).unwrap()
+}
+
 struct Case {
     file: &'static str,
-    dialect: Dialect,
+    /// The provider kind whose dialect reads the fixture.
+    kind: &'static str,
     content_type: &'static str,
     /// input, cached_input, cache_write, output, reasoning
     tokens: (u64, u64, u64, u64, u64),
@@ -35,77 +41,77 @@ struct Case {
 const CASES: &[Case] = &[
     Case {
         file: "openai_chat_stream.sse",
-        dialect: Dialect::OpenAi,
+        kind: "openai",
         content_type: "text/event-stream; charset=utf-8",
         tokens: (93, 1024, 0, 14, 32),
         model: "o4-mini-2025-04-16",
     },
     Case {
         file: "openai_chat.json",
-        dialect: Dialect::OpenAi,
+        kind: "openai",
         content_type: "application/json",
         tokens: (19, 0, 0, 10, 0),
         model: "gpt-4o-2024-08-06",
     },
     Case {
         file: "openai_responses.json",
-        dialect: Dialect::OpenAi,
+        kind: "openai",
         content_type: "application/json",
         tokens: (72, 256, 0, 52, 128),
         model: "o3-2025-04-16",
     },
     Case {
         file: "openai_responses_stream.sse",
-        dialect: Dialect::OpenAi,
+        kind: "openai",
         content_type: "text/event-stream",
         tokens: (72, 256, 0, 52, 128),
         model: "o3-2025-04-16",
     },
     Case {
         file: "openai_embeddings.json",
-        dialect: Dialect::OpenAi,
+        kind: "openai",
         content_type: "application/json",
         tokens: (8, 0, 0, 0, 0),
         model: "text-embedding-3-small",
     },
     Case {
         file: "anthropic_messages_stream.sse",
-        dialect: Dialect::Anthropic,
+        kind: "anthropic",
         content_type: "text/event-stream",
         tokens: (12, 4096, 2048, 89, 0),
         model: "claude-sonnet-4-5-20250929",
     },
     Case {
         file: "anthropic_messages.json",
-        dialect: Dialect::Anthropic,
+        kind: "anthropic",
         content_type: "application/json",
         tokens: (21, 1500, 0, 7, 0),
         model: "claude-3-5-haiku-20241022",
     },
     Case {
         file: "gemini_stream.sse",
-        dialect: Dialect::Gemini,
+        kind: "gemini",
         content_type: "text/event-stream",
         tokens: (128, 512, 0, 17, 120),
         model: "gemini-2.5-pro",
     },
     Case {
         file: "gemini.json",
-        dialect: Dialect::Gemini,
+        kind: "gemini",
         content_type: "application/json; charset=UTF-8",
         tokens: (8, 0, 0, 2, 25),
         model: "gemini-2.5-flash",
     },
     Case {
         file: "openai_chat_stream_obfuscation.sse",
-        dialect: Dialect::OpenAi,
+        kind: "openai",
         content_type: "text/event-stream; charset=utf-8",
         tokens: (19, 0, 0, 10, 0),
         model: "gpt-4o-mini-2024-07-18",
     },
     Case {
         file: "ollama_chat.ndjson",
-        dialect: Dialect::OpenAi,
+        kind: "openai",
         content_type: "application/x-ndjson",
         tokens: (26, 0, 0, 282, 0),
         model: "llama3.2",
@@ -135,7 +141,7 @@ fn frames<'a>(body: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
 }
 
 fn scan(case: &Case, body: &[u8], cuts: &[usize]) -> Usage {
-    let mut s: Scanner = scanner_for(case.dialect, Some(case.content_type.as_bytes()));
+    let mut s: Scanner = scanner_for(Some(dialect(case.kind)), Some(case.content_type.as_bytes()));
     for f in frames(body, cuts) {
         s.feed(f);
     }
@@ -310,9 +316,9 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(dialect in 0..3u8, ct in 0..3u8, body in prop::collection::vec(any::<u8>(), 0..4096), cuts in prop::collection::vec(any::<usize>(), 0..20)) {
-        let d = [Dialect::OpenAi, Dialect::Anthropic, Dialect::Gemini][dialect as usize];
+        let d = ["openai", "anthropic", "gemini"][dialect as usize];
         let ct = ["text/event-stream", "application/json", "application/x-ndjson"][ct as usize];
-        let case = Case { file: "", dialect: d, content_type: ct, tokens: (0, 0, 0, 0, 0), model: "" };
+        let case = Case { file: "", kind: d, content_type: ct, tokens: (0, 0, 0, 0, 0), model: "" };
         let _ = scan(&case, &body, &cuts);
     }
 }
@@ -419,7 +425,7 @@ fn hostile_bodies_are_survived_within_the_bound() {
         ),
         (b"application/x-ndjson", b"{\"x\":\""),
     ] {
-        let mut s = scanner_for(Dialect::OpenAi, Some(ct));
+        let mut s = scanner_for(Some(dialect("openai")), Some(ct));
         feed_bounded(&mut s, prefix);
         let block = vec![b'a'; 1 << 20];
         for _ in 0..100 {
@@ -434,8 +440,8 @@ fn hostile_bodies_are_survived_within_the_bound() {
     // The same 100 MB as one frame, and as a JSON body.
     let huge = vec![b'b'; 100 << 20];
     for ct in [&b"text/event-stream"[..], b"application/json"] {
-        for d in [Dialect::OpenAi, Dialect::Gemini, Dialect::Anthropic] {
-            let mut s = scanner_for(d, Some(ct));
+        for d in [dialect("openai"), dialect("gemini"), dialect("anthropic")] {
+            let mut s = scanner_for(Some(d), Some(ct));
             feed_bounded(&mut s, b"data: ");
             feed_bounded(&mut s, &huge);
             let _ = s.finish();
@@ -450,7 +456,7 @@ fn hostile_bodies_are_survived_within_the_bound() {
     deep.extend_from_slice(b"{\"usage\":");
     deep.extend(std::iter::repeat_n(b'[', 1_000_000));
     deep.extend(std::iter::repeat_n(b']', 1_000_000));
-    for d in [Dialect::OpenAi, Dialect::Anthropic, Dialect::Gemini] {
+    for d in [dialect("openai"), dialect("anthropic"), dialect("gemini")] {
         for ct in [
             &b"application/json"[..],
             b"text/event-stream",
@@ -461,7 +467,7 @@ fn hostile_bodies_are_survived_within_the_bound() {
                 Capability::Images,
                 Capability::Transcription,
             ] {
-                let mut s = scanner_for_capability(d, cap, Some(ct));
+                let mut s = scanner_for_capability(Some(d), cap, Some(ct));
                 for c in deep.chunks(64 * 1024) {
                     feed_bounded(&mut s, c);
                 }
@@ -474,12 +480,12 @@ fn hostile_bodies_are_survived_within_the_bound() {
     }
 
     // Invalid UTF-8 around a valid usage event.
-    let mut s = scanner_for(Dialect::Anthropic, Some(b"text/event-stream"));
+    let mut s = scanner_for(Some(dialect("anthropic")), Some(b"text/event-stream"));
     feed_bounded(&mut s, b"data: \xff\xfe\xfd\n\n");
     feed_bounded(&mut s, &fixture("anthropic_messages_stream.sse"));
     feed_bounded(&mut s, b"\xc3\x28\n");
     check(&CASES[5], &s.finish());
-    let mut s = scanner_for(Dialect::OpenAi, Some(b"text/event-stream"));
+    let mut s = scanner_for(Some(dialect("openai")), Some(b"text/event-stream"));
     let junk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 131 % 256) as u8).collect();
     feed_bounded(&mut s, &junk);
     feed_bounded(&mut s, b"\n\n");
@@ -503,7 +509,7 @@ fn long_responses_stream(size: usize, lead: usize) -> Vec<u8> {
 }
 
 fn scan_responses(body: &[u8], cuts: &[usize]) -> Usage {
-    let mut s = scanner_for(Dialect::OpenAi, Some(b"text/event-stream"));
+    let mut s = scanner_for(Some(dialect("openai")), Some(b"text/event-stream"));
     let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
     cuts.sort_unstable();
     let mut at = 0;
