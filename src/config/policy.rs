@@ -19,6 +19,14 @@ pub(super) fn shared_state(
     let Some(r) = file.and_then(|s| s.redis.as_ref()) else {
         return Ok(None);
     };
+    if !cfg!(feature = "redis") {
+        return Err(ctx.invalid(
+            "shared_state.redis",
+            "this byokd was built without the `redis` feature; build it with default features \
+             to share limits and budgets across replicas"
+                .into(),
+        ));
+    }
     if r.url.starts_with("rediss://") {
         return Err(ctx.invalid(
             "shared_state.redis.url",

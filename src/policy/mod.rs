@@ -11,17 +11,20 @@
 //! `fail_closed` refuses with 503 `shared_state_unavailable`.
 
 mod local;
+#[cfg(feature = "redis")]
+mod shared;
+#[cfg(not(feature = "redis"))]
+#[path = "shared_off.rs"]
 mod shared;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 
 use local::{Local, Scope};
-use shared::{ADMIT_LUA, FINISH_LUA, RESERVE_LUA, Shared, connect_loop, timeout_err};
+use shared::{CallError, Script, Shared};
 
 use crate::metrics::Metrics;
 use crate::vocab::Redacted;
@@ -139,30 +142,16 @@ impl std::fmt::Debug for Admission {
 
 impl Policy {
     pub fn new(shared: Option<&RedisConfig>, metrics: Arc<Metrics>) -> Arc<Self> {
-        let shared = shared.map(|cfg| {
-            Arc::new(Shared {
-                cfg: cfg.clone(),
-                conn: ArcSwapOption::empty(),
-                admit: redis::Script::new(ADMIT_LUA),
-                reserve: redis::Script::new(RESERVE_LUA),
-                finish: redis::Script::new(FINISH_LUA),
-                down: AtomicBool::new(true),
-            })
-        });
-        let p = Arc::new(Self {
+        Arc::new(Self {
             local: Local::default(),
-            shared,
+            shared: shared.and_then(|cfg| Shared::start(cfg, metrics.clone())),
             metrics,
             alerted: DashMap::new(),
-        });
-        if let Some(s) = &p.shared {
-            tokio::spawn(connect_loop(s.clone(), p.metrics.clone()));
-        }
-        p
+        })
     }
 
     fn key(&self, parts: &[&str]) -> String {
-        let prefix = self.shared.as_ref().map_or("", |s| s.cfg.prefix.as_str());
+        let prefix = self.shared.as_ref().map_or("", |s| s.prefix());
         // The tenant in braces: a Redis Cluster hash tag, so one tenant's keys share a slot
         // and a script can touch them together.
         let mut k = String::with_capacity(prefix.len() + 64);
@@ -187,16 +176,16 @@ impl Policy {
         }
     }
 
-    fn conn(&self) -> Option<(Arc<Shared>, redis::aio::ConnectionManager)> {
+    /// The shared state, when it has a connection.
+    fn conn(&self) -> Option<Arc<Shared>> {
         let s = self.shared.as_ref()?;
-        let c = s.conn.load_full()?;
-        Some((s.clone(), (*c).clone()))
+        s.connected().then(|| s.clone())
     }
 
-    fn redis_result<T>(&self, s: &Shared, r: Result<T, redis::RedisError>) -> Option<T> {
+    fn redis_result<T>(&self, s: &Shared, r: Result<T, CallError>) -> Option<T> {
         match r {
             Ok(v) => {
-                if s.down.swap(false, Ordering::AcqRel) {
+                if s.set_down(false) {
                     tracing::info!(
                         "shared state: Redis reachable again; limits and budgets are global"
                     );
@@ -205,7 +194,7 @@ impl Policy {
                 Some(v)
             }
             Err(e) => {
-                if !s.down.swap(true, Ordering::AcqRel) {
+                if s.set_down(true) {
                     tracing::error!(error = %e,
                         "shared state: Redis unreachable; each policy follows on_shared_state_error \
                          (defaults: rate limits fail_open with local accounting, budgets fail_closed)");
@@ -250,21 +239,20 @@ impl Policy {
         if specs.is_empty() {
             return Ok(Some(adm));
         }
-        if let Some((s, mut conn)) = self.conn() {
-            let mut inv = s.admit.prepare_invoke();
-            inv.arg(&adm.member).arg(SLOT_TTL.as_millis() as u64);
+        if let Some(s) = self.conn() {
+            let mut rkeys = Vec::with_capacity(specs.len() * 3);
+            let mut args = vec![adm.member.clone(), SLOT_TTL.as_millis().to_string()];
             let mut keys = Vec::new();
             for (scope, l) in &specs {
-                let k = |what: &str| self.scope_key(scope, what);
-                inv.key(k("conc")).key(k("rpm")).key(k("tpm"));
-                inv.arg(l.concurrent.unwrap_or(0))
-                    .arg(l.requests_per_minute.unwrap_or(0))
-                    .arg(l.tokens_per_minute.unwrap_or(0));
+                for what in ["conc", "rpm", "tpm"] {
+                    rkeys.push(self.scope_key(scope, what));
+                }
+                args.push(l.concurrent.unwrap_or(0).to_string());
+                args.push(l.requests_per_minute.unwrap_or(0).to_string());
+                args.push(l.tokens_per_minute.unwrap_or(0).to_string());
                 keys.push((scope.clone(), l.clone()));
             }
-            let r = tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<(u8, u64)>(&mut conn))
-                .await
-                .unwrap_or_else(|_| Err(timeout_err()));
+            let r = s.run::<(u8, u64)>(Script::Admit, &rkeys, &args).await;
             match self.redis_result(&s, r) {
                 Some((0, _)) => {
                     adm.redis_scopes = keys;
@@ -349,7 +337,7 @@ impl Admission {
         let p = self.policy.clone();
         let period = crate::vocab::clock::month_of(now);
         let tenant = self.tenant.clone();
-        if let Some((s, mut conn)) = p.conn() {
+        if let Some(s) = p.conn() {
             let seed = p.ledger_spend(&tenant, now);
             let unsynced = p
                 .local
@@ -357,20 +345,20 @@ impl Admission {
                 .remove(&(Box::<str>::from(&*tenant), period.clone()))
                 .map_or(0, |(_, v)| v);
             let member = format!("{}:{estimate}", self.member);
-            let mut inv = s.reserve.prepare_invoke();
-            inv.key(p.key(&[&tenant, "res", &period]))
-                .key(p.key(&[&tenant, "spend", &period]))
-                .arg(&member)
-                .arg(estimate)
-                .arg(b.monthly_nanos)
-                .arg(SLOT_TTL.as_millis() as u64)
-                .arg(seed)
-                .arg(unsynced)
-                .arg(SPEND_TTL_SECS);
-            let r =
-                tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<(u8, u64, u64)>(&mut conn))
-                    .await
-                    .unwrap_or_else(|_| Err(timeout_err()));
+            let keys = [
+                p.key(&[&tenant, "res", &period]),
+                p.key(&[&tenant, "spend", &period]),
+            ];
+            let args = [
+                member.clone(),
+                estimate.to_string(),
+                b.monthly_nanos.to_string(),
+                SLOT_TTL.as_millis().to_string(),
+                seed.to_string(),
+                unsynced.to_string(),
+                SPEND_TTL_SECS.to_string(),
+            ];
+            let r = s.run::<(u8, u64, u64)>(Script::Reserve, &keys, &args).await;
             match p.redis_result(&s, r) {
                 Some((ok, spent, others)) => {
                     p.publish(&tenant, spent, &b, &period);
@@ -517,17 +505,8 @@ async fn finish_in_redis(
     let deadline = std::time::Instant::now() + SLOT_TTL;
     let mut wait = Duration::from_millis(250);
     loop {
-        if let Some((s, mut conn)) = p.conn() {
-            let mut inv = s.finish.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
-            }
-            let r = tokio::time::timeout(s.cfg.timeout, inv.invoke_async::<u64>(&mut conn))
-                .await
-                .unwrap_or_else(|_| Err(timeout_err()));
+        if let Some(s) = p.conn() {
+            let r = s.run::<u64>(Script::Finish, &keys, &args).await;
             if let Some(spent) = p.redis_result(&s, r) {
                 if let Some((tenant, period, b, _)) = &owed {
                     p.publish(tenant, spent, b, period);

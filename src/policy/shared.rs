@@ -11,7 +11,7 @@ use arc_swap::ArcSwapOption;
 use super::RedisConfig;
 use crate::metrics::Metrics;
 
-pub(super) const ADMIT_LUA: &str = r#"
+const ADMIT_LUA: &str = r#"
 -- KEYS: per scope: concurrency zset, rpm bucket, tpm bucket. ARGV: member, slot ttl ms,
 -- then per scope: concurrency, rpm, tpm limits (0 = none).
 local t = redis.call('TIME')
@@ -55,7 +55,7 @@ end
 return {0, 0}
 "#;
 
-pub(super) const RESERVE_LUA: &str = r#"
+const RESERVE_LUA: &str = r#"
 -- KEYS: reservations zset, spend. ARGV: member (id:estimate), estimate, limit, slot ttl ms,
 -- seed (spend so far per the ledger, used when the key is missing), unsynced spend, spend ttl s.
 local t = redis.call('TIME')
@@ -78,7 +78,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, spent, reserved}
 "#;
 
-pub(super) const FINISH_LUA: &str = r#"
+const FINISH_LUA: &str = r#"
 -- KEYS: n concurrency zsets, n tpm buckets, then (if budget) reservations zset and spend.
 -- ARGV: member, n, tokens, then n tpm limits (0 = none), then budget member, cost, seed, ttl.
 local t = redis.call('TIME')
@@ -113,14 +113,25 @@ end
 return spent
 "#;
 
+/// A call to Redis that failed (or timed out).
+pub(super) type CallError = redis::RedisError;
+
+/// The three scripts.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Script {
+    Admit,
+    Reserve,
+    Finish,
+}
+
 pub(super) struct Shared {
-    pub(super) cfg: RedisConfig,
-    pub(super) conn: ArcSwapOption<redis::aio::ConnectionManager>,
-    pub(super) admit: redis::Script,
-    pub(super) reserve: redis::Script,
-    pub(super) finish: redis::Script,
+    cfg: RedisConfig,
+    conn: ArcSwapOption<redis::aio::ConnectionManager>,
+    admit: redis::Script,
+    reserve: redis::Script,
+    finish: redis::Script,
     /// Last call failed: decisions follow `on_shared_state_error` until one succeeds.
-    pub(super) down: AtomicBool,
+    down: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -132,11 +143,73 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-pub(super) fn timeout_err() -> redis::RedisError {
-    redis::RedisError::from((redis::ErrorKind::Io, "shared state call timed out"))
+impl Shared {
+    /// The shared state of `cfg`, connecting in the background.
+    pub(super) fn start(cfg: &RedisConfig, metrics: Arc<Metrics>) -> Option<Arc<Self>> {
+        let s = Arc::new(Self {
+            cfg: cfg.clone(),
+            conn: ArcSwapOption::empty(),
+            admit: redis::Script::new(ADMIT_LUA),
+            reserve: redis::Script::new(RESERVE_LUA),
+            finish: redis::Script::new(FINISH_LUA),
+            down: AtomicBool::new(true),
+        });
+        tokio::spawn(connect_loop(s.clone(), metrics));
+        Some(s)
+    }
+
+    pub(super) fn prefix(&self) -> &str {
+        &self.cfg.prefix
+    }
+
+    /// Whether a connection exists (it may still fail a call).
+    pub(super) fn connected(&self) -> bool {
+        self.conn.load().is_some()
+    }
+
+    /// Records whether the last call failed; returns whether that changed.
+    pub(super) fn set_down(&self, down: bool) -> bool {
+        self.down.swap(down, Ordering::AcqRel) != down
+    }
+
+    /// Runs `script` with `keys` and `args` within the configured timeout.
+    pub(super) async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, CallError> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "shared state not connected",
+            )));
+        };
+        let mut conn = (*conn).clone();
+        let script = match script {
+            Script::Admit => &self.admit,
+            Script::Reserve => &self.reserve,
+            Script::Finish => &self.finish,
+        };
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        for a in args {
+            inv.arg(a);
+        }
+        tokio::time::timeout(self.cfg.timeout, inv.invoke_async::<T>(&mut conn))
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "shared state call timed out",
+                )))
+            })
+    }
 }
 
-pub(super) async fn connect_loop(s: Arc<Shared>, metrics: Arc<Metrics>) {
+async fn connect_loop(s: Arc<Shared>, metrics: Arc<Metrics>) {
     let mut wait = Duration::from_millis(200);
     loop {
         let r = async {
