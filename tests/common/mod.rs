@@ -252,7 +252,8 @@ async fn fake_respond(
     }
     // Per-key behaviour, for failover tests (a client header would apply to every attempt):
     // a key containing `rate429` is rate-limited, one containing `fail503` hits an outage,
-    // one containing `slow2s` answers after two seconds.
+    // one containing `slow2s` answers after two seconds. A rate-limited key containing
+    // `cool<N>ms` also sends `retry-after-ms: N`, as OpenAI does (it wins over `retry-after`).
     let auth: String = ["authorization", "x-api-key", "x-goog-api-key", "api-key"]
         .iter()
         .filter_map(|n| h.get(*n))
@@ -268,6 +269,15 @@ async fn fake_respond(
             r#"{"error":{"message":"Rate limit reached for requests","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
         );
         r.headers_mut().insert("retry-after", "2".parse().unwrap());
+        if let Some(ms) = auth
+            .split("cool")
+            .nth(1)
+            .and_then(|rest| rest.split_once("ms"))
+            .and_then(|(n, _)| n.parse::<u64>().ok())
+        {
+            r.headers_mut()
+                .insert("retry-after-ms", ms.to_string().parse().unwrap());
+        }
         return r;
     }
     if auth.contains("fail503") {
@@ -619,6 +629,87 @@ pub fn sample(metrics: &str, name: &str, parts: &[&str]) -> Option<f64> {
         .find(|l| parts.iter().all(|p| l.contains(p)))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Polls `f` every 20 ms until it holds or `within` passed: how long it took, `None` on
+/// timeout. Tests wait for a condition this way, never for a fixed time.
+pub async fn poll_until(within: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let t = std::time::Instant::now();
+    loop {
+        if f().await {
+            return Some(t.elapsed());
+        }
+        if t.elapsed() > within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `f` until it holds; panics with "timed out after {within:?} waiting for {what}".
+pub async fn eventually(what: &str, within: Duration, f: impl AsyncFnMut() -> bool) {
+    if poll_until(within, f).await.is_none() {
+        panic!("timed out after {within:?} waiting for {what}");
+    }
+}
+
+/// The sum of every sample of the metric `name` (all label sets).
+pub fn total(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `/metrics` once `byokd_requests_total` counts at least `n` requests (e.g. as many as the
+/// fake provider saw): a request is recorded as its response body ends on byokd's side, a
+/// moment after the client has read the last byte.
+pub async fn metrics_after(admin: SocketAddr, n: usize) -> String {
+    let mut last = String::new();
+    let done = poll_until(Duration::from_secs(5), async || {
+        last = metrics(admin).await;
+        total(&last, "byokd_requests_total") >= n as f64
+    })
+    .await;
+    assert!(done.is_some(), "{n} requests never recorded:\n{last}");
+    // The counter is the recorder's first write; scrape again for the rest of it.
+    metrics(admin).await
+}
+
+/// What a key snapshot serves: (key id, version) of each active record, and the hashes of
+/// the platform tokens, sorted.
+type Served = (Vec<(String, u32)>, Vec<[u8; 32]>);
+
+fn served(s: &byokd::keys::store::Snapshot) -> Served {
+    let mut keys: Vec<(String, u32)> = s
+        .tenants
+        .values()
+        .flat_map(|t| t.keys.iter())
+        .map(|r| (r.id.to_string(), r.version))
+        .collect();
+    keys.sort();
+    let mut tokens: Vec<[u8; 32]> = s.tokens.keys().copied().collect();
+    tokens.sort();
+    (keys, tokens)
+}
+
+/// Waits until the in-process server `r` serves the store file as it is on disk now: its
+/// live reload has picked up the last write.
+pub async fn store_reloaded(r: &byokd::server::Running, env: &Env) {
+    let disk = byokd::keys::store::FileStore::new(env.store_path())
+        .load()
+        .unwrap();
+    let want = served(&byokd::keys::store::Snapshot::build(&disk));
+    eventually(
+        "the live reload of the store file",
+        Duration::from_secs(5),
+        async || served(&r.proxy.keyring.snapshot()) == want,
+    )
+    .await;
 }
 
 pub const CANARY_OPENAI: &str = "sk-canary-OPENAI-7d1f0c93b2a4e5f6";

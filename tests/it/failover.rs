@@ -18,7 +18,8 @@ const CHAT_STREAM: &str =
 
 const KEY_A: &str = "sk-poolA-0000000000000000";
 const KEY_B: &str = "sk-poolB-1111111111111111";
-const KEY_429: &str = "sk-rate429-2222222222222222";
+/// Rate-limited, with `retry-after-ms: 600` (and `retry-after: 2`, which it overrides).
+const KEY_429: &str = "sk-rate429-cool600ms-2222222222";
 const KEY_503: &str = "sk-fail503-3333333333333333";
 const ROUTER_KEY: &str = "or-router-4444444444444444";
 const PLATFORM_KEY: &str = "sk-platform-5555555555555555";
@@ -169,7 +170,19 @@ async fn two_keys_share_the_load_by_least_in_flight() {
     // requests take one each (a key still counted busy would take neither).
     let body = slow.into_body().collect().await.unwrap().to_bytes();
     assert!(body.ends_with(b"data: [DONE]\n\n"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The lease drops as the body ends on byokd's side, a moment after the client read it.
+    let keyring = &h.byokd.proxy.keyring;
+    eventually(
+        "the stream's key to be idle",
+        Duration::from_secs(2),
+        async || {
+            keyring.snapshot().tenants["acme"]
+                .keys
+                .iter()
+                .all(|r| keyring.pools().load(&r.id).inflight() == 0)
+        },
+    )
+    .await;
     h.chat(CHAT).await;
     let third = auth(&h.up.last());
     h.chat(CHAT).await;
@@ -218,19 +231,32 @@ async fn a_rate_limited_key_cools_down_and_the_other_key_answers() {
         ),
         Some(1.0)
     );
-    // While it rests (retry-after: 2), requests skip it.
+    // While it rests (600 ms), requests skip it.
     for _ in 0..3 {
         let got = h.chat(CHAT).await;
         assert_eq!((got.status.as_u16(), attempts(&got)), (200, "1"));
         assert_eq!(auth(&h.up.last()), format!("Bearer {KEY_B}"));
     }
     assert_eq!(h.up.seen().len(), n + 3);
-    // Once the cooldown is over it is tried again (and, still limited, cooled again).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let got = h.chat(CHAT).await;
-    assert_eq!((got.status.as_u16(), attempts(&got)), (200, "2"));
-    let seen = h.up.seen();
-    assert_eq!(auth(&seen[seen.len() - 2]), format!("Bearer {KEY_429}"));
+    // Once the cooldown is over it is tried again (and, still limited, cooled again); until
+    // then every request goes to the other key at once.
+    eventually(
+        "the rate-limited key to be tried again",
+        Duration::from_secs(5),
+        async || {
+            let got = h.chat(CHAT).await;
+            assert_eq!(got.status, 200, "{}", got.text());
+            if attempts(&got) == "1" {
+                assert_eq!(auth(&h.up.last()), format!("Bearer {KEY_B}"));
+                return false;
+            }
+            assert_eq!(attempts(&got), "2");
+            let seen = h.up.seen();
+            assert_eq!(auth(&seen[seen.len() - 2]), format!("Bearer {KEY_429}"));
+            true
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -462,6 +488,8 @@ async fn a_stream_that_started_is_never_retried() {
         body.is_err(),
         "the cut stream reaches the app as a cut stream"
     );
+    // A negative check: a retry would have started as the stream broke, before the client
+    // saw the error; a short window catches a late one.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(h.router.seen().is_empty(), "a started stream was retried");
 }

@@ -38,20 +38,6 @@ fn pricing() -> String {
     )
 }
 
-/// Polls `f` until it is true or `within` passed; how long it took.
-async fn eventually(within: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
-    let t = Instant::now();
-    loop {
-        if f().await {
-            return Some(t.elapsed());
-        }
-        if t.elapsed() > within {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn post(base: &str, tenant: &str, path: &str, body: &str, extra: &[(&str, &str)]) -> Got {
     let mut h = vec![
         ("x-tenant-id", tenant),
@@ -454,7 +440,7 @@ async fn an_upstream_reset_mid_stream_ends_the_stream_and_releases_slot_and_rese
     }
     // The provider saw both streams dropped, not finished.
     assert!(
-        eventually(Duration::from_secs(3), async || {
+        poll_until(Duration::from_secs(3), async || {
             *h.up.state.cancelled.lock().unwrap() >= 2
         })
         .await
@@ -602,7 +588,7 @@ providers:
         "a cached key waited on the KMS: {warm_took:?}"
     );
     px.set(Mode::Pass);
-    let recovered = eventually(Duration::from_secs(10), async || {
+    let recovered = poll_until(Duration::from_secs(10), async || {
         chat(&s.data, "cold").await.status == 200
     })
     .await;
@@ -626,7 +612,7 @@ providers:
     assert_eq!(chat(&s.data, "warm").await.status, 200);
     assert_eq!(chat(&s.data, "cold").await.status, 200);
     px.set(Mode::Pass);
-    let recovered2 = eventually(Duration::from_secs(10), async || {
+    let recovered2 = poll_until(Duration::from_secs(10), async || {
         chat(&s.data, "cold2").await.status == 200
     })
     .await;
@@ -707,7 +693,7 @@ async fn postgres_reset_mid_operation_serves_no_revoked_key_and_loses_no_usage()
         px.reset();
         assert_eq!(chat(&s.data, "beta").await.status, 200);
         beta_ok += 1;
-        let back = eventually(Duration::from_secs(15), async || {
+        let back = poll_until(Duration::from_secs(15), async || {
             reloads_ok(&s).await > before
         })
         .await;
@@ -729,7 +715,7 @@ async fn postgres_reset_mid_operation_serves_no_revoked_key_and_loses_no_usage()
     // The link comes back: the revocation lands within seconds, and then never serves again.
     let cut_for = cut.elapsed();
     px.set(Mode::Pass);
-    let revoked = eventually(Duration::from_secs(15), async || {
+    let revoked = poll_until(Duration::from_secs(15), async || {
         chat(&s.data, "acme").await.code() == "no_key"
     })
     .await;
@@ -745,7 +731,7 @@ async fn postgres_reset_mid_operation_serves_no_revoked_key_and_loses_no_usage()
     // No usage lost: every request of beta reaches byokd_usage (written every 5 s).
     let c = db.client().await;
     let mut in_db = 0;
-    let written = eventually(Duration::from_secs(15), async || {
+    let written = poll_until(Duration::from_secs(15), async || {
         let r = c
             .query_one(
                 "SELECT COALESCE(SUM(requests), 0)::bigint FROM byokd_usage WHERE tenant = 'beta'",
@@ -833,7 +819,7 @@ async fn redis_reset_mid_operation_leaks_no_slot_and_no_reservation() {
     let r = byokd::server::start(env.config()).await.unwrap();
     let base = format!("http://{}", r.data_addr);
     let mut spent = 0u64;
-    let connected = eventually(Duration::from_secs(5), async || {
+    let connected = poll_until(Duration::from_secs(5), async || {
         chat(&base, "one").await.status == 200
     })
     .await;
@@ -843,7 +829,7 @@ async fn redis_reset_mid_operation_leaks_no_slot_and_no_reservation() {
     let one_res = format!("{p}{{one}}:res:*");
     let open_conc = format!("{p}{{open}}:conc");
     let nothing_held = async || {
-        eventually(Duration::from_secs(5), async || {
+        poll_until(Duration::from_secs(5), async || {
             held(&one_conc) + held(&one_res) + held(&open_conc) == 0
         })
         .await
@@ -884,7 +870,7 @@ async fn redis_reset_mid_operation_leaks_no_slot_and_no_reservation() {
     assert!(s.text().ends_with("data: [DONE]\n\n"));
     spent += STREAM_COST;
     px.set(Mode::Pass);
-    let back = eventually(Duration::from_secs(10), async || {
+    let back = poll_until(Duration::from_secs(10), async || {
         chat(&base, "one").await.status == 200
     })
     .await;
@@ -920,7 +906,7 @@ async fn redis_reset_mid_operation_leaks_no_slot_and_no_reservation() {
     assert_eq!(px.stats.bytes_down.load(Ordering::Relaxed), down0);
     px.reset();
     px.set(Mode::Pass);
-    let back2 = eventually(Duration::from_secs(10), async || {
+    let back2 = poll_until(Duration::from_secs(10), async || {
         chat(&base, "one").await.status == 200
     })
     .await;
@@ -932,7 +918,7 @@ async fn redis_reset_mid_operation_leaks_no_slot_and_no_reservation() {
     let released = nothing_held().await;
     // No usage lost, none counted twice: the spend key holds what byokd metered.
     let spend_key = redis_cli(&["--scan", "--pattern", &format!("{p}{{one}}:spend:*")]);
-    let in_redis = eventually(Duration::from_secs(5), async || {
+    let in_redis = poll_until(Duration::from_secs(5), async || {
         redis_cli(&["GET", &spend_key]).parse::<u64>().ok() == Some(spent)
     })
     .await;

@@ -779,13 +779,15 @@ async fn the_end_users_key_never_reaches_byokds_logs() {
         up.last().headers["authorization"],
         format!("Bearer {USER_KEY}").as_str()
     );
-    // Give the background log writer a moment, then read everything byokd printed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The background log writer has caught up once both access lines are out; then read
+    // everything byokd printed.
+    eventually(
+        "both access log lines",
+        Duration::from_secs(5),
+        async || s.logs().matches("byokd::access").count() >= 2,
+    )
+    .await;
     let logs = s.logs();
-    assert!(
-        logs.contains("byokd::access"),
-        "no access log at all? {logs}"
-    );
     assert!(
         !logs.contains("logcanary"),
         "the user key leaked into the logs"

@@ -24,7 +24,7 @@ kms:
   aws: {{ key_id: alias/byokd, region: us-east-1, endpoint_url: "{moto}", timeout: 1s }}
 store:
   file: {{ path: .byokd/keys.json }}
-key_cache: {{ ttl: 3s, stale_ttl: 1h }}
+key_cache: {{ ttl: 2s, stale_ttl: 1h }}
 audit: {{ file: audit.jsonl }}
 providers:
   openai: {{ kind: openai, base_url: "{upstream}" }}
@@ -63,20 +63,31 @@ fn decrypts(env: &Env, key_id: &str) -> usize {
         .count()
 }
 
-fn store_json(env: &Env) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(env.store_path()).unwrap()).unwrap()
+/// Refreshes of a key past its TTL that the KMS did not answer (the stale entry then serves).
+fn failed_refreshes(env: &Env, key_id: &str) -> usize {
+    audit_lines(env)
+        .iter()
+        .filter(|l| {
+            l["event"] == "key_decrypt"
+                && l["key_id"] == key_id
+                && l["reason"] == "ttl_refresh"
+                && l["ok"] == false
+        })
+        .count()
 }
 
-/// Polls `f` until it is true or `within` passed.
-async fn eventually(within: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+/// Whether `key_id` was decrypted through the KMS key `kek`.
+fn decrypted_under(env: &Env, key_id: &str, kek: &str) -> bool {
+    audit_lines(env).iter().any(|l| {
+        l["event"] == "key_decrypt"
+            && l["key_id"] == key_id
+            && l["kek_id"] == kek
+            && l["ok"] == true
+    })
+}
+
+fn store_json(env: &Env) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(env.store_path()).unwrap()).unwrap()
 }
 
 fn add(env: &Env, tenant: &str, secret: &str) -> String {
@@ -170,7 +181,9 @@ async fn aws_kms_envelopes_through_the_real_binary() {
         Some(1.0),
         "{m}"
     );
-    // A warm key makes no KMS call at all.
+    // A warm key makes no KMS call at all (the first request warms it, if the burst outlasted
+    // the TTL).
+    assert_eq!(chat(&s.data, "acme").await.status, 200);
     let before = decrypts(&env, &acme);
     for _ in 0..20 {
         assert_eq!(chat(&s.data, "acme").await.status, 200);
@@ -192,19 +205,21 @@ async fn aws_kms_envelopes_through_the_real_binary() {
     std::fs::write(&tmp, serde_json::to_vec(&data).unwrap()).unwrap();
     std::fs::rename(&tmp, env.store_path()).unwrap();
     assert!(
-        eventually(Duration::from_secs(3), async || {
+        poll_until(Duration::from_secs(3), async || {
             chat(&s.data, "thief").await.code() == "key_unavailable"
         })
-        .await,
+        .await
+        .is_some(),
         "a moved record must not decrypt: {}",
         s.logs()
     );
     // Logs go through a background writer: give the line a moment to land.
     assert!(
-        eventually(Duration::from_secs(2), async || s
+        poll_until(Duration::from_secs(2), async || s
             .logs()
             .contains("failed to decrypt"))
-        .await,
+        .await
+        .is_some(),
         "{}",
         s.logs()
     );
@@ -223,11 +238,12 @@ async fn aws_kms_envelopes_through_the_real_binary() {
     // Start the outage right after acme's key was (re)decrypted, so it is warm.
     let n0 = decrypts(&env, &acme);
     assert!(
-        eventually(Duration::from_secs(6), async || {
+        poll_until(Duration::from_secs(6), async || {
             chat(&s.data, "acme").await;
             decrypts(&env, &acme) > n0
         })
         .await
+        .is_some()
     );
 
     // The KMS freezes (SIGSTOP: connections hang, like a slow or partitioned KMS).
@@ -250,22 +266,32 @@ async fn aws_kms_envelopes_through_the_real_binary() {
         "{:?}",
         t.elapsed()
     );
-    // Warm keys keep serving, also past their TTL (3s) inside the stale window.
+    // Warm keys keep serving, also past their TTL (2s) inside the stale window: once past it,
+    // a request tries to refresh the key through the frozen KMS (audited as failed) and is
+    // still served from the stale entry.
     assert_eq!(chat(&s.data, "acme").await.status, 200);
-    tokio::time::sleep(Duration::from_millis(3200)).await;
-    let got = chat(&s.data, "acme").await;
-    assert_eq!(got.status, 200, "stale key must serve: {}", got.text());
-    assert_eq!(
-        up.last().headers["authorization"],
-        format!("Bearer {CANARY_OPENAI}").as_str()
-    );
+    eventually(
+        "a failed TTL refresh of acme's key",
+        Duration::from_secs(10),
+        async || {
+            let got = chat(&s.data, "acme").await;
+            assert_eq!(got.status, 200, "stale key must serve: {}", got.text());
+            assert_eq!(
+                up.last().headers["authorization"],
+                format!("Bearer {CANARY_OPENAI}").as_str()
+            );
+            failed_refreshes(&env, &acme) > 0
+        },
+    )
+    .await;
     // The KMS comes back: byokd recovers by itself.
     signal(&moto.child, "CONT");
     assert!(
-        eventually(Duration::from_secs(8), async || {
+        poll_until(Duration::from_secs(8), async || {
             chat(&s.data, "cold").await.status == 200
         })
-        .await,
+        .await
+        .is_some(),
         "no recovery after the KMS came back: {}",
         s.logs()
     );
@@ -291,7 +317,17 @@ async fn aws_kms_envelopes_through_the_real_binary() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stream is in flight once the provider has it (8 events 150 ms apart).
+    eventually(
+        "the stream to reach the provider",
+        Duration::from_secs(5),
+        async || {
+            up.seen()
+                .iter()
+                .any(|r| r.headers.contains_key("x-fake-pace-ms"))
+        },
+    )
+    .await;
     let out = ok(byokd_env(
         &env.config_path,
         &["keys", "rotate", "--tenant", "acme", "--provider", "openai"],
@@ -300,11 +336,12 @@ async fn aws_kms_envelopes_through_the_real_binary() {
     ));
     assert!(out.contains("v2") && out.contains("v1 retired"), "{out}");
     assert!(
-        eventually(Duration::from_secs(2), async || {
+        poll_until(Duration::from_secs(2), async || {
             chat(&s.data, "acme").await.status == 200
                 && up.last().headers["authorization"] == format!("Bearer {CANARY_2}").as_str()
         })
-        .await,
+        .await
+        .is_some(),
         "rotation did not take effect within 2s"
     );
     let streamed = stream.await.unwrap();
@@ -330,7 +367,10 @@ async fn aws_kms_envelopes_through_the_real_binary() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the load to run", Duration::from_secs(5), async || {
+        sent.load(Ordering::Relaxed) >= 6
+    })
+    .await;
     let out = ok(byokd_env(
         &env.config_path,
         &["keys", "rewrap"],
@@ -338,7 +378,18 @@ async fn aws_kms_envelopes_through_the_real_binary() {
         AWS_ENV,
     ));
     assert!(out.contains("rewrapped 4"), "{out}");
-    tokio::time::sleep(Duration::from_secs(4)).await; // past the TTL: re-decrypt under key B
+    // Past the TTL every key in use is decrypted again, now under key B.
+    eventually(
+        "every key re-decrypted under the new KMS key",
+        Duration::from_secs(10),
+        async || {
+            [&acme, &burst, &cold]
+                .iter()
+                .all(|id| decrypted_under(&env, id, &key_b))
+                && sent.load(Ordering::Relaxed) > 20
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
@@ -368,10 +419,11 @@ async fn aws_kms_envelopes_through_the_real_binary() {
         AWS_ENV,
     ));
     assert!(
-        eventually(Duration::from_secs(2), async || {
+        poll_until(Duration::from_secs(2), async || {
             chat(&s.data, "acme").await.code() == "no_key"
         })
         .await
+        .is_some()
     );
 
     // The KMS process dies (connection refused, not a hang): a key past its TTL keeps
@@ -379,16 +431,23 @@ async fn aws_kms_envelopes_through_the_real_binary() {
     let mut moto = moto;
     let _ = moto.child.kill();
     let _ = moto.child.wait();
-    tokio::time::sleep(Duration::from_secs(3)).await; // past the 3 s TTL
-    let t = Instant::now();
-    let got = chat(&s.data, "burst").await;
-    assert_eq!(
-        got.status,
-        200,
-        "stale serving with the KMS gone: {}",
-        got.text()
-    );
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    eventually(
+        "a failed TTL refresh of burst's key",
+        Duration::from_secs(10),
+        async || {
+            let t = Instant::now();
+            let got = chat(&s.data, "burst").await;
+            assert_eq!(
+                got.status,
+                200,
+                "stale serving with the KMS gone: {}",
+                got.text()
+            );
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+            failed_refreshes(&env, &burst) > 0
+        },
+    )
+    .await;
 
     // No key material anywhere byokd writes.
     let m = metrics(admin).await;

@@ -5,8 +5,6 @@
 
 use crate::common;
 
-use std::time::Duration;
-
 use common::*;
 
 struct Harness {
@@ -42,10 +40,9 @@ impl Harness {
         send(&client(), request("POST", &self.url(path), &h, body)).await
     }
 
-    /// Metrics once the recorder of the last response has run.
+    /// Metrics once every request the provider saw has been recorded.
     async fn metrics(&self) -> String {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        metrics(self.byokd.admin_addr).await
+        metrics_after(self.byokd.admin_addr, self.up.seen().len()).await
     }
 }
 

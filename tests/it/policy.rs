@@ -113,7 +113,13 @@ async fn request_token_and_concurrency_limits_per_tenant_and_provider() {
     };
     let a = tokio::spawn(slow(&r));
     let b = tokio::spawn(slow(&r));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Both hold their slot once the provider has them (each then streams for 600 ms).
+    eventually(
+        "both slow streams at the provider",
+        Duration::from_secs(5),
+        async || paced(&up, "300") == 2,
+    )
+    .await;
     let got = chat(&r, "slow", &[]).await;
     assert_eq!((got.status.as_u16(), got.code()), (429, "rate_limited"));
     assert_eq!(a.await.unwrap().status, 200);
@@ -438,6 +444,25 @@ fn eventually_sync(mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// A throwaway redis-server on a free port, stopped on drop.
+/// Requests the fake provider saw with `x-fake-pace-ms: pace`.
+fn paced(up: &FakeUpstream, pace: &str) -> usize {
+    up.seen()
+        .iter()
+        .filter(|s| s.headers.get("x-fake-pace-ms").is_some_and(|v| v == pace))
+        .count()
+}
+
+/// `redis-cli -p port args...`, its answer trimmed.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli is needed for this test");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 struct OwnRedis {
     child: Child,
 }
@@ -685,7 +710,12 @@ async fn a_redis_blip_does_not_hold_a_concurrency_slot_for_its_ttl() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The release of that request's slot runs right after its response: let it land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        "the first request's slot released",
+        Duration::from_secs(5),
+        async || redis_cli(port, &["ZCARD", "b:{one}:conc"]) == "0",
+    )
+    .await;
     // A stream holds the one slot; Redis freezes while it runs, so its end cannot release it.
     let base = format!("http://{}", r.data_addr);
     let stream = tokio::spawn(async move {
@@ -698,11 +728,26 @@ async fn a_redis_blip_does_not_hold_a_concurrency_slot_for_its_ttl() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        "the stream at the provider",
+        Duration::from_secs(5),
+        async || paced(&up, "200") == 1,
+    )
+    .await;
     let pid = redis.child.id().to_string();
     Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     assert_eq!(stream.await.unwrap().status, 200);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The release at the stream's end times out against the frozen Redis, which marks the
+    // shared state down.
+    eventually(
+        "the release to fail against the frozen Redis",
+        Duration::from_secs(5),
+        async || {
+            let m = metrics(r.admin_addr).await;
+            sample(&m, "byokd_shared_state_up", &[]) == Some(0.0)
+        },
+    )
+    .await;
     Command::new("kill").args(["-CONT", &pid]).status().unwrap();
     // Once Redis answers, the release is retried: the slot is free in seconds, not 15 minutes.
     let t = Instant::now();

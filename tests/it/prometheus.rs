@@ -116,10 +116,8 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
         ),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
     // promtool lints the exposition format and naming.
-    let text = metrics(b.admin_addr).await;
+    let text = metrics_after(b.admin_addr, up.seen().len()).await;
     let mut lint = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

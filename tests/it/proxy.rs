@@ -187,7 +187,7 @@ async fn each_provider_gets_its_own_auth_path_and_query() {
 async fn platform_token_identifies_the_tenant_and_never_goes_upstream() {
     let h = Harness::new("").await;
     let token = h.env.new_token("acme").await;
-    tokio::time::sleep(Duration::from_millis(700)).await; // live reload of the store
+    store_reloaded(&h.byokd, &h.env).await;
     let c = client();
     let got = send(
         &c,
@@ -222,7 +222,7 @@ async fn platform_token_identifies_the_tenant_and_never_goes_upstream() {
     h.env
         .add_key("other", "openai", "sk-other-0123456789abcdef")
         .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    store_reloaded(&h.byokd, &h.env).await;
     let got = send(
         &c,
         request(
@@ -263,7 +263,7 @@ async fn errors_have_status_header_and_provider_shape() {
     h.env
         .add_key("nokeys", "openai", "sk-nokeys-0123456789abcdef")
         .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    store_reloaded(&h.byokd, &h.env).await;
     let c = client();
 
     // No identity, OpenAI shape.
@@ -652,8 +652,7 @@ async fn sse_streams_at_the_providers_pace_and_is_metered() {
     )
     .await;
 
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let m = metrics(h.byokd.admin_addr).await;
+    let m = metrics_after(h.byokd.admin_addr, h.up.seen().len()).await;
     let tok = |model: &str, ty: &str| {
         sample(
             &m,
@@ -772,8 +771,7 @@ async fn sse_streams_at_the_providers_pace_and_is_metered() {
         ),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let m2 = metrics(h.byokd.admin_addr).await;
+    let m2 = metrics_after(h.byokd.admin_addr, h.up.seen().len()).await;
     assert_eq!(
         sample(
             &m2,
@@ -833,8 +831,7 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     }
     assert_eq!(*h.up.state.completed.lock().unwrap(), 0);
     // Metered as a request even though the client left.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let m = metrics(h.byokd.admin_addr).await;
+    let m = metrics_after(h.byokd.admin_addr, 1).await;
     assert_eq!(
         sample(
             &m,
@@ -967,7 +964,16 @@ async fn revocation_and_new_keys_apply_live() {
     }
     // A corrupt store at run time keeps the last good state.
     std::fs::write(h.env.store_path(), b"{ not json").unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reload_failed = async || {
+        let m = metrics(h.byokd.admin_addr).await;
+        sample(&m, "byokd_config_reloads_total", &["result=\"error\""]).unwrap_or(0.0) >= 1.0
+    };
+    eventually(
+        "the reload of the corrupt store",
+        Duration::from_secs(5),
+        reload_failed,
+    )
+    .await;
     let got = send(
         &c,
         request(
@@ -993,7 +999,7 @@ async fn platform_fallback_uses_the_platform_key() {
     h.env
         .add_key("_platform", "anthropic", "sk-ant-platform-0123456789")
         .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    store_reloaded(&h.byokd, &h.env).await;
     let got = send(
         &client(),
         request(
@@ -1039,10 +1045,18 @@ async fn one_store_change_is_one_reload_not_a_loop() {
     h.env
         .add_key("gamma", "openai", "sk-gamma-0123456789abcdef")
         .await;
-    // Long enough for a feedback loop (reload -> read -> event -> reload) to show many times.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let m = metrics(h.byokd.admin_addr).await;
-    let reloads = sample(&m, "byokd_config_reloads_total", &["result=\"ok\""]).unwrap_or(0.0);
+    let reloads = async || {
+        let m = metrics(h.byokd.admin_addr).await;
+        sample(&m, "byokd_config_reloads_total", &["result=\"ok\""]).unwrap_or(0.0)
+    };
+    eventually("the reload", Duration::from_secs(5), async || {
+        reloads().await >= 1.0
+    })
+    .await;
+    // A negative check: a feedback loop (reload -> read -> event -> reload) turns every
+    // ~50 ms (the coalescing delay), so 400 ms more would show it several times over.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reloads = reloads().await;
     assert!(
         (1.0..=2.0).contains(&reloads),
         "one write caused {reloads} reloads"
@@ -1056,7 +1070,7 @@ async fn hostile_requests_are_refused_before_the_provider() {
         .add_key("_platform", "openai", "sk-platform-0123456789abcdef")
         .await;
     h.env.add_key("strict", "anthropic", CANARY_ANTHROPIC).await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    store_reloaded(&h.byokd, &h.env).await;
     let c = client();
     // Nobody can name the reserved platform tenant to borrow its key.
     let got = send(
@@ -1130,7 +1144,12 @@ async fn hostile_requests_are_refused_before_the_provider() {
 async fn a_vanished_store_file_keeps_the_last_good_state() {
     let h = Harness::new("").await;
     std::fs::rename(h.env.store_path(), h.env.dir.path().join("moved.json")).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The watcher sees the file go and its reload fails: the last good state stays.
+    eventually("the failed reload", Duration::from_secs(5), async || {
+        let m = metrics(h.byokd.admin_addr).await;
+        sample(&m, "byokd_config_reloads_total", &["result=\"error\""]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
     let got = send(
         &client(),
         request(
@@ -1202,8 +1221,7 @@ async fn streams_are_metered_without_the_apps_opt_in_and_look_untouched() {
     .await;
     assert_eq!(h.up.last().body.as_ref(), CHAT.as_bytes());
 
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let m = metrics(h.byokd.admin_addr).await;
+    let m = metrics_after(h.byokd.admin_addr, h.up.seen().len()).await;
     // Two streams metered (120 prompt incl. 100 cached each): one byokd asked for, one the app did.
     assert_eq!(
         sample(

@@ -8,7 +8,7 @@
 use crate::common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::bin::*;
 use common::*;
@@ -110,17 +110,6 @@ async fn admin(s: &Served, method: &str, path: &str, body: &str) -> Got {
     .await
 }
 
-async fn eventually(within: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if f().await {
-            return Some(t.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_the_postgres_store() {
     let db = PgDb::create().await;
@@ -146,7 +135,7 @@ async fn two_replicas_share_the_postgres_store() {
     assert_eq!(got.status, 201, "{}", got.text());
     let id = got.json()["id"].as_str().unwrap().to_string();
     assert_eq!(got.json()["masked"], "sk-...e5f6");
-    let took = eventually(Duration::from_secs(2), async || {
+    let took = poll_until(Duration::from_secs(2), async || {
         chat(&b.data, "acme").await.status == 200
     })
     .await;
@@ -162,7 +151,7 @@ async fn two_replicas_share_the_postgres_store() {
     let token = got.json()["token"].as_str().unwrap().to_string();
     let bearer = format!("Bearer {token}");
     assert!(
-        eventually(Duration::from_secs(2), async || {
+        poll_until(Duration::from_secs(2), async || {
             send(
                 &client(),
                 request(
@@ -183,7 +172,7 @@ async fn two_replicas_share_the_postgres_store() {
     // Revoke on A: B stops using the key within 2 seconds.
     let got = admin(&a, "DELETE", &format!("/admin/keys/{id}"), "").await;
     assert_eq!(got.status, 200, "{}", got.text());
-    let took = eventually(Duration::from_secs(2), async || {
+    let took = poll_until(Duration::from_secs(2), async || {
         chat(&b.data, "acme").await.code() == "no_key"
     })
     .await;
@@ -193,14 +182,23 @@ async fn two_replicas_share_the_postgres_store() {
     let body = r#"{"tenant":"beta","provider":"openai","secret":"sk-beta-0123456789abcdefghij"}"#;
     assert_eq!(admin(&a, "POST", "/admin/keys", body).await.status, 201);
     assert!(
-        eventually(Duration::from_secs(2), async || {
+        poll_until(Duration::from_secs(2), async || {
             chat(&b.data, "beta").await.status == 200
         })
         .await
         .is_some()
     );
     link.cut();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        "B to see its link cut",
+        Duration::from_secs(5),
+        async || {
+            let logs = b.logs();
+            logs.contains("store listener connection lost")
+                || logs.contains("PostgreSQL unavailable")
+        },
+    )
+    .await;
     // Cached keys keep serving.
     for _ in 0..5 {
         assert_eq!(chat(&b.data, "beta").await.status, 200);
@@ -217,7 +215,7 @@ async fn two_replicas_share_the_postgres_store() {
     assert_eq!(chat(&b.data, "late").await.code(), "unknown_tenant");
     link.restore().await;
     assert!(
-        eventually(Duration::from_secs(10), async || {
+        poll_until(Duration::from_secs(10), async || {
             chat(&b.data, "late").await.status == 200
         })
         .await
@@ -242,7 +240,7 @@ async fn two_replicas_share_the_postgres_store() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.json()["version"], 2);
     assert!(
-        eventually(Duration::from_secs(2), async || {
+        poll_until(Duration::from_secs(2), async || {
             chat(&a.data, "late").await.status == 200
                 && up.last().headers["authorization"] == "Bearer sk-late-ROTATED-0123456789abcd"
         })
@@ -313,7 +311,7 @@ async fn the_usage_ledger_is_shared_by_replicas_and_survives_restarts() {
     let body = r#"{"tenant":"acme","provider":"openai","secret":"sk-acme-0123456789abcdefghij"}"#;
     assert_eq!(admin(&a, "POST", "/admin/keys", body).await.status, 201);
     assert!(
-        eventually(Duration::from_secs(2), async || {
+        poll_until(Duration::from_secs(2), async || {
             chat(&b.data, "acme").await.status == 200
         })
         .await
@@ -327,7 +325,7 @@ async fn the_usage_ledger_is_shared_by_replicas_and_survives_restarts() {
     }
     // 5 requests in all (one was B's first); each replica's usage API sees all of them.
     for s in [&a, &b] {
-        let took = eventually(Duration::from_secs(15), async || {
+        let took = poll_until(Duration::from_secs(15), async || {
             usage_requests(&admin(s, "GET", "/admin/tenants/acme/usage", "").await) == 5
         })
         .await;

@@ -68,7 +68,8 @@ async fn usage_api_for_the_tenant_and_the_admin_survives_restart() {
         ),
     )
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The ledger is written as each response is recorded.
+    metrics_after(b.admin_addr, up.seen().len()).await;
 
     let got = send(
         &c,
