@@ -3,7 +3,7 @@
 //! request is dropped (cancelled), so the spend stops growing.
 //!
 //! Usage arrives only at the end of a stream, so while it runs the cost is estimated: one
-//! output token per SSE `data:` event (OpenAI and Anthropic stream about a token per event)
+//! output token per SSE `data:` event (chat streams carry about a token per event)
 //! at the model's output price, plus the request's estimated input. A stream that is cut
 //! never reports usage; that estimate is what gets billed for it.
 

@@ -24,7 +24,7 @@ pub(super) fn providers(
             None => providers.push(p),
         }
     }
-    // Azure has no public default host: it is usable only once configured.
+    // A built-in without a public default host is usable only once configured.
     providers.retain(|p| !p.base_url.is_empty());
     if providers.len() > 64 {
         return Err(ctx.invalid("providers", "at most 64 providers are supported".into()));
