@@ -366,7 +366,7 @@ impl Provider {
         }
         match self.kind.key_prefix(&self.name) {
             Some(p) if !key.starts_with(p) => Err(format!(
-                "a {} key starts with `{p}`; check that you pasted the right key",
+                "keys for `{}` start with `{p}`; check that you pasted the right key",
                 self.name
             )),
             _ => Ok(()),
