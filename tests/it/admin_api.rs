@@ -119,7 +119,7 @@ async fn admin_api_manages_keys_and_tokens_and_never_returns_a_secret() {
         (
             r#"{"tenant":"acme","provider":"openai","secret":"pk-0123456789abcdefghij"}"#,
             400,
-            "starts with `sk-`",
+            "start with `sk-`",
         ),
         (
             r#"{"tenant":"acme","provider":"anthropic","secret":"sk-0123456789abcdefghij"}"#,
