@@ -7,13 +7,10 @@
 //! at the model's output price, plus the request's estimated input. A stream that is cut
 //! never reports usage; that estimate is what gets billed for it.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 
 use crate::provider::ErrorShape;
 
@@ -36,27 +33,51 @@ pub struct CutPlan {
     pub state: Arc<CutState>,
 }
 
-/// A body that passes frames through untouched, or ends the stream cleanly once its
-/// estimated cost passes the allowance. Inactive (`plan: None`) it costs one branch a frame.
-pub struct CutBody<B> {
-    inner: Option<B>,
-    plan: Option<CutPlan>,
+/// The cut filter of a response body: counts the stream's events and, once its estimated
+/// cost passes the allowance, says to end the stream at the next event boundary with an
+/// error event in the provider's shape.
+#[derive(Debug)]
+pub struct CutFilter {
+    plan: CutPlan,
     events: u64,
     crossed: bool,
     at_boundary: bool,
-    pending: Option<Bytes>,
 }
 
-impl<B> CutBody<B> {
-    pub fn new(inner: B, plan: Option<CutPlan>) -> Self {
+impl CutFilter {
+    pub fn new(plan: CutPlan) -> Self {
         Self {
-            inner: Some(inner),
             plan,
             events: 0,
             crossed: false,
             at_boundary: true,
-            pending: None,
         }
+    }
+
+    /// Sees one data frame; `Some(error event)` when the stream must end after it (the
+    /// caller sends the event and drops the upstream body, which cancels the request).
+    pub fn on_data(&mut self, d: &[u8]) -> Option<Bytes> {
+        self.events += data_events(d);
+        let plan = &self.plan;
+        plan.state.events.store(self.events, Ordering::Relaxed);
+        if !d.is_empty() {
+            self.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
+        }
+        let cost = plan
+            .input_nanos
+            .saturating_add(self.events.saturating_mul(plan.output_nanos_per_token));
+        if cost > plan.allowance {
+            self.crossed = true;
+        }
+        if !(self.crossed && self.at_boundary) {
+            return None;
+        }
+        plan.state.cut.store(true, Ordering::Relaxed);
+        tracing::warn!(
+            events = self.events,
+            "budget exhausted mid-stream; ending it"
+        );
+        Some(error_event(plan.shape))
     }
 }
 
@@ -72,109 +93,40 @@ fn error_event(shape: ErrorShape) -> Bytes {
     )
 }
 
-impl<B> Body for CutBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        if let Some(ev) = this.pending.take() {
-            // Dropping the upstream body cancels the upstream request.
-            this.inner = None;
-            return Poll::Ready(Some(Ok(Frame::data(ev))));
-        }
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = Pin::new(inner).poll_frame(cx);
-        let Some(plan) = &this.plan else {
-            return polled;
-        };
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(d) = frame.data_ref()
-        {
-            this.events += data_events(d);
-            plan.state.events.store(this.events, Ordering::Relaxed);
-            if !d.is_empty() {
-                this.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
-            }
-            let cost = plan
-                .input_nanos
-                .saturating_add(this.events.saturating_mul(plan.output_nanos_per_token));
-            if cost > plan.allowance {
-                this.crossed = true;
-            }
-            if this.crossed && this.at_boundary {
-                plan.state.cut.store(true, Ordering::Relaxed);
-                tracing::warn!(
-                    events = this.events,
-                    "budget exhausted mid-stream; ending it"
-                );
-                this.pending = Some(error_event(plan.shape));
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match (&self.plan, &self.inner) {
-            (None, Some(b)) => b.size_hint(),
-            _ => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, StreamBody};
 
-    #[tokio::test]
-    async fn cuts_at_an_event_boundary_with_a_provider_shaped_event() {
-        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = [
-            "data: {\"a\":1}\n\ndata: {\"a\":2}\n\n",
-            "data: {\"a\":3",
-            "}\n\n",
-            "data: {\"a\":4}\n\n",
-        ]
-        .into_iter()
-        .map(|s| Ok(Frame::data(Bytes::from(s))))
-        .collect();
+    #[test]
+    fn cuts_at_an_event_boundary_with_a_provider_shaped_event() {
         let state = Arc::new(CutState::default());
-        let body = CutBody::new(
-            StreamBody::new(futures_util::stream::iter(frames)),
-            Some(CutPlan {
-                allowance: 250,
-                input_nanos: 0,
-                output_nanos_per_token: 100,
-                // A wire that names its stream events: the error event is named too.
-                shape: ErrorShape::new(
-                    |_, _, m| serde_json::json!({ "type": "error", "error": { "message": m } }),
-                    Some("error"),
-                ),
-                state: state.clone(),
-            }),
+        let mut cut = CutFilter::new(CutPlan {
+            allowance: 250,
+            input_nanos: 0,
+            output_nanos_per_token: 100,
+            // A wire that names its stream events: the error event is named too.
+            shape: ErrorShape::new(
+                |_, _, m| serde_json::json!({ "type": "error", "error": { "message": m } }),
+                Some("error"),
+            ),
+            state: state.clone(),
+        });
+        // The third event crosses 250 mid-frame: the cut waits for its end.
+        assert!(
+            cut.on_data(b"data: {\"a\":1}\n\ndata: {\"a\":2}\n\n")
+                .is_none()
         );
-        let out = body.collect().await.unwrap().to_bytes();
-        let text = String::from_utf8(out.to_vec()).unwrap();
-        // The third event crosses 250 mid-frame: it is completed, then the error, then the end.
-        assert!(text.starts_with("data: {\"a\":1}\n\ndata: {\"a\":2}\n\ndata: {\"a\":3}\n\n"));
-        let last = text.trim_end().rsplit("\n\n").next().unwrap();
-        let json = last.strip_prefix("event: error\ndata: ").unwrap();
+        assert!(cut.on_data(b"data: {\"a\":3").is_none());
+        assert!(!state.cut.load(Ordering::Relaxed));
+        let ev = cut.on_data(b"}\n\n").expect("cut at the boundary");
+        let text = String::from_utf8(ev.to_vec()).unwrap();
+        let json = text
+            .strip_prefix("event: error\ndata: ")
+            .and_then(|t| t.strip_suffix("\n\n"))
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["type"], "error", "{text}");
         assert!(v["error"]["message"].as_str().unwrap().contains("budget"));
-        assert!(!text.contains("\"a\":4"), "{text}");
         assert!(state.cut.load(Ordering::Relaxed));
         assert_eq!(state.events.load(Ordering::Relaxed), 3);
     }

@@ -21,9 +21,8 @@ use crate::forward::Upstream;
 use crate::identify::{identify, user_key};
 use crate::keys::CredentialError;
 use crate::keys::{KeySource, Keyring};
-use crate::meter::MeteredBody;
+use crate::meter::ResponseBody;
 use crate::metrics::Metrics;
-use crate::pool::Leased;
 use crate::provider::{ErrorShape, Provider};
 use crate::record::Recorder;
 use crate::rewrite::{strip_hop_by_hop, strip_own_headers};
@@ -36,10 +35,7 @@ use crate::usage::{Capability, scanner_for_capability};
 use crate::vocab::{ErrorChain, RequestId};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
-pub type ProxyBody = Either<
-    StripUsage<MeteredBody<crate::cut::CutBody<Leased<IdleTimeout<Incoming>>>>>,
-    Full<Bytes>,
->;
+pub type ProxyBody = Either<ResponseBody<IdleTimeout<Incoming>>, Full<Bytes>>;
 
 /// Per-request state shared by the steps.
 #[derive(Debug)]
@@ -471,8 +467,14 @@ impl Proxy {
         let cut = metered
             .cut
             .filter(|_| rparts.status.is_success() && event_stream);
-        let rbody = crate::cut::CutBody::new(Leased::new(rbody, done.lease), cut);
-        let body = StripUsage::new(MeteredBody::new(rbody, scanner, recorder), strip);
+        let body = ResponseBody::new(
+            rbody,
+            done.lease,
+            cut.map(crate::cut::CutFilter::new),
+            scanner,
+            recorder,
+            strip.then(StripUsage::new),
+        );
         Ok(Response::from_parts(rparts, Either::Left(body)))
     }
 }

@@ -4,15 +4,11 @@
 //! Lock-free on the hot path: one sharded `DashMap` lookup per key considered, then atomics.
 //! A request holds a [`Lease`] on the key it used until its response body ends or is dropped.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use dashmap::DashMap;
-use http_body::{Body, Frame, SizeHint};
 
 /// Cooldown after a 429 that names no `retry-after`.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
@@ -110,54 +106,6 @@ pub struct Lease(Arc<KeyLoad>);
 impl Drop for Lease {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that holds the key's lease until it ends (last frame, error, or drop
-/// when the client goes away), so a long stream counts as in flight for its whole length.
-pub struct Leased<B> {
-    inner: B,
-    lease: Option<Lease>,
-}
-
-impl<B> Leased<B> {
-    pub fn new(inner: B, lease: Option<Lease>) -> Self {
-        Self { inner, lease }
-    }
-}
-
-impl<B> Body for Leased<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if this.lease.is_some() {
-            let ended = match &r {
-                Poll::Ready(None | Some(Err(_))) => true,
-                Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-                Poll::Pending => false,
-            };
-            if ended {
-                this.lease = None;
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

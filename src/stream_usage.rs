@@ -326,17 +326,16 @@ pub fn speech_characters(body: &[u8]) -> u64 {
 }
 
 /// Removes what byokd's `include_usage` added from an OpenAI SSE stream: the `"usage":null`
-/// member of each chunk (with its comma) and the usage-only chunk (the whole event). Inactive,
-/// it passes frames through untouched.
+/// member of each chunk (with its comma) and the usage-only chunk (the whole event). A filter
+/// of the response body, present only when byokd added `include_usage`.
 ///
 /// It works on whole events (up to the blank line that ends each), whatever the JSON's layout:
 /// compact, spaced (`, "usage": null`), or pretty-printed over several `data:` lines. An SSE
 /// client dispatches an event only at its blank line, so holding an event's lines until then
 /// delays nothing it could see. Events whole in one frame are edited in place; only an event
 /// split across frames is gathered first.
-pub struct StripUsage<B> {
-    inner: B,
-    active: bool,
+#[derive(Debug, Default)]
+pub struct StripUsage {
     /// The current event, while it is incomplete across frames (at most [`MAX_LINE`]).
     pending: BytesMut,
     /// What the current line held at the end of the last frame: whether a blank line (the
@@ -347,12 +346,12 @@ pub struct StripUsage<B> {
     passing: bool,
     /// The data of an event on several `data:` lines, joined as SSE joins them.
     joined: Vec<u8>,
-    done: bool,
 }
 
 /// The current line's bytes so far, as far as spotting a blank line goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum LineSoFar {
+    #[default]
     Empty,
     /// A lone `\r`: `\n` next makes it a blank `\r\n` line.
     Cr,
@@ -392,17 +391,14 @@ fn event_end(buf: &[u8], mut line: LineSoFar) -> Option<usize> {
     None
 }
 
-impl<B> StripUsage<B> {
-    pub fn new(inner: B, active: bool) -> Self {
-        Self {
-            inner,
-            active,
-            pending: BytesMut::new(),
-            line: LineSoFar::Empty,
-            passing: false,
-            joined: Vec::new(),
-            done: false,
-        }
+impl StripUsage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether it holds nothing back (no part of an event awaits its end).
+    pub fn holds_nothing(&self) -> bool {
+        self.pending.is_empty()
     }
 
     /// Appends one whole event (with the blank line that ends it), edited, to `out`: nothing
@@ -452,7 +448,8 @@ impl<B> StripUsage<B> {
         }
     }
 
-    fn transform(&mut self, data: &[u8]) -> Bytes {
+    /// One data frame in, what goes out now (possibly nothing: an event is incomplete).
+    pub fn transform(&mut self, data: &[u8]) -> Bytes {
         let mut out = BytesMut::with_capacity(data.len() + self.pending.len());
         let mut rest = data;
         // The event begun in an earlier frame.
@@ -499,7 +496,7 @@ impl<B> StripUsage<B> {
     }
 
     /// The end of the stream: an event it cut short (no blank line) is edited all the same.
-    fn finish(&mut self) -> Bytes {
+    pub fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
         if !self.pending.is_empty() {
             let event = std::mem::take(&mut self.pending);
@@ -575,61 +572,6 @@ fn is_usage_chunk(data: &[u8]) -> bool {
     let empty_choices = member_values(data, b"\"choices\"")
         .any(|v| data.get(v) == Some(&b'[') && data.get(skip_ws(data, v + 1)) == Some(&b']'));
     empty_choices && member_values(data, b"\"usage\"").any(|v| data.get(v) == Some(&b'{'))
-}
-
-impl<B> Body for StripUsage<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        if !this.active {
-            return Pin::new(&mut this.inner).poll_frame(cx);
-        }
-        loop {
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        let out = this.transform(&data);
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(out))));
-                        }
-                    }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                },
-                Poll::Ready(None) => {
-                    this.done = true;
-                    let rest = this.finish();
-                    if !rest.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(rest))));
-                    }
-                    return Poll::Ready(None);
-                }
-                other => return other,
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || (self.pending.is_empty() && self.inner.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.active {
-            SizeHint::new()
-        } else {
-            self.inner.size_hint()
-        }
-    }
 }
 
 #[cfg(test)]
@@ -716,7 +658,7 @@ mod tests {
     }
 
     fn strip_all(input: &[u8], step: usize) -> Vec<u8> {
-        let mut s = StripUsage::new(http_body_util::Empty::<Bytes>::new(), true);
+        let mut s = StripUsage::new();
         let mut out = Vec::new();
         for c in input.chunks(step) {
             out.extend_from_slice(&s.transform(c));

@@ -7,14 +7,6 @@
 
 use crate::common;
 
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
-
-use bytes::Bytes;
-use http_body::{Body, Frame};
-use http_body_util::StreamBody;
-
 use byokd::stream_usage::StripUsage;
 use byokd::usage::{
     Capability, Dialect, MAX_BUFFERED, Scanner, Usage, UsageScanner, scanner_for,
@@ -332,23 +324,15 @@ const STRIP_CASES: [(&str, &str); 2] = [
     ),
 ];
 
-/// `body` through an active [`StripUsage`], in the frames given.
+/// `body` through [`StripUsage`], in the frames given.
 fn strip(body: &[u8], cuts: &[usize]) -> Vec<u8> {
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> = frames(body, cuts)
-        .into_iter()
-        .map(|f| Ok(Frame::data(Bytes::copy_from_slice(f))))
-        .collect();
-    let mut s = StripUsage::new(StreamBody::new(futures_util::stream::iter(frames)), true);
-    let mut cx = Context::from_waker(Waker::noop());
+    let mut s = StripUsage::new();
     let mut out = Vec::new();
-    loop {
-        match Pin::new(&mut s).poll_frame(&mut cx) {
-            Poll::Ready(Some(Ok(f))) => out.extend_from_slice(&f.into_data().unwrap()),
-            Poll::Ready(Some(Err(e))) => match e {},
-            Poll::Ready(None) => return out,
-            Poll::Pending => panic!("a ready stream is never pending"),
-        }
+    for f in frames(body, cuts) {
+        out.extend_from_slice(&s.transform(f));
     }
+    out.extend_from_slice(&s.finish());
+    out
 }
 
 /// The JSON of each event of an SSE body, its `data:` lines joined as SSE joins them.
