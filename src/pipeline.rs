@@ -201,25 +201,13 @@ impl Proxy {
         ctx.provider = Some(provider.clone());
 
         // admit
-        admit(policy, idx, &provider)?;
         let mut admission = self
-            .policy
-            .admit(&tenant, &provider.name, idx, policy, ctx.id.as_u64())
+            .admit(&parts, &tenant, policy, (idx, &provider), ctx)
             .await?;
-        let max_body = cfg.limits.max_body_bytes;
-        if declared_length(&parts.headers).is_some_and(|n| n > max_body) {
-            return Err(LimitError::BodyTooLarge(max_body).into());
-        }
 
         // credential: the end user's own key if sent (and allowed), else the tenant's key
         // pool and failover chain; each attempt below decrypts the key it uses.
-        let plan = match user_key(&cfg.identity, &parts.headers) {
-            Some((for_provider, key)) => crate::failover::Plan::given(
-                idx,
-                user_credential(policy, &provider, for_provider, key)?,
-            ),
-            None => crate::failover::plan(&self.keyring, &cfg.providers, policy, &tenant, idx)?,
-        };
+        let plan = self.plan(&parts, &tenant, policy, (idx, &provider))?;
 
         // forward: the body (read first when byokd must look inside or may resend it), the
         // budget reservation, then the attempts.
@@ -362,6 +350,47 @@ impl Proxy {
             Peeked::Partial(rb) => Payload::Once(Some(*rb)),
         };
         Ok((payload, read))
+    }
+
+    /// The allow-list, the rate limits (an admission held until the response ends) and the
+    /// declared body size.
+    async fn admit(
+        &self,
+        parts: &http::request::Parts,
+        tenant: &Arc<str>,
+        policy: &crate::policy::TenantPolicy,
+        (idx, provider): (usize, &Provider),
+        ctx: &RequestCtx,
+    ) -> Result<Option<crate::policy::Admission>, ProxyError> {
+        admit(policy, idx, provider)?;
+        let admission = self
+            .policy
+            .admit(tenant, &provider.name, idx, policy, ctx.id.as_u64())
+            .await?;
+        let max_body = self.config.limits.max_body_bytes;
+        if declared_length(&parts.headers).is_some_and(|n| n > max_body) {
+            return Err(LimitError::BodyTooLarge(max_body).into());
+        }
+        Ok(admission)
+    }
+
+    /// The credentials to try, in order: the end user's own key, or the tenant's key pool
+    /// and failover chain.
+    fn plan(
+        &self,
+        parts: &http::request::Parts,
+        tenant: &Arc<str>,
+        policy: &crate::policy::TenantPolicy,
+        (idx, provider): (usize, &Provider),
+    ) -> Result<crate::failover::Plan, ProxyError> {
+        let cfg = &*self.config;
+        Ok(match user_key(&cfg.identity, &parts.headers) {
+            Some((for_provider, key)) => crate::failover::Plan::given(
+                idx,
+                user_credential(policy, provider, for_provider, key)?,
+            ),
+            None => crate::failover::plan(&self.keyring, &cfg.providers, policy, tenant, idx)?,
+        })
     }
 
     /// Reserves the request's worst case against the budget before it leaves, and plans the
