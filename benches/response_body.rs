@@ -1,6 +1,7 @@
 //! The response body byokd hands back, per response: a chat completion as one JSON frame, and
 //! a 200-event chat stream (one event a frame) with the usage strip on, each polled to its end
-//! and recorded (scanner, recorder, metrics) as the data listener does.
+//! and recorded (scanner, recorder, metrics) as the data listener does; and the access-log
+//! line, through `tracing`'s formatter and written directly.
 //!
 //! Run: `cargo bench --bench response_body`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -130,5 +131,50 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// The access-log line: through `tracing`'s JSON formatter (what every line cost before),
+/// and formatted straight into a reused buffer (what `serve` does now). Both write nowhere.
+fn access_line(c: &mut Criterion) {
+    use byokd::access_log::{Line, format_line, via_tracing};
+    let line = Line {
+        request_id: RequestId::new(),
+        tenant: "tenant-1",
+        provider: "openai",
+        status: 200,
+        model: "gpt-4o-mini-2024-07-18",
+        input_tokens: 11,
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 7,
+        reasoning_tokens: 0,
+        usage_found: true,
+        key_source: "tenant",
+        cost_usd: Some(0.000_005_85),
+        bytes: 211,
+        outcome: "complete",
+        duration_ms: 1.234,
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_target(true)
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        c.bench_function("access_log/tracing_json_formatter", |b| {
+            b.iter(|| via_tracing(black_box(&line)))
+        });
+    });
+    let mut buf = Vec::with_capacity(32 * 1024);
+    c.bench_function("access_log/direct_into_reused_buffer", |b| {
+        b.iter(|| {
+            if buf.len() > 16 * 1024 {
+                buf.clear();
+            }
+            format_line(&mut buf, black_box(&line), time::OffsetDateTime::now_utc());
+        })
+    });
+}
+
+criterion_group!(benches, bench, access_line);
 criterion_main!(benches);

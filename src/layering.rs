@@ -11,7 +11,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "domain",
         &[
-            "provider", "pricing", "ledger", "audit", "metrics", "usage", "tls", "timeouts",
+            "provider",
+            "pricing",
+            "ledger",
+            "audit",
+            "access_log",
+            "metrics",
+            "usage",
+            "tls",
+            "timeouts",
         ],
     ),
     ("services", &["keys", "policy", "pool"]),

@@ -9,7 +9,7 @@
 //! by `layering.rs`, a test):
 //!
 //! - vocabulary: [`vocab`] (ids, clock, redaction);
-//! - domain: [`provider`], [`pricing`], [`ledger`], [`audit`], [`metrics`] (the registry and
+//! - domain: [`provider`], [`pricing`], [`ledger`], [`audit`], [`access_log`], [`metrics`] (the registry and
 //!   its label caps), [`usage`] (the scanners), [`tls`], [`timeouts`];
 //! - services: [`keys`], [`policy`], [`pool`];
 //! - steps: [`accept`], [`route`], [`identify`], [`admit`], [`rewrite`], [`forward`],
@@ -19,6 +19,7 @@
 //! - surfaces: [`admin`], [`admin_api`], [`server`], [`verify`], and `main.rs`.
 
 pub mod accept;
+pub mod access_log;
 pub mod admin;
 pub mod admin_api;
 pub mod admit;

@@ -152,8 +152,11 @@ fn init_tracing(serving: bool) -> tracing_appender::non_blocking::WorkerGuard {
         .with_current_span(false)
         .with_target(true)
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(writer.clone())
         .init();
+    if serving {
+        byokd::access_log::install(writer);
+    }
     guard
 }
 
@@ -165,6 +168,8 @@ fn main() -> std::process::ExitCode {
         .build()
         .context("cannot start the async runtime")
         .and_then(|rt| rt.block_on(run(cli)));
+    // Access lines still in their batch buffers go out before the log writer's last flush.
+    byokd::access_log::flush();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

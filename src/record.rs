@@ -104,24 +104,23 @@ impl Recorder {
                 + usage.reasoning;
             a.settle(tokens, self.price.map_or(0, |p| p.cost_nanos(&usage)));
         }
-        tracing::info!(
-            target: "byokd::access",
-            request_id = %self.request_id,
-            tenant = %self.tenant,
-            provider = %self.provider,
-            status = self.status.as_u16(),
-            model = usage.model.as_deref().unwrap_or(""),
-            input_tokens = usage.input,
-            cached_input_tokens = usage.cached_input,
-            cache_write_tokens = usage.cache_write,
-            output_tokens = usage.output,
-            reasoning_tokens = usage.reasoning,
-            usage_found = usage.found,
-            key_source = self.key_source.as_str(),
-            cost_usd = self.price.map(|p| p.cost_nanos(&usage) as f64 / 1e9),
+        crate::access_log::write(&crate::access_log::Line {
+            request_id: self.request_id,
+            tenant: &self.tenant,
+            provider: &self.provider,
+            status: self.status.as_u16(),
+            model: usage.model.as_deref().unwrap_or(""),
+            input_tokens: usage.input,
+            cached_input_tokens: usage.cached_input,
+            cache_write_tokens: usage.cache_write,
+            output_tokens: usage.output,
+            reasoning_tokens: usage.reasoning,
+            usage_found: usage.found,
+            key_source: self.key_source.as_str(),
+            cost_usd: self.price.map(|p| p.cost_nanos(&usage) as f64 / 1e9),
             bytes,
-            outcome = outcome.as_str(),
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-        );
+            outcome: outcome.as_str(),
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+        });
     }
 }

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # End-to-end load bench: the same POST /v1/chat/completions through
 #   (a) nothing (wrk straight to the upstream),
-#   (b) a tuned nginx doing plain header-injection proxying (the cost target), and
-#   (c) byokd (identify + policy + credential + rewrite + metered streaming).
+#   (b) a tuned nginx and (c) a tuned HAProxy, each doing plain header-injection proxying
+#       (replace Authorization with the provider key, upstream keep-alive, no buffering):
+#       the cost target, and
+#   (d) byokd (identify + policy + credential + rewrite + metered streaming), access log off,
+#       then with its default access log on.
 # The upstream is an nginx returning a fixed chat-completion JSON. Everything runs on
-# 127.0.0.1; each run is bounded by DURATION. Needs: nginx, wrk (Debian: nginx-light wrk).
+# 127.0.0.1; each run is bounded by DURATION. Needs: nginx, haproxy, wrk (Debian:
+# nginx-light haproxy wrk).
 #
 #   bash benches/e2e/load.sh            # DURATION=10s CONNECTIONS=32 by default
 set -euo pipefail
@@ -12,8 +16,8 @@ cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
-command -v nginx >/dev/null && command -v wrk >/dev/null || {
-  echo "needs nginx and wrk: apt-get install -y nginx-light wrk" >&2; exit 2; }
+command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null || {
+  echo "needs nginx, haproxy and wrk: apt-get install -y nginx-light haproxy wrk" >&2; exit 2; }
 
 work=$(mktemp -d)
 pids=()
@@ -22,7 +26,7 @@ trap cleanup EXIT
 
 # BIN=path/to/other/byokd compares two builds on the same machine state.
 if [ -z "${BIN:-}" ]; then cargo build --release --quiet; BIN=target/release/byokd; fi
-UP=18080; NGX=18081; BYOKD=18082; ADMIN=18083
+UP=18080; NGX=18081; HAP=18086; BYOKD=18082; ADMIN=18083; BYOKD_LOGGED=18084; ADMIN_LOGGED=18085
 BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
 KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
 
@@ -67,9 +71,30 @@ http {
   }
 }
 NGX
+# HAProxy for the same job: keep-alive to the upstream shared across clients, no delay.
+cat > "$work/haproxy.cfg" <<HAP
+global
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-no-delay
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HAP
+  default_backend provider
+backend provider
+  http-request set-header Authorization "Bearer $KEY"
+  http-request del-header x-tenant-id
+  server up 127.0.0.1:$UP
+HAP
 nginx -c "$work/upstream.conf" -g 'daemon off;' & pids+=($!)
 nginx -c "$work/proxy.conf" -g 'daemon off;' & pids+=($!)
 NGINX_PROXY_PID=$!
+haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & pids+=($!)
+HAPROXY_PID=$!
 
 cat > "$work/byokd.yaml" <<YAML
 listen: 127.0.0.1:$BYOKD
@@ -80,8 +105,13 @@ YAML
 printf %s "$KEY" | $BIN --config "$work/byokd.yaml" keys add --tenant acme --provider openai >/dev/null 2>&1
 BYOKD_LOG=warn TOKIO_WORKER_THREADS=${BYOKD_THREADS:-2} $BIN --config "$work/byokd.yaml" serve >"$work/byokd.log" 2>&1 & pids+=($!)
 BYOKD_PID=$!
+# The same, with byokd's default logging: an access-log line per request, to a file.
+sed -e "s/127.0.0.1:$BYOKD/127.0.0.1:$BYOKD_LOGGED/" -e "s/127.0.0.1:$ADMIN/127.0.0.1:$ADMIN_LOGGED/" \
+  "$work/byokd.yaml" > "$work/byokd-logged.yaml"
+TOKIO_WORKER_THREADS=${BYOKD_THREADS:-2} $BIN --config "$work/byokd-logged.yaml" serve >"$work/byokd-logged.log" 2>&1 & pids+=($!)
+BYOKD_LOGGED_PID=$!
 
-for port in $UP $NGX $BYOKD; do
+for port in $UP $NGX $HAP $BYOKD $BYOKD_LOGGED; do
   for _ in $(seq 100); do curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/v1/chat/completions" -H 'x-tenant-id: acme' && break; sleep 0.1; done
 done
 
@@ -123,5 +153,7 @@ echo "| path | req/s | p50 | p99 | proxy CPU µs/req | non-2xx |"
 echo "|---|---:|---:|---:|---:|---:|"
 run "direct to upstream (no proxy)" $UP
 run "nginx header-injection proxy" $NGX "$NGINX_PROXY_PID"
+run "HAProxy header-injection proxy" $HAP "$HAPROXY_PID"
 run "byokd" $BYOKD "$BYOKD_PID"
+run "byokd, access log on (default)" $BYOKD_LOGGED "$BYOKD_LOGGED_PID"
 curl -s "http://127.0.0.1:$ADMIN/metrics" | grep -E '^byokd_tokens_total.*type="input"' | head -1
