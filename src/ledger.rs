@@ -130,7 +130,7 @@ pub struct Ledger {
     pending: Option<DashMap<Box<str>, Mutex<TenantMonth>>>,
 }
 
-use crate::vocab::clock::month_of;
+use crate::vocab::clock::{month_of, with_month};
 
 /// Nano-dollars as an exact decimal string of USD (`28500` → `"0.0000285"`).
 pub fn usd(nanos: u64) -> String {
@@ -197,44 +197,45 @@ impl Ledger {
         cost: Option<u64>,
         now: i64,
     ) {
-        let period = month_of(now);
-        let add = |m: &mut TenantMonth| {
-            if m.period != period {
-                *m = TenantMonth {
-                    period: period.clone(),
-                    providers: BTreeMap::new(),
+        with_month(now, |period| {
+            let add = |m: &mut TenantMonth| {
+                if m.period != period {
+                    *m = TenantMonth {
+                        period: period.to_string(),
+                        providers: BTreeMap::new(),
+                    };
+                }
+                let models = match m.providers.get_mut(provider) {
+                    Some(x) => x,
+                    None => m.providers.entry(provider.to_string()).or_default(),
                 };
-            }
-            let models = match m.providers.get_mut(provider) {
-                Some(x) => x,
-                None => m.providers.entry(provider.to_string()).or_default(),
+                match models.get_mut(model) {
+                    Some(t) => t.add(usage, cost),
+                    None => models
+                        .entry(model.to_string())
+                        .or_default()
+                        .add(usage, cost),
+                }
             };
-            match models.get_mut(model) {
-                Some(t) => t.add(usage, cost),
-                None => models
-                    .entry(model.to_string())
-                    .or_default()
-                    .add(usage, cost),
-            }
-        };
-        let target = self.pending.as_ref().unwrap_or(&self.tenants);
-        match target.get(tenant) {
-            Some(m) => {
-                if let Ok(mut g) = m.lock() {
-                    add(&mut g);
+            let target = self.pending.as_ref().unwrap_or(&self.tenants);
+            match target.get(tenant) {
+                Some(m) => {
+                    if let Ok(mut g) = m.lock() {
+                        add(&mut g);
+                    }
+                }
+                None => {
+                    // First request of this tenant since start: `entry` so two racing first
+                    // requests both land in the same record.
+                    let e = target
+                        .entry(tenant.into())
+                        .or_insert_with(|| Mutex::new(TenantMonth::default()));
+                    if let Ok(mut g) = e.lock() {
+                        add(&mut g);
+                    }
                 }
             }
-            None => {
-                // First request of this tenant since start: `entry` so two racing first
-                // requests both land in the same record.
-                let e = target
-                    .entry(tenant.into())
-                    .or_insert_with(|| Mutex::new(TenantMonth::default()));
-                if let Ok(mut g) = e.lock() {
-                    add(&mut g);
-                }
-            }
-        }
+        });
         self.dirty.store(true, Ordering::Relaxed);
     }
 

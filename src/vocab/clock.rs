@@ -20,6 +20,34 @@ pub fn month_of(unix_secs: i64) -> String {
     format!("{:04}-{:02}", t.year(), u8::from(t.month()))
 }
 
+/// Runs `f` with `month_of(unix_secs)`, formatted once per thread per month rather than on
+/// every call: the ledger asks for it on every request.
+pub fn with_month<R>(unix_secs: i64, f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        /// [start, end) of the month last asked for, and its `YYYY-MM`.
+        static LAST: std::cell::RefCell<(i64, i64, String)> =
+            const { std::cell::RefCell::new((0, 0, String::new())) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if !(last.0 <= unix_secs && unix_secs < last.1) {
+            let t = utc(unix_secs);
+            let start = t
+                .replace_day(1)
+                .map(|d| d.replace_time(time::Time::MIDNIGHT).unix_timestamp());
+            let end = next_month_start(&month_of(unix_secs))
+                .and_then(|s| OffsetDateTime::parse(&s, &Rfc3339).ok())
+                .map(|d| d.unix_timestamp());
+            *last = match (start, end) {
+                (Ok(start), Some(end)) => (start, end, month_of(unix_secs)),
+                // Out of the calendar's range: not cached, recomputed next time.
+                _ => (0, 0, month_of(unix_secs)),
+            };
+        }
+        f(&last.2)
+    })
+}
+
 /// The first instant of the month after `period` (`YYYY-MM`), RFC 3339 UTC: when a
 /// monthly budget resets.
 pub fn next_month_start(period: &str) -> Option<String> {
@@ -56,6 +84,23 @@ fn rfc3339_millis(t: OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_month_matches_month_of_across_boundaries() {
+        // 2024-02-29 23:59:59, then 2024-03-01 00:00:00, then back, then 2023-12 → 2024-01.
+        for t in [
+            1_709_251_199,
+            1_709_251_200,
+            1_709_251_199,
+            1_704_067_199,
+            1_704_067_200,
+            0,
+            -1,
+            1_700_000_000,
+        ] {
+            assert_eq!(with_month(t, str::to_string), month_of(t), "{t}");
+        }
+    }
 
     #[test]
     fn months_and_their_ends() {
