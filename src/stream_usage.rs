@@ -52,7 +52,7 @@ impl BodyKind {
         let ct = content_type?;
         if ct.starts_with(b"multipart/form-data") {
             Some(Self::Multipart)
-        } else if memchr::memmem::find(ct, b"json").is_some() {
+        } else if crate::usage::content_type_has(ct, b"json") {
             Some(Self::Json)
         } else {
             None

@@ -15,8 +15,6 @@
 //! key, then optional whitespace, a colon, optional whitespace) and everything read is read
 //! by the JSON parser, so no byte pattern assumes a layout.
 
-use memchr::memmem;
-
 pub mod bytes;
 mod json;
 mod sse;
@@ -236,6 +234,12 @@ pub trait UsageScanner {
     fn finish(&mut self) -> Usage;
 }
 
+/// Whether a content type names `what`. Content types are a few dozen bytes: a plain scan
+/// costs less than building a SIMD searcher for each of the few checks per response.
+pub fn content_type_has(ct: &[u8], what: &[u8]) -> bool {
+    ct.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what))
+}
+
 /// A provider's usage dialect; `None` for a provider byokd does not meter.
 pub type DialectRef = Option<&'static dyn Dialect>;
 
@@ -245,11 +249,11 @@ pub fn scanner_for(dialect: DialectRef, content_type: Option<&[u8]>) -> Scanner 
     let Some(dialect) = dialect else {
         return Scanner::Off;
     };
-    if memmem::find(ct, b"text/event-stream").is_some() {
+    if content_type_has(ct, b"text/event-stream") {
         Scanner::Sse(SseScanner::new(dialect))
-    } else if memmem::find(ct, b"ndjson").is_some() {
+    } else if content_type_has(ct, b"ndjson") {
         Scanner::Sse(SseScanner::ndjson(dialect))
-    } else if memmem::find(ct, b"json").is_some() {
+    } else if content_type_has(ct, b"json") {
         Scanner::Json(JsonScanner::new(dialect))
     } else {
         Scanner::Off
@@ -264,10 +268,9 @@ pub fn scanner_for_capability(
     capability: Capability,
     content_type: Option<&[u8]>,
 ) -> Scanner {
-    let json = content_type.is_some_and(|ct| {
-        memmem::find(ct, b"json").is_some() && memmem::find(ct, b"ndjson").is_none()
-    });
-    let sse = content_type.is_some_and(|ct| memmem::find(ct, b"text/event-stream").is_some());
+    let json = content_type
+        .is_some_and(|ct| content_type_has(ct, b"json") && !content_type_has(ct, b"ndjson"));
+    let sse = content_type.is_some_and(|ct| content_type_has(ct, b"text/event-stream"));
     match (capability, dialect) {
         (Capability::Speech, _) => Scanner::Off,
         (Capability::Images, Some(d)) if json => {
@@ -628,6 +631,15 @@ mod tests {
             let u = feed_split(s, body.as_bytes(), step);
             assert_eq!((u.images, u.input, u.output), (2, 10, 4160), "step {step}");
         }
+    }
+
+    #[test]
+    fn content_types_match_case_insensitively() {
+        assert!(content_type_has(b"text/event-stream; charset=utf-8", b"text/event-stream"));
+        assert!(content_type_has(b"Text/Event-Stream", b"text/event-stream"));
+        assert!(content_type_has(b"application/x-ndjson", b"json"));
+        assert!(!content_type_has(b"text/plain", b"json"));
+        assert!(!content_type_has(b"js", b"json"), "shorter than the needle");
     }
 
     #[test]
