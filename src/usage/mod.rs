@@ -635,7 +635,10 @@ mod tests {
 
     #[test]
     fn content_types_match_case_insensitively() {
-        assert!(content_type_has(b"text/event-stream; charset=utf-8", b"text/event-stream"));
+        assert!(content_type_has(
+            b"text/event-stream; charset=utf-8",
+            b"text/event-stream"
+        ));
         assert!(content_type_has(b"Text/Event-Stream", b"text/event-stream"));
         assert!(content_type_has(b"application/x-ndjson", b"json"));
         assert!(!content_type_has(b"text/plain", b"json"));
