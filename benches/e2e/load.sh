@@ -21,7 +21,13 @@ command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >
 
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+# Wait for the servers to exit before removing their files: a byokd still flushing its ledger
+# would race the rm.
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work" 2>/dev/null || true
+}
 trap cleanup EXIT
 
 # BIN=path/to/other/byokd compares two builds on the same machine state.
