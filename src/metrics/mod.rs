@@ -4,7 +4,7 @@
 //! capped: past `metrics.max_tenants` distinct values, new ones fold into `__other__`, so a
 //! SaaS with a million tenants cannot blow up the scrape.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -15,6 +15,10 @@ use prometheus::{
 
 use crate::usage::Usage;
 use crate::vocab::KeySource;
+
+mod labels;
+
+use labels::{LabelCap, TOKEN_TYPES, TenantLabels, with};
 
 pub const OTHER: &str = "__other__";
 
@@ -36,125 +40,6 @@ impl Default for LabelCaps {
             max_models_per_tenant: 20,
             max_models: 200,
         }
-    }
-}
-
-/// Label values admitted so far, capped; first come, first served.
-#[derive(Debug)]
-struct LabelCap {
-    seen: DashMap<Box<str>, ()>,
-    /// Counted apart from the map: `DashMap::len` would lock every shard.
-    admitted: AtomicUsize,
-    max: usize,
-}
-
-impl LabelCap {
-    fn new(max: usize) -> Self {
-        Self {
-            seen: DashMap::new(),
-            admitted: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// `v` if it has a slot, taking one while there is room; else [`OTHER`].
-    fn get<'a>(&self, v: &'a str) -> &'a str {
-        if self.seen.contains_key(v) {
-            return v;
-        }
-        // Racing first sightings may admit a few past the cap; the bound stays small and fixed.
-        if self.admitted.load(Ordering::Relaxed) >= self.max {
-            return OTHER;
-        }
-        if self.seen.insert(v.into(), ()).is_none() {
-            self.admitted.fetch_add(1, Ordering::Relaxed);
-        }
-        v
-    }
-
-    /// `v` if it already has a slot, else [`OTHER`]: never takes one.
-    fn peek<'a>(&self, v: &'a str) -> &'a str {
-        if self.seen.contains_key(v) { v } else { OTHER }
-    }
-}
-
-/// The `tenant` label and, per tenant, its `(provider, model)` labels. Slots go only to
-/// tenants with a successful response (or a key in the store), so tenants that never paid
-/// cannot crowd out those that do, and each tenant's invented model names spend only its own
-/// `max_models` slots.
-#[derive(Debug)]
-struct TenantLabels {
-    seen: DashMap<Box<str>, Vec<(usize, Box<str>)>>,
-    admitted: AtomicUsize,
-    max_tenants: usize,
-    max_models: usize,
-}
-
-impl TenantLabels {
-    fn new(max_tenants: usize, max_models: usize) -> Self {
-        Self {
-            seen: DashMap::new(),
-            admitted: AtomicUsize::new(0),
-            max_tenants,
-            max_models,
-        }
-    }
-
-    fn peek<'a>(&self, t: &'a str) -> &'a str {
-        if self.seen.contains_key(t) { t } else { OTHER }
-    }
-
-    /// Takes a slot for a tenant the store vouches for (it has a key).
-    fn admit<'a>(&self, t: &'a str) -> &'a str {
-        if self.seen.contains_key(t) {
-            return t;
-        }
-        if self.admitted.load(Ordering::Relaxed) >= self.max_tenants {
-            return OTHER;
-        }
-        if self.seen.insert(t.into(), Vec::new()).is_none() {
-            self.admitted.fetch_add(1, Ordering::Relaxed);
-        }
-        t
-    }
-
-    /// The (tenant, model) labels of a finished request. Only a successful one takes slots.
-    fn labels<'a>(
-        &self,
-        t: &'a str,
-        provider: usize,
-        model: &'a str,
-        success: bool,
-    ) -> (&'a str, &'a str) {
-        let known = |models: &[(usize, Box<str>)]| {
-            model.is_empty() || models.iter().any(|(p, m)| *p == provider && **m == *model)
-        };
-        if let Some(models) = self.seen.get(t) {
-            if known(&models) {
-                return (t, model);
-            }
-            if !success || models.len() >= self.max_models {
-                return (t, OTHER);
-            }
-        } else if !success || self.admitted.load(Ordering::Relaxed) >= self.max_tenants {
-            return (OTHER, if model.is_empty() { model } else { OTHER });
-        }
-        let mut fresh = false;
-        let mut models = self.seen.entry(t.into()).or_insert_with(|| {
-            fresh = true;
-            Vec::new()
-        });
-        if fresh {
-            self.admitted.fetch_add(1, Ordering::Relaxed);
-        }
-        if known(&models) {
-            return (t, model);
-        }
-        if models.len() >= self.max_models {
-            return (t, OTHER);
-        }
-        models.push((provider, model.into()));
-        (t, model)
     }
 }
 
@@ -535,32 +420,43 @@ impl Metrics {
     /// Counts a finished request in every series and the ledger.
     pub fn completed(&self, r: &Completed<'_>, usage: &Usage) {
         let success = r.status.is_success();
-        let (t, model) = self.tenants.labels(
+        let (t, model, series) = self.tenants.labels(
             r.tenant,
             r.provider_idx,
             usage.model.as_deref().unwrap_or(""),
             success,
+            &self.models,
         );
-        let any_model = match model {
-            "" | OTHER => model,
-            m if success => self.models.get(m),
-            m => self.models.peek(m),
+        let series = series.as_deref();
+        let any_model = match (series, model) {
+            (Some(s), _) => &*s.any_model,
+            (None, "" | OTHER) => model,
+            (None, m) => self.models.peek(m),
         };
         let provider = r.provider;
-        self.requests
-            .with_label_values(&[t, provider, model, r.status.as_str()])
-            .inc();
-        for (kind, n) in [
-            ("input", usage.input),
-            ("cached_input", usage.cached_input),
-            ("cache_write", usage.cache_write),
-            ("output", usage.output),
-            ("reasoning", usage.reasoning),
-        ] {
+        let ok = series.filter(|_| r.status == http::StatusCode::OK);
+        with(
+            ok.map(|s| &s.ok),
+            || {
+                self.requests
+                    .with_label_values(&[t, provider, model, r.status.as_str()])
+            },
+            |m| m.inc(),
+        );
+        let counts = [
+            usage.input,
+            usage.cached_input,
+            usage.cache_write,
+            usage.output,
+            usage.reasoning,
+        ];
+        for ((i, kind), n) in TOKEN_TYPES.iter().enumerate().zip(counts) {
             if n > 0 {
-                self.tokens
-                    .with_label_values(&[t, provider, model, kind])
-                    .inc_by(n);
+                with(
+                    series.map(|s| &s.tokens[i]),
+                    || self.tokens.with_label_values(&[t, provider, model, kind]),
+                    |m| m.inc_by(n),
+                );
             }
         }
         for (unit, n) in [
@@ -594,18 +490,31 @@ impl Metrics {
         if let Some(s) = self.per_provider.get(r.provider_idx) {
             s.duration.observe(elapsed);
         }
-        self.gen_ai_duration
-            .with_label_values(&[provider, any_model])
-            .observe(elapsed);
+        with(
+            series.map(|s| &s.duration),
+            || {
+                self.gen_ai_duration
+                    .with_label_values(&[provider, any_model])
+            },
+            |m| m.observe(elapsed),
+        );
         // Requests metered only in other units (images, speech, audio seconds) have no token
         // observation: a zero would skew the token histogram.
         if usage.found && usage.total() > 0 {
             let input = usage.input + usage.cached_input + usage.cache_write;
             let output = usage.output + usage.reasoning;
-            for (ty, n) in [("input", input), ("output", output)] {
-                self.gen_ai_tokens
-                    .with_label_values(&[provider, any_model, ty])
-                    .observe(n as f64);
+            for (i, (ty, n)) in [("input", input), ("output", output)]
+                .into_iter()
+                .enumerate()
+            {
+                with(
+                    series.map(|s| &s.gen_ai_tokens[i]),
+                    || {
+                        self.gen_ai_tokens
+                            .with_label_values(&[provider, any_model, ty])
+                    },
+                    |m| m.observe(n as f64),
+                );
             }
         }
         self.ledger.record(
@@ -618,11 +527,18 @@ impl Metrics {
         );
         if usage.metered() {
             match r.price {
-                Some(p) => self
-                    .cost
-                    .nanos
-                    .with_label_values(&[t, provider, model, r.key_source.as_str()])
-                    .inc_by(p.cost_nanos(usage)),
+                Some(p) => with(
+                    series.map(|s| &s.cost[r.key_source as usize]),
+                    || {
+                        self.cost.nanos.with_label_values(&[
+                            t,
+                            provider,
+                            model,
+                            r.key_source.as_str(),
+                        ])
+                    },
+                    |m| m.inc_by(p.cost_nanos(usage)),
+                ),
                 None => {
                     self.unpriced
                         .with_label_values(&[provider, any_model])
@@ -801,6 +717,64 @@ mod tests {
             .collect();
         assert!(models.len() <= 6, "{models:?}");
         assert!(models.contains(OTHER), "{models:?}");
+    }
+
+    /// The series cached per (tenant, provider, model) count exactly what the labelled
+    /// lookups would: every status, token type and payer lands on its own series.
+    #[test]
+    fn cached_series_count_like_labelled_ones() {
+        let m = metrics(LabelCaps::default());
+        let price = crate::pricing::Price {
+            input: 2,
+            output: 3,
+            ..Default::default()
+        };
+        let usage = Usage {
+            input: 10,
+            output: 5,
+            reasoning: 1,
+            model: Some("gpt-4o".into()),
+            found: true,
+            ..Usage::default()
+        };
+        for (status, source) in [
+            (200, KeySource::Tenant),
+            (200, KeySource::Tenant),
+            (200, KeySource::Platform),
+            (500, KeySource::Tenant),
+        ] {
+            let r = Completed {
+                tenant: "acme",
+                provider: "openai",
+                provider_idx: 0,
+                status: http::StatusCode::from_u16(status).unwrap(),
+                started: Instant::now(),
+                key_source: source,
+                price: Some(price),
+                capability: crate::usage::Capability::Tokens,
+                compressed: false,
+            };
+            m.completed(&r, &usage);
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        let labels = "model=\"gpt-4o\",provider=\"openai\",tenant=\"acme\"";
+        for line in [
+            format!("byokd_requests_total{{code=\"200\",{labels}}} 3"),
+            format!("byokd_requests_total{{code=\"500\",{labels}}} 1"),
+            format!("byokd_tokens_total{{{labels},type=\"input\"}} 40"),
+            format!("byokd_tokens_total{{{labels},type=\"output\"}} 20"),
+            format!("byokd_tokens_total{{{labels},type=\"reasoning\"}} 4"),
+            // 10 x 2 + 6 x 3 = 38 nano-dollars a request.
+            format!("byokd_cost_usd_total{{key_source=\"tenant\",{labels}}} 0.000000114"),
+            format!("byokd_cost_usd_total{{key_source=\"platform\",{labels}}} 0.000000038"),
+            "gen_ai_client_operation_duration_seconds_count{gen_ai_provider_name=\"openai\",gen_ai_request_model=\"gpt-4o\"} 4".to_string(),
+        ] {
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        assert!(
+            !text.contains("type=\"cached_input\""),
+            "untouched types stay absent"
+        );
     }
 
     #[test]
