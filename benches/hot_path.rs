@@ -87,7 +87,7 @@ fn setup() -> (
         kms,
         store,
         audit,
-        &data,
+        data,
         byokd::keys::CachePolicy {
             ttl: cfg.key_cache.ttl,
             stale_ttl: cfg.key_cache.stale_ttl,

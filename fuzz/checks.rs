@@ -257,7 +257,7 @@ pub fn key_record(data: &[u8]) {
         assert_eq!(again.tokens, store.tokens);
         assert_eq!(write(&again), bytes, "a store file is not written stably");
     }
-    let snap = Snapshot::build(&store);
+    let snap = Snapshot::build(store.clone());
     for r in &store.keys {
         envelope_of(r);
         for now in [r.created_at, r.expires_at.unwrap_or(i64::MAX), i64::MIN] {

@@ -132,8 +132,10 @@ enum ConfigCmd {
 }
 
 /// Logs go through a background writer so a slow stderr (a backed-up log pipe) never blocks a
-/// worker thread mid-request. It is not lossy: past 128k queued lines, callers wait rather
-/// than drop audit events. The guard flushes the queue at exit.
+/// worker thread mid-request. It is not lossy: past 4,096 queued messages, callers wait rather
+/// than drop audit events. A message is a line or a 16 KiB batch of access lines, so the
+/// queue holds up to 64 MiB of log; the default 128k slots cost 4 MiB of memory up front and
+/// would let a stalled stderr queue 2 GiB. The guard flushes the queue at exit.
 fn init_tracing(serving: bool) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     // CLI commands print their result on stdout; stderr gets warnings and the audit trail.
@@ -145,6 +147,7 @@ fn init_tracing(serving: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_env("BYOKD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(4096)
         .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .json()

@@ -200,11 +200,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         pg.sync_usage(&metrics.ledger).await?;
     }
     let data = store.load().await?;
+    let key_count = data.keys.len();
     let keyring = Arc::new(Keyring::new(
         kms,
         store.clone(),
         audit(&cfg),
-        &data,
+        data,
         CachePolicy {
             ttl: cfg.key_cache.ttl,
             stale_ttl: cfg.key_cache.stale_ttl,
@@ -337,7 +338,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     admin.ready.store(true, Ordering::Release);
     tracing::info!(
         listen = %data_addr, admin = %admin_addr,
-        keys = data.keys.len(), providers = cfg.providers.len(),
+        keys = key_count, providers = cfg.providers.len(),
         "byokd serving"
     );
     Ok(Running {

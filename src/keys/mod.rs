@@ -194,7 +194,7 @@ impl Keyring {
         kms: Arc<dyn Kms>,
         store: Arc<dyn KeyStore>,
         audit: Arc<Audit>,
-        data: &StoreData,
+        data: StoreData,
         policy: CachePolicy,
     ) -> Self {
         Self {
@@ -241,7 +241,9 @@ impl Keyring {
 
     /// Swaps in a new store state and drops cached plaintext of keys no longer usable,
     /// so a revocation or rotation stops serving at once rather than at TTL.
-    pub fn replace(&self, data: &StoreData) {
+    /// Takes the data by value: the snapshot moves its records out instead of cloning them,
+    /// so a large store is not held twice while it loads.
+    pub fn replace(&self, data: StoreData) {
         let snap = Arc::new(Snapshot::build(data));
         // Swap first, prune second: a request that still holds the old snapshot may re-insert
         // a just-revoked key, but it can no longer be found through the new snapshot, and the
@@ -267,7 +269,7 @@ impl Keyring {
     pub async fn reload(&self) -> Result<(), KeyError> {
         let _serial = self.reload_guard().await;
         let data = self.store.load().await?;
-        self.replace(&data);
+        self.replace(data);
         Ok(())
     }
 

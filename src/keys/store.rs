@@ -386,12 +386,12 @@ impl Snapshot {
             .map(|r| (&*r.tenant, &*r.provider))
     }
 
-    pub fn build(data: &StoreData) -> Self {
+    pub fn build(data: StoreData) -> Self {
         let mut s = Snapshot::default();
-        for r in &data.keys {
+        for r in data.keys {
             let entry = s.entry(&r.tenant);
             if r.state == KeyState::Active {
-                entry.keys.push(Arc::new(r.clone()));
+                entry.keys.push(Arc::new(r));
             }
         }
         for e in s.tenants.values_mut() {

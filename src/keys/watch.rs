@@ -70,14 +70,11 @@ pub fn watch(
             let _serial = keyring.reload_guard().await;
             match tokio::task::spawn_blocking(move || s.load_existing()).await {
                 Ok(Ok(data)) => {
-                    keyring.replace(&data);
+                    let (keys, tokens) = (data.keys.len(), data.tokens.len());
+                    keyring.replace(data);
                     metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
                     metrics.config_reloads.with_label_values(&["ok"]).inc();
-                    tracing::info!(
-                        keys = data.keys.len(),
-                        tokens = data.tokens.len(),
-                        "store reloaded"
-                    );
+                    tracing::info!(keys, tokens, "store reloaded");
                 }
                 Ok(Err(e)) => {
                     metrics.config_reloads.with_label_values(&["error"]).inc();

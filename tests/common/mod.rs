@@ -703,7 +703,7 @@ pub async fn store_reloaded(r: &byokd::server::Running, env: &Env) {
     let disk = byokd::keys::store::FileStore::new(env.store_path())
         .load()
         .unwrap();
-    let want = served(&byokd::keys::store::Snapshot::build(&disk));
+    let want = served(&byokd::keys::store::Snapshot::build(disk.clone()));
     eventually(
         "the live reload of the store file",
         Duration::from_secs(5),
