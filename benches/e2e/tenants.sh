@@ -101,6 +101,10 @@ threads=$(ls /proc/$BYOKD_PID/task | wc -l)
 metrics=$(curl -s "http://127.0.0.1:$ADMIN/metrics")
 decrypted=$(awk '/^byokd_key_decryptions_total\{/ {s += $2} END {print s + 0}' <<<"$metrics")
 tenants_seen=$(grep -c '^byokd_requests_total{.*code="200"' <<<"$metrics" || true)
+# Each key is decrypted once and then served from the cache: anything else is a broken cache.
+if [ "$decrypted" -ne "$TENANTS" ]; then
+  echo "tenants.sh: $decrypted decryptions for $TENANTS tenants" >&2; exit 1
+fi
 times=()
 for _ in 1 2 3 4 5; do
   times+=("$(curl -s -o "$work/scrape.txt" -w '%{time_total}' "http://127.0.0.1:$ADMIN/metrics")")
