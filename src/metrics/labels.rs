@@ -8,9 +8,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
-use prometheus::{Histogram, IntCounter};
+use prometheus::Histogram;
 
 use super::OTHER;
+use super::family::Counter;
 
 /// Label values admitted so far, capped; first come, first served.
 #[derive(Debug)]
@@ -61,11 +62,11 @@ pub(super) struct Series {
     /// The `model` label of the series without a tenant (capped across tenants).
     pub any_model: Box<str>,
     /// `byokd_requests_total` with code 200.
-    pub ok: OnceLock<IntCounter>,
+    pub ok: OnceLock<Counter>,
     /// `byokd_tokens_total`, by [`TOKEN_TYPES`] index.
-    pub tokens: [OnceLock<IntCounter>; 5],
+    pub tokens: [OnceLock<Counter>; 5],
     /// `byokd_cost_usd_total`, by [`crate::vocab::KeySource`] index.
-    pub cost: [OnceLock<IntCounter>; 4],
+    pub cost: [OnceLock<Counter>; 4],
     pub duration: OnceLock<Histogram>,
     /// `gen_ai_client_token_usage` for input, then output.
     pub gen_ai_tokens: [OnceLock<Histogram>; 2],

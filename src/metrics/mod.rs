@@ -16,8 +16,10 @@ use prometheus::{
 use crate::usage::Usage;
 use crate::vocab::KeySource;
 
+mod family;
 mod labels;
 
+use family::Counters;
 use labels::{LabelCap, TOKEN_TYPES, TenantLabels, with};
 
 pub const OTHER: &str = "__other__";
@@ -49,61 +51,18 @@ struct ProviderSeries {
     ttfb: Histogram,
 }
 
-/// `byokd_cost_usd_total`: kept as integer nano-dollars in a private counter and converted to
-/// USD only when scraped, so no cost is ever accumulated in floating point.
-#[derive(Clone)]
-struct CostUsd {
-    nanos: IntCounterVec,
-    desc: prometheus::core::Desc,
-}
-
-impl CostUsd {
-    fn new() -> Result<Self, prometheus::Error> {
-        let labels = ["tenant", "provider", "model", "key_source"];
-        let help = "Cost in USD from the pricing table, by who pays (key_source).";
-        Ok(Self {
-            nanos: IntCounterVec::new(Opts::new("byokd_cost_nanodollars", help), &labels)?,
-            desc: prometheus::core::Desc::new(
-                "byokd_cost_usd_total".into(),
-                help.into(),
-                labels.iter().map(|l| l.to_string()).collect(),
-                Default::default(),
-            )?,
-        })
-    }
-}
-
-impl prometheus::core::Collector for CostUsd {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        vec![&self.desc]
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let mut families = self.nanos.collect();
-        for f in &mut families {
-            f.set_name(self.desc.fq_name.clone());
-            f.set_help(self.desc.help.clone());
-            for m in f.mut_metric() {
-                let mut c = prometheus::proto::Counter::default();
-                c.set_value(m.get_counter().get_value() / 1e9);
-                m.set_counter(c);
-            }
-        }
-        families
-    }
-}
-
 /// Every series byokd exports.
 pub struct Metrics {
     pub registry: Registry,
-    requests: IntCounterVec,
-    tokens: IntCounterVec,
+    /// The families with a `tenant` label that every request touches (`family.rs`).
+    requests: Counters<4>,
+    tokens: Counters<4>,
     /// Resolved once per provider (index = `Config::providers` index): no label hashing or
     /// lock on the request path for the histograms.
     per_provider: Vec<ProviderSeries>,
     overhead: Histogram,
     rejections: IntCounterVec,
-    decryptions: IntCounterVec,
+    decryptions: Counters<2>,
     cache_hits: IntCounter,
     upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -114,7 +73,9 @@ pub struct Metrics {
     /// OpenTelemetry GenAI semantic-convention names, for dashboards built on them.
     gen_ai_tokens: HistogramVec,
     gen_ai_duration: HistogramVec,
-    cost: CostUsd,
+    /// `byokd_cost_usd_total`, counted in integer nano-dollars and shown in USD, so no cost is
+    /// ever accumulated in floating point.
+    cost: Counters<4>,
     /// Prices for `byokd_cost_usd_total`.
     pub pricing: crate::pricing::Pricing,
     /// This month's per-tenant totals, for the usage API.
@@ -164,26 +125,26 @@ impl Metrics {
                 registry.register(Box::new(c.clone()))?;
                 Ok(c)
             };
-        let requests = counter(
+        let requests = Counters::new(
             "byokd_requests_total",
             "Requests by tenant, provider, model and HTTP status code.",
-            &["tenant", "provider", "model", "code"],
-        )?;
-        let tokens = counter(
+            ["code", "model", "provider", "tenant"],
+        );
+        let tokens = Counters::new(
             "byokd_tokens_total",
             "Tokens by disjoint type: input, cached_input, cache_write, output, reasoning.",
-            &["tenant", "provider", "model", "type"],
-        )?;
+            ["model", "provider", "tenant", "type"],
+        );
         let rejections = counter(
             "byokd_rejections_total",
             "Requests byokd answered itself, by error code.",
             &["tenant", "reason"],
         )?;
-        let decryptions = counter(
+        let decryptions = Counters::new(
             "byokd_key_decryptions_total",
             "Key decryptions through the KMS or local KEK (key-cache misses).",
-            &["tenant", "provider"],
-        )?;
+            ["provider", "tenant"],
+        );
         let upstream_errors = counter(
             "byokd_upstream_errors_total",
             "Failed upstream attempts by kind: connect, timeout, body_too_large.",
@@ -263,8 +224,12 @@ impl Metrics {
             &["gen_ai_provider_name", "gen_ai_request_model"],
         )?;
         registry.register(Box::new(gen_ai_duration.clone()))?;
-        let cost = CostUsd::new()?;
-        registry.register(Box::new(cost.clone()))?;
+        let cost = Counters::new(
+            "byokd_cost_usd_total",
+            "Cost in USD from the pricing table, by who pays (key_source).",
+            ["key_source", "model", "provider", "tenant"],
+        )
+        .scaled(1_000_000_000);
         let hist =
             |name: &str, help: &str, buckets: &[f64]| -> Result<HistogramVec, prometheus::Error> {
                 let h = HistogramVec::new(
@@ -340,7 +305,12 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        out
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        self.requests.render(&mut text);
+        self.tokens.render(&mut text);
+        self.cost.render(&mut text);
+        self.decryptions.render(&mut text);
+        text.into_bytes()
     }
 
     /// `own`: the key is the tenant's own (the store vouches for the tenant), not the platform's.
@@ -351,7 +321,7 @@ impl Metrics {
             } else {
                 self.tenants.peek(tenant)
             };
-            self.decryptions.with_label_values(&[t, provider]).inc();
+            self.decryptions.inc_by([provider, t], 1);
         } else {
             self.cache_hits.inc();
         }
@@ -412,9 +382,7 @@ impl Metrics {
     pub fn rejected(&self, tenant: &str, provider: &str, code: &str, status: http::StatusCode) {
         let t = self.tenants.peek(tenant);
         self.rejections.with_label_values(&[t, code]).inc();
-        self.requests
-            .with_label_values(&[t, provider, "", status.as_str()])
-            .inc();
+        self.requests.inc_by([status.as_str(), "", provider, t], 1);
     }
 
     /// Counts a finished request in every series and the ledger.
@@ -437,11 +405,8 @@ impl Metrics {
         let ok = series.filter(|_| r.status == http::StatusCode::OK);
         with(
             ok.map(|s| &s.ok),
-            || {
-                self.requests
-                    .with_label_values(&[t, provider, model, r.status.as_str()])
-            },
-            |m| m.inc(),
+            || self.requests.get([r.status.as_str(), model, provider, t]),
+            |c| add(c, 1),
         );
         let counts = [
             usage.input,
@@ -454,8 +419,8 @@ impl Metrics {
             if n > 0 {
                 with(
                     series.map(|s| &s.tokens[i]),
-                    || self.tokens.with_label_values(&[t, provider, model, kind]),
-                    |m| m.inc_by(n),
+                    || self.tokens.get([model, provider, t, kind]),
+                    |c| add(c, n),
                 );
             }
         }
@@ -529,15 +494,8 @@ impl Metrics {
             match r.price {
                 Some(p) => with(
                     series.map(|s| &s.cost[r.key_source as usize]),
-                    || {
-                        self.cost.nanos.with_label_values(&[
-                            t,
-                            provider,
-                            model,
-                            r.key_source.as_str(),
-                        ])
-                    },
-                    |m| m.inc_by(p.cost_nanos(usage)),
+                    || self.cost.get([r.key_source.as_str(), model, provider, t]),
+                    |c| add(c, p.cost_nanos(usage)),
                 ),
                 None => {
                     self.unpriced
@@ -559,6 +517,10 @@ impl Metrics {
             }
         }
     }
+}
+
+fn add(c: &family::Counter, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 /// One finished request, as the series need it (the record step builds it).
