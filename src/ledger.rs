@@ -19,6 +19,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::usage::Usage;
+use crate::vocab::SmallMap;
 
 /// Token and cost totals of one (provider, model) in one month.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +82,7 @@ impl Totals {
 pub struct TenantMonth {
     /// `YYYY-MM`, UTC.
     pub period: String,
-    pub providers: BTreeMap<String, BTreeMap<String, Totals>>,
+    pub providers: SmallMap<SmallMap<Totals>>,
 }
 
 impl TenantMonth {
@@ -91,9 +92,9 @@ impl TenantMonth {
             return;
         }
         for (p, models) in &o.providers {
-            let mine = self.providers.entry(p.clone()).or_default();
+            let mine = self.providers.entry_or_default(p);
             for (m, t) in models {
-                mine.entry(m.clone()).or_default().merge(t);
+                mine.entry_or_default(m).merge(t);
             }
         }
     }
@@ -202,20 +203,11 @@ impl Ledger {
                 if m.period != period {
                     *m = TenantMonth {
                         period: period.to_string(),
-                        providers: BTreeMap::new(),
+                        providers: SmallMap::default(),
                     };
                 }
-                let models = match m.providers.get_mut(provider) {
-                    Some(x) => x,
-                    None => m.providers.entry(provider.to_string()).or_default(),
-                };
-                match models.get_mut(model) {
-                    Some(t) => t.add(usage, cost),
-                    None => models
-                        .entry(model.to_string())
-                        .or_default()
-                        .add(usage, cost),
-                }
+                let models = m.providers.entry_or_default(provider);
+                models.entry_or_default(model).add(usage, cost);
             };
             let target = self.pending.as_ref().unwrap_or(&self.tenants);
             match target.get(tenant) {
@@ -249,7 +241,7 @@ impl Ledger {
         };
         let mut month = of(&self.tenants).unwrap_or(TenantMonth {
             period: period.clone(),
-            providers: BTreeMap::new(),
+            providers: SmallMap::default(),
         });
         if let Some(delta) = self.pending.as_ref().and_then(of) {
             month.merge(&delta);
@@ -272,7 +264,7 @@ impl Ledger {
                     &mut *g,
                     TenantMonth {
                         period,
-                        providers: BTreeMap::new(),
+                        providers: SmallMap::default(),
                     },
                 );
                 out.push((e.key().to_string(), delta));
@@ -296,7 +288,7 @@ impl Ledger {
             if g.period != delta.period {
                 *g = TenantMonth {
                     period: delta.period.clone(),
-                    providers: BTreeMap::new(),
+                    providers: SmallMap::default(),
                 };
             }
             g.merge(delta);
@@ -369,7 +361,7 @@ pub fn usage_json(tenant: &str, m: &TenantMonth, limits: serde_json::Value) -> s
                 .iter()
                 .map(|(model, t)| {
                     (
-                        model.clone(),
+                        model.to_string(),
                         serde_json::json!({
                             "requests": t.requests,
                             "tokens": {
@@ -387,7 +379,7 @@ pub fn usage_json(tenant: &str, m: &TenantMonth, limits: serde_json::Value) -> s
                     )
                 })
                 .collect();
-            (p.clone(), serde_json::Value::Object(models))
+            (p.to_string(), serde_json::Value::Object(models))
         })
         .collect();
     serde_json::json!({

@@ -479,7 +479,7 @@ impl PgStore {
                     for (model, t) in models {
                         let v = usage_values(t);
                         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                            vec![tenant, &delta.period, provider, model];
+                            vec![tenant, &delta.period, &provider, &model];
                         params.extend(
                             v.iter()
                                 .map(|x| x as &(dyn tokio_postgres::types::ToSql + Sync)),
@@ -541,8 +541,7 @@ impl PgStore {
                     providers: Default::default(),
                 })
                 .providers
-                .entry(r.get(1))
-                .or_default()
+                .entry_or_default(r.get(1))
                 .insert(r.get(2), totals);
         }
         ledger.replace_base(months.into_iter().collect());

@@ -9,9 +9,11 @@
 pub mod clock;
 pub mod ids;
 pub mod secret;
+pub mod small_map;
 pub mod text;
 
 pub use clock::unix_now;
 pub use ids::{KeySource, RequestId, reserved_tenant_id, valid_tenant_id};
 pub use secret::{AuthValue, PlainKey};
+pub use small_map::SmallMap;
 pub use text::{ErrorChain, Redacted};
