@@ -199,13 +199,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         // Start from the month's totals so far, before the first request is counted.
         pg.sync_usage(&metrics.ledger).await?;
     }
-    let data = store.load().await?;
-    let key_count = data.keys.len();
+    // The keyring starts empty and the store is loaded once, after the watcher started: a
+    // change landing meanwhile is seen by this load or by the watcher. (Loading before and
+    // again after held a large store twice at start.)
     let keyring = Arc::new(Keyring::new(
         kms,
         store.clone(),
         audit(&cfg),
-        data,
+        crate::keys::store::StoreData::default(),
         CachePolicy {
             ttl: cfg.key_cache.ttl,
             stale_ttl: cfg.key_cache.stale_ttl,
@@ -234,8 +235,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         #[cfg(not(feature = "postgres"))]
         StoreConfig::Postgres { .. } => Watch::Postgres(tokio::spawn(async {})),
     };
-    // A change that landed between the first load and the watcher start is picked up here.
     keyring.reload().await?;
+    let key_count: usize = keyring
+        .snapshot()
+        .tenants
+        .values()
+        .map(|t| t.keys.len())
+        .sum();
     metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
     let sweeper = {
         let keyring = keyring.clone();
