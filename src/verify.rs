@@ -28,7 +28,7 @@ pub async fn verify_key(
 ) -> Result<(), VerifyError> {
     let call = p
         .kind
-        .verify_call()
+        .verify_call(&p.name)
         .ok_or_else(|| VerifyError::Unsupported(p.name.to_string()))?;
     let uri = p
         .upstream_uri(call.path, call.query)

@@ -34,7 +34,7 @@ impl Kind for Anthropic {
         Some("sk-ant-")
     }
 
-    fn verify_call(&self) -> Option<VerifyCall> {
+    fn verify_call(&self, _provider: &str) -> Option<VerifyCall> {
         Some(VerifyCall {
             path: "/v1/models",
             query: None,

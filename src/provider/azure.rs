@@ -21,7 +21,7 @@ impl Kind for Azure {
         &AUTH
     }
 
-    fn verify_call(&self) -> Option<VerifyCall> {
+    fn verify_call(&self, _provider: &str) -> Option<VerifyCall> {
         Some(VerifyCall {
             path: "/openai/models",
             query: Some("api-version=2024-10-21"),

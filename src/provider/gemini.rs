@@ -32,7 +32,7 @@ impl Kind for Gemini {
         Some("AIza")
     }
 
-    fn verify_call(&self) -> Option<VerifyCall> {
+    fn verify_call(&self, _provider: &str) -> Option<VerifyCall> {
         Some(VerifyCall {
             path: "/v1beta/models",
             query: None,

@@ -50,6 +50,10 @@ pub const BUILTINS: &[(&str, &str, &str)] = &[
     ("groq", "openai", "https://api.groq.com/openai"),
     ("deepseek", "openai", "https://api.deepseek.com"),
     ("together", "openai", "https://api.together.xyz"),
+    ("xai", "openai", "https://api.x.ai"),
+    ("fireworks", "openai", "https://api.fireworks.ai/inference"),
+    ("cerebras", "openai", "https://api.cerebras.ai"),
+    ("perplexity", "openai", "https://api.perplexity.ai"),
     ("ollama", "ollama", "http://127.0.0.1:11434"),
 ];
 
@@ -111,8 +115,9 @@ pub trait Kind: fmt::Debug + Send + Sync {
         None
     }
 
-    /// The cheap authenticated call that checks a key live at registration.
-    fn verify_call(&self) -> Option<VerifyCall> {
+    /// The cheap authenticated call that checks a key of `provider` (a provider of this kind,
+    /// by name) live at registration.
+    fn verify_call(&self, _provider: &str) -> Option<VerifyCall> {
         None
     }
 
@@ -408,6 +413,44 @@ mod tests {
             u.to_string(),
             "https://openrouter.ai/api/v1/chat/completions?a=b"
         );
+    }
+
+    #[test]
+    fn compatible_hosts_check_their_documented_key_shapes() {
+        let by_name = |n: &str| builtins().into_iter().find(|p| &*p.name == n).unwrap();
+        for (name, good, bad) in [
+            ("xai", "xai-0123456789abcdef", "sk-0123456789abcdef"),
+            ("perplexity", "pplx-0123456789abcdef", "sk-0123456789abcdef"),
+            ("cerebras", "csk-0123456789abcdef", "sk-0123456789abcdef"),
+        ] {
+            let p = by_name(name);
+            assert!(p.check_key_format(good).is_ok(), "{name}");
+            let err = p.check_key_format(bad).unwrap_err();
+            assert!(err.contains(name), "{name}: {err}");
+        }
+        // Fireworks documents no key shape: any printable key of a sane length passes.
+        assert!(
+            by_name("fireworks")
+                .check_key_format("fw_abcdefghij")
+                .is_ok()
+        );
+        assert!(
+            by_name("fireworks")
+                .check_key_format("0123456789abcdef")
+                .is_ok()
+        );
+        // Perplexity has no cheap authenticated GET to verify a key with; the others list models.
+        assert!(
+            by_name("perplexity")
+                .kind
+                .verify_call("perplexity")
+                .is_none()
+        );
+        for name in ["xai", "fireworks", "cerebras"] {
+            let call = by_name(name).kind.verify_call(name).unwrap();
+            assert_eq!(call.path, "/v1/models", "{name}");
+        }
+        assert!(BUILTINS.len() >= 14);
     }
 
     #[test]

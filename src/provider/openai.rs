@@ -29,12 +29,19 @@ impl Kind for OpenAi {
     }
 
     fn key_prefix(&self, provider: &str) -> Option<&'static str> {
-        // Only OpenAI's own keys have a known shape; compatibles issue anything.
-        (provider == "openai").then_some("sk-")
+        // The hosts whose keys have a documented shape; the other compatibles issue anything.
+        match provider {
+            "openai" => Some("sk-"),
+            "xai" => Some("xai-"),
+            "perplexity" => Some("pplx-"),
+            "cerebras" => Some("csk-"),
+            _ => None,
+        }
     }
 
-    fn verify_call(&self) -> Option<VerifyCall> {
-        Some(VerifyCall {
+    fn verify_call(&self, provider: &str) -> Option<VerifyCall> {
+        // Perplexity's API has no model list or other cheap authenticated GET.
+        (provider != "perplexity").then_some(VerifyCall {
             path: "/v1/models",
             query: None,
         })
@@ -76,7 +83,8 @@ pub(super) static WIRE: Wire = Wire;
 pub(super) struct Wire;
 
 /// A `usage` object: chat completions name the totals prompt/completion, the Responses API
-/// input/output; both include the cached and reasoning parts.
+/// input/output; both include the cached and reasoning parts, except that some compatible
+/// hosts (xAI) leave reasoning out of `completion_tokens`: their `total_tokens` says so.
 #[derive(Debug, Default, Deserialize)]
 struct RawUsage {
     prompt_tokens: Option<u64>,
@@ -87,6 +95,7 @@ struct RawUsage {
     output_tokens: Option<u64>,
     input_tokens_details: Option<PromptDetails>,
     output_tokens_details: Option<CompletionDetails>,
+    total_tokens: Option<u64>,
     /// Transcription billed by duration: `{"type":"duration","seconds":9}`.
     seconds: Option<f64>,
 }
@@ -128,7 +137,18 @@ fn apply(usage: &mut Usage, u: &RawUsage) {
     let completion = completion.unwrap_or(0);
     usage.input = prompt.saturating_sub(cached);
     usage.cached_input = cached;
-    usage.output = completion.saturating_sub(reasoning);
+    // OpenAI counts reasoning inside `completion_tokens` (total = prompt + completion); xAI
+    // reports it beside them (total = prompt + completion + reasoning).
+    let beside = reasoning > 0
+        && u.total_tokens
+            == prompt
+                .checked_add(completion)
+                .and_then(|t| t.checked_add(reasoning));
+    usage.output = if beside {
+        completion
+    } else {
+        completion.saturating_sub(reasoning)
+    };
     usage.reasoning = reasoning;
     usage.clamp_tokens();
 }

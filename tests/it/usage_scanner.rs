@@ -101,6 +101,36 @@ const CASES: &[Case] = &[
         tokens: (19, 0, 0, 10, 0),
         model: "gpt-4o-mini-2024-07-18",
     },
+    // xAI counts reasoning beside completion_tokens (total = 14 + 10 + 286), not inside it.
+    Case {
+        file: "xai_chat.json",
+        kind: "openai",
+        content_type: "application/json",
+        tokens: (8, 6, 0, 10, 286),
+        model: "grok-3-mini",
+    },
+    Case {
+        file: "cerebras_chat.json",
+        kind: "openai",
+        content_type: "application/json",
+        tokens: (41, 0, 0, 13, 0),
+        model: "llama-3.3-70b",
+    },
+    // Perplexity repeats the running usage in every chunk (CRLF-framed): the last one counts.
+    Case {
+        file: "perplexity_chat_stream.sse",
+        kind: "openai",
+        content_type: "text/event-stream",
+        tokens: (7, 0, 0, 52, 0),
+        model: "sonar",
+    },
+    Case {
+        file: "fireworks_chat_stream.sse",
+        kind: "openai",
+        content_type: "text/event-stream",
+        tokens: (19, 0, 0, 31, 0),
+        model: "accounts/fireworks/models/llama-v3p1-8b-instruct",
+    },
     Case {
         file: "ollama_chat.ndjson",
         kind: "openai",
