@@ -137,7 +137,7 @@ impl ProxyError {
                 Code::UnknownRoute
             }
             Self::Route(RouteError::MethodNotAllowed(_)) => Code::MethodNotAllowed,
-            Self::Route(RouteError::BadHost) => Code::BadRequest,
+            Self::Route(RouteError::BadHost | RouteError::NoCompatEndpoint(_)) => Code::BadRequest,
             Self::Identify(
                 IdentifyError::NoIdentity
                 | IdentifyError::BadTenantId

@@ -61,6 +61,13 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Only the attempts at `provider` (its key pool and platform key): a request routed by
+    /// model carries that provider's model name, which no other provider would understand.
+    pub fn only(mut self, provider: usize) -> Self {
+        self.candidates.retain(|c| c.provider == provider);
+        self
+    }
+
     /// The end user's own key (`passthrough`): one attempt, no failover to keys they did not
     /// bring.
     pub fn given(provider: usize, credential: Credential) -> Self {
@@ -295,7 +302,14 @@ impl Payload {
 
     /// The body for one attempt at `provider`, and whether byokd asked for usage (so the
     /// response must be stripped of it).
-    fn body_for(&mut self, provider: &Provider, headers: &mut HeaderMap) -> (RequestBody, bool) {
+    /// `openai_wire`: the request was routed by model to an OpenAI-compatible endpoint, which
+    /// takes `include_usage` whatever the provider's native API does.
+    fn body_for(
+        &mut self,
+        provider: &Provider,
+        openai_wire: bool,
+        headers: &mut HeaderMap,
+    ) -> (RequestBody, bool) {
         match self {
             Self::Once(b) => (b.take().unwrap_or_else(RequestBody::empty), false),
             Self::Whole {
@@ -303,13 +317,16 @@ impl Payload {
                 edited,
                 chat,
             } => {
-                if *chat && provider.stream_usage {
+                if *chat && (provider.stream_usage || openai_wire) {
                     let e = edited.get_or_init(|| add_include_usage(original).map(Bytes::from));
                     if let Some(e) = e {
                         headers.insert(header::CONTENT_LENGTH, e.len().into());
                         return (RequestBody::whole(e.clone()), true);
                     }
                 }
+                // The body is known whole: its length is said, whatever the app's header said
+                // (a body routed by model had its `model` rewritten).
+                headers.insert(header::CONTENT_LENGTH, original.len().into());
                 (RequestBody::whole(original.clone()), false)
             }
         }
@@ -406,7 +423,8 @@ impl Attempts<'_> {
                 Some(t) => t,
                 None => break,
             };
-            let (mut body, asked_usage) = payload.body_for(provider, &mut parts.headers);
+            let (mut body, asked_usage) =
+                payload.body_for(provider, self.route.path.is_some(), &mut parts.headers);
             rewrite(
                 &mut parts,
                 provider,

@@ -23,7 +23,7 @@ use crate::keys::CredentialError;
 use crate::keys::{KeySource, Keyring};
 use crate::meter::ResponseBody;
 use crate::metrics::Metrics;
-use crate::provider::{ErrorShape, Provider};
+use crate::provider::{CompatEndpoint, ErrorShape, Provider, openai_wire};
 use crate::record::Recorder;
 use crate::rewrite::{strip_hop_by_hop, strip_own_headers};
 use crate::route::{Target, check_method, route};
@@ -183,7 +183,7 @@ impl Proxy {
         let cfg = &*self.config;
 
         // route
-        let route = self.route(&parts, ctx)?;
+        let mut route = self.route(&parts, ctx)?;
 
         // identify
         let snapshot = self.keyring.snapshot();
@@ -191,13 +191,42 @@ impl Proxy {
         drop(snapshot);
         ctx.tenant = Some(tenant.clone());
         let policy = cfg.policy(&tenant);
+        // Held until the upstream answered: the buffered body may be sent again on failover.
+        let mut permit = self.buffers.permit();
+        // route by model: a `/v1` chat or embeddings body read first, when its `model` may
+        // name another provider (`provider/model` or an alias).
+        let mut early = None;
         let idx = match route.target {
-            Target::Default => policy.default_provider,
+            Target::Default => match CompatEndpoint::of_path(parts.uri.path())
+                .filter(|_| parts.method == http::Method::POST)
+            {
+                Some(ep) => {
+                    let incoming = body.take().ok_or(LimitError::ClientClosed)?;
+                    let (peeked, routed) = self.by_model(incoming, ep, &mut permit).await?;
+                    early = Some(peeked);
+                    match routed {
+                        Some((i, path)) => {
+                            route.target = Target::Named(i);
+                            route.path = Some(path);
+                            i
+                        }
+                        None => policy.default_provider,
+                    }
+                }
+                None => policy.default_provider,
+            },
             Target::Named(i) => i,
             Target::Usage => return Ok(self.usage(&tenant).map(Either::Right)),
         };
+        let by_model = route.path.is_some();
         let provider = cfg.providers[idx].clone();
-        ctx.shape = provider.error_shape();
+        // A request routed by model speaks the OpenAI wire whichever provider answers it.
+        let (dialect, shape) = if by_model {
+            openai_wire()
+        } else {
+            (provider.dialect(), provider.error_shape())
+        };
+        ctx.shape = shape;
         ctx.provider = Some(provider.clone());
 
         // admit
@@ -208,19 +237,21 @@ impl Proxy {
         // credential: the end user's own key if sent (and allowed), else the tenant's key
         // pool and failover chain; each attempt below decrypts the key it uses.
         let plan = self.plan(&parts, &tenant, policy, (idx, &provider))?;
+        let plan = if by_model { plan.only(idx) } else { plan };
 
         // forward: the body (read first when byokd must look inside or may resend it), the
         // budget reservation, then the attempts.
-        let facts = Facts::of(&parts, policy, &provider);
-        let body = body.take().ok_or(LimitError::ClientClosed)?;
-        // Held until the upstream answered: the buffered body may be sent again on failover.
-        let mut permit = self.buffers.permit();
+        let facts = Facts::of(&parts, policy, &provider, by_model);
+        let body = match early {
+            Some(peeked) => Body::Read(peeked),
+            None => Body::Unread(body.take().ok_or(LimitError::ClientClosed)?),
+        };
         let (payload, read) = self
             .payload(body, &facts, plan.can_retry(), &mut permit)
             .await?;
         let cut = match (&policy.budget, admission.as_mut()) {
             (Some(budget), Some(a)) => {
-                self.reserve(budget, a, &provider, &parts, &facts, read.estimate)
+                self.reserve(budget, a, (&provider, shape), &parts, &facts, read.estimate)
                     .await?
             }
             _ => None,
@@ -240,6 +271,7 @@ impl Proxy {
 
         // meter + record
         let metered = Metered {
+            dialect,
             tenant,
             capability: facts.capability,
             characters: read.characters,
@@ -302,17 +334,11 @@ impl Proxy {
     /// failover chain). A larger body gets a single attempt.
     async fn payload(
         &self,
-        body: Incoming,
+        body: Body,
         facts: &Facts,
         may_retry: bool,
         permit: &mut crate::accept::BufferPermit<'_>,
     ) -> Result<(Payload, BodyRead), LimitError> {
-        let limits = &self.config.limits;
-        let max_body = limits.max_body_bytes;
-        let limited = Limited::new(
-            crate::timeouts::ClientBody::new(body, limits.body_timeout, Side::Client),
-            max_body as usize,
-        );
         let mut read = BodyRead {
             characters: 0,
             estimate: Estimate {
@@ -320,20 +346,16 @@ impl Proxy {
                 body: None,
             },
         };
-        if !(facts.usage_edit || facts.speech || may_retry || facts.budgeted) {
-            return Ok((Payload::Once(Some(RequestBody::streaming(limited))), read));
-        }
-        let peeked = read_bounded(limited, permit).await.map_err(|e| {
-            if crate::forward::body_too_large(e.as_ref()) {
-                LimitError::BodyTooLarge(max_body)
-            } else if crate::timeouts::client_stalled(e.as_ref()) {
-                LimitError::BodyTimeout
-            } else if e.is::<crate::accept::BufferFull>() {
-                LimitError::Overloaded
-            } else {
-                LimitError::ClientClosed
+        let peeked = match body {
+            Body::Read(peeked) => peeked,
+            Body::Unread(body) => {
+                let limited = self.limited(body);
+                if !(facts.usage_edit || facts.speech || may_retry || facts.budgeted) {
+                    return Ok((Payload::Once(Some(RequestBody::streaming(limited))), read));
+                }
+                self.read_inspected(limited, permit).await?
             }
-        })?;
+        };
         let payload = match peeked {
             Peeked::Whole(b) => {
                 if facts.budgeted {
@@ -350,6 +372,65 @@ impl Proxy {
             Peeked::Partial(rb) => Payload::Once(Some(*rb)),
         };
         Ok((payload, read))
+    }
+
+    /// The client body behind its stall timeout and size limit.
+    fn limited(&self, body: Incoming) -> Limited<crate::timeouts::ClientBody> {
+        let limits = &self.config.limits;
+        Limited::new(
+            crate::timeouts::ClientBody::new(body, limits.body_timeout, Side::Client),
+            limits.max_body_bytes as usize,
+        )
+    }
+
+    /// Reads the body whole up to the inspection bound (a larger one streams on behind what
+    /// was read), each failure named for the client.
+    async fn read_inspected(
+        &self,
+        limited: Limited<crate::timeouts::ClientBody>,
+        permit: &mut crate::accept::BufferPermit<'_>,
+    ) -> Result<Peeked, LimitError> {
+        let max_body = self.config.limits.max_body_bytes;
+        read_bounded(limited, permit).await.map_err(|e| {
+            if crate::forward::body_too_large(e.as_ref()) {
+                LimitError::BodyTooLarge(max_body)
+            } else if crate::timeouts::client_stalled(e.as_ref()) {
+                LimitError::BodyTimeout
+            } else if e.is::<crate::accept::BufferFull>() {
+                LimitError::Overloaded
+            } else {
+                LimitError::ClientClosed
+            }
+        })
+    }
+
+    /// Route by model: reads a `/v1` chat or embeddings body (bounded) and, when its `model`
+    /// is `provider/model` or a `models:` alias, names that provider and its OpenAI-compatible
+    /// path and rewrites the body's `model` (and nothing else). A provider without such an
+    /// endpoint is a 400 naming its native route.
+    async fn by_model(
+        &self,
+        body: Incoming,
+        ep: CompatEndpoint,
+        permit: &mut crate::accept::BufferPermit<'_>,
+    ) -> Result<(Peeked, Option<(usize, &'static str)>), ProxyError> {
+        let cfg = &*self.config;
+        let peeked = self.read_inspected(self.limited(body), permit).await?;
+        let Peeked::Whole(b) = &peeked else {
+            return Ok((peeked, None));
+        };
+        let Some((model, at)) = crate::route::body_model(b) else {
+            return Ok((peeked, None));
+        };
+        let Some((idx, name)) = crate::route::by_model(&cfg.providers, &cfg.models, &model) else {
+            return Ok((peeked, None));
+        };
+        let provider = &cfg.providers[idx];
+        let path = provider
+            .openai_compat(ep)
+            .ok_or_else(|| crate::route::RouteError::NoCompatEndpoint(provider.name.to_string()))?;
+        let rewritten = crate::route::with_model(b, at, name);
+        Ok((Peeked::Whole(rewritten), Some((idx, path))))
     }
 
     /// The allow-list, the rate limits (an admission held until the response ends) and the
@@ -399,7 +480,7 @@ impl Proxy {
         &self,
         budget: &crate::policy::BudgetSpec,
         admission: &mut crate::policy::Admission,
-        provider: &Provider,
+        (provider, shape): (&Provider, ErrorShape),
         parts: &http::request::Parts,
         facts: &Facts,
         estimate: Estimate,
@@ -423,7 +504,7 @@ impl Proxy {
             allowance,
             input_nanos: input_tokens.saturating_mul(price.input),
             output_nanos_per_token: price.output,
-            shape: provider.error_shape(),
+            shape,
             state: Arc::new(crate::cut::CutState {
                 input_tokens,
                 ..Default::default()
@@ -456,7 +537,7 @@ impl Proxy {
         let ok = rparts.status.is_success() && !compressed;
         let scanner = if ok {
             scanner_for_capability(
-                provider.dialect(),
+                metered.dialect,
                 metered.capability,
                 content_type(&rparts.headers),
             )
@@ -525,10 +606,13 @@ struct Facts {
 }
 
 impl Facts {
+    /// `by_model`: routed by model to an OpenAI-compatible endpoint, which takes
+    /// `include_usage` whatever the provider's native API does.
     fn of(
         parts: &http::request::Parts,
         policy: &crate::policy::TenantPolicy,
         provider: &Provider,
+        by_model: bool,
     ) -> Self {
         let is_post = parts.method == http::Method::POST;
         let path = parts.uri.path();
@@ -542,7 +626,7 @@ impl Facts {
             is_post,
             capability,
             chat_path,
-            usage_edit: chat_path && provider.stream_usage,
+            usage_edit: chat_path && (provider.stream_usage || by_model),
             speech: is_post && capability == Capability::Speech,
             budgeted: is_post && policy.budget.is_some(),
             declared_length: declared_length(&parts.headers).unwrap_or(0),
@@ -552,12 +636,23 @@ impl Facts {
 
 /// What the meter and the recorder need from the request side.
 struct Metered {
+    /// The usage dialect of the response: the provider's, or the OpenAI wire's when the
+    /// request was routed by model.
+    dialect: crate::usage::DialectRef,
     tenant: Arc<str>,
     capability: Capability,
     characters: u64,
     request_model: Arc<std::sync::OnceLock<Box<str>>>,
     admission: Option<crate::policy::Admission>,
     cut: Option<crate::cut::CutPlan>,
+}
+
+/// The request body as the forward step gets it.
+enum Body {
+    /// Not touched yet.
+    Unread(Incoming),
+    /// Read for routing by model (whole, or the head of a larger body).
+    Read(Peeked),
 }
 
 /// What reading the body found out.

@@ -167,6 +167,7 @@ mod tests {
         let r = Route {
             target: Target::Named(0),
             strip: "/gemini".len(),
+            path: None,
         };
         rewrite(&mut parts, &p, &r, Some(&cred("")), &[]).unwrap();
         assert_eq!(
@@ -202,6 +203,7 @@ mod tests {
         let r = Route {
             target: Target::Named(0),
             strip: "/anthropic".len(),
+            path: None,
         };
         rewrite(&mut parts, &p, &r, Some(&cred("")), &[]).unwrap();
         assert_eq!(parts.headers["x-api-key"], "sk-provider-key-123456");

@@ -3,7 +3,13 @@
 //! `/v1/...` goes to the tenant's default provider with the path unchanged; `/{provider}/...`
 //! goes to the named provider with the rest of the path; `/byokd/...` is byokd's own.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::provider::Provider;
 
@@ -18,6 +24,10 @@ pub enum RouteError {
     MethodNotAllowed(http::Method),
     #[error("an HTTP/1.1 request needs exactly one Host header")]
     BadHost,
+    #[error(
+        "`{0}` has no OpenAI-compatible endpoint for this request; call its native API under /{0}/..."
+    )]
+    NoCompatEndpoint(String),
 }
 
 /// Where a request goes before the tenant is known.
@@ -36,11 +46,16 @@ pub struct Route {
     pub target: Target,
     /// Bytes of the request path that name the provider (`/anthropic`); the rest goes upstream.
     pub strip: usize,
+    /// Routed by model: the provider's OpenAI-compatible endpoint, sent instead of the path.
+    pub path: Option<&'static str>,
 }
 
 impl Route {
     /// The path sent upstream, below the provider's base URL; starts with `/`.
     pub fn upstream_path<'a>(&self, request_path: &'a str) -> &'a str {
+        if let Some(p) = self.path {
+            return p;
+        }
         match request_path.get(self.strip..) {
             Some(p) if !p.is_empty() => p,
             _ => "/",
@@ -79,10 +94,12 @@ pub fn route(providers: &[Arc<Provider>], path: &str) -> Result<Route, RouteErro
         "v1" => Ok(Route {
             target: Target::Default,
             strip: 0,
+            path: None,
         }),
         "byokd" if tail == "/usage" => Ok(Route {
             target: Target::Usage,
             strip: 0,
+            path: None,
         }),
         "byokd" | "" => Err(RouteError::UnknownRoute),
         name => {
@@ -93,9 +110,64 @@ pub fn route(providers: &[Arc<Provider>], path: &str) -> Result<Route, RouteErro
             Ok(Route {
                 target: Target::Named(idx),
                 strip: path.len() - tail.len(),
+                path: None,
             })
         }
     }
+}
+
+/// A `models:` alias: the provider (index into the configured providers) and its model name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRoute {
+    pub provider: usize,
+    pub model: Box<str>,
+}
+
+/// Where a `/v1` request's `model` sends it: a `models:` alias, or `provider/model` naming a
+/// configured provider (the rest is that provider's model name). `None`: the tenant's default
+/// provider, model unchanged (an OpenRouter-style `vendor/model` whose vendor is not a
+/// configured provider stays as it is).
+pub fn by_model<'a>(
+    providers: &[Arc<Provider>],
+    aliases: &'a HashMap<Box<str>, ModelRoute>,
+    model: &'a str,
+) -> Option<(usize, &'a str)> {
+    if let Some(r) = aliases.get(model) {
+        return Some((r.provider, &r.model));
+    }
+    let (prefix, rest) = model.split_once('/')?;
+    if rest.is_empty() {
+        return None;
+    }
+    let idx = providers.iter().position(|p| &*p.name == prefix)?;
+    Some((idx, rest))
+}
+
+/// The top-level `model` of a JSON request body: its text, and the byte range of its JSON
+/// string in the body (quotes included). `None` for a body that is not a JSON object with
+/// one string `model`.
+pub fn body_model(body: &[u8]) -> Option<(String, Range<usize>)> {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+    }
+    let head: Head<'_> = serde_json::from_slice(body).ok()?;
+    let raw = head.model?.get();
+    let model: String = serde_json::from_str(raw).ok()?;
+    // The raw value borrows from `body`: its offset is where it starts.
+    let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    Some((model, start..start + raw.len()))
+}
+
+/// `body` with the JSON string at `at` replaced by `model`: every other byte is the app's.
+pub fn with_model(body: &[u8], at: Range<usize>, model: &str) -> Bytes {
+    let quoted = serde_json::Value::from(model).to_string();
+    let mut out = Vec::with_capacity(body.len() + quoted.len());
+    out.extend_from_slice(&body[..at.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[at.end..]);
+    Bytes::from(out)
 }
 
 /// A path that could leave the provider's base path once the upstream normalises it:
@@ -123,6 +195,76 @@ fn escapes(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_prefix_or_alias_picks_the_provider() {
+        let cfg = crate::config::Config::from_yaml(
+            "models:\n  fast: gemini/gemini-2.5-flash\n  team/best: anthropic/claude-opus-4-1\n",
+            std::path::Path::new("/x/byokd.yaml"),
+        )
+        .unwrap();
+        let idx = |n: &str| cfg.providers.iter().position(|p| &*p.name == n).unwrap();
+        let pick =
+            |m: &str| by_model(&cfg.providers, &cfg.models, m).map(|(i, m)| (i, m.to_string()));
+        assert_eq!(
+            pick("anthropic/claude-sonnet-4-5"),
+            Some((idx("anthropic"), "claude-sonnet-4-5".into()))
+        );
+        assert_eq!(
+            pick("fast"),
+            Some((idx("gemini"), "gemini-2.5-flash".into()))
+        );
+        // An alias is matched whole first, even with a `/` in it.
+        assert_eq!(
+            pick("team/best"),
+            Some((idx("anthropic"), "claude-opus-4-1".into()))
+        );
+        // Only the first segment names a provider: the rest may hold more slashes.
+        assert_eq!(
+            pick("openrouter/meta-llama/llama-3.3-70b"),
+            Some((idx("openrouter"), "meta-llama/llama-3.3-70b".into()))
+        );
+        for unchanged in [
+            "gpt-4o",
+            "meta-llama/llama-3.3-70b",
+            "anthropic/",
+            "/x",
+            "ft:gpt-4o:acme",
+        ] {
+            assert_eq!(pick(unchanged), None, "{unchanged}");
+        }
+    }
+
+    #[test]
+    fn only_the_top_level_model_is_read_and_rewritten() {
+        let body = br#"{ "messages": [{"role":"user","content":"say \"model\": \"x\""}],
+  "model" : "anthropic\/claude-sonnet-4-5", "metadata": {"model": "inner"} }"#;
+        let (model, at) = body_model(body).unwrap();
+        assert_eq!(model, "anthropic/claude-sonnet-4-5");
+        let out = with_model(body, at.clone(), "claude-sonnet-4-5");
+        let expect = [
+            &body[..at.start],
+            &b"\"claude-sonnet-4-5\""[..],
+            &body[at.end..],
+        ]
+        .concat();
+        assert_eq!(&out[..], &expect[..], "every other byte is the app's");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "claude-sonnet-4-5");
+        assert_eq!(v["metadata"]["model"], "inner");
+        // A name that needs escaping is written as valid JSON.
+        let out = with_model(body, at, "we\"ird");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "we\"ird");
+        for not_routable in [
+            &br#"{"model": 3}"#[..],
+            br#"[1]"#,
+            br#"{"messages":[]}"#,
+            b"not json",
+        ] {
+            assert!(body_model(not_routable).is_none());
+        }
+    }
 
     #[test]
     fn routes() {

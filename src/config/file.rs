@@ -37,6 +37,9 @@ pub(crate) struct FileConfig {
     pub(crate) limits: LimitsFile,
     #[serde(default)]
     pub(crate) metrics: MetricsFile,
+    /// Model aliases for `/v1`: alias => `provider/model`.
+    #[serde(default)]
+    pub(crate) models: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

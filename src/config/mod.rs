@@ -99,6 +99,8 @@ pub struct Config {
     /// Prices loaded from the `pricing` file (empty when none is configured).
     pub pricing: crate::pricing::Pricing,
     pub metric_caps: crate::metrics::LabelCaps,
+    /// `models:` aliases a `/v1` request's `model` may name.
+    pub models: HashMap<Box<str>, crate::route::ModelRoute>,
 }
 
 impl Config {
@@ -179,6 +181,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     let audit = keys::audit(&ctx, file.audit.as_ref())?;
     let admin_token_sha256 = limits::admin_token(&ctx, &file.admin)?;
     let pricing = providers::pricing(&ctx, file.pricing.as_deref())?;
+    let models = providers::models(&ctx, &file.models, &providers)?;
     let limits = limits::limits(&ctx, &file.limits)?;
     Ok(Config {
         path: path.to_path_buf(),
@@ -199,6 +202,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         limits,
         pricing,
         metric_caps: limits::metric_caps(&file.metrics),
+        models,
     })
 }
 

@@ -110,6 +110,42 @@ pub(super) fn pricing(
     }
 }
 
+/// `models:` aliases: each `alias: provider/model`, the provider a configured one. An alias
+/// is matched whole, before any `provider/` prefix, so it may itself contain a `/`.
+pub(super) fn models(
+    ctx: &Ctx,
+    file: &BTreeMap<String, String>,
+    providers: &[Provider],
+) -> Result<std::collections::HashMap<Box<str>, crate::route::ModelRoute>, ConfigError> {
+    let mut out = std::collections::HashMap::with_capacity(file.len());
+    for (alias, target) in file {
+        let field = format!("models.{alias}");
+        if alias.is_empty() || alias.len() > 256 {
+            return Err(ctx.invalid(&field, "an alias is 1 to 256 characters".into()));
+        }
+        let Some((name, model)) = target
+            .split_once('/')
+            .filter(|(p, m)| !p.is_empty() && !m.is_empty())
+        else {
+            return Err(ctx.invalid(
+                &field,
+                format!("`{target}` is not `provider/model` (e.g. `anthropic/claude-sonnet-4-5`)"),
+            ));
+        };
+        let Some(provider) = providers.iter().position(|p| &*p.name == name) else {
+            return Err(ctx.invalid(&field, format!("no provider named `{name}`")));
+        };
+        out.insert(
+            alias.as_str().into(),
+            crate::route::ModelRoute {
+                provider,
+                model: model.into(),
+            },
+        );
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_parse as parse;

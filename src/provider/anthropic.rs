@@ -6,7 +6,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use memchr::memmem;
 use serde::Deserialize;
 
-use super::{Authenticator, ErrorShape, HeaderAuth, Kind, VerifyCall};
+use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall};
 use crate::usage::model_and_usage;
 use crate::usage::{Dialect, DialectRef, StreamState, Usage};
 
@@ -39,6 +39,11 @@ impl Kind for Anthropic {
             path: "/v1/models",
             query: None,
         })
+    }
+
+    /// Anthropic's OpenAI SDK compatibility layer covers chat only.
+    fn openai_compat(&self, _provider: &str, ep: CompatEndpoint) -> Option<&'static str> {
+        (ep == CompatEndpoint::Chat).then_some("/v1/chat/completions")
     }
 
     fn default_headers(&self) -> &'static [(HeaderName, HeaderValue)] {

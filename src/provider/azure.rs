@@ -3,7 +3,7 @@
 
 use http::HeaderName;
 
-use super::{Authenticator, ErrorShape, HeaderAuth, Kind, VerifyCall, openai};
+use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall, openai};
 use crate::usage::DialectRef;
 
 /// The `azure` kind.
@@ -25,6 +25,14 @@ impl Kind for Azure {
         Some(VerifyCall {
             path: "/openai/models",
             query: Some("api-version=2024-10-21"),
+        })
+    }
+
+    /// The v1 API of Azure OpenAI: the deployment is named by `model`, no `api-version`.
+    fn openai_compat(&self, _provider: &str, ep: CompatEndpoint) -> Option<&'static str> {
+        Some(match ep {
+            CompatEndpoint::Chat => "/openai/v1/chat/completions",
+            CompatEndpoint::Embeddings => "/openai/v1/embeddings",
         })
     }
 

@@ -8,7 +8,7 @@ use http::{HeaderName, StatusCode};
 use memchr::memmem;
 use serde::Deserialize;
 
-use super::{Authenticator, ErrorShape, HeaderAuth, Kind, VerifyCall};
+use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall};
 use crate::usage::bytes::{string_after, usage_value_at};
 use crate::usage::model_and_usage;
 use crate::usage::{Dialect, DialectRef, StreamState, Usage};
@@ -36,6 +36,13 @@ impl Kind for Gemini {
         Some(VerifyCall {
             path: "/v1beta/models",
             query: None,
+        })
+    }
+
+    fn openai_compat(&self, _provider: &str, ep: CompatEndpoint) -> Option<&'static str> {
+        Some(match ep {
+            CompatEndpoint::Chat => "/v1beta/openai/chat/completions",
+            CompatEndpoint::Embeddings => "/v1beta/openai/embeddings",
         })
     }
 

@@ -61,6 +61,31 @@ pub const BUILTINS: &[(&str, &str, &str)] = &[
 /// apps' SDKs speak.
 pub const DEFAULT_PROVIDER: &str = "openai";
 
+/// The OpenAI-compatible endpoints a `/v1` request can be routed to by its `model`
+/// (`provider/model` or a `models:` alias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompatEndpoint {
+    Chat,
+    Embeddings,
+}
+
+impl CompatEndpoint {
+    /// The endpoint a `/v1` request path is, if it is one that routes by model.
+    pub fn of_path(path: &str) -> Option<Self> {
+        match path {
+            "/v1/chat/completions" => Some(Self::Chat),
+            "/v1/embeddings" => Some(Self::Embeddings),
+            _ => None,
+        }
+    }
+}
+
+/// The usage dialect and error shape of a request routed by model: it speaks the OpenAI wire
+/// whichever provider answers it.
+pub fn openai_wire() -> (DialectRef, ErrorShape) {
+    (openai::OpenAi.usage(), openai::OpenAi.errors())
+}
+
 /// The kind registered as `name`.
 pub fn kind(name: &str) -> Option<&'static dyn Kind> {
     KINDS.iter().copied().find(|k| k.name() == name)
@@ -119,6 +144,16 @@ pub trait Kind: fmt::Debug + Send + Sync {
     /// by name) live at registration.
     fn verify_call(&self, _provider: &str) -> Option<VerifyCall> {
         None
+    }
+
+    /// The path, below the base URL, of `provider`'s OpenAI-compatible endpoint for `ep`
+    /// (a request routed by model goes there with only its `model` rewritten); `None`: it
+    /// has none.
+    fn openai_compat(&self, _provider: &str, ep: CompatEndpoint) -> Option<&'static str> {
+        Some(match ep {
+            CompatEndpoint::Chat => "/v1/chat/completions",
+            CompatEndpoint::Embeddings => "/v1/embeddings",
+        })
     }
 
     /// Headers the API requires, set on requests that lack them.
@@ -324,6 +359,11 @@ impl Provider {
 
     pub fn dialect(&self) -> DialectRef {
         self.kind.usage()
+    }
+
+    /// See [`Kind::openai_compat`].
+    pub fn openai_compat(&self, ep: CompatEndpoint) -> Option<&'static str> {
+        self.kind.openai_compat(&self.name, ep)
     }
 
     /// The upstream URI for a request path (already stripped of the `/{provider}` prefix).

@@ -9,7 +9,7 @@ use memchr::memmem;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Authenticator, ErrorShape, HeaderAuth, Kind, VerifyCall};
+use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall};
 use crate::usage::bytes::{member_is, usage_in_tail, usage_value_at, value_after_key};
 use crate::usage::{Dialect, DialectRef, StreamState, Usage, model_and_usage, seconds_to_ms};
 
@@ -45,6 +45,16 @@ impl Kind for OpenAi {
             path: "/v1/models",
             query: None,
         })
+    }
+
+    fn openai_compat(&self, provider: &str, ep: CompatEndpoint) -> Option<&'static str> {
+        match (provider, ep) {
+            // Perplexity serves chat at the root and has no embeddings.
+            ("perplexity", CompatEndpoint::Chat) => Some("/chat/completions"),
+            ("perplexity", CompatEndpoint::Embeddings) => None,
+            (_, CompatEndpoint::Chat) => Some("/v1/chat/completions"),
+            (_, CompatEndpoint::Embeddings) => Some("/v1/embeddings"),
+        }
     }
 
     fn usage(&self) -> DialectRef {

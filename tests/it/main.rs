@@ -19,6 +19,7 @@ mod metering;
 mod policy;
 mod prometheus;
 mod proxy;
+mod route_by_model;
 mod sdk;
 mod soak;
 mod store_postgres;

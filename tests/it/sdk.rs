@@ -72,6 +72,13 @@ async fn official_python_sdks_through_the_binary() {
             CANARY_ANTHROPIC.to_string(),
             2,
         ),
+        // The OpenAI SDK reaching Anthropic by model name (`anthropic/...`).
+        (
+            "openai_sdk_by_model.py",
+            "x-api-key",
+            CANARY_ANTHROPIC.to_string(),
+            2,
+        ),
     ] {
         let before = up.seen().len();
         let out = tokio::task::spawn_blocking({
