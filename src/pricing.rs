@@ -110,7 +110,27 @@ fn scaled(usd: f64, scale: f64, what: &str) -> Result<u64, String> {
     Ok((usd * scale).round() as u64)
 }
 
+/// When the compiled-in prices (`config/pricing.yaml`) were taken from the providers' pages.
+pub const BUILTIN_TAKEN: &str = "2026-11-25";
+
+static BUILTIN: std::sync::LazyLock<Pricing> = std::sync::LazyLock::new(|| {
+    // A unit test parses the same text, so a bad edit fails the build's tests, not a start.
+    Pricing::from_yaml(include_str!("../config/pricing.yaml")).unwrap_or_default()
+});
+
 impl Pricing {
+    /// The compiled-in price table: `config/pricing.yaml` as of [`BUILTIN_TAKEN`].
+    pub fn builtin() -> Self {
+        BUILTIN.clone()
+    }
+
+    /// The compiled-in table with `path`'s entries replacing or adding to it.
+    pub fn builtin_with(path: &Path) -> Result<Self, PricingError> {
+        let mut p = Self::builtin();
+        p.merge(Self::load(path)?);
+        Ok(p)
+    }
+
     pub fn load(path: &Path) -> Result<Self, PricingError> {
         let text = std::fs::read_to_string(path).map_err(|source| PricingError::Read {
             path: path.display().to_string(),
@@ -244,8 +264,9 @@ mod tests {
 
     #[test]
     fn shipped_table_loads_and_azure_shares_openai_prices() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pricing.yaml");
-        let p = Pricing::load(&path).unwrap();
+        // The compiled-in table is this text: it must parse (BUILTIN falls back to empty).
+        Pricing::from_yaml(include_str!("../config/pricing.yaml")).unwrap();
+        let p = Pricing::builtin();
         assert_eq!(
             p.price("azure", "gpt-4o-2024-11-20"),
             p.price("openai", "gpt-4o")
@@ -253,6 +274,31 @@ mod tests {
         assert!(p.price("anthropic", "claude-sonnet-4-20250514").is_some());
         assert!(p.price("gemini", "gemini-2.5-flash").is_some());
         assert!(p.price("deepseek", "deepseek-chat").is_some());
+    }
+
+    #[test]
+    fn a_pricing_file_overrides_and_extends_the_compiled_in_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prices.yaml");
+        std::fs::write(
+            &path,
+            "openai:\n  gpt-4o-mini: { input: 1, output: 2 }\nacme-llm:\n  house-1: { input: 3, output: 4 }\n",
+        )
+        .unwrap();
+        let p = Pricing::builtin_with(&path).unwrap();
+        let mini = p.price("openai", "gpt-4o-mini").unwrap();
+        assert_eq!((mini.input, mini.output), (1_000, 2_000), "overridden");
+        assert_eq!(
+            p.price("acme-llm", "house-1").unwrap().output,
+            4_000,
+            "added"
+        );
+        assert_eq!(
+            p.price("openai", "gpt-4o"),
+            Pricing::builtin().price("openai", "gpt-4o"),
+            "the rest stays compiled in"
+        );
+        assert!(BUILTIN_TAKEN.len() == 10 && BUILTIN_TAKEN.starts_with("20"));
     }
 
     #[test]

@@ -345,6 +345,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     tracing::info!(
         listen = %data_addr, admin = %admin_addr,
         keys = key_count, providers = cfg.providers.len(),
+        prices_taken = crate::pricing::BUILTIN_TAKEN,
         "byokd serving"
     );
     Ok(Running {

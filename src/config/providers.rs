@@ -96,17 +96,16 @@ fn provider(
     Ok(p)
 }
 
-/// Loads the `pricing` file (resolved against the config's folder); none configured is an
-/// empty table.
+/// The compiled-in prices, with the `pricing` file's (resolved against the config's folder)
+/// replacing or adding to them model by model.
 pub(super) fn pricing(
     ctx: &Ctx,
     file: Option<&Path>,
 ) -> Result<crate::pricing::Pricing, ConfigError> {
     match file.map(|p| ctx.resolve(p)) {
-        None => Ok(crate::pricing::Pricing::default()),
-        Some(p) => {
-            crate::pricing::Pricing::load(&p).map_err(|e| ctx.invalid("pricing", e.to_string()))
-        }
+        None => Ok(crate::pricing::Pricing::builtin()),
+        Some(p) => crate::pricing::Pricing::builtin_with(&p)
+            .map_err(|e| ctx.invalid("pricing", e.to_string())),
     }
 }
 

@@ -154,6 +154,16 @@ async fn a_provider_prefix_or_an_alias_reaches_that_provider_through_v1() {
             .unwrap_or(0.0);
         assert_eq!(got, input, "{provider}: {m}");
     }
+    // No `pricing:` in this config: the compiled-in prices cost the default provider's calls
+    // (gpt-4o-mini: 11 input tokens at $0.15 and 7 output at $0.60 per million).
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_cost_usd_total",
+            &["provider=\"openai\"", "model=\"gpt-4o-mini\""]
+        ),
+        Some((11.0 * 0.15 + 7.0 * 0.60) / 1e6)
+    );
 }
 
 #[tokio::test]
