@@ -145,6 +145,7 @@ fn bench(c: &mut Criterion) {
                 &keyring.snapshot(),
                 black_box(&by_header.headers),
                 &peer,
+                false,
             )
             .unwrap()
         })
@@ -157,6 +158,7 @@ fn bench(c: &mut Criterion) {
                 &keyring.snapshot(),
                 black_box(&by_token.headers),
                 &peer,
+                false,
             )
             .unwrap()
         })
@@ -229,6 +231,7 @@ fn bench(c: &mut Criterion) {
                     &keyring.snapshot(),
                     &p.headers,
                     &peer,
+                    false,
                 )
                 .unwrap();
                 let policy = cfg.policy(&tenant);

@@ -35,12 +35,15 @@ const TOKEN_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];
 /// Tenants named in the config's `tenants:` section (they exist without a key or token).
 pub type Configured = HashMap<Arc<str>, TenantPolicy>;
 
+/// `open`: a tenant a trusted header or verified certificate names exists even if neither the
+/// store nor the config knows it (`tenants_from_identity: open`).
 pub fn identify(
     sources: &[IdentitySource],
     configured: &Configured,
     snap: &Snapshot,
     headers: &HeaderMap,
     peer: &Peer,
+    open: bool,
 ) -> Result<Arc<str>, IdentifyError> {
     let mut found: Option<Arc<str>> = None;
     for src in sources {
@@ -54,13 +57,13 @@ pub fn identify(
                 // From a peer it does not trust, the header is not evidence of anything: it is
                 // ignored (and stripped before forwarding), never an error that probes it.
                 if trusted {
-                    from_header(configured, snap, headers, name)?
+                    from_header(configured, snap, headers, name, open)?
                 } else {
                     None
                 }
             }
             IdentitySource::Bearer => from_token(snap, headers)?,
-            IdentitySource::Mtls(how) => from_cert(configured, snap, peer, how)?,
+            IdentitySource::Mtls(how) => from_cert(configured, snap, peer, how, open)?,
             IdentitySource::Passthrough { .. } => None,
         };
         match (&found, t) {
@@ -77,6 +80,7 @@ fn from_header(
     snap: &Snapshot,
     headers: &HeaderMap,
     name: &http::HeaderName,
+    open: bool,
 ) -> Result<Option<Arc<str>>, IdentifyError> {
     let mut values = headers.get_all(name).iter();
     let Some(v) = values.next() else {
@@ -93,9 +97,7 @@ fn from_header(
     if reserved_tenant_id(t) {
         return Err(IdentifyError::UnknownTenant);
     }
-    canonical(configured, snap, t)
-        .map(Some)
-        .ok_or(IdentifyError::UnknownTenant)
+    known_or_open(configured, snap, t, open)
 }
 
 /// The tenant a verified client certificate names: a URI SAN under the configured prefix
@@ -105,6 +107,7 @@ fn from_cert(
     snap: &Snapshot,
     peer: &Peer,
     how: &CertTenant,
+    open: bool,
 ) -> Result<Option<Arc<str>>, IdentifyError> {
     let Some(cert) = &peer.client_cert else {
         return Ok(None);
@@ -133,9 +136,7 @@ fn from_cert(
     if reserved_tenant_id(t) {
         return Err(IdentifyError::UnknownTenant);
     }
-    canonical(configured, snap, t)
-        .map(Some)
-        .ok_or(IdentifyError::UnknownTenant)
+    known_or_open(configured, snap, t, open)
 }
 
 /// The end user's own key for this one request (`passthrough`): the provider it is for and
@@ -157,6 +158,20 @@ pub fn user_key<'h>(
 }
 
 /// The shared `Arc<str>` for a tenant name, so later steps never allocate it.
+/// The tenant `t` names: a known one, or, with open tenants, `t` itself.
+fn known_or_open(
+    configured: &Configured,
+    snap: &Snapshot,
+    t: &str,
+    open: bool,
+) -> Result<Option<Arc<str>>, IdentifyError> {
+    match canonical(configured, snap, t) {
+        Some(k) => Ok(Some(k)),
+        None if open => Ok(Some(Arc::from(t))),
+        None => Err(IdentifyError::UnknownTenant),
+    }
+}
+
 pub fn canonical(configured: &Configured, snap: &Snapshot, t: &str) -> Option<Arc<str>> {
     snap.tenants
         .get_key_value(t)

@@ -187,7 +187,14 @@ impl Proxy {
 
         // identify
         let snapshot = self.keyring.snapshot();
-        let tenant = identify(&cfg.identity, &cfg.tenants, &snapshot, &parts.headers, peer)?;
+        let tenant = identify(
+            &cfg.identity,
+            &cfg.tenants,
+            &snapshot,
+            &parts.headers,
+            peer,
+            cfg.open_tenants,
+        )?;
         drop(snapshot);
         ctx.tenant = Some(tenant.clone());
         let policy = cfg.policy(&tenant);

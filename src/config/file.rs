@@ -37,6 +37,9 @@ pub(crate) struct FileConfig {
     pub(crate) limits: LimitsFile,
     #[serde(default)]
     pub(crate) metrics: MetricsFile,
+    /// `registered` (default) or `open`: whether a tenant named by a trusted source must
+    /// have a key or token in the store (or a config entry) to exist.
+    pub(crate) tenants_from_identity: Option<String>,
     /// Model aliases for `/v1`: alias => `provider/model`.
     #[serde(default)]
     pub(crate) models: BTreeMap<String, String>,

@@ -99,6 +99,9 @@ pub struct Config {
     /// Prices loaded from the `pricing` file (empty when none is configured).
     pub pricing: crate::pricing::Pricing,
     pub metric_caps: crate::metrics::LabelCaps,
+    /// `tenants_from_identity: open`: a tenant named by a trusted header or a verified
+    /// certificate exists with the `defaults` policy even with nothing in the store.
+    pub open_tenants: bool,
     /// `models:` aliases a `/v1` request's `model` may name.
     pub models: HashMap<Box<str>, crate::route::ModelRoute>,
 }
@@ -182,6 +185,16 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     let admin_token_sha256 = limits::admin_token(&ctx, &file.admin)?;
     let pricing = providers::pricing(&ctx, file.pricing.as_deref())?;
     let models = providers::models(&ctx, &file.models, &providers)?;
+    let open_tenants = match file.tenants_from_identity.as_deref() {
+        None | Some("registered") => false,
+        Some("open") => true,
+        Some(other) => {
+            return Err(ctx.invalid(
+                "tenants_from_identity",
+                format!("`{other}` is not `registered` or `open`"),
+            ));
+        }
+    };
     let limits = limits::limits(&ctx, &file.limits)?;
     Ok(Config {
         path: path.to_path_buf(),
@@ -203,6 +216,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         pricing,
         metric_caps: limits::metric_caps(&file.metrics),
         models,
+        open_tenants,
     })
 }
 

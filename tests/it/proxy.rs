@@ -990,6 +990,53 @@ async fn revocation_and_new_keys_apply_live() {
 }
 
 #[tokio::test]
+async fn open_tenants_exist_on_the_platform_key_only_when_configured() {
+    for open in [false, true] {
+        let extra = format!(
+            "{}defaults:\n  default_provider: openai\n  allowed_providers: [openai]\n  fallback: [platform]\n",
+            if open {
+                "tenants_from_identity: open\n"
+            } else {
+                ""
+            }
+        );
+        let up = fake_upstream().await;
+        let yaml = config_yaml(&up.url(), "").replace(
+            "defaults:\n  default_provider: openai\n  allowed_providers: [openai, anthropic, gemini, azure, mistral, ollama]\n",
+            &extra,
+        );
+        let env = Env::new(&yaml);
+        env.add_key("_platform", "openai", "sk-platform-0123456789abcdef")
+            .await;
+        let byokd = byokd::server::start(env.config()).await.unwrap();
+        let post = |tenant: &'static str| {
+            request(
+                "POST",
+                &format!("http://{}/v1/chat/completions", byokd.data_addr),
+                &[("x-tenant-id", tenant)],
+                CHAT,
+            )
+        };
+        let got = send(&client(), post("newco")).await;
+        if open {
+            assert_eq!(got.status, 200, "{}", got.text());
+            assert_eq!(
+                up.last().headers["authorization"],
+                "Bearer sk-platform-0123456789abcdef"
+            );
+        } else {
+            assert_eq!((got.status.as_u16(), got.code()), (401, "unknown_tenant"));
+            assert!(up.seen().is_empty());
+        }
+        // Open or not, the reserved platform tenant and malformed ids are never tenants.
+        for bad in ["_platform", "bad id"] {
+            let got = send(&client(), post(bad)).await;
+            assert_eq!(got.status, 401, "{bad}: {}", got.text());
+        }
+    }
+}
+
+#[tokio::test]
 async fn platform_fallback_uses_the_platform_key() {
     let h = Harness::new(&format!(
         "pricing: {}/config/pricing.yaml\ntenants:\n  small: {{ fallback: [platform] }}\n  strict: {{ fallback: [] }}\n",
