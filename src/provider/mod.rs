@@ -20,17 +20,19 @@ use crate::vocab::AuthValue;
 
 mod anthropic;
 mod azure;
+mod cohere;
 mod gemini;
 mod ollama;
 mod openai;
 
 /// Every kind, by its `kind` config value.
-pub static KINDS: [&dyn Kind; 5] = [
+pub static KINDS: [&dyn Kind; 6] = [
     &openai::OpenAi,
     &anthropic::Anthropic,
     &gemini::Gemini,
     &azure::Azure,
     &ollama::Ollama,
+    &cohere::Cohere,
 ];
 
 /// Providers that exist without config: name, kind, base URL. An OpenAI-compatible host is
@@ -54,6 +56,7 @@ pub const BUILTINS: &[(&str, &str, &str)] = &[
     ("fireworks", "openai", "https://api.fireworks.ai/inference"),
     ("cerebras", "openai", "https://api.cerebras.ai"),
     ("perplexity", "openai", "https://api.perplexity.ai"),
+    ("cohere", "cohere", "https://api.cohere.com"),
     ("ollama", "ollama", "http://127.0.0.1:11434"),
 ];
 

@@ -155,7 +155,7 @@ pub enum Capability {
 impl Capability {
     /// Classifies an upstream path (without query).
     pub fn of_path(path: &str) -> Self {
-        const TOKENS: [&str; 9] = [
+        const TOKENS: [&str; 11] = [
             "/chat/completions",
             "/completions",
             "/responses",
@@ -165,6 +165,9 @@ impl Capability {
             ":streamGenerateContent",
             "/api/chat",
             "/api/generate",
+            // Cohere v2.
+            "/v2/chat",
+            "/v2/embed",
         ];
         if TOKENS.iter().any(|s| path.ends_with(s)) || path.ends_with("/api/embed") {
             Self::Tokens

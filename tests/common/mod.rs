@@ -332,6 +332,13 @@ async fn fake_respond(
         } else {
             full(200, "application/json", openai_json(&model))
         }
+    } else if path.ends_with("/v2/chat") {
+        // Cohere v2: billed units beside the (larger) tokens; the answer names no model.
+        full(
+            200,
+            "application/json",
+            r#"{"id":"c1","finish_reason":"COMPLETE","message":{"role":"assistant","content":[{"type":"text","text":"hi"}]},"usage":{"billed_units":{"input_tokens":5,"output_tokens":12},"tokens":{"input_tokens":71,"output_tokens":12}}}"#,
+        )
     } else if path.ends_with("/v1/messages") {
         if streaming {
             sse(state, styled(anthropic_events(n)), pace)

@@ -990,6 +990,57 @@ async fn revocation_and_new_keys_apply_live() {
 }
 
 #[tokio::test]
+async fn cohere_v2_chat_is_metered_from_billed_units_with_the_requests_model() {
+    let up = fake_upstream().await;
+    let env = Env::new(
+        &config_yaml(&up.url(), "")
+            .replace(
+                "providers:\n",
+                &format!("providers:\n  cohere: {{ base_url: \"{}\" }}\n", up.url()),
+            )
+            .replace(
+                "allowed_providers: [openai,",
+                "allowed_providers: [cohere, openai,",
+            ),
+    );
+    env.add_key("acme", "cohere", "cohere-canary-0123456789abcdef")
+        .await;
+    let byokd = byokd::server::start(env.config()).await.unwrap();
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!("http://{}/cohere/v2/chat", byokd.data_addr),
+            &[
+                ("x-tenant-id", "acme"),
+                ("authorization", "Bearer app-side"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model":"command-a-03-2025","messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let s = up.last();
+    assert_eq!(s.path, "/v2/chat");
+    assert_eq!(
+        s.headers["authorization"],
+        "Bearer cohere-canary-0123456789abcdef"
+    );
+    let m = metrics_after(byokd.admin_addr, 1).await;
+    let labels = ["provider=\"cohere\"", "model=\"command-a-03-2025\""];
+    let tokens = |ty: &str| {
+        let t = format!("type=\"{ty}\"");
+        sample(&m, "byokd_tokens_total", &[labels[0], labels[1], &t])
+    };
+    assert_eq!(
+        (tokens("input"), tokens("output")),
+        (Some(5.0), Some(12.0)),
+        "{m}"
+    );
+}
+
+#[tokio::test]
 async fn open_tenants_exist_on_the_platform_key_only_when_configured() {
     for open in [false, true] {
         let extra = format!(
