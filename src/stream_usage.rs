@@ -312,16 +312,20 @@ pub async fn read_bounded(
 }
 
 /// Text-to-speech: the number of characters (Unicode scalar values, as providers count them)
-/// of the request's `input`, the one field of a speech request worth reading.
+/// of the request's text (`input`, or ElevenLabs' `text`), the one field of a speech request
+/// worth reading.
 pub fn speech_characters(body: &[u8]) -> u64 {
+    /// OpenAI names the text `input`, ElevenLabs `text`.
     #[derive(Deserialize)]
     struct Speech<'a> {
         #[serde(borrow)]
         input: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        text: Option<std::borrow::Cow<'a, str>>,
     }
     serde_json::from_slice::<Speech>(body)
         .ok()
-        .and_then(|s| s.input)
+        .and_then(|s| s.input.or(s.text))
         .map_or(0, |i| i.chars().count() as u64)
 }
 

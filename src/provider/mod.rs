@@ -21,18 +21,20 @@ use crate::vocab::AuthValue;
 mod anthropic;
 mod azure;
 mod cohere;
+mod elevenlabs;
 mod gemini;
 mod ollama;
 mod openai;
 
 /// Every kind, by its `kind` config value.
-pub static KINDS: [&dyn Kind; 6] = [
+pub static KINDS: [&dyn Kind; 7] = [
     &openai::OpenAi,
     &anthropic::Anthropic,
     &gemini::Gemini,
     &azure::Azure,
     &ollama::Ollama,
     &cohere::Cohere,
+    &elevenlabs::ElevenLabs,
 ];
 
 /// Providers that exist without config: name, kind, base URL. An OpenAI-compatible host is
@@ -57,6 +59,7 @@ pub const BUILTINS: &[(&str, &str, &str)] = &[
     ("cerebras", "openai", "https://api.cerebras.ai"),
     ("perplexity", "openai", "https://api.perplexity.ai"),
     ("cohere", "cohere", "https://api.cohere.com"),
+    ("elevenlabs", "elevenlabs", "https://api.elevenlabs.io"),
     ("ollama", "ollama", "http://127.0.0.1:11434"),
 ];
 
@@ -465,6 +468,7 @@ mod tests {
             ("xai", "xai-0123456789abcdef", "sk-0123456789abcdef"),
             ("perplexity", "pplx-0123456789abcdef", "sk-0123456789abcdef"),
             ("cerebras", "csk-0123456789abcdef", "sk-0123456789abcdef"),
+            ("elevenlabs", "sk_0123456789abcdef", "xi-0123456789abcdef"),
         ] {
             let p = by_name(name);
             assert!(p.check_key_format(good).is_ok(), "{name}");

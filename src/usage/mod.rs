@@ -176,7 +176,7 @@ impl Capability {
             || path.ends_with("/images/variations")
         {
             Self::Images
-        } else if path.ends_with("/audio/speech") {
+        } else if path.ends_with("/audio/speech") || path.contains("/text-to-speech/") {
             Self::Speech
         } else if path.ends_with("/audio/transcriptions") || path.ends_with("/audio/translations") {
             Self::Transcription

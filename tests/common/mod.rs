@@ -332,6 +332,13 @@ async fn fake_respond(
         } else {
             full(200, "application/json", openai_json(&model))
         }
+    } else if path.contains("/text-to-speech/") {
+        // ElevenLabs: the answer is audio, with nothing to meter in it.
+        full(
+            200,
+            "audio/mpeg",
+            Bytes::from_static(b"ID3\x04\x00fake-mp3-frames"),
+        )
     } else if path.ends_with("/v2/chat") {
         // Cohere v2: billed units beside the (larger) tokens; the answer names no model.
         full(

@@ -1041,6 +1041,60 @@ async fn cohere_v2_chat_is_metered_from_billed_units_with_the_requests_model() {
 }
 
 #[tokio::test]
+async fn elevenlabs_speech_is_metered_in_characters_of_its_text() {
+    let up = fake_upstream().await;
+    let env = Env::new(
+        &config_yaml(&up.url(), "")
+            .replace(
+                "providers:\n",
+                &format!(
+                    "providers:\n  elevenlabs: {{ base_url: \"{}\" }}\n",
+                    up.url()
+                ),
+            )
+            .replace(
+                "allowed_providers: [openai,",
+                "allowed_providers: [elevenlabs, openai,",
+            ),
+    );
+    env.add_key("acme", "elevenlabs", "sk_canary0123456789abcdef")
+        .await;
+    let byokd = byokd::server::start(env.config()).await.unwrap();
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!(
+                "http://{}/elevenlabs/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb/stream",
+                byokd.data_addr
+            ),
+            &[
+                ("x-tenant-id", "acme"),
+                ("xi-api-key", "app-side-placeholder"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"text":"Hello world ☃","model_id":"eleven_multilingual_v2"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(got.body.starts_with(b"ID3"), "the audio passes through");
+    let s = up.last();
+    assert_eq!(s.path, "/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb/stream");
+    assert_eq!(s.headers["xi-api-key"], "sk_canary0123456789abcdef");
+    let m = metrics_after(byokd.admin_addr, 1).await;
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_usage_units_total",
+            &["provider=\"elevenlabs\"", "unit=\"character\""]
+        ),
+        Some(13.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
 async fn open_tenants_exist_on_the_platform_key_only_when_configured() {
     for open in [false, true] {
         let extra = format!(
