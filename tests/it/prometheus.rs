@@ -204,3 +204,44 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
     .await;
     assert_eq!(rejected, Some(1.0));
 }
+
+/// The shipped Prometheus kit: `promtool` accepts the scrape config and the alert rules, the
+/// rules' unit tests pass (each alert fires on what should fire it and not on the rest), and
+/// every byokd metric a rule reads is one byokd exports.
+#[test]
+fn shipped_alert_rules_and_scrape_config_pass_promtool() {
+    need("promtool");
+    let dir = format!("{}/deploy/prometheus", env!("CARGO_MANIFEST_DIR"));
+    for args in [
+        &["check", "config", "prometheus.yml"][..],
+        &["check", "rules", "byokd.rules.yml"],
+        &["test", "rules", "byokd.rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = std::fs::read_to_string(format!("{dir}/byokd.rules.yml")).unwrap();
+    let src = ["src/metrics/mod.rs", "src/metrics/family.rs"]
+        .map(|f| std::fs::read_to_string(format!("{}/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap())
+        .concat();
+    let names: std::collections::BTreeSet<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("byokd_"))
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for n in names {
+        assert!(
+            src.contains(&format!("\"{n}\"")),
+            "the rules read `{n}`, which byokd does not export"
+        );
+    }
+}
