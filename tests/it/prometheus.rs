@@ -61,12 +61,29 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
     need("promtool");
     need("prometheus");
     let up = fake_upstream().await;
-    let pricing = format!(
-        "pricing: {}/config/pricing.yaml\n",
+    // acme has a budget (for the dashboard's budget panel), and a provider nobody listens for
+    // gives an upstream error (for its upstream-errors panel).
+    let extra = format!(
+        "pricing: {}/config/pricing.yaml\ntenants:\n  acme: {{ budget: {{ monthly_usd: 100 }} }}\n",
         env!("CARGO_MANIFEST_DIR")
     );
-    let env = Env::new(&config_yaml(&up.url(), &pricing));
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = config_yaml(&up.url(), &extra)
+        .replace(
+            "providers:\n",
+            &format!("providers:\n  dead: {{ kind: openai, base_url: \"http://{dead}\" }}\n"),
+        )
+        .replace(
+            "allowed_providers: [openai,",
+            "allowed_providers: [dead, openai,",
+        );
+    let env = Env::new(&yaml);
     env.add_key("acme", "openai", CANARY_OPENAI).await;
+    env.add_key("acme", "dead", "sk-dead-0123456789abcdef")
+        .await;
     let b = byokd::server::start(env.config()).await.unwrap();
     let c = client();
     for _ in 0..3 {
@@ -116,6 +133,17 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
         ),
     )
     .await;
+    let got = send(
+        &c,
+        request(
+            "POST",
+            &format!("http://{}/dead/v1/chat/completions", b.data_addr),
+            &[("x-tenant-id", "acme")],
+            CHAT_STREAM,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 502, "{}", got.text());
     // promtool lints the exposition format and naming.
     let text = metrics_after(b.admin_addr, up.seen().len()).await;
     let mut lint = Command::new("promtool")
@@ -203,6 +231,55 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
     )
     .await;
     assert_eq!(rejected, Some(1.0));
+
+    // Every query of the shipped Grafana dashboard returns data from this Prometheus, with the
+    // dashboard's variables as Grafana fills them (all tenants; a rate window of a minute).
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/deploy/grafana/byokd.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let q = expr
+                .replace("$tenant", ".*")
+                .replace("$__rate_interval", "1m");
+            let t = Instant::now();
+            loop {
+                match query_len(&prom, &q).await {
+                    Some(n) if n > 0 => break,
+                    got => assert!(
+                        t.elapsed() < Duration::from_secs(30),
+                        "dashboard panel {:?}: `{q}` returned {got:?}",
+                        panel["title"]
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// How many series an instant query returns (`None`: no answer, or an error).
+async fn query_len(prom: &str, q: &str) -> Option<usize> {
+    use http_body_util::BodyExt;
+    let url = format!("http://{prom}/api/v1/query?query={}", urlencode(q));
+    let resp = tokio::time::timeout(
+        Duration::from_secs(2),
+        client().request(request("GET", &url, &[], "")),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    (v["status"] == "success").then(|| v["data"]["result"].as_array().map_or(0, Vec::len))
 }
 
 /// The shipped Prometheus kit: `promtool` accepts the scrape config and the alert rules, the
