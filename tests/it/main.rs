@@ -8,6 +8,7 @@ mod common;
 
 mod admin_api;
 mod cli;
+mod deploy;
 mod drain;
 mod failover;
 mod faults;
