@@ -29,14 +29,10 @@ fn python_sdk(script: &str, base: &str) -> std::process::Output {
         .expect("python3 is required for the SDK tests")
 }
 
-#[tokio::test]
-async fn official_python_sdks_through_the_binary() {
-    let up = fake_upstream().await;
-    let env = Env::new(&config_yaml(&up.url(), ""));
-    env.add_key("acme", "openai", CANARY_OPENAI).await;
-    env.add_key("acme", "anthropic", CANARY_ANTHROPIC).await;
+/// The real binary serving `env`'s config on free ports: (child, data port, admin port).
+async fn serve_binary(env: &Env) -> (std::process::Child, u16, u16) {
     let (dp, ap) = (free_port(), free_port());
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("--config")
         .arg(&env.config_path)
         .args([
@@ -55,6 +51,16 @@ async fn official_python_sdks_through_the_binary() {
         assert!(t.elapsed() < Duration::from_secs(20), "byokd did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (child, dp, ap)
+}
+
+#[tokio::test]
+async fn official_python_sdks_through_the_binary() {
+    let up = fake_upstream().await;
+    let env = Env::new(&config_yaml(&up.url(), ""));
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    env.add_key("acme", "anthropic", CANARY_ANTHROPIC).await;
+    let (mut child, dp, ap) = serve_binary(&env).await;
     let base = format!("http://127.0.0.1:{dp}");
 
     // (script, auth header, injected value, provider calls the script makes: its byokd-error
@@ -129,6 +135,85 @@ async fn official_python_sdks_through_the_binary() {
         ),
         Some(42.0)
     );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Every client example in `examples/` runs against the real binary and the fake provider,
+/// once naming the tenant by header and once by platform token, and each provider got the
+/// tenant's key.
+#[tokio::test]
+async fn the_client_examples_run_by_header_and_by_platform_token() {
+    let up = fake_upstream().await;
+    let env = Env::new(&config_yaml(&up.url(), ""));
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    env.add_key("acme", "anthropic", CANARY_ANTHROPIC).await;
+    env.add_key("acme", "gemini", CANARY_GEMINI).await;
+    let token = env.new_token("acme").await;
+    let (mut child, dp, _) = serve_binary(&env).await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let examples: [(&str, &str, &str, &str); 6] = [
+        ("python3", "openai_quickstart.py", "authorization", "openai"),
+        (
+            "python3",
+            "anthropic_quickstart.py",
+            "x-api-key",
+            "anthropic",
+        ),
+        ("python3", "google_genai.py", "x-goog-api-key", "gemini"),
+        ("python3", "langchain_chat.py", "authorization", "openai"),
+        ("node", "openai_node.mjs", "authorization", "openai"),
+        ("bash", "curl.sh", "authorization", "openai"),
+    ];
+    for (runner, script, header, provider) in examples {
+        for by_token in [false, true] {
+            let before = up.seen().len();
+            let mut cmd = Command::new(runner);
+            cmd.arg(format!("{root}/examples/{script}"))
+                .env("BYOKD_URL", format!("http://127.0.0.1:{dp}"))
+                .env_remove("OPENAI_API_KEY")
+                .env_remove("ANTHROPIC_API_KEY")
+                .env_remove("GEMINI_API_KEY")
+                .env_remove("GOOGLE_API_KEY");
+            if by_token {
+                cmd.env("BYOKD_TOKEN", &token);
+            } else {
+                cmd.env("BYOKD_TENANT", "acme").env_remove("BYOKD_TOKEN");
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output())
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{runner} is required for {script}: {e}"));
+            assert!(
+                out.status.success(),
+                "{script} (by token: {by_token}) failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let seen = up.seen();
+            assert!(
+                seen.len() > before,
+                "{script}: nothing reached the provider"
+            );
+            let key = match provider {
+                "openai" => format!("Bearer {CANARY_OPENAI}"),
+                "anthropic" => CANARY_ANTHROPIC.to_string(),
+                _ => CANARY_GEMINI.to_string(),
+            };
+            // The script's first call goes to its provider with the tenant's key; the
+            // platform token and the SDK's placeholder never leave byokd.
+            assert_eq!(seen[before].headers[header], key.as_str(), "{script}");
+            for s in &seen[before..] {
+                let all = format!("{:?}", s.headers);
+                assert!(
+                    !all.contains(&token) && !all.contains("unused"),
+                    "{script}: {all}"
+                );
+            }
+        }
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
