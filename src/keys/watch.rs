@@ -46,7 +46,12 @@ pub fn watch(
                     | notify::EventKind::Modify(_)
                     | notify::EventKind::Remove(_)
             )
-            && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
+            && ev.paths.iter().any(|p| {
+                // A Kubernetes Secret volume replaces its files by swapping the `..data`
+                // symlink (through `..data_tmp`): the store's own name sees no event then.
+                let f = p.file_name();
+                f == name.as_deref() || f.is_some_and(|f| f.as_encoded_bytes().starts_with(b".."))
+            })
         {
             let _ = tx.send(());
         }
