@@ -31,7 +31,8 @@ impl Drop for Killed {
     }
 }
 
-async fn query(prom: &str, q: &str) -> Option<f64> {
+/// The JSON answer of an instant query (`None`: Prometheus did not answer yet).
+async fn api(prom: &str, q: &str) -> Option<serde_json::Value> {
     let url = format!("http://{prom}/api/v1/query?query={}", urlencode(q));
     use http_body_util::BodyExt;
     // Prometheus may not listen yet: a refused connection is "no answer yet", not a failure.
@@ -43,7 +44,11 @@ async fn query(prom: &str, q: &str) -> Option<f64> {
     .ok()?
     .ok()?;
     let body = resp.into_body().collect().await.ok()?.to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+async fn query(prom: &str, q: &str) -> Option<f64> {
+    let v = api(prom, q).await?;
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
@@ -268,17 +273,7 @@ async fn promtool_accepts_the_metrics_and_prometheus_answers_promql() {
 
 /// How many series an instant query returns (`None`: no answer, or an error).
 async fn query_len(prom: &str, q: &str) -> Option<usize> {
-    use http_body_util::BodyExt;
-    let url = format!("http://{prom}/api/v1/query?query={}", urlencode(q));
-    let resp = tokio::time::timeout(
-        Duration::from_secs(2),
-        client().request(request("GET", &url, &[], "")),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let v = api(prom, q).await?;
     (v["status"] == "success").then(|| v["data"]["result"].as_array().map_or(0, Vec::len))
 }
 

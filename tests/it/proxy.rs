@@ -989,23 +989,36 @@ async fn revocation_and_new_keys_apply_live() {
     assert!(sample(&m, "byokd_config_reloads_total", &["result=\"error\""]).unwrap() >= 1.0);
 }
 
-#[tokio::test]
-async fn cohere_v2_chat_is_metered_from_billed_units_with_the_requests_model() {
-    let up = fake_upstream().await;
+/// byokd with the built-in `provider` pointed at the fake, allowed for acme, with `key`; the
+/// `Env` holds the store and KEK for as long as the server runs.
+async fn with_builtin(
+    up: &FakeUpstream,
+    provider: &str,
+    key: &str,
+) -> (Env, byokd::server::Running) {
     let env = Env::new(
         &config_yaml(&up.url(), "")
             .replace(
                 "providers:\n",
-                &format!("providers:\n  cohere: {{ base_url: \"{}\" }}\n", up.url()),
+                &format!(
+                    "providers:\n  {provider}: {{ base_url: \"{}\" }}\n",
+                    up.url()
+                ),
             )
             .replace(
                 "allowed_providers: [openai,",
-                "allowed_providers: [cohere, openai,",
+                &format!("allowed_providers: [{provider}, openai,"),
             ),
     );
-    env.add_key("acme", "cohere", "cohere-canary-0123456789abcdef")
-        .await;
+    env.add_key("acme", provider, key).await;
     let byokd = byokd::server::start(env.config()).await.unwrap();
+    (env, byokd)
+}
+
+#[tokio::test]
+async fn cohere_v2_chat_is_metered_from_billed_units_with_the_requests_model() {
+    let up = fake_upstream().await;
+    let (_env, byokd) = with_builtin(&up, "cohere", "cohere-canary-0123456789abcdef").await;
     let got = send(
         &client(),
         request(
@@ -1043,23 +1056,7 @@ async fn cohere_v2_chat_is_metered_from_billed_units_with_the_requests_model() {
 #[tokio::test]
 async fn elevenlabs_speech_is_metered_in_characters_of_its_text() {
     let up = fake_upstream().await;
-    let env = Env::new(
-        &config_yaml(&up.url(), "")
-            .replace(
-                "providers:\n",
-                &format!(
-                    "providers:\n  elevenlabs: {{ base_url: \"{}\" }}\n",
-                    up.url()
-                ),
-            )
-            .replace(
-                "allowed_providers: [openai,",
-                "allowed_providers: [elevenlabs, openai,",
-            ),
-    );
-    env.add_key("acme", "elevenlabs", "sk_canary0123456789abcdef")
-        .await;
-    let byokd = byokd::server::start(env.config()).await.unwrap();
+    let (_env, byokd) = with_builtin(&up, "elevenlabs", "sk_canary0123456789abcdef").await;
     let got = send(
         &client(),
         request(
