@@ -29,16 +29,8 @@ THREADS=${THREADS:-1}
 command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null || {
   echo "needs nginx, haproxy and wrk: apt-get install -y nginx-light haproxy wrk" >&2; exit 2; }
 
-work=$(mktemp -d)
-pids=()
-# Wait for the servers to exit before removing their files: a byokd still flushing its ledger
-# would race the rm.
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work" 2>/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=benches/e2e/common.sh
+. benches/e2e/common.sh
 
 # BIN=path/to/other/byokd compares two builds on the same machine state.
 if [ -z "${BIN:-}" ]; then cargo build --release --quiet; BIN=target/release/byokd; fi
@@ -46,26 +38,8 @@ cargo build --release --quiet --example pace
 PACE=target/release/examples/pace
 UP=18080; NGX=18081; HAP=18086; BYOKD=18082; ADMIN=18083; BYOKD_LOGGED=18084; ADMIN_LOGGED=18085
 SSE=18087
-BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
 KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
 
-common_http="access_log off; keepalive_requests 1000000;
-  client_body_temp_path $work/body; proxy_temp_path $work/proxy;
-  fastcgi_temp_path $work/fcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;"
-# The upstream: its own nginx, one worker, so it is not counted in the proxies' CPU.
-cat > "$work/upstream.conf" <<NGX
-worker_processes 1;
-pid $work/upstream.pid;
-error_log $work/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-  $common_http
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }
-}
-NGX
 # The reference proxy: nginx tuned for plain header injection (auto workers, upstream
 # keepalive, no buffering, no access log).
 cat > "$work/proxy.conf" <<NGX
@@ -125,7 +99,7 @@ backend sse
   http-request del-header x-tenant-id
   server up 127.0.0.1:$SSE
 HAP
-nginx -c "$work/upstream.conf" -g 'daemon off;' & pids+=($!)
+start_upstream $UP
 $PACE upstream $SSE --events 20 --gap-ms 10 & pids+=($!)
 nginx -c "$work/proxy.conf" -g 'daemon off;' & pids+=($!)
 NGINX_PROXY_PID=$!

@@ -19,35 +19,13 @@ CONNECTIONS=${CONNECTIONS:-32}
 command -v nginx >/dev/null && command -v wrk >/dev/null || {
   echo "needs nginx and wrk: apt-get install -y nginx-light wrk" >&2; exit 2; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work" 2>/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=benches/e2e/common.sh
+. benches/e2e/common.sh
 
 if [ -z "${BIN:-}" ]; then cargo build --release --quiet; BIN=target/release/byokd; fi
 cargo build --release --quiet --example seed
 UP=18090; BYOKD=18092; ADMIN=18093
-BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
-cat > "$work/upstream.conf" <<NGX
-worker_processes 1;
-pid $work/upstream.pid;
-error_log $work/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path $work/body; proxy_temp_path $work/proxy;
-  fastcgi_temp_path $work/fcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }
-}
-NGX
-nginx -c "$work/upstream.conf" -g 'daemon off;' & pids+=($!)
+start_upstream $UP
 
 cat > "$work/byokd.yaml" <<YAML
 listen: 127.0.0.1:$BYOKD
