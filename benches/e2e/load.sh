@@ -40,6 +40,9 @@ UP=18080; NGX=18081; HAP=18086; BYOKD=18082; ADMIN=18083; BYOKD_LOGGED=18084; AD
 SSE=18087
 KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
 
+# What both nginx locations do: replace the app's auth with the key, keep upstream
+# connections alive, buffer nothing.
+inject='proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Authorization "Bearer '"$KEY"'"; proxy_set_header x-tenant-id ""; proxy_buffering off; proxy_request_buffering off;'
 # The reference proxy: nginx tuned for plain header injection (auto workers, upstream
 # keepalive, no buffering, no access log).
 cat > "$work/proxy.conf" <<NGX
@@ -55,21 +58,11 @@ http {
     listen 127.0.0.1:$NGX;
     location /sse/ {
       proxy_pass http://sse/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer $KEY";
-      proxy_set_header x-tenant-id "";
-      proxy_buffering off;
-      proxy_request_buffering off;
+      $inject
     }
     location / {
       proxy_pass http://provider;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer $KEY";
-      proxy_set_header x-tenant-id "";
-      proxy_buffering off;
-      proxy_request_buffering off;
+      $inject
     }
   }
 }

@@ -4,7 +4,7 @@
 //! every scrape rebuilt all of them as protobuf messages before encoding. Here a series is
 //! its rendered label set and one atomic.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -67,7 +67,7 @@ impl<const N: usize> Counters<N> {
     }
 
     /// Appends the family in the text exposition format, series sorted by label set.
-    pub(super) fn render(&self, out: &mut String) {
+    pub(super) fn render(&self, out: &mut Vec<u8>) {
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} counter", self.name);
         let mut rows: Vec<(Box<str>, u64)> = self
@@ -113,16 +113,18 @@ mod tests {
         f.inc_by(["z", "1"], 2);
         f.inc_by(["y", "q\"u\\o\nte"], 1);
         f.inc_by(["z", "1"], 3);
-        let mut out = String::new();
+        let mut out = Vec::new();
         f.render(&mut out);
+        let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out,
             "# HELP t_total Help.\n# TYPE t_total counter\nt_total{a=\"y\",b=\"q\\\"u\\\\o\\nte\"} 1\nt_total{a=\"z\",b=\"1\"} 5\n"
         );
         let cost = Counters::new("c_total", "Cost.", ["t"]).scaled(1_000_000_000);
         cost.inc_by(["x"], 114);
-        let mut out = String::new();
+        let mut out = Vec::new();
         cost.render(&mut out);
+        let out = String::from_utf8(out).unwrap();
         assert!(out.ends_with("c_total{t=\"x\"} 0.000000114\n"), "{out}");
     }
 

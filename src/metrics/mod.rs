@@ -305,12 +305,11 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        let mut text = String::from_utf8(out).unwrap_or_default();
-        self.requests.render(&mut text);
-        self.tokens.render(&mut text);
-        self.cost.render(&mut text);
-        self.decryptions.render(&mut text);
-        text.into_bytes()
+        self.requests.render(&mut out);
+        self.tokens.render(&mut out);
+        self.cost.render(&mut out);
+        self.decryptions.render(&mut out);
+        out
     }
 
     /// `own`: the key is the tenant's own (the store vouches for the tenant), not the platform's.
