@@ -82,7 +82,7 @@ pub async fn store(cfg: &Config) -> Result<Arc<dyn KeyStore>, KeyError> {
 /// The store, and the PostgreSQL handle when that is what it is (it also keeps the ledger).
 async fn open_store(cfg: &Config) -> Result<(Arc<dyn KeyStore>, Option<Arc<Pg>>), KeyError> {
     match &cfg.store {
-        StoreConfig::File { path } => Ok((Arc::new(FileStore::new(path.clone())), None)),
+        StoreConfig::File { path, .. } => Ok((Arc::new(FileStore::new(path.clone())), None)),
         #[cfg(feature = "postgres")]
         StoreConfig::Postgres { url } => {
             let pg = Arc::new(Pg::open(&url.0).await?);
@@ -100,10 +100,10 @@ pub fn audit(cfg: &Config) -> Arc<Audit> {
     Arc::new(Audit::new(&cfg.audit.target, cfg.audit.on_error))
 }
 
-/// The usage ledger lives beside the file store; with PostgreSQL it lives in the database.
+/// The usage ledger's file with the file store; with PostgreSQL it lives in the database.
 pub fn ledger_path(cfg: &Config) -> Option<std::path::PathBuf> {
     match &cfg.store {
-        StoreConfig::File { path } => Some(path.with_file_name("usage.json")),
+        StoreConfig::File { ledger, .. } => Some(ledger.clone()),
         StoreConfig::Postgres { .. } => None,
     }
 }
@@ -214,7 +214,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         },
     ));
     let watch = match &cfg.store {
-        StoreConfig::File { path } => {
+        StoreConfig::File { path, .. } => {
             let fs = FileStore::new(path.clone());
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| KeyError::io(dir, e))?;

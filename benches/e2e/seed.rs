@@ -45,7 +45,7 @@ fn main() {
         .parse()
         .unwrap_or_else(|e| fail(format!("TENANTS: {e}")));
     let cfg = Config::load(std::path::Path::new(config)).unwrap_or_else(|e| fail(e.to_string()));
-    let StoreConfig::File { path } = &cfg.store else {
+    let StoreConfig::File { path, .. } = &cfg.store else {
         fail("the seed writes a file store only".into())
     };
     let p = cfg

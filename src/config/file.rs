@@ -133,6 +133,7 @@ pub(crate) struct StoreFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileStoreFile {
     pub(crate) path: PathBuf,
+    pub(crate) ledger: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

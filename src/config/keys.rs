@@ -74,6 +74,7 @@ pub(super) fn store(ctx: &Ctx, file: Option<StoreFile>) -> Result<StoreConfig, C
     Ok(match file {
         None => StoreConfig::File {
             path: ctx.resolve(Path::new(".byokd/keys.json")),
+            ledger: ctx.resolve(Path::new(".byokd/usage.json")),
         },
         Some(StoreFile {
             postgres: Some(pg),
@@ -101,9 +102,20 @@ pub(super) fn store(ctx: &Ctx, file: Option<StoreFile>) -> Result<StoreConfig, C
         Some(StoreFile {
             file: Some(f),
             postgres: None,
-        }) => StoreConfig::File {
-            path: ctx.resolve(&f.path),
-        },
+        }) => {
+            let path = ctx.resolve(&f.path);
+            let ledger = match &f.ledger {
+                Some(l) => ctx.resolve(l),
+                None => path.with_file_name("usage.json"),
+            };
+            if ledger == path {
+                return Err(ctx.invalid(
+                    "store.file.ledger",
+                    "the ledger needs a file of its own, not the key store's".into(),
+                ));
+            }
+            StoreConfig::File { path, ledger }
+        }
         Some(StoreFile {
             file: None,
             postgres: None,

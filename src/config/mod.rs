@@ -232,6 +232,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_ledger_sits_beside_the_file_store_unless_moved() {
+        let at = |y: &str| match parse(y).map(|c| c.store) {
+            Ok(StoreConfig::File { path, ledger }) => Ok((path, ledger)),
+            Ok(_) => panic!("not a file store"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            at("store: { file: { path: keys/keys.json } }\n").unwrap(),
+            (
+                PathBuf::from("/etc/byokd/keys/keys.json"),
+                PathBuf::from("/etc/byokd/keys/usage.json")
+            )
+        );
+        let (_, ledger) =
+            at("store: { file: { path: /secret/keys.json, ledger: /var/lib/byokd/usage.json } }\n")
+                .unwrap();
+        assert_eq!(ledger, PathBuf::from("/var/lib/byokd/usage.json"));
+        let e = at("store: { file: { path: k.json, ledger: k.json } }\n").unwrap_err();
+        assert!(e.contains("store.file.ledger"), "{e}");
+    }
+
+    #[test]
     fn minimal_file_gets_documented_defaults() {
         let c =
             parse("providers:\n  openai: { kind: openai, base_url: \"https://api.openai.com\" }\n")
@@ -240,7 +262,7 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9787");
         assert_eq!(c.limits.max_body_bytes, 32 * 1024 * 1024);
         assert!(
-            matches!(&c.store, StoreConfig::File { path } if path == Path::new("/etc/byokd/.byokd/keys.json"))
+            matches!(&c.store, StoreConfig::File { path, .. } if path == Path::new("/etc/byokd/.byokd/keys.json"))
         );
         let openai = c.provider_index("openai").unwrap();
         assert_eq!(c.defaults.default_provider, openai);

@@ -558,11 +558,12 @@ pub enum KmsConfig {
 pub enum StoreConfig {
     File {
         path: PathBuf,
+        /// The usage ledger's file: beside the store unless `store.file.ledger` moves it, as a
+        /// store mounted from a read-only Secret needs.
+        ledger: PathBuf,
     },
     /// The URL is kept out of `Debug`: it may carry a password.
-    Postgres {
-        url: crate::vocab::Redacted,
-    },
+    Postgres { url: crate::vocab::Redacted },
 }
 
 #[derive(Debug, Clone)]

@@ -88,7 +88,13 @@ async fn a_secret_volume_swap_reloads_the_key_store() {
     use common::*;
     let up = fake_upstream().await;
     let yaml = config_yaml(&up.url(), "");
-    let env = Env::new(&yaml.replace(".byokd/keys.json", "secret/keys.json"));
+    // As in deploy/k8s/overlays/local-kek: the store is a read-only Secret, so the ledger
+    // goes to a writable folder of its own.
+    let env = Env::new(&yaml.replace(
+        "path: .byokd/keys.json",
+        "path: secret/keys.json, ledger: state/usage.json",
+    ));
+    std::fs::create_dir_all(env.dir.path().join("state")).unwrap();
     // Keys are made in a staging store under the same KEK, then published into the volume.
     let staging = env.dir.path().join("staging.yaml");
     std::fs::write(
@@ -124,6 +130,10 @@ async fn a_secret_volume_swap_reloads_the_key_store() {
         up.last().headers["authorization"],
         "Bearer sk-beta-0123456789abcdef"
     );
+    byokd.shutdown().await;
+    let ledger = std::fs::read_to_string(env.dir.path().join("state/usage.json")).unwrap();
+    assert!(ledger.contains("\"beta\""), "{ledger}");
+    assert!(!secret.join("usage.json").exists() && !secret.join("..data/usage.json").exists());
 }
 
 /// The certificate served by the data listener, as curl describes it (its PEM included).
