@@ -15,6 +15,7 @@ mod faults;
 mod fuzz_seeds;
 mod hardening;
 mod identity_tls;
+mod k8s;
 mod kms_aws;
 mod metering;
 mod policy;
