@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 use byokd::config::{Config, DEFAULT_CONFIG_PATH, parse_duration};
 use byokd::keys::PlainKey;
 use byokd::keys::manage::{self, NewKey};
+use byokd::keys::transfer;
 
 #[derive(Parser)]
 #[command(
@@ -102,6 +103,19 @@ enum KeysCmd {
     /// Re-wrap every record's data key under the active KEK (after a master-key rotation),
     /// one record at a time; safe while `serve` runs.
     Rewrap,
+    /// Write every sealed record (ciphertext, wrapped data keys, token hashes; never a key in
+    /// the clear) to stdout as JSON lines: a backup, or the first half of a move.
+    Export,
+    /// Read an export from stdin into this config's store, in one write.
+    Import {
+        /// The config that sealed the records: each data key is unwrapped by its KMS or KEK
+        /// and wrapped by this config's. Without it, every record must already unwrap here.
+        #[arg(long)]
+        from_config: Option<std::path::PathBuf>,
+        /// Skip records the store already holds, instead of refusing the whole import.
+        #[arg(long)]
+        skip_existing: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -366,6 +380,55 @@ async fn keys(cfg: Config, cmd: KeysCmd) -> Result<()> {
                     r.failed
                 );
             }
+            Ok(())
+        }
+        KeysCmd::Export => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let (k, t) =
+                transfer::export(store, &audit, &mut out, byokd::vocab::unix_now()).await?;
+            eprintln!("exported {k} key versions and {t} tokens");
+            Ok(())
+        }
+        KeysCmd::Import {
+            from_config,
+            skip_existing,
+        } => {
+            let source = match from_config {
+                Some(path) => {
+                    let src = Config::load(&path)?;
+                    // A missing source KEK must fail here, not be created empty.
+                    if let byokd::config::KmsConfig::Local { keks, .. } = &src.kms {
+                        for (id, p) in keks {
+                            anyhow::ensure!(
+                                p.exists(),
+                                "the source config's KEK `{id}` ({}) does not exist",
+                                p.display()
+                            );
+                        }
+                    }
+                    Some(byokd::server::kms(&src)?)
+                }
+                None => None,
+            };
+            let kms = byokd::server::kms(&cfg)?;
+            let dup = if skip_existing {
+                transfer::Duplicates::Skip
+            } else {
+                transfer::Duplicates::Refuse
+            };
+            let r = transfer::import(
+                store,
+                kms.as_ref(),
+                source.as_deref(),
+                &audit,
+                &mut std::io::stdin().lock(),
+                dup,
+            )
+            .await?;
+            println!(
+                "imported {} key versions and {} tokens ({} re-wrapped, {} already there and skipped)",
+                r.keys, r.tokens, r.rewrapped, r.skipped
+            );
             Ok(())
         }
         KeysCmd::List { tenant, json } => {

@@ -207,6 +207,24 @@ impl Kms for AwsKms {
         })
     }
 
+    fn wrap<'a>(&'a self, dek: &'a DataKey, binding: Binding<'a>) -> KmsFuture<'a, WrappedKey> {
+        Box::pin(async move {
+            // The SDK takes the plaintext as an owned buffer it does not zeroize; this runs
+            // only in `keys import`, once per record, never on a request path.
+            let mut req = self
+                .client()
+                .await
+                .encrypt()
+                .key_id(&self.cfg.key_id)
+                .plaintext(Blob::new(dek.to_vec()));
+            for (k, v) in context(binding) {
+                req = req.encryption_context(k, v);
+            }
+            let out = req.send().await.map_err(classify)?;
+            self.wrapped(out.key_id(), out.ciphertext_blob())
+        })
+    }
+
     fn active_id(&self) -> KmsFuture<'_, String> {
         Box::pin(async move {
             self.arn

@@ -44,6 +44,9 @@ pub trait Kms: Send + Sync {
     ) -> KmsFuture<'a, WrappedKey>;
     /// The `kek_id` new records get; records with another one are due for a rewrap.
     fn active_id(&self) -> KmsFuture<'_, String>;
+    /// A data key unwrapped elsewhere, wrapped by the active KEK: `keys import` moving a
+    /// record from another KMS or KEK.
+    fn wrap<'a>(&'a self, dek: &'a DataKey, binding: Binding<'a>) -> KmsFuture<'a, WrappedKey>;
 }
 
 /// Local KEK files; `active` wraps new keys, every listed one can unwrap.
@@ -99,7 +102,7 @@ impl Kms for LocalKek {
     ) -> KmsFuture<'a, (DataKey, WrappedKey)> {
         Box::pin(async move {
             let dek = envelope::new_data_key()?;
-            let wrapped = self.wrap(dek.as_ref(), binding)?;
+            let wrapped = self.wrap_active(dek.as_ref(), binding)?;
             Ok((dek, wrapped))
         })
     }
@@ -111,12 +114,16 @@ impl Kms for LocalKek {
     ) -> KmsFuture<'a, WrappedKey> {
         Box::pin(async move {
             let dek = self.decrypt(wrapped, binding).await?;
-            self.wrap(dek.as_ref(), binding)
+            self.wrap_active(dek.as_ref(), binding)
         })
     }
 
     fn active_id(&self) -> KmsFuture<'_, String> {
         Box::pin(async move { Ok(self.active.clone()) })
+    }
+
+    fn wrap<'a>(&'a self, dek: &'a DataKey, binding: Binding<'a>) -> KmsFuture<'a, WrappedKey> {
+        Box::pin(async move { self.wrap_active(dek.as_ref(), binding) })
     }
 
     fn decrypt<'a>(
@@ -141,7 +148,7 @@ impl Kms for LocalKek {
 }
 
 impl LocalKek {
-    fn wrap(&self, dek: &[u8], binding: Binding<'_>) -> Result<WrappedKey, KeyError> {
+    fn wrap_active(&self, dek: &[u8], binding: Binding<'_>) -> Result<WrappedKey, KeyError> {
         let kek = self.kek(&self.active)?;
         let (nonce, ct) = envelope::seal(kek, dek, &binding.aad())?;
         let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());

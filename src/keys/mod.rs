@@ -14,6 +14,7 @@ pub mod perms;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod store;
+pub mod transfer;
 pub mod watch;
 
 use std::path::{Path, PathBuf};

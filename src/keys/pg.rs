@@ -278,14 +278,48 @@ impl PgStore {
                 .await
                 .map_err(unavailable)? as usize
             }
-            Change::AddToken(t) => tx
-                .execute(
-                    "INSERT INTO byokd_tokens (id, tenant, sha256, created_at, revoked) \
-                     VALUES ($1, $2, $3, $4, $5)",
-                    &[&t.id, &t.tenant, &t.sha256, &t.created_at, &t.revoked],
-                )
-                .await
-                .map_err(unavailable)? as usize,
+            Change::AddToken(t) => insert_token(&tx, t).await?,
+            Change::Import { keys, tokens } => {
+                // Refused as a whole, in the transaction, when any record is already here.
+                let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+                let taken = tx
+                    .query(
+                        "SELECT id, version FROM byokd_keys WHERE id = ANY($1)",
+                        &[&ids],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                for row in &taken {
+                    let (id, v): (String, i32) = (row.get(0), row.get(1));
+                    if keys
+                        .iter()
+                        .any(|k| k.id == id && i64::from(k.version) == i64::from(v))
+                    {
+                        return Err(KeyError::Conflict(format!(
+                            "key {id} v{v} is already in the store"
+                        )));
+                    }
+                }
+                let tids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
+                let taken = tx
+                    .query("SELECT id FROM byokd_tokens WHERE id = ANY($1)", &[&tids])
+                    .await
+                    .map_err(unavailable)?;
+                if let Some(row) = taken.first() {
+                    let id: String = row.get(0);
+                    return Err(KeyError::Conflict(format!(
+                        "token {id} is already in the store"
+                    )));
+                }
+                let mut n = 0;
+                for k in keys {
+                    n += insert_key(&tx, k).await?;
+                }
+                for t in tokens {
+                    n += insert_token(&tx, t).await?;
+                }
+                n
+            }
             Change::RevokeToken { token_id } => {
                 let n = tx
                     .execute(
@@ -320,7 +354,22 @@ fn change_kind(c: &Change) -> &'static str {
         Change::Rewrap { .. } => "key_rewrap",
         Change::AddToken(_) => "token_add",
         Change::RevokeToken { .. } => "token_revoke",
+        Change::Import { .. } => "import",
     }
+}
+
+async fn insert_token(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &TokenRecord,
+) -> Result<usize, KeyError> {
+    tx.execute(
+        "INSERT INTO byokd_tokens (id, tenant, sha256, created_at, revoked) \
+         VALUES ($1, $2, $3, $4, $5)",
+        &[&t.id, &t.tenant, &t.sha256, &t.created_at, &t.revoked],
+    )
+    .await
+    .map(|n| n as usize)
+    .map_err(unavailable)
 }
 
 async fn insert_key(

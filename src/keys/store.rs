@@ -136,6 +136,12 @@ pub enum Change {
     RevokeToken {
         token_id: String,
     },
+    /// Records from another store (`keys import`), all or none: any (id, version) or token id
+    /// already here refuses the whole change.
+    Import {
+        keys: Vec<KeyRecord>,
+        tokens: Vec<TokenRecord>,
+    },
 }
 
 impl StoreData {
@@ -227,6 +233,30 @@ impl StoreData {
             Change::AddToken(t) => {
                 self.tokens.push(t.clone());
                 Ok(1)
+            }
+            Change::Import { keys, tokens } => {
+                if let Some(k) = keys.iter().find(|r| {
+                    self.keys
+                        .iter()
+                        .any(|k| k.id == r.id && k.version == r.version)
+                }) {
+                    return Err(KeyError::Conflict(format!(
+                        "key {} v{} is already in the store",
+                        k.id, k.version
+                    )));
+                }
+                if let Some(t) = tokens
+                    .iter()
+                    .find(|r| self.tokens.iter().any(|t| t.id == r.id))
+                {
+                    return Err(KeyError::Conflict(format!(
+                        "token {} is already in the store",
+                        t.id
+                    )));
+                }
+                self.keys.extend(keys.iter().cloned());
+                self.tokens.extend(tokens.iter().cloned());
+                Ok(keys.len() + tokens.len())
             }
             Change::RevokeToken { token_id } => {
                 let t = self

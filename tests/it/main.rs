@@ -25,6 +25,7 @@ mod route_by_model;
 mod sdk;
 mod soak;
 mod store_postgres;
+mod transfer;
 mod upstream_tls;
 mod usage_api;
 mod usage_scanner;
