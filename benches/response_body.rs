@@ -50,6 +50,7 @@ fn recorder(metrics: &Arc<Metrics>) -> Recorder {
     Recorder {
         metrics: metrics.clone(),
         tenant: Arc::from("tenant-1"),
+        end_user: None,
         provider: Arc::from("openai"),
         provider_idx: 0,
         status: http::StatusCode::OK,
@@ -138,6 +139,7 @@ fn access_line(c: &mut Criterion) {
     let line = Line {
         request_id: RequestId::new(),
         tenant: "tenant-1",
+        end_user: None,
         provider: "openai",
         status: 200,
         model: "gpt-4o-mini-2024-07-18",

@@ -79,6 +79,7 @@ pub fn flush() {
 pub struct Line<'a> {
     pub request_id: crate::vocab::RequestId,
     pub tenant: &'a str,
+    pub end_user: Option<&'a str>,
     pub provider: &'a str,
     pub status: u16,
     pub model: &'a str,
@@ -137,6 +138,10 @@ pub fn format_line(buf: &mut Vec<u8>, l: &Line<'_>, now: time::OffsetDateTime) {
     // Tenant and provider names are restricted to safe characters, but the model comes from
     // the request or the upstream: every string goes through the JSON encoder.
     json_str(buf, l.tenant);
+    if let Some(u) = l.end_user {
+        buf.extend_from_slice(b",\"end_user\":");
+        json_str(buf, u);
+    }
     buf.extend_from_slice(b",\"provider\":");
     json_str(buf, l.provider);
     let _ = write!(buf, ",\"status\":{},\"model\":", l.status);
@@ -178,6 +183,7 @@ pub fn via_tracing(l: &Line<'_>) {
         target: "byokd::access",
         request_id = %l.request_id,
         tenant = l.tenant,
+        end_user = l.end_user,
         provider = l.provider,
         status = l.status,
         model = l.model,
@@ -207,6 +213,7 @@ mod tests {
         let line = Line {
             request_id: crate::vocab::RequestId::new(),
             tenant: "acme",
+            end_user: Some("user-42"),
             provider: "openai",
             status: 200,
             model: "m\"\n\\x",
@@ -234,16 +241,19 @@ mod tests {
         assert_eq!(v["reasoning_tokens"], 5);
         assert_eq!(v["usage_found"], true);
         assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["end_user"], "user-42");
         let mut without = Vec::new();
         format_line(
             &mut without,
             &Line {
                 cost_usd: None,
+                end_user: None,
                 ..line
             },
             now,
         );
         let v: serde_json::Value = serde_json::from_slice(&without).unwrap();
         assert!(v.get("cost_usd").is_none(), "absent when unpriced");
+        assert!(v.get("end_user").is_none(), "absent without an end user");
     }
 }

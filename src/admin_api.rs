@@ -139,7 +139,28 @@ async fn route(
     let kms = proxy.keyring.kms().as_ref();
     let out = match (&parts.method, segs.as_slice()) {
         (&Method::GET, ["admin", "tenants", t, "usage"]) if crate::vocab::valid_tenant_id(t) => {
-            let resp = proxy.usage(t);
+            let q = parts.uri.query();
+            if query_param(q, "by").as_deref() == Some("end_user") {
+                let num = |name: &str, default: usize| match query_param(q, name) {
+                    None => Ok(default),
+                    Some(v) => v.parse::<usize>().map_err(|_| {
+                        AdminError::BadRequest(format!("`{name}` must be a whole number"))
+                    }),
+                };
+                let limit = num("limit", 100)?.clamp(1, 1000);
+                let page = proxy.end_users_page(t, num("offset", 0)?, limit);
+                return Ok((StatusCode::OK, page));
+            }
+            let user = query_param(q, "end_user");
+            if user
+                .as_deref()
+                .is_some_and(|u| !crate::vocab::valid_tenant_id(u))
+            {
+                return Err(AdminError::BadRequest(
+                    "`end_user` is not a valid id".into(),
+                ));
+            }
+            let resp = proxy.usage(t, user.as_deref());
             let bytes = resp
                 .into_body()
                 .collect()

@@ -144,9 +144,12 @@ impl ProxyError {
                 | IdentifyError::UnknownTenant,
             ) => Code::UnknownTenant,
             Self::Identify(IdentifyError::Conflict) => Code::IdentityConflict,
+            Self::Identify(IdentifyError::BadEndUser | IdentifyError::EndUserRequired(_)) => {
+                Code::BadRequest
+            }
             Self::Admit(AdmitError::ProviderNotAllowed(_)) => Code::ProviderNotAllowed,
             Self::Admit(AdmitError::RateLimited { .. }) => Code::RateLimited,
-            Self::Admit(AdmitError::BudgetExceeded) => Code::BudgetExceeded,
+            Self::Admit(AdmitError::BudgetExceeded(_)) => Code::BudgetExceeded,
             Self::Admit(AdmitError::SharedStateUnavailable) => Code::SharedStateUnavailable,
             Self::Credential(CredentialError::NoKey(_)) => Code::NoKey,
             Self::Credential(CredentialError::PassthroughNotAllowed) => Code::PassthroughNotAllowed,
@@ -203,7 +206,7 @@ impl ProxyError {
     /// Seconds after which a retry may succeed, for the codes that have one.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::Admit(AdmitError::RateLimited { retry_after }) => Some(*retry_after),
+            Self::Admit(AdmitError::RateLimited { retry_after, .. }) => Some(*retry_after),
             Self::Admit(AdmitError::SharedStateUnavailable) => Some(1),
             Self::Credential(CredentialError::Unavailable { retry_after, .. }) => {
                 Some(*retry_after)
@@ -230,7 +233,7 @@ impl ProxyError {
         if let Some(secs) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if matches!(self, Self::Admit(AdmitError::BudgetExceeded)) {
+        if matches!(self, Self::Admit(AdmitError::BudgetExceeded(_))) {
             // The official SDKs honour this: no automatic retries into a spent budget.
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
@@ -268,11 +271,19 @@ mod tests {
             ),
             (CredentialError::NoKey("x".into()).into(), "no_key", 403),
             (
-                AdmitError::RateLimited { retry_after: 3 }.into(),
+                AdmitError::RateLimited {
+                    retry_after: 3,
+                    who: crate::policy::Who::Tenant,
+                }
+                .into(),
                 "rate_limited",
                 429,
             ),
-            (AdmitError::BudgetExceeded.into(), "budget_exceeded", 429),
+            (
+                AdmitError::BudgetExceeded(crate::policy::Who::Tenant).into(),
+                "budget_exceeded",
+                429,
+            ),
             (
                 AdmitError::SharedStateUnavailable.into(),
                 "shared_state_unavailable",

@@ -27,6 +27,77 @@ pub enum IdentifyError {
     UnknownTenant,
     #[error("identity sources disagree about the tenant")]
     Conflict,
+    #[error("the end user id is not valid ([A-Za-z0-9_.:-]{{1,128}}, one value)")]
+    BadEndUser,
+    #[error("this tenant requires an end user: send the `{0}` header")]
+    EndUserRequired(http::HeaderName),
+}
+
+/// `end_user`: where the end user inside a tenant is named. The end user is in the access
+/// log and the ledger, never a metric label (one series per user would not scale).
+#[derive(Debug, Clone)]
+pub struct EndUserConfig {
+    pub header: http::HeaderName,
+    /// An OpenAI-wire body's `user` or `safety_identifier` names the end user when the
+    /// header does not.
+    pub from_body: bool,
+    /// Send the header on to the provider instead of stripping it.
+    pub forward: bool,
+}
+
+impl Default for EndUserConfig {
+    fn default() -> Self {
+        Self {
+            header: http::HeaderName::from_static("x-end-user-id"),
+            from_body: false,
+            forward: false,
+        }
+    }
+}
+
+/// The end user the header names, if any; the same id rules as tenants, and one value.
+pub fn end_user(
+    cfg: &EndUserConfig,
+    headers: &HeaderMap,
+) -> Result<Option<Arc<str>>, IdentifyError> {
+    let mut values = headers.get_all(&cfg.header).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.any(|other| other != v) {
+        return Err(IdentifyError::BadEndUser);
+    }
+    let u = v.to_str().map_err(|_| IdentifyError::BadEndUser)?;
+    valid_end_user(u).map(Some)
+}
+
+/// The end user an OpenAI-wire body names: `user`, else `safety_identifier` (OpenAI's newer
+/// name for the same thing). A body that is not JSON names none; one that names an invalid
+/// id is refused like the header.
+pub fn body_end_user(body: &[u8]) -> Result<Option<Arc<str>>, IdentifyError> {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, default)]
+        user: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        safety_identifier: Option<std::borrow::Cow<'a, str>>,
+    }
+    let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
+        return Ok(None);
+    };
+    match head.user.or(head.safety_identifier) {
+        Some(u) if !u.is_empty() => valid_end_user(&u).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// An end user id from a request body field.
+pub fn valid_end_user(u: &str) -> Result<Arc<str>, IdentifyError> {
+    if valid_tenant_id(u) {
+        Ok(u.into())
+    } else {
+        Err(IdentifyError::BadEndUser)
+    }
 }
 
 /// Headers an SDK puts its `api_key` in; any of them may carry a platform token.

@@ -249,6 +249,31 @@ impl Ledger {
         month
     }
 
+    /// Every end user of `tenant` with usage this month, under its id. End users are kept
+    /// under `tenant/end_user` beside the tenants (`/` is in no id), so the file and the
+    /// database hold them with no format of their own.
+    pub fn end_users(&self, tenant: &str, now: i64) -> Vec<(String, TenantMonth)> {
+        let prefix = format!("{tenant}/");
+        let mut users: Vec<String> = Vec::new();
+        for map in std::iter::once(&self.tenants).chain(self.pending.as_ref()) {
+            for e in map.iter() {
+                if let Some(u) = e.key().strip_prefix(&prefix) {
+                    users.push(u.to_string());
+                }
+            }
+        }
+        users.sort_unstable();
+        users.dedup();
+        users
+            .into_iter()
+            .map(|u| {
+                let m = self.month(&format!("{prefix}{u}"), now);
+                (u, m)
+            })
+            .filter(|(_, m)| !m.providers.is_empty())
+            .collect()
+    }
+
     /// Shared mode: takes every tenant's pending delta, leaving empty ones in place.
     pub fn take_pending(&self) -> Vec<(String, TenantMonth)> {
         let Some(pending) = &self.pending else {

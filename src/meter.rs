@@ -219,6 +219,7 @@ mod tests {
         Recorder {
             metrics: metrics.clone(),
             tenant: Arc::from("acme"),
+            end_user: None,
             provider: Arc::from("p"),
             provider_idx: 0,
             status: http::StatusCode::OK,

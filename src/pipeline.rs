@@ -44,6 +44,8 @@ struct RequestCtx {
     started: Instant,
     shape: ErrorShape,
     tenant: Option<Arc<str>>,
+    /// The end user inside the tenant, when the request names one.
+    end_user: Option<Arc<str>>,
     provider: Option<Arc<Provider>>,
     /// Upstream attempts made so far (failover), for `x-byokd-attempts`.
     progress: crate::failover::Progress,
@@ -82,6 +84,7 @@ impl Proxy {
                 } => vec![key_header.clone(), provider_header.clone()],
                 IdentitySource::Bearer | IdentitySource::Mtls(_) => vec![],
             })
+            .chain((!config.end_user.forward).then(|| config.end_user.header.clone()))
             .collect();
         let buffers = crate::accept::BufferBudget::new(config.limits.max_buffered_bytes);
         Self {
@@ -102,6 +105,7 @@ impl Proxy {
             started: Instant::now(),
             shape: ErrorShape::default(),
             tenant: None,
+            end_user: None,
             provider: None,
             progress: Default::default(),
         };
@@ -149,15 +153,16 @@ impl Proxy {
     fn reject(&self, ctx: &RequestCtx, e: &ProxyError) -> Response<ProxyBody> {
         let tenant = ctx.tenant.as_deref().unwrap_or("");
         let provider = ctx.provider.as_ref().map_or("", |p| &*p.name);
+        let end_user = ctx.end_user.as_deref();
         self.metrics
             .rejected(tenant, provider, e.code(), e.status());
         match e.blame() {
             crate::error::Blame::Client => tracing::info!(
-                target: "byokd::access", request_id = %ctx.id, tenant, provider,
+                target: "byokd::access", request_id = %ctx.id, tenant, end_user, provider,
                 status = e.status().as_u16(), error = e.code(), detail = %e,
             ),
             _ => tracing::warn!(
-                target: "byokd::access", request_id = %ctx.id, tenant, provider,
+                target: "byokd::access", request_id = %ctx.id, tenant, end_user, provider,
                 status = e.status().as_u16(), error = e.code(), detail = %ErrorChain(e),
             ),
         }
@@ -198,6 +203,7 @@ impl Proxy {
         drop(snapshot);
         ctx.tenant = Some(tenant.clone());
         let policy = cfg.policy(&tenant);
+        let mut end_user = crate::identify::end_user(&cfg.end_user, &parts.headers)?;
         // Held until the upstream answered: the buffered body may be sent again on failover.
         let mut permit = self.buffers.permit();
         // route by model: a `/v1` chat or embeddings body read first, when its `model` may
@@ -223,10 +229,41 @@ impl Proxy {
                 None => policy.default_provider,
             },
             Target::Named(i) => i,
-            Target::Usage => return Ok(self.usage(&tenant).map(Either::Right)),
+            Target::Usage => {
+                let user = match query_value(parts.uri.query(), "end_user") {
+                    Some(u) => Some(crate::identify::valid_end_user(&u)?),
+                    None => None,
+                };
+                return Ok(self.usage(&tenant, user.as_deref()).map(Either::Right));
+            }
         };
         let by_model = route.path.is_some();
         let provider = cfg.providers[idx].clone();
+        // The end user from an OpenAI-wire body's `user` / `safety_identifier`, when allowed
+        // and the header named none: the body is then read before admit.
+        if end_user.is_none()
+            && cfg.end_user.from_body
+            && parts.method == http::Method::POST
+            && (by_model || provider.kind.wire() == "openai")
+        {
+            if early.is_none() {
+                let incoming = body.take().ok_or(LimitError::ClientClosed)?;
+                early = Some(
+                    self.read_inspected(self.limited(incoming), &mut permit)
+                        .await?,
+                );
+            }
+            if let Some(Peeked::Whole(b)) = &early {
+                end_user = crate::identify::body_end_user(b)?;
+            }
+        }
+        if end_user.is_none() && policy.require_end_user {
+            return Err(crate::identify::IdentifyError::EndUserRequired(
+                cfg.end_user.header.clone(),
+            )
+            .into());
+        }
+        ctx.end_user = end_user.clone();
         // A request routed by model speaks the OpenAI wire whichever provider answers it.
         let (dialect, shape) = if by_model {
             openai_wire()
@@ -238,7 +275,13 @@ impl Proxy {
 
         // admit
         let mut admission = self
-            .admit(&parts, &tenant, policy, (idx, &provider), ctx)
+            .admit(
+                &parts,
+                (&tenant, end_user.as_ref()),
+                policy,
+                (idx, &provider),
+                ctx,
+            )
             .await?;
 
         // credential: the end user's own key if sent (and allowed), else the tenant's key
@@ -248,7 +291,10 @@ impl Proxy {
 
         // forward: the body (read first when byokd must look inside or may resend it), the
         // budget reservation, then the attempts.
-        let facts = Facts::of(&parts, policy, &provider, by_model);
+        let budgeted = admission
+            .as_ref()
+            .is_some_and(crate::policy::Admission::budgeted);
+        let facts = Facts::of(&parts, budgeted, &provider, by_model);
         let body = match early {
             Some(peeked) => Body::Read(peeked),
             None => Body::Unread(body.take().ok_or(LimitError::ClientClosed)?),
@@ -256,9 +302,9 @@ impl Proxy {
         let (payload, read) = self
             .payload(body, &facts, plan.can_retry(), &mut permit)
             .await?;
-        let cut = match (&policy.budget, admission.as_mut()) {
-            (Some(budget), Some(a)) => {
-                self.reserve(budget, a, (&provider, shape), &parts, &facts, read.estimate)
+        let cut = match admission.as_mut() {
+            Some(a) if a.budgeted() => {
+                self.reserve(a, (&provider, shape), &parts, &facts, read.estimate)
                     .await?
             }
             _ => None,
@@ -280,6 +326,7 @@ impl Proxy {
         let metered = Metered {
             dialect,
             tenant,
+            end_user,
             capability: facts.capability,
             characters: read.characters,
             request_model,
@@ -445,7 +492,7 @@ impl Proxy {
     async fn admit(
         &self,
         parts: &http::request::Parts,
-        tenant: &Arc<str>,
+        (tenant, end_user): (&Arc<str>, Option<&Arc<str>>),
         policy: &crate::policy::TenantPolicy,
         (idx, provider): (usize, &Provider),
         ctx: &RequestCtx,
@@ -453,7 +500,13 @@ impl Proxy {
         admit(policy, idx, provider)?;
         let admission = self
             .policy
-            .admit(tenant, &provider.name, idx, policy, ctx.id.as_u64())
+            .admit(
+                tenant,
+                end_user,
+                (&provider.name, idx),
+                policy,
+                ctx.id.as_u64(),
+            )
             .await?;
         let max_body = self.config.limits.max_body_bytes;
         if declared_length(&parts.headers).is_some_and(|n| n > max_body) {
@@ -485,7 +538,6 @@ impl Proxy {
     /// stream cut when the budget says `on_exhausted: cut`.
     async fn reserve(
         &self,
-        budget: &crate::policy::BudgetSpec,
         admission: &mut crate::policy::Admission,
         (provider, shape): (&Provider, ErrorShape),
         parts: &http::request::Parts,
@@ -498,7 +550,8 @@ impl Proxy {
             .as_deref()
             .and_then(|m| self.metrics.pricing.price(&provider.name, m));
         let nanos = if facts.is_post {
-            crate::policy::estimate(price, estimate.len, max_out, budget.default_max_tokens)
+            let default_out = admission.default_max_tokens().unwrap_or(4096);
+            crate::policy::estimate(price, estimate.len, max_out, default_out)
         } else {
             0
         };
@@ -554,6 +607,7 @@ impl Proxy {
         let recorder = Recorder {
             metrics: self.metrics.clone(),
             tenant: metered.tenant,
+            end_user: metered.end_user,
             provider: provider.name.clone(),
             provider_idx: done.provider,
             status: rparts.status,
@@ -617,7 +671,7 @@ impl Facts {
     /// `include_usage` whatever the provider's native API does.
     fn of(
         parts: &http::request::Parts,
-        policy: &crate::policy::TenantPolicy,
+        budgeted: bool,
         provider: &Provider,
         by_model: bool,
     ) -> Self {
@@ -635,7 +689,7 @@ impl Facts {
             chat_path,
             usage_edit: chat_path && (provider.stream_usage || by_model),
             speech: is_post && capability == Capability::Speech,
-            budgeted: is_post && policy.budget.is_some(),
+            budgeted: is_post && budgeted,
             declared_length: declared_length(&parts.headers).unwrap_or(0),
         }
     }
@@ -647,6 +701,7 @@ struct Metered {
     /// request was routed by model.
     dialect: crate::usage::DialectRef,
     tenant: Arc<str>,
+    end_user: Option<Arc<str>>,
     capability: Capability,
     characters: u64,
     request_model: Arc<std::sync::OnceLock<Box<str>>>,
@@ -682,8 +737,77 @@ fn content_type(h: &http::HeaderMap) -> Option<&[u8]> {
 
 impl Proxy {
     /// `GET /byokd/usage` (and the admin API's per-tenant usage): this month's totals and the
-    /// tenant's policy.
-    pub fn usage(&self, tenant: &str) -> Response<Full<Bytes>> {
+    /// tenant's policy; with `end_user`, that end user's totals and the per-user policy.
+    pub fn usage(&self, tenant: &str, end_user: Option<&str>) -> Response<Full<Bytes>> {
+        let body = match end_user {
+            Some(u) => self.end_user_usage(tenant, u),
+            None => self.tenant_usage(tenant),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+
+    fn end_user_usage(&self, tenant: &str, user: &str) -> serde_json::Value {
+        let policy = self.config.policy(tenant);
+        let subject = crate::policy::end_user_subject(tenant, user);
+        let month = self
+            .metrics
+            .ledger
+            .month(&subject, crate::vocab::unix_now());
+        let limits = serde_json::json!({
+            "rate": policy.end_user_limits.as_deref().map(rate_json),
+            "budget": policy.end_user_budget.as_ref().map(|b| budget_json(b, &month)),
+            "required": policy.require_end_user,
+        });
+        let mut body = crate::ledger::usage_json(tenant, &month, limits);
+        body["end_user"] = user.into();
+        body
+    }
+
+    /// The month's end users of `tenant`, top spenders first, `limit` from `offset`.
+    pub fn end_users_page(&self, tenant: &str, offset: usize, limit: usize) -> serde_json::Value {
+        let now = crate::vocab::unix_now();
+        let mut users = self.metrics.ledger.end_users(tenant, now);
+        users.sort_by(|(a, ma), (b, mb)| mb.cost_nanos().cmp(&ma.cost_nanos()).then(a.cmp(b)));
+        let total = users.len();
+        let page: Vec<serde_json::Value> = users
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|(u, m)| {
+                let t = m.providers.values().flat_map(|ms| ms.values()).fold(
+                    crate::ledger::Totals::default(),
+                    |mut acc, t| {
+                        acc.merge(t);
+                        acc
+                    },
+                );
+                serde_json::json!({
+                    "end_user": u,
+                    "requests": t.requests,
+                    "input_tokens": t.input + t.cached_input + t.cache_write,
+                    "output_tokens": t.output + t.reasoning,
+                    "cost_usd": crate::ledger::usd(t.cost_nanos),
+                })
+            })
+            .collect();
+        let next = (offset + page.len() < total).then_some(offset + page.len());
+        serde_json::json!({
+            "tenant": tenant,
+            "period": crate::vocab::clock::month_of(now),
+            "end_users": page,
+            "total": total,
+            "next_offset": next,
+        })
+    }
+
+    fn tenant_usage(&self, tenant: &str) -> serde_json::Value {
         let cfg = &*self.config;
         let policy = cfg.policy(tenant);
         let allowed: Vec<&str> = cfg
@@ -694,47 +818,56 @@ impl Proxy {
             .map(|(_, p)| &*p.name)
             .collect();
         let month = self.metrics.ledger.month(tenant, crate::vocab::unix_now());
-        let rate = |l: &crate::policy::LimitSpec| {
-            serde_json::json!({
-                "requests_per_minute": l.requests_per_minute,
-                "tokens_per_minute": l.tokens_per_minute,
-                "concurrent": l.concurrent,
-            })
-        };
         let per_provider: serde_json::Map<String, serde_json::Value> = policy
             .provider_limits
             .iter()
-            .filter_map(|(i, l)| Some((cfg.providers.get(*i)?.name.to_string(), rate(l))))
+            .filter_map(|(i, l)| Some((cfg.providers.get(*i)?.name.to_string(), rate_json(l))))
             .collect();
-        let budget = policy.budget.as_ref().map(|b| {
-            let spent = month.cost_nanos();
-            serde_json::json!({
-                "monthly_usd": crate::ledger::usd(b.monthly_nanos),
-                "spent_usd": crate::ledger::usd(spent),
-                "remaining_usd": crate::ledger::usd(b.monthly_nanos.saturating_sub(spent)),
-                "alert_at": b.alert_at,
-                "on_exhausted": if b.cut { "cut" } else { "reject" },
-                "resets_at": crate::vocab::clock::next_month_start(&month.period),
-            })
-        });
         let limits = serde_json::json!({
             "default_provider": cfg.providers.get(policy.default_provider).map(|p| &*p.name),
             "allowed_providers": allowed,
             "fallback": if policy.platform_fallback { vec!["platform"] } else { vec![] },
-            "rate": policy.limits.as_deref().map(rate),
+            "rate": policy.limits.as_deref().map(rate_json),
             "rate_per_provider": per_provider,
-            "budget": budget,
+            "budget": policy.budget.as_ref().map(|b| budget_json(b, &month)),
+            "end_user": {
+                "rate": policy.end_user_limits.as_deref().map(rate_json),
+                "monthly_usd": policy.end_user_budget.as_ref().map(|b| crate::ledger::usd(b.monthly_nanos)),
+                "required": policy.require_end_user,
+            },
         });
-        let body = crate::ledger::usage_json(tenant, &month, limits);
-        let mut resp = Response::new(Full::new(Bytes::from(
-            serde_json::to_vec(&body).unwrap_or_default(),
-        )));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        resp
+        crate::ledger::usage_json(tenant, &month, limits)
     }
+}
+
+fn rate_json(l: &crate::policy::LimitSpec) -> serde_json::Value {
+    serde_json::json!({
+        "requests_per_minute": l.requests_per_minute,
+        "tokens_per_minute": l.tokens_per_minute,
+        "concurrent": l.concurrent,
+    })
+}
+
+fn budget_json(
+    b: &crate::policy::BudgetSpec,
+    month: &crate::ledger::TenantMonth,
+) -> serde_json::Value {
+    let spent = month.cost_nanos();
+    serde_json::json!({
+        "monthly_usd": crate::ledger::usd(b.monthly_nanos),
+        "spent_usd": crate::ledger::usd(spent),
+        "remaining_usd": crate::ledger::usd(b.monthly_nanos.saturating_sub(spent)),
+        "alert_at": b.alert_at,
+        "on_exhausted": if b.cut { "cut" } else { "reject" },
+        "resets_at": crate::vocab::clock::next_month_start(&month.period),
+    })
+}
+
+/// One query parameter, percent-decoded.
+fn query_value(q: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(q?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// A credential from the end user's key header: checked, used for this request, never kept.

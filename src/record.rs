@@ -32,6 +32,8 @@ impl Outcome {
 pub struct Recorder {
     pub metrics: Arc<Metrics>,
     pub tenant: Arc<str>,
+    /// The end user inside the tenant: in the ledger and the access log, never a metric.
+    pub end_user: Option<Arc<str>>,
     pub provider: Arc<str>,
     pub provider_idx: usize,
     pub status: http::StatusCode,
@@ -96,6 +98,16 @@ impl Recorder {
             },
             &usage,
         );
+        if let Some(u) = &self.end_user {
+            self.metrics.ledger.record(
+                &crate::policy::end_user_subject(&self.tenant, u),
+                &self.provider,
+                usage.model.as_deref().unwrap_or(""),
+                &usage,
+                self.price.map(|p| p.cost_nanos(&usage)),
+                crate::vocab::unix_now(),
+            );
+        }
         if let Some(a) = self.admission.take() {
             let tokens = usage.input
                 + usage.cached_input
@@ -107,6 +119,7 @@ impl Recorder {
         crate::access_log::write(&crate::access_log::Line {
             request_id: self.request_id,
             tenant: &self.tenant,
+            end_user: self.end_user.as_deref(),
             provider: &self.provider,
             status: self.status.as_u16(),
             model: usage.model.as_deref().unwrap_or(""),

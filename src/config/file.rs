@@ -43,6 +43,8 @@ pub(crate) struct FileConfig {
     /// Model aliases for `/v1`: alias => `provider/model`.
     #[serde(default)]
     pub(crate) models: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) end_user: EndUserFile,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -178,6 +180,8 @@ pub(crate) struct PolicyFile {
     pub(crate) limits: Option<LimitsFile_>,
     pub(crate) budget: Option<BudgetFile>,
     pub(crate) failover: Option<BTreeMap<String, Vec<String>>>,
+    /// Refuse requests that name no end user.
+    pub(crate) require_end_user: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,16 +204,28 @@ pub(crate) struct LimitsFile_ {
     pub(crate) on_shared_state_error: Option<String>,
     /// Limits of one (tenant, provider), on top of the tenant's.
     pub(crate) providers: Option<BTreeMap<String, LimitsFile_>>,
+    /// Limits of each end user of the tenant, on top of the tenant's.
+    pub(crate) end_user: Option<Box<LimitsFile_>>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BudgetFile {
     pub(crate) monthly_usd: Option<f64>,
+    pub(crate) end_user_monthly_usd: Option<f64>,
     pub(crate) alert_at: Option<f64>,
     pub(crate) on_exhausted: Option<String>,
     pub(crate) default_max_tokens: Option<u64>,
     pub(crate) on_shared_state_error: Option<String>,
+}
+
+/// `end_user`: where the end user inside a tenant is named.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EndUserFile {
+    pub(crate) header: Option<String>,
+    pub(crate) from_body: Option<bool>,
+    pub(crate) forward: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

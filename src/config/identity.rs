@@ -1,7 +1,7 @@
 //! Validates `identity` (the tenant sources, in order, and what each needs from `tls`) and
 //! `tls` (certificate paths, resolved against the config's folder).
 
-use super::file::{IdentityFile, TlsFile};
+use super::file::{EndUserFile, IdentityFile, TlsFile};
 use super::{CertTenant, ConfigError, Ctx, HeaderTrust, IdentitySource};
 
 pub(super) fn tls(ctx: &Ctx, file: Option<&TlsFile>) -> Option<crate::tls::TlsFiles> {
@@ -9,6 +9,38 @@ pub(super) fn tls(ctx: &Ctx, file: Option<&TlsFile>) -> Option<crate::tls::TlsFi
         cert: ctx.resolve(&t.cert),
         key: ctx.resolve(&t.key),
         client_ca: t.client_ca.as_deref().map(|p| ctx.resolve(p)),
+    })
+}
+
+/// `end_user`: the header naming the end user (default `x-end-user-id`), whether an
+/// OpenAI-wire body's `user` / `safety_identifier` may name it, and whether the header goes on
+/// to the provider.
+pub(super) fn end_user(
+    ctx: &Ctx,
+    f: &EndUserFile,
+    sources: &[IdentitySource],
+) -> Result<crate::identify::EndUserConfig, ConfigError> {
+    let name = f.header.as_deref().unwrap_or("x-end-user-id");
+    let header = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| ctx.invalid("end_user.header", format!("`{name}` is not a header name")))?;
+    let taken = sources.iter().any(|s| match s {
+        IdentitySource::Header { name, .. } => *name == header,
+        IdentitySource::Passthrough {
+            key_header,
+            provider_header,
+        } => *key_header == header || *provider_header == header,
+        _ => false,
+    });
+    if taken || header == http::header::AUTHORIZATION {
+        return Err(ctx.invalid(
+            "end_user.header",
+            format!("`{name}` already names the tenant or carries a key"),
+        ));
+    }
+    Ok(crate::identify::EndUserConfig {
+        header,
+        from_body: f.from_body.unwrap_or(false),
+        forward: f.forward.unwrap_or(false),
     })
 }
 

@@ -104,6 +104,8 @@ pub struct Config {
     pub open_tenants: bool,
     /// `models:` aliases a `/v1` request's `model` may name.
     pub models: HashMap<Box<str>, crate::route::ModelRoute>,
+    /// Where the end user inside a tenant is named.
+    pub end_user: crate::identify::EndUserConfig,
 }
 
 impl Config {
@@ -196,6 +198,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         }
     };
     let limits = limits::limits(&ctx, &file.limits)?;
+    let end_user = identity::end_user(&ctx, &file.end_user, &identity)?;
     Ok(Config {
         path: path.to_path_buf(),
         listen,
@@ -217,6 +220,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         metric_caps: limits::metric_caps(&file.metrics),
         models,
         open_tenants,
+        end_user,
     })
 }
 
@@ -230,6 +234,34 @@ fn test_parse(y: &str) -> Result<Config, ConfigError> {
 mod tests {
     use super::test_parse as parse;
     use super::*;
+
+    #[test]
+    fn end_user_policy_inherits_and_stands_alone() {
+        let c = parse(
+            "end_user: { header: x-app-user }\ndefaults:\n  limits: { end_user: { requests_per_minute: 10 } }\n  budget: { end_user_monthly_usd: 2 }\ntenants:\n  acme: { limits: { end_user: { concurrent: 2 } }, require_end_user: true }\n",
+        )
+        .unwrap();
+        assert_eq!(c.end_user.header.as_str(), "x-app-user");
+        assert!(!c.end_user.from_body && !c.end_user.forward);
+        // A per-user budget with no tenant budget at all.
+        assert!(c.defaults.budget.is_none());
+        assert_eq!(
+            c.defaults.end_user_budget.as_ref().unwrap().monthly_nanos,
+            2_000_000_000
+        );
+        let acme = c.policy("acme");
+        let l = acme.end_user_limits.as_deref().unwrap();
+        assert_eq!((l.requests_per_minute, l.concurrent), (Some(10), Some(2)));
+        assert!(acme.require_end_user && !c.defaults.require_end_user);
+        assert!(acme.end_user_budget.is_some(), "inherited");
+        for bad in [
+            "defaults: { limits: { end_user: { providers: {} } } }\n",
+            "end_user: { header: x-tenant-id }\n",
+            "defaults: { budget: { end_user_monthly_usd: -1 } }\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_ledger_sits_beside_the_file_store_unless_moved() {

@@ -141,10 +141,58 @@ fn policy(
         ),
         Some(l) => limits(ctx, &format!("{field}.limits"), l, base, providers)?,
     };
-    let budget = match (&pf.budget, base.and_then(|b| b.budget.as_ref())) {
-        (None, b) => b.cloned(),
-        (Some(bf), b) => Some(budget(ctx, &format!("{field}.budget"), bf, b)?),
+    let end_user_limits = match pf.limits.as_ref().and_then(|l| l.end_user.as_deref()) {
+        None => base.and_then(|b| b.end_user_limits.clone()),
+        Some(l) => {
+            let f = format!("{field}.limits.end_user");
+            if l.providers.is_some() || l.end_user.is_some() {
+                return Err(ctx.invalid(
+                    &f,
+                    "end_user limits cannot nest providers or end_user".into(),
+                ));
+            }
+            let base = base.and_then(|b| b.end_user_limits.as_deref());
+            Some(Arc::new(limit_spec(ctx, &f, l, base)?))
+        }
     };
+    let base_budget = base.and_then(|b| b.budget.as_ref());
+    let base_user_budget = base.and_then(|b| b.end_user_budget.as_ref());
+    let (budget, end_user_budget) = match &pf.budget {
+        None => (base_budget.cloned(), base_user_budget.cloned()),
+        Some(bf) => {
+            let f = format!("{field}.budget");
+            let tenant = if bf.monthly_usd.is_some()
+                || base_budget.is_some()
+                || bf.end_user_monthly_usd.is_none()
+            {
+                Some(budget(ctx, &f, bf, base_budget)?)
+            } else {
+                None
+            };
+            let user = match bf.end_user_monthly_usd {
+                None => base_user_budget.cloned(),
+                Some(usd) => {
+                    let like = BudgetFile {
+                        monthly_usd: Some(usd),
+                        alert_at: None,
+                        ..bf.clone()
+                    };
+                    let mut spec = budget(
+                        ctx,
+                        &format!("{f}.end_user_monthly_usd"),
+                        &like,
+                        tenant.as_ref().or(base_user_budget),
+                    )?;
+                    spec.alert_at = None;
+                    Some(spec)
+                }
+            };
+            (tenant, user)
+        }
+    };
+    let require_end_user = pf
+        .require_end_user
+        .unwrap_or_else(|| base.is_some_and(|b| b.require_end_user));
     let failover = match &pf.failover {
         Some(map) => {
             failover_chains(field, map, providers, allowed).map_err(|(f, m)| ctx.invalid(&f, m))?
@@ -159,6 +207,9 @@ fn policy(
         limits,
         provider_limits,
         budget,
+        end_user_limits,
+        end_user_budget,
+        require_end_user,
         failover,
     })
 }

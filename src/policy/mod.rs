@@ -34,12 +34,29 @@ use crate::vocab::Redacted;
 pub enum AdmitError {
     #[error("provider `{0}` is not allowed for this tenant")]
     ProviderNotAllowed(String),
-    #[error("rate limit reached for this tenant; retry in {retry_after} s")]
-    RateLimited { retry_after: u64 },
-    #[error("this tenant's monthly budget is exhausted")]
-    BudgetExceeded,
+    #[error("rate limit reached for {who}; retry in {retry_after} s")]
+    RateLimited { retry_after: u64, who: Who },
+    #[error("the monthly budget of {0} is exhausted")]
+    BudgetExceeded(Who),
     #[error("limits cannot be checked right now (shared state unavailable); retry shortly")]
     SharedStateUnavailable,
+}
+
+/// Whose limit or budget refused: the tenant as a whole, or one of its end users (the id has
+/// the tenant-id charset, so it is safe to show the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    Tenant,
+    EndUser(Arc<str>),
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tenant => f.write_str("this tenant"),
+            Self::EndUser(u) => write!(f, "end user `{u}`"),
+        }
+    }
 }
 
 /// What to do with a policy when Redis cannot be reached.
@@ -91,11 +108,14 @@ pub(super) enum Refusal {
     Unavailable,
 }
 
-impl From<Refusal> for AdmitError {
-    fn from(r: Refusal) -> Self {
-        match r {
-            Refusal::Rate(s) => AdmitError::RateLimited { retry_after: s },
-            Refusal::Budget => AdmitError::BudgetExceeded,
+impl Refusal {
+    fn by(self, who: &Who) -> AdmitError {
+        match self {
+            Refusal::Rate(s) => AdmitError::RateLimited {
+                retry_after: s,
+                who: who.clone(),
+            },
+            Refusal::Budget => AdmitError::BudgetExceeded(who.clone()),
             Refusal::Unavailable => AdmitError::SharedStateUnavailable,
         }
     }
@@ -122,20 +142,46 @@ pub struct Admission {
     member: String,
     local_scopes: Vec<(Arc<Scope>, Arc<LimitSpec>)>,
     redis_scopes: Vec<(String, Arc<LimitSpec>)>,
-    /// (estimate, period, decided in Redis) of a budget reservation.
-    reservation: Option<(u64, String, bool)>,
-    budget: Option<BudgetSpec>,
+    /// The budgets this request reserves from: its end user's, then its tenant's.
+    holds: Vec<Hold>,
     /// With `on_exhausted: cut`: what this request may cost before its stream is ended (the
     /// budget left after everyone else's spend and reservations when it was admitted).
     allowance: Option<u64>,
     done: bool,
 }
 
+/// One budget a request reserves from.
+#[derive(Debug)]
+struct Hold {
+    who: Who,
+    /// The ledger's and the local maps' key: `tenant`, or `tenant/end_user` (`/` is in no
+    /// id, so the two never collide).
+    subject: Arc<str>,
+    /// The Redis key parts before `res`/`spend`: `{tenant}`, or `{tenant}:@end_user`.
+    parts: Vec<Box<str>>,
+    spec: BudgetSpec,
+    /// (estimate, period, decided in Redis) once reserved.
+    reservation: Option<(u64, String, bool)>,
+}
+
+impl Hold {
+    fn key(&self, p: &Policy, what: &str, period: &str) -> String {
+        let mut parts: Vec<&str> = self.parts.iter().map(|x| &**x).collect();
+        parts.extend([what, period]);
+        p.key(&parts)
+    }
+}
+
+/// The ledger key of an end user's spend: `tenant/end_user`.
+pub fn end_user_subject(tenant: &str, user: &str) -> String {
+    format!("{tenant}/{user}")
+}
+
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admission")
             .field("tenant", &self.tenant)
-            .field("reservation", &self.reservation)
+            .field("holds", &self.holds)
             .finish()
     }
 }
@@ -205,18 +251,45 @@ impl Policy {
         }
     }
 
-    /// The rate limits of `tenant` on provider `idx`: refused, or an admission to hold;
-    /// `None` (nothing allocated, nothing to settle) for a tenant with no limits or budget.
+    /// The rate limits of `tenant` on provider `idx`, and of its end user if the request names
+    /// one: refused, or an admission to hold; `None` (nothing allocated, nothing to settle)
+    /// when no limit or budget applies.
     pub async fn admit(
         self: &Arc<Self>,
         tenant: &Arc<str>,
-        provider: &str,
-        idx: usize,
+        end_user: Option<&Arc<str>>,
+        (provider, idx): (&str, usize),
         policy: &TenantPolicy,
         request_id: u64,
     ) -> Result<Option<Admission>, AdmitError> {
-        if policy.limits.is_none() && policy.provider_limits.is_empty() && policy.budget.is_none() {
+        let user_limits = end_user.and(policy.end_user_limits.as_ref());
+        let user_budget = end_user.and(policy.end_user_budget.as_ref());
+        if policy.limits.is_none()
+            && policy.provider_limits.is_empty()
+            && policy.budget.is_none()
+            && user_limits.is_none()
+            && user_budget.is_none()
+        {
             return Ok(None);
+        }
+        let mut holds = Vec::new();
+        if let (Some(u), Some(b)) = (end_user, user_budget) {
+            holds.push(Hold {
+                who: Who::EndUser(u.clone()),
+                subject: end_user_subject(tenant, u).into(),
+                parts: vec![(**tenant).into(), format!("@{u}").into()],
+                spec: b.clone(),
+                reservation: None,
+            });
+        }
+        if let Some(b) = &policy.budget {
+            holds.push(Hold {
+                who: Who::Tenant,
+                subject: tenant.clone(),
+                parts: vec![(**tenant).into()],
+                spec: b.clone(),
+                reservation: None,
+            });
         }
         let mut adm = Admission {
             policy: self.clone(),
@@ -224,8 +297,7 @@ impl Policy {
             member: format!("{request_id:016x}"),
             local_scopes: Vec::new(),
             redis_scopes: Vec::new(),
-            reservation: None,
-            budget: policy.budget.clone(),
+            holds,
             allowance: None,
             done: false,
         };
@@ -236,13 +308,34 @@ impl Policy {
         if let Some((_, l)) = policy.provider_limits.iter().find(|(i, _)| *i == idx) {
             specs.push((format!("{tenant}/{provider}"), l.clone()));
         }
-        if specs.is_empty() {
-            return Ok(Some(adm));
+        self.take(&mut adm, specs, &Who::Tenant).await?;
+        // The end user's limits in a call of their own, so a refusal names whose limit it
+        // was; a refusal here drops `adm`, which gives back what the tenant's took.
+        if let (Some(u), Some(l)) = (end_user, user_limits) {
+            let who = Who::EndUser(u.clone());
+            self.take(&mut adm, vec![(format!("{tenant}/@{u}"), l.clone())], &who)
+                .await?;
         }
+        Ok(Some(adm))
+    }
+
+    /// Takes a slot and a request from every scope of `specs` into `adm`, in Redis when it
+    /// answers, else locally (or refused, for a `fail_closed` policy).
+    async fn take(
+        self: &Arc<Self>,
+        adm: &mut Admission,
+        specs: Vec<(String, Arc<LimitSpec>)>,
+        who: &Who,
+    ) -> Result<(), AdmitError> {
+        if specs.is_empty() {
+            return Ok(());
+        }
+        let closed = specs
+            .iter()
+            .any(|(_, l)| l.on_shared_state_error == FailMode::Closed);
         if let Some(s) = self.conn() {
             let mut rkeys = Vec::with_capacity(specs.len() * 3);
             let mut args = vec![adm.member.clone(), SLOT_TTL.as_millis().to_string()];
-            let mut keys = Vec::new();
             for (scope, l) in &specs {
                 for what in ["conc", "rpm", "tpm"] {
                     rkeys.push(self.scope_key(scope, what));
@@ -250,25 +343,24 @@ impl Policy {
                 args.push(l.concurrent.unwrap_or(0).to_string());
                 args.push(l.requests_per_minute.unwrap_or(0).to_string());
                 args.push(l.tokens_per_minute.unwrap_or(0).to_string());
-                keys.push((scope.clone(), l.clone()));
             }
             let r = s.run::<(u8, u64)>(Script::Admit, &rkeys, &args).await;
             match self.redis_result(&s, r) {
                 Some((0, _)) => {
-                    adm.redis_scopes = keys;
-                    return Ok(Some(adm));
+                    adm.redis_scopes.extend(specs);
+                    return Ok(());
                 }
-                Some((_, wait)) => return Err(Refusal::Rate(wait.max(1)).into()),
+                Some((_, wait)) => return Err(Refusal::Rate(wait.max(1)).by(who)),
                 None => {
                     // The script may have run before the call failed (a timeout): give back
                     // any slot it took, once Redis answers again.
                     let mut release_keys = Vec::new();
                     let mut release_args =
-                        vec![adm.member.clone(), keys.len().to_string(), "0".into()];
-                    for (scope, _) in &keys {
+                        vec![adm.member.clone(), specs.len().to_string(), "0".into()];
+                    for (scope, _) in &specs {
                         release_keys.push(self.scope_key(scope, "conc"));
                     }
-                    for (scope, _) in &keys {
+                    for (scope, _) in &specs {
                         release_keys.push(self.scope_key(scope, "tpm"));
                         release_args.push("0".into());
                     }
@@ -278,20 +370,13 @@ impl Policy {
                         release_args,
                         None,
                     ));
-                    if specs
-                        .iter()
-                        .any(|(_, l)| l.on_shared_state_error == FailMode::Closed)
-                    {
-                        return Err(Refusal::Unavailable.into());
+                    if closed {
+                        return Err(Refusal::Unavailable.by(who));
                     }
                 }
             }
-        } else if self.shared.is_some()
-            && specs
-                .iter()
-                .any(|(_, l)| l.on_shared_state_error == FailMode::Closed)
-        {
-            return Err(Refusal::Unavailable.into());
+        } else if self.shared.is_some() && closed {
+            return Err(Refusal::Unavailable.by(who));
         }
         let scopes: Vec<(Arc<Scope>, Arc<LimitSpec>)> = specs
             .iter()
@@ -299,9 +384,9 @@ impl Policy {
             .collect();
         let view: Vec<(Arc<Scope>, &LimitSpec)> =
             scopes.iter().map(|(s, l)| (s.clone(), &**l)).collect();
-        self.local.admit(&view)?;
-        adm.local_scopes = scopes;
-        Ok(Some(adm))
+        self.local.admit(&view).map_err(|r| r.by(who))?;
+        adm.local_scopes.extend(scopes);
+        Ok(())
     }
 
     /// The tenant's spend this month per this replica's ledger (all replicas' with the
@@ -310,7 +395,11 @@ impl Policy {
         self.metrics.ledger.month(tenant, now).cost_nanos()
     }
 
-    fn publish(&self, tenant: &str, spent: u64, b: &BudgetSpec, period: &str) {
+    /// The tenant's budget gauge and its alert. An end user's spend is never a metric label.
+    fn publish(&self, who: &Who, tenant: &str, spent: u64, b: &BudgetSpec, period: &str) {
+        if *who != Who::Tenant {
+            return;
+        }
         self.metrics.budget(tenant, spent, b.monthly_nanos);
         if let Some(a) = b.alert_at
             && spent as f64 >= a * b.monthly_nanos as f64
@@ -329,26 +418,52 @@ impl Policy {
 }
 
 impl Admission {
-    /// Reserves `estimate` nano-dollars of the tenant's budget, if it has one.
+    /// Reserves `estimate` nano-dollars of every budget the request falls under: its end
+    /// user's, then its tenant's. A refusal by the second gives back the first.
     pub async fn reserve(&mut self, estimate: u64, now: i64) -> Result<(), AdmitError> {
-        let Some(b) = self.budget.clone() else {
-            return Ok(());
-        };
+        for i in 0..self.holds.len() {
+            match self.reserve_one(i, estimate, now).await {
+                Ok(allowance) => {
+                    self.allowance = match (self.allowance, allowance) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                Err(e) => {
+                    for h in &mut self.holds[..i] {
+                        if let Some(r) = h.reservation.take() {
+                            self.policy.release_hold(&self.member, h, r);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves from hold `i`; the allowance left under it for a `cut` budget.
+    async fn reserve_one(
+        &mut self,
+        i: usize,
+        estimate: u64,
+        now: i64,
+    ) -> Result<Option<u64>, AdmitError> {
         let p = self.policy.clone();
+        let h = &self.holds[i];
+        let b = h.spec.clone();
         let period = crate::vocab::clock::month_of(now);
-        let tenant = self.tenant.clone();
+        let subject = h.subject.clone();
+        let who = h.who.clone();
         if let Some(s) = p.conn() {
-            let seed = p.ledger_spend(&tenant, now);
+            let seed = p.ledger_spend(&subject, now);
             let unsynced = p
                 .local
                 .unsynced_spend
-                .remove(&(Box::<str>::from(&*tenant), period.clone()))
+                .remove(&(Box::<str>::from(&*subject), period.clone()))
                 .map_or(0, |(_, v)| v);
             let member = format!("{}:{estimate}", self.member);
-            let keys = [
-                p.key(&[&tenant, "res", &period]),
-                p.key(&[&tenant, "spend", &period]),
-            ];
+            let keys = [h.key(&p, "res", &period), h.key(&p, "spend", &period)];
             let args = [
                 member.clone(),
                 estimate.to_string(),
@@ -361,15 +476,14 @@ impl Admission {
             let r = s.run::<(u8, u64, u64)>(Script::Reserve, &keys, &args).await;
             match p.redis_result(&s, r) {
                 Some((ok, spent, others)) => {
-                    p.publish(&tenant, spent, &b, &period);
+                    p.publish(&who, &self.tenant, spent, &b, &period);
                     if ok == 1 {
-                        self.reservation = Some((estimate, period, true));
-                        self.allowance = b
+                        self.holds[i].reservation = Some((estimate, period, true));
+                        return Ok(b
                             .cut
-                            .then(|| b.monthly_nanos.saturating_sub(spent + others));
-                        return Ok(());
+                            .then(|| b.monthly_nanos.saturating_sub(spent + others)));
                     }
-                    return Err(Refusal::Budget.into());
+                    return Err(Refusal::Budget.by(&who));
                 }
                 None => {
                     // The script may have run before the call failed (its answer lost): give
@@ -378,7 +492,7 @@ impl Admission {
                     // one slot set is a plain ZREM (no tokens: the bucket is not touched).
                     tokio::spawn(finish_in_redis(
                         p.clone(),
-                        vec![p.key(&[&tenant, "res", &period]), p.key(&[&tenant, "tpm"])],
+                        vec![keys[0].clone(), p.key(&[&self.tenant, "tpm"])],
                         vec![member, "1".into(), "0".into(), "0".into()],
                         None,
                     ));
@@ -386,37 +500,45 @@ impl Admission {
                     if unsynced > 0 {
                         *p.local
                             .unsynced_spend
-                            .entry((Box::<str>::from(&*tenant), period.clone()))
+                            .entry((Box::<str>::from(&*subject), period.clone()))
                             .or_default() += unsynced;
                     }
                     if b.on_shared_state_error == FailMode::Closed {
-                        return Err(Refusal::Unavailable.into());
+                        return Err(Refusal::Unavailable.by(&who));
                     }
                 }
             }
         } else if p.shared.is_some() && b.on_shared_state_error == FailMode::Closed {
-            return Err(Refusal::Unavailable.into());
+            return Err(Refusal::Unavailable.by(&who));
         }
-        // Local: spend from the ledger, reservations in an atomic per tenant. The add is
+        // Local: spend from the ledger, reservations in an atomic per subject. The add is
         // done first and undone on refusal, so two racing requests cannot both fit.
-        let reserved = p.local.reserved(&tenant);
+        let reserved = p.local.reserved(&subject);
         let before = reserved.fetch_add(estimate, Ordering::AcqRel);
-        let spent = p.ledger_spend(&tenant, now);
-        p.publish(&tenant, spent, &b, &period);
+        let spent = p.ledger_spend(&subject, now);
+        p.publish(&who, &self.tenant, spent, &b, &period);
         if spent >= b.monthly_nanos || spent + before + estimate > b.monthly_nanos {
             reserved.fetch_sub(estimate, Ordering::AcqRel);
-            return Err(Refusal::Budget.into());
+            return Err(Refusal::Budget.by(&who));
         }
-        self.reservation = Some((estimate, period, false));
-        self.allowance = b
-            .cut
-            .then(|| b.monthly_nanos.saturating_sub(spent + before));
-        Ok(())
+        self.holds[i].reservation = Some((estimate, period, false));
+        Ok(b.cut
+            .then(|| b.monthly_nanos.saturating_sub(spent + before)))
     }
 
     /// With `on_exhausted: cut`, what this request may cost before its stream is ended.
     pub fn allowance(&self) -> Option<u64> {
         self.allowance
+    }
+
+    /// Whether the request falls under a budget (its tenant's or its end user's).
+    pub fn budgeted(&self) -> bool {
+        !self.holds.is_empty()
+    }
+
+    /// Output tokens assumed for a request that sets no `max_tokens`: the tightest budget's.
+    pub fn default_max_tokens(&self) -> Option<u64> {
+        self.holds.iter().map(|h| h.spec.default_max_tokens).max()
     }
 
     /// The response ended: debit the tokens it used and settle the reservation to its cost.
@@ -432,62 +554,118 @@ impl Admission {
         self.done = true;
         let p = self.policy.clone();
         p.local.release(&self.local_scopes, tokens);
-        if let Some((est, _, false)) = &self.reservation {
-            p.local
-                .reserved(&self.tenant)
-                .fetch_sub(*est, Ordering::AcqRel);
-            if let Some(b) = &self.budget {
-                let now = crate::vocab::unix_now();
-                let period = crate::vocab::clock::month_of(now);
-                p.publish(&self.tenant, p.ledger_spend(&self.tenant, now), b, &period);
-                if p.shared.is_some() {
-                    // Decided locally during an outage: Redis gets this spend when it returns.
-                    *p.local
-                        .unsynced_spend
-                        .entry((Box::<str>::from(&*self.tenant), period))
-                        .or_default() += cost;
+        let now = crate::vocab::unix_now();
+        let mut redis_holds = Vec::new();
+        for h in &mut self.holds {
+            match h.reservation.take() {
+                Some((est, _, false)) => {
+                    p.local
+                        .reserved(&h.subject)
+                        .fetch_sub(est, Ordering::AcqRel);
+                    let period = crate::vocab::clock::month_of(now);
+                    p.publish(
+                        &h.who,
+                        &self.tenant,
+                        p.ledger_spend(&h.subject, now),
+                        &h.spec,
+                        &period,
+                    );
+                    if p.shared.is_some() {
+                        // Decided locally during an outage: Redis gets this spend when it
+                        // returns.
+                        *p.local
+                            .unsynced_spend
+                            .entry((Box::<str>::from(&*h.subject), period))
+                            .or_default() += cost;
+                    }
                 }
+                Some((est, period, true)) => redis_holds.push((h, est, period)),
+                None => {}
             }
         }
-        let redis_reservation = matches!(self.reservation, Some((_, _, true)));
-        if self.redis_scopes.is_empty() && !redis_reservation {
+        if p.shared.is_none() || (self.redis_scopes.is_empty() && redis_holds.is_empty()) {
             return;
         }
-        if p.shared.is_none() {
+        // The slots and the first budget in one script call; any further budget (the tenant's,
+        // after its end user's) in a call of its own with no slots.
+        let mut holds = redis_holds.into_iter();
+        let first = holds.next();
+        let calls = std::iter::once((self.redis_scopes.as_slice(), first))
+            .chain(holds.map(|h| (&[][..], Some(h))));
+        for (slots, hold) in calls {
+            if slots.is_empty() && hold.is_none() {
+                continue;
+            }
+            let mut keys: Vec<String> = Vec::new();
+            let mut args: Vec<String> = vec![
+                self.member.clone(),
+                slots.len().to_string(),
+                tokens.to_string(),
+            ];
+            for (scope, _) in slots {
+                keys.push(p.scope_key(scope, "conc"));
+            }
+            for (scope, l) in slots {
+                keys.push(p.scope_key(scope, "tpm"));
+                args.push(l.tokens_per_minute.unwrap_or(0).to_string());
+            }
+            let owed = hold.map(|(h, est, period)| {
+                keys.push(h.key(&p, "res", &period));
+                keys.push(h.key(&p, "spend", &period));
+                args.push(format!("{}:{est}", self.member));
+                args.push(cost.to_string());
+                args.push(p.ledger_spend(&h.subject, now).to_string());
+                args.push(SPEND_TTL_SECS.to_string());
+                Owed {
+                    who: h.who.clone(),
+                    tenant: self.tenant.clone(),
+                    subject: h.subject.clone(),
+                    period,
+                    spec: h.spec.clone(),
+                    cost,
+                }
+            });
+            tokio::spawn(finish_in_redis(p.clone(), keys, args, owed));
+        }
+    }
+}
+
+/// Spend a finish call settles in Redis, kept for later if Redis never takes it.
+struct Owed {
+    who: Who,
+    tenant: Arc<str>,
+    subject: Arc<str>,
+    period: String,
+    spec: BudgetSpec,
+    cost: u64,
+}
+
+impl Policy {
+    /// Gives back a reservation of a request refused by a later budget.
+    fn release_hold(
+        self: &Arc<Self>,
+        member: &str,
+        h: &Hold,
+        (est, period, redis): (u64, String, bool),
+    ) {
+        if !redis {
+            self.local
+                .reserved(&h.subject)
+                .fetch_sub(est, Ordering::AcqRel);
             return;
         }
-        let mut keys: Vec<String> = Vec::new();
-        let mut args: Vec<String> = vec![
-            self.member.clone(),
-            self.redis_scopes.len().to_string(),
-            tokens.to_string(),
+        let keys = vec![h.key(self, "res", &period), h.key(self, "spend", &period)];
+        let args = vec![
+            member.to_string(),
+            "0".into(),
+            "0".into(),
+            format!("{member}:{est}"),
+            "0".into(),
+            self.ledger_spend(&h.subject, crate::vocab::unix_now())
+                .to_string(),
+            SPEND_TTL_SECS.to_string(),
         ];
-        let scope_key = |scope: &str, what: &str| p.scope_key(scope, what);
-        for (scope, _) in &self.redis_scopes {
-            keys.push(scope_key(scope, "conc"));
-        }
-        for (scope, l) in &self.redis_scopes {
-            keys.push(scope_key(scope, "tpm"));
-            args.push(l.tokens_per_minute.unwrap_or(0).to_string());
-        }
-        let budget = match (&self.reservation, &self.budget) {
-            (Some((est, period, true)), Some(b)) => Some((*est, period.clone(), b.clone())),
-            _ => None,
-        };
-        let tenant = self.tenant.clone();
-        if let Some((est, period, _)) = &budget {
-            keys.push(p.key(&[&tenant, "res", period]));
-            keys.push(p.key(&[&tenant, "spend", period]));
-            args.push(format!("{}:{est}", self.member));
-            args.push(cost.to_string());
-            args.push(
-                p.ledger_spend(&tenant, crate::vocab::unix_now())
-                    .to_string(),
-            );
-            args.push(SPEND_TTL_SECS.to_string());
-        }
-        let owed = budget.map(|(_, period, b)| (tenant, period, b, cost));
-        tokio::spawn(finish_in_redis(p, keys, args, owed));
+        tokio::spawn(finish_in_redis(self.clone(), keys, args, None));
     }
 }
 
@@ -496,30 +674,25 @@ impl Admission {
 /// (by then Redis expired them itself) and leaves the spend owed for the next reservation.
 /// A call that timed out may have run: retrying can count its spend twice, which errs
 /// toward refusing, never toward overspending.
-async fn finish_in_redis(
-    p: Arc<Policy>,
-    keys: Vec<String>,
-    args: Vec<String>,
-    owed: Option<(Arc<str>, String, BudgetSpec, u64)>,
-) {
+async fn finish_in_redis(p: Arc<Policy>, keys: Vec<String>, args: Vec<String>, owed: Option<Owed>) {
     let deadline = std::time::Instant::now() + SLOT_TTL;
     let mut wait = Duration::from_millis(250);
     loop {
         if let Some(s) = p.conn() {
             let r = s.run::<u64>(Script::Finish, &keys, &args).await;
             if let Some(spent) = p.redis_result(&s, r) {
-                if let Some((tenant, period, b, _)) = &owed {
-                    p.publish(tenant, spent, b, period);
+                if let Some(o) = &owed {
+                    p.publish(&o.who, &o.tenant, spent, &o.spec, &o.period);
                 }
                 return;
             }
         }
         if std::time::Instant::now() >= deadline {
-            if let Some((tenant, period, _, cost)) = owed {
+            if let Some(o) = owed {
                 *p.local
                     .unsynced_spend
-                    .entry((Box::<str>::from(&*tenant), period))
-                    .or_default() += cost;
+                    .entry((Box::<str>::from(&*o.subject), o.period))
+                    .or_default() += o.cost;
             }
             return;
         }
@@ -568,6 +741,12 @@ pub struct TenantPolicy {
     /// Rate limits of (tenant, provider index), checked on top of the tenant's.
     pub provider_limits: Vec<(usize, Arc<LimitSpec>)>,
     pub budget: Option<BudgetSpec>,
+    /// Rate limits of each end user (`limits.end_user`), on top of the tenant's.
+    pub end_user_limits: Option<Arc<LimitSpec>>,
+    /// The monthly budget of each end user (`budget.end_user_monthly_usd`).
+    pub end_user_budget: Option<BudgetSpec>,
+    /// Refuse a request that names no end user.
+    pub require_end_user: bool,
     /// `failover`: per source provider index, what to try after its keys failed. Empty for
     /// most tenants, so the lookup is a scan of nothing.
     pub failover: Arc<[(usize, Box<[FailoverStep]>)]>,

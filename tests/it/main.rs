@@ -10,6 +10,7 @@ mod admin_api;
 mod cli;
 mod deploy;
 mod drain;
+mod end_users;
 mod failover;
 mod faults;
 mod fuzz_seeds;

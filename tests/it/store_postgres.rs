@@ -317,8 +317,19 @@ async fn the_usage_ledger_is_shared_by_replicas_and_survives_restarts() {
         .await
         .is_some()
     );
+    // Three of them by end user alice: her usage is in the shared ledger too.
     for _ in 0..3 {
-        assert_eq!(chat(&a.data, "acme").await.status, 200);
+        let got = send(
+            &client(),
+            request(
+                "POST",
+                &format!("{}/v1/chat/completions", a.data),
+                &[("x-tenant-id", "acme"), ("x-end-user-id", "alice")],
+                CHAT,
+            ),
+        )
+        .await;
+        assert_eq!(got.status, 200);
     }
     for _ in 0..1 {
         assert_eq!(chat(&b.data, "acme").await.status, 200);
@@ -349,6 +360,17 @@ async fn the_usage_ledger_is_shared_by_replicas_and_survives_restarts() {
     )
     .await;
     assert_eq!(usage_requests(&mine), 5, "{}", mine.text());
+    let alice = |s: &'static str| {
+        move |got: Got| {
+            let v = got.json();
+            assert_eq!(v["end_users"][0]["end_user"], "alice", "{s}: {v}");
+            assert_eq!(v["end_users"][0]["requests"], 3, "{s}: {v}");
+            assert_eq!(v["total"], 1, "{s}: {v}");
+        }
+    };
+    alice("B, through PostgreSQL")(
+        admin(&b, "GET", "/admin/tenants/acme/usage?by=end_user", "").await,
+    );
 
     // One more on A, then both stop (SIGTERM flushes); a fresh replica still has all 6.
     assert_eq!(chat(&a.data, "acme").await.status, 200);
@@ -363,4 +385,5 @@ async fn the_usage_ledger_is_shared_by_replicas_and_survives_restarts() {
     let c = serve_env(&env_a, "c", &[]).await;
     let got = admin(&c, "GET", "/admin/tenants/acme/usage", "").await;
     assert_eq!(usage_requests(&got), 6, "{}", got.text());
+    alice("after a restart")(admin(&c, "GET", "/admin/tenants/acme/usage?by=end_user", "").await);
 }
