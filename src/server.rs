@@ -243,9 +243,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .map(|t| t.keys.len())
         .sum();
     metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
+    let policy = crate::policy::Policy::new(cfg.shared_state.as_ref(), metrics.clone());
     let sweeper = {
         let keyring = keyring.clone();
         let metrics = metrics.clone();
+        let policy = policy.clone();
         let pg = pg.clone();
         let every = (cfg.key_cache.ttl / 4).max(std::time::Duration::from_secs(1));
         tokio::spawn(async move {
@@ -257,13 +259,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                         keyring.sweep();
                         metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
                     }
-                    _ = flush.tick() => flush_ledger(&metrics, pg.as_deref()).await,
+                    _ = flush.tick() => {
+                        policy.sweep();
+                        flush_ledger(&metrics, pg.as_deref()).await;
+                    }
                 }
             }
         })
     };
     let upstream = Upstream::new(&cfg.upstream, &cfg.limits)?;
-    let policy = crate::policy::Policy::new(cfg.shared_state.as_ref(), metrics.clone());
     let proxy = Arc::new(Proxy::new(
         cfg.clone(),
         keyring,

@@ -184,6 +184,27 @@ impl Local {
         }
     }
 
+    /// Drops the state of scopes and reservations nobody holds and that would start afresh
+    /// anyway: no request in flight, buckets idle for a minute (refilled to their cap), no
+    /// reservation. End users come and go by the million; their state must not stay.
+    pub(super) fn sweep(&self) {
+        let idle = |b: &Mutex<Option<Bucket>>| {
+            b.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                // Not in debt at its last touch, and a minute of refill since: full.
+                .is_none_or(|b| b.level >= 0.0 && b.at.elapsed().as_secs() >= 60)
+        };
+        self.scopes.retain(|_, s| {
+            Arc::strong_count(s) > 1
+                || s.inflight.load(Ordering::Acquire) > 0
+                || !idle(&s.rpm)
+                || !idle(&s.tpm)
+        });
+        self.reserved
+            .retain(|_, r| Arc::strong_count(r) > 1 || r.load(Ordering::Acquire) > 0);
+    }
+
     pub(super) fn reserved(&self, tenant: &str) -> Arc<AtomicU64> {
         if let Some(r) = self.reserved.get(tenant) {
             return r.clone();
@@ -196,6 +217,37 @@ impl Local {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_sweep_forgets_only_idle_state() {
+        let local = Local::default();
+        let spec = LimitSpec {
+            requests_per_minute: Some(10),
+            tokens_per_minute: None,
+            concurrent: Some(1),
+            on_shared_state_error: super::super::FailMode::Open,
+        };
+        let held = local.scope("acme/@alice");
+        local.admit(&[(held.clone(), &spec)]).unwrap();
+        let idle = local.scope("acme/@bob");
+        local.admit(&[(idle.clone(), &spec)]).unwrap();
+        local.release(&[(idle.clone(), Arc::new(spec.clone()))], 0);
+        drop(idle);
+        local.reserved("acme/carol").fetch_add(5, Ordering::AcqRel);
+        local.reserved("acme/dave");
+        local.sweep();
+        // bob's bucket was used a moment ago: kept until it has refilled.
+        assert_eq!(local.scopes.len(), 2);
+        if let Some(s) = local.scopes.get("acme/@bob") {
+            let mut g = s.rpm.lock().unwrap();
+            g.as_mut().unwrap().at -= Duration::from_secs(61);
+        }
+        local.sweep();
+        assert!(local.scopes.contains_key("acme/@alice"), "in flight");
+        assert!(!local.scopes.contains_key("acme/@bob"), "idle and refilled");
+        assert!(local.reserved.contains_key("acme/carol"));
+        assert!(!local.reserved.contains_key("acme/dave"));
+    }
 
     #[test]
     fn buckets_refill_per_minute_and_say_when() {

@@ -222,6 +222,11 @@ impl Policy {
         }
     }
 
+    /// Forgets idle local state (see [`Local::sweep`]); run every few seconds.
+    pub fn sweep(&self) {
+        self.local.sweep();
+    }
+
     /// The shared state, when it has a connection.
     fn conn(&self) -> Option<Arc<Shared>> {
         let s = self.shared.as_ref()?;
