@@ -91,6 +91,21 @@ async fn each_end_user_is_held_to_its_own_limit_and_metered_on_its_own() {
     assert_eq!(chat(base, "acme", None, carol).await.status, 200);
     assert_eq!(chat(base, "acme", None, carol).await.status, 200);
     assert_eq!(chat(base, "acme", None, carol).await.code(), "rate_limited");
+    // The same on a provider's own OpenAI-wire route, whose body is otherwise streamed unread.
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!("{base}/openai/v1/chat/completions"),
+            &[
+                ("x-tenant-id", "acme"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model":"gpt-4o-mini","safety_identifier":"erin","messages":[]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
     let got = chat(
         base,
         "acme",
@@ -129,7 +144,7 @@ async fn each_end_user_is_held_to_its_own_limit_and_metered_on_its_own() {
     .await;
     assert_eq!(got.code(), "bad_request");
 
-    // Top spenders first, paged: alice and carol (2 each, by name), then bob (1).
+    // Top spenders first, paged: alice and carol (2 each, by name), then bob and erin (1).
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let page = |q: &'static str| {
         let url = format!("http://{}/admin/tenants/acme/usage?{q}", s.admin);
@@ -143,22 +158,23 @@ async fn each_end_user_is_held_to_its_own_limit_and_metered_on_its_own() {
         .iter()
         .map(|u| u["end_user"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["alice", "carol", "bob"], "{v}");
-    assert_eq!(v["total"], 3);
+    assert_eq!(names, ["alice", "carol", "bob", "erin"], "{v}");
+    assert_eq!(v["total"], 4);
     assert_eq!(v["end_users"][0]["requests"], 2);
     let v = page("by=end_user&limit=2").await;
     assert_eq!(v["end_users"].as_array().unwrap().len(), 2);
     assert_eq!(v["next_offset"], 2);
     let v = page("by=end_user&limit=2&offset=2").await;
     assert_eq!(v["end_users"][0]["end_user"], "bob");
+    assert_eq!(v["end_users"][1]["end_user"], "erin");
     assert!(v["next_offset"].is_null());
     // The tenant's own totals still count every request once.
     let v = page("").await;
-    assert_eq!(v["providers"]["openai"]["gpt-4o-mini"]["requests"], 6);
+    assert_eq!(v["providers"]["openai"]["gpt-4o-mini"]["requests"], 7);
 
     // In the access log; never in a metric.
     let m = metrics(s.admin.parse().unwrap()).await;
-    for u in ["alice", "bob", "carol"] {
+    for u in ["alice", "bob", "carol", "erin"] {
         assert!(!m.contains(u), "{u} became a metric label");
     }
     let logs = s.logs();
