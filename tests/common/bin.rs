@@ -316,6 +316,20 @@ impl PgDb {
     }
 }
 
+/// Deletes every key under `prefix` from the machine's Redis, leaving it as it was.
+pub fn redis_forget(prefix: &str) {
+    let keys = Command::new("redis-cli")
+        .args(["-p", "6379", "--scan", "--pattern"])
+        .arg(format!("{prefix}*"))
+        .output()
+        .unwrap();
+    for k in String::from_utf8_lossy(&keys.stdout).lines() {
+        let _ = Command::new("redis-cli")
+            .args(["-p", "6379", "DEL", k])
+            .output();
+    }
+}
+
 /// A random number for names that must not collide between test runs.
 pub fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};

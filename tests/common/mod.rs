@@ -523,6 +523,15 @@ impl Env {
         Config::load(&self.config_path).unwrap()
     }
 
+    /// The events of the `audit: { file: audit.jsonl }` beside the config.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     pub fn store_path(&self) -> PathBuf {
         self.dir.path().join(".byokd/keys.json")
     }

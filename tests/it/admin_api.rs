@@ -72,14 +72,6 @@ async fn chat(r: &byokd::server::Running, headers: &[(&str, &str)]) -> Got {
     .await
 }
 
-fn audit_events(env: &Env) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(env.dir.path().join("audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn admin_api_manages_keys_and_tokens_and_never_returns_a_secret() {
     let up = fake_upstream().await;
@@ -93,7 +85,8 @@ async fn admin_api_manages_keys_and_tokens_and_never_returns_a_secret() {
         call(&r, "GET", "/admin/keys", "wrong", "").await.status,
         401
     );
-    let denied = audit_events(&env)
+    let denied = env
+        .audit_events()
         .into_iter()
         .filter(|e| e["event"] == "admin_denied")
         .count();
@@ -298,7 +291,7 @@ async fn admin_api_manages_keys_and_tokens_and_never_returns_a_secret() {
     );
 
     // The audit trail has every change and every call, and no key material.
-    let events = audit_events(&env);
+    let events = env.audit_events();
     for e in [
         "key_register",
         "key_rotate",

@@ -257,15 +257,5 @@ async fn one_end_users_budget_holds_across_two_replicas_sharing_redis() {
         "alice's spend is kept in Redis beside the tenant's"
     );
 
-    // Leave the machine's Redis as it was.
-    let keys = Command::new("redis-cli")
-        .args(["-p", "6379", "--scan", "--pattern"])
-        .arg(format!("{prefix}*"))
-        .output()
-        .unwrap();
-    for k in String::from_utf8_lossy(&keys.stdout).lines() {
-        let _ = Command::new("redis-cli")
-            .args(["-p", "6379", "DEL", k])
-            .output();
-    }
+    redis_forget(&prefix);
 }

@@ -48,16 +48,8 @@ async fn chat(base: &str, tenant: &str) -> Got {
     .await
 }
 
-fn audit_lines(env: &Env) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(env.dir.path().join("audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn decrypts(env: &Env, key_id: &str) -> usize {
-    audit_lines(env)
+    env.audit_events()
         .iter()
         .filter(|l| l["event"] == "key_decrypt" && l["key_id"] == key_id)
         .count()
@@ -65,7 +57,7 @@ fn decrypts(env: &Env, key_id: &str) -> usize {
 
 /// Refreshes of a key past its TTL that the KMS did not answer (the stale entry then serves).
 fn failed_refreshes(env: &Env, key_id: &str) -> usize {
-    audit_lines(env)
+    env.audit_events()
         .iter()
         .filter(|l| {
             l["event"] == "key_decrypt"
@@ -78,7 +70,7 @@ fn failed_refreshes(env: &Env, key_id: &str) -> usize {
 
 /// Whether `key_id` was decrypted through the KMS key `kek`.
 fn decrypted_under(env: &Env, key_id: &str, kek: &str) -> bool {
-    audit_lines(env).iter().any(|l| {
+    env.audit_events().iter().any(|l| {
         l["event"] == "key_decrypt"
             && l["key_id"] == key_id
             && l["kek_id"] == kek
@@ -224,7 +216,7 @@ async fn aws_kms_envelopes_through_the_real_binary() {
         s.logs()
     );
     assert!(
-        audit_lines(&env)
+        env.audit_events()
             .iter()
             .any(|l| l["event"] == "key_decrypt" && l["tenant"] == "thief" && l["ok"] == false)
     );
@@ -405,7 +397,8 @@ async fn aws_kms_envelopes_through_the_real_binary() {
             assert_eq!(r["kek_id"], key_b.as_str(), "{r}");
         }
     }
-    let rewraps = audit_lines(&env)
+    let rewraps = env
+        .audit_events()
         .iter()
         .filter(|l| l["event"] == "key_rewrap")
         .count();

@@ -419,17 +419,7 @@ async fn two_replicas_share_rate_limits_and_budget_through_redis() {
         }),
         "spend in Redis: {spend}"
     );
-    // Leave the machine's Redis as it was.
-    let keys = Command::new("redis-cli")
-        .args(["-p", "6379", "--scan", "--pattern"])
-        .arg(format!("{prefix}*"))
-        .output()
-        .unwrap();
-    for k in String::from_utf8_lossy(&keys.stdout).lines() {
-        let _ = Command::new("redis-cli")
-            .args(["-p", "6379", "DEL", k])
-            .output();
-    }
+    redis_forget(&prefix);
 }
 
 fn eventually_sync(mut f: impl FnMut() -> bool) -> bool {

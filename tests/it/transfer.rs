@@ -55,14 +55,6 @@ async fn ask(base: &str, tenant: &str, route: &str) -> Got {
     .await
 }
 
-fn audit(env: &Env) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(env.dir.path().join("audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn cli(env: &Env, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     byokd_env(&env.config_path, args, stdin, AWS_ENV)
 }
@@ -208,7 +200,7 @@ async fn keys_move_from_a_local_kek_file_store_into_postgres_under_aws_kms_while
 
     // Each live data key: unwrapped by the local KEK, wrapped by the KMS key, both audited;
     // B then decrypted through KMS.
-    let log = audit(&dst);
+    let log = dst.audit_events();
     let events = |e: &str| log.iter().filter(|l| l["event"] == e).collect::<Vec<_>>();
     let unwraps = events("key_import_unwrap");
     let rewraps = events("key_import_rewrap");
@@ -227,7 +219,8 @@ async fn keys_move_from_a_local_kek_file_store_into_postgres_under_aws_kms_while
     );
     assert_eq!(
         events("keys_export").len()
-            + audit(&src)
+            + src
+                .audit_events()
                 .iter()
                 .filter(|l| l["event"] == "keys_export")
                 .count(),
