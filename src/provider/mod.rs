@@ -20,6 +20,7 @@ use crate::vocab::AuthValue;
 
 mod anthropic;
 mod azure;
+mod azure_ai;
 mod cohere;
 mod elevenlabs;
 mod gemini;
@@ -27,19 +28,20 @@ mod ollama;
 mod openai;
 
 /// Every kind, by its `kind` config value.
-pub static KINDS: [&dyn Kind; 7] = [
+pub static KINDS: [&dyn Kind; 8] = [
     &openai::OpenAi,
     &anthropic::Anthropic,
     &gemini::Gemini,
     &azure::Azure,
+    &azure_ai::AzureAi,
     &ollama::Ollama,
     &cohere::Cohere,
     &elevenlabs::ElevenLabs,
 ];
 
 /// Providers that exist without config: name, kind, base URL. An OpenAI-compatible host is
-/// one line. Azure has no public host, so its base URL is empty and it is dropped unless
-/// the config sets one.
+/// one line. Azure's two APIs have no public host, so their base URLs are empty and they are
+/// dropped unless the config sets one.
 pub const BUILTINS: &[(&str, &str, &str)] = &[
     ("openai", "openai", "https://api.openai.com"),
     ("anthropic", "anthropic", "https://api.anthropic.com"),
@@ -49,6 +51,7 @@ pub const BUILTINS: &[(&str, &str, &str)] = &[
         "https://generativelanguage.googleapis.com",
     ),
     ("azure", "azure", ""),
+    ("azure_ai", "azure_ai", ""),
     ("mistral", "openai", "https://api.mistral.ai"),
     ("openrouter", "openai", "https://openrouter.ai/api"),
     ("groq", "openai", "https://api.groq.com/openai"),

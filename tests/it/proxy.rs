@@ -1054,6 +1054,57 @@ async fn cohere_v2_chat_is_metered_from_billed_units_with_the_requests_model() {
 }
 
 #[tokio::test]
+async fn azure_ai_inference_takes_its_key_in_api_key_natively_and_by_model() {
+    let up = fake_upstream().await;
+    let key = "azureai-canary-0123456789abcdef0123";
+    let (_env, byokd) = with_builtin(&up, "azure_ai", key).await;
+    let call = |path: &str, model: &str| {
+        request(
+            "POST",
+            &format!("http://{}{path}", byokd.data_addr),
+            &[
+                ("x-tenant-id", "acme"),
+                ("api-key", "app-side-key"),
+                ("content-type", "application/json"),
+            ],
+            &format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#),
+        )
+    };
+    let got = send(
+        &client(),
+        call(
+            "/azure_ai/models/chat/completions?api-version=2024-05-01-preview",
+            "DeepSeek-R1",
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let s = up.last();
+    assert_eq!(s.path, "/models/chat/completions");
+    assert_eq!(s.query.as_deref(), Some("api-version=2024-05-01-preview"));
+    assert_eq!(s.headers["api-key"], key, "the app's api-key is replaced");
+    assert!(!s.headers.contains_key("authorization"));
+
+    // An OpenAI SDK reaches it by model name, through the resource's OpenAI v1 API.
+    let got = send(
+        &client(),
+        call("/v1/chat/completions", "azure_ai/DeepSeek-R1"),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let s = up.last();
+    assert_eq!(s.path, "/openai/v1/chat/completions");
+    assert!(String::from_utf8_lossy(&s.body).contains(r#""model":"DeepSeek-R1""#));
+    let m = metrics_after(byokd.admin_addr, 2).await;
+    let input = sample(
+        &m,
+        "byokd_tokens_total",
+        &["provider=\"azure_ai\"", "type=\"input\""],
+    );
+    assert!(input.is_some_and(|n| n > 0.0), "{m}");
+}
+
+#[tokio::test]
 async fn elevenlabs_speech_is_metered_in_characters_of_its_text() {
     let up = fake_upstream().await;
     let (_env, byokd) = with_builtin(&up, "elevenlabs", "sk_canary0123456789abcdef").await;

@@ -131,6 +131,22 @@ const CASES: &[Case] = &[
         tokens: (19, 0, 0, 31, 0),
         model: "accounts/fireworks/models/llama-v3p1-8b-instruct",
     },
+    // Azure AI inference: the OpenAI dialect with content-filter fields around it, and a
+    // first stream chunk with no model and no choices.
+    Case {
+        file: "azure_ai_chat.json",
+        kind: "azure_ai",
+        content_type: "application/json",
+        tokens: (9, 0, 0, 23, 0),
+        model: "DeepSeek-R1",
+    },
+    Case {
+        file: "azure_ai_chat_stream.sse",
+        kind: "azure_ai",
+        content_type: "text/event-stream",
+        tokens: (11, 0, 0, 2, 0),
+        model: "Phi-4",
+    },
     // Cohere v2 bills `billed_units` (not the larger `tokens`, which include its system
     // prompt) and names no model in the answer.
     Case {
