@@ -48,6 +48,20 @@ pub struct Candidate {
     /// An end user's own key: already a credential, never pooled.
     given: Option<Credential>,
     load: Option<Arc<KeyLoad>>,
+    /// A candidate of a tiered alias: its own endpoint and body.
+    over: Option<Arc<Override>>,
+}
+
+/// One candidate of a `models:` alias with several: the request goes to its provider's
+/// OpenAI-compatible endpoint with its own model name in the body.
+#[derive(Debug)]
+pub struct Override {
+    pub path: &'static str,
+    pub body: Bytes,
+    /// Its index in the alias's candidates (for the time-to-first-byte average).
+    pub tier: usize,
+    /// `provider/model`, for the response header and the metric label.
+    pub label: Box<str>,
 }
 
 /// The attempts a request may make, in order. One key and no chain (the usual case) is a
@@ -78,12 +92,30 @@ impl Plan {
                 source: credential.source,
                 given: Some(credential),
                 load: None,
+                over: None,
             }],
             counted: false,
         }
     }
 
     /// More than one attempt is possible, so the request body must be replayable.
+    /// Every attempt of this plan goes to `over`'s endpoint with its body.
+    pub fn over(mut self, over: Arc<Override>) -> Self {
+        for c in &mut self.candidates {
+            c.over = Some(over.clone());
+        }
+        self
+    }
+
+    /// `next`'s attempts after this plan's (a tiered alias's next candidate), up to
+    /// [`MAX_ATTEMPTS`] in all.
+    pub fn then(mut self, next: Plan) -> Self {
+        self.candidates.extend(next.candidates);
+        self.candidates.truncate(MAX_ATTEMPTS);
+        self.counted = self.counted || next.counted || self.candidates.len() > 1;
+        self
+    }
+
     pub fn can_retry(&self) -> bool {
         self.candidates.len() > 1
     }
@@ -190,6 +222,7 @@ fn single(provider: usize, record: Arc<KeyRecord>, source: KeySource) -> Plan {
             source,
             given: None,
             load: None,
+            over: None,
         }],
         counted: false,
     }
@@ -237,6 +270,7 @@ impl Builder<'_> {
                 source,
                 given: None,
                 load: Some(load),
+                over: None,
             };
             if cooling == 0 {
                 self.out.push(c);
@@ -268,6 +302,7 @@ impl Builder<'_> {
             source: KeySource::None,
             given: None,
             load: None,
+            over: None,
         });
     }
 }
@@ -342,6 +377,8 @@ pub struct Attempted {
     pub lease: Option<Lease>,
     /// byokd added `include_usage` to this attempt's body.
     pub asked_usage: bool,
+    /// The tier candidate that answered, for a tiered alias.
+    pub over: Option<Arc<Override>>,
 }
 
 /// What the attempt loop needs from the pipeline.
@@ -423,12 +460,29 @@ impl Attempts<'_> {
                 Some(t) => t,
                 None => break,
             };
-            let (mut body, asked_usage) =
-                payload.body_for(provider, self.route.path.is_some(), &mut parts.headers);
+            let (mut body, asked_usage, route) = match &cand.over {
+                Some(o) => {
+                    let (b, asked) = Payload::whole(o.body.clone(), true).body_for(
+                        provider,
+                        true,
+                        &mut parts.headers,
+                    );
+                    let route = Route {
+                        path: Some(o.path),
+                        ..*self.route
+                    };
+                    (b, asked, route)
+                }
+                None => {
+                    let (b, asked) =
+                        payload.body_for(provider, self.route.path.is_some(), &mut parts.headers);
+                    (b, asked, *self.route)
+                }
+            };
             rewrite(
                 &mut parts,
                 provider,
-                self.route,
+                &route,
                 credential.as_ref(),
                 self.tenant_headers,
             )?;
@@ -474,6 +528,7 @@ impl Attempts<'_> {
                             source: cand.source,
                             lease,
                             asked_usage,
+                            over: cand.over,
                         });
                     };
                     self.metrics.upstream_error(&provider.name, kind);
@@ -485,6 +540,7 @@ impl Attempts<'_> {
                             source: cand.source,
                             lease,
                             asked_usage,
+                            over: cand.over.clone(),
                         }),
                     )
                 }

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::provider::{CompatEndpoint, ErrorShape, Provider, openai_wire};
 use crate::record::Recorder;
 use crate::rewrite::{strip_hop_by_hop, strip_own_headers};
-use crate::route::{Target, check_method, route};
+use crate::route::{ByModel, Target, check_method, route};
 use crate::stream_usage::{
     BodyKind, Peeked, RequestBody, StripUsage, read_bounded, speech_characters,
 };
@@ -209,14 +209,18 @@ impl Proxy {
         // route by model: a `/v1` chat or embeddings body read first, when its `model` may
         // name another provider (`provider/model` or an alias).
         let mut early = None;
+        let mut tier = None;
         let idx = match route.target {
             Target::Default => match CompatEndpoint::of_path(parts.uri.path())
                 .filter(|_| parts.method == http::Method::POST)
             {
                 Some(ep) => {
                     let incoming = body.take().ok_or(LimitError::ClientClosed)?;
-                    let (peeked, routed) = self.by_model(incoming, ep, &mut permit).await?;
+                    let (peeked, routed, t) = self
+                        .by_model(incoming, ep, &mut permit, (&tenant, policy))
+                        .await?;
                     early = Some(peeked);
+                    tier = t;
                     match routed {
                         Some((i, path)) => {
                             route.target = Target::Named(i);
@@ -286,8 +290,13 @@ impl Proxy {
 
         // credential: the end user's own key if sent (and allowed), else the tenant's key
         // pool and failover chain; each attempt below decrypts the key it uses.
-        let plan = self.plan(&parts, &tenant, policy, (idx, &provider))?;
-        let plan = if by_model { plan.only(idx) } else { plan };
+        let plan = match &tier {
+            Some(t) => self.tier_plan(&parts, &tenant, policy, t)?,
+            None if by_model => self
+                .plan(&parts, &tenant, policy, (idx, &provider))?
+                .only(idx),
+            None => self.plan(&parts, &tenant, policy, (idx, &provider))?,
+        };
 
         // forward: the body (read first when byokd must look inside or may resend it), the
         // budget reservation, then the attempts.
@@ -320,6 +329,12 @@ impl Proxy {
         }
         let done = outcome?;
         self.metrics.first_byte(done.provider, ctx.started);
+        let chosen = done.over.clone();
+        if let (Some(t), Some(o)) = (&tier, &chosen) {
+            let us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            t.route.candidates[o.tier].observe(us);
+            self.metrics.model_choice(&t.alias, &o.label);
+        }
         drop(permit);
 
         // meter + record
@@ -333,7 +348,11 @@ impl Proxy {
             admission,
             cut,
         };
-        self.respond(done, metered, ctx).await
+        let mut resp = self.respond(done, metered, ctx).await?;
+        if let Some(v) = chosen.and_then(|o| http::HeaderValue::from_str(&o.label).ok()) {
+            resp.headers_mut().insert(MODEL_HEADER, v);
+        }
+        Ok(resp)
     }
 
     /// The forward step's attempt loop for this request.
@@ -462,29 +481,130 @@ impl Proxy {
     /// is `provider/model` or a `models:` alias, names that provider and its OpenAI-compatible
     /// path and rewrites the body's `model` (and nothing else). A provider without such an
     /// endpoint is a 400 naming its native route.
+    /// An alias with several candidates becomes a [`Tier`]: the candidates the tenant may
+    /// use, in the alias's rule order, each with its own body.
     async fn by_model(
         &self,
         body: Incoming,
         ep: CompatEndpoint,
         permit: &mut crate::accept::BufferPermit<'_>,
-    ) -> Result<(Peeked, Option<(usize, &'static str)>), ProxyError> {
+        (tenant, policy): (&str, &crate::policy::TenantPolicy),
+    ) -> Result<ModelRouted, ProxyError> {
         let cfg = &*self.config;
         let peeked = self.read_inspected(self.limited(body), permit).await?;
         let Peeked::Whole(b) = &peeked else {
-            return Ok((peeked, None));
+            return Ok((peeked, None, None));
         };
         let Some((model, at)) = crate::route::body_model(b) else {
-            return Ok((peeked, None));
+            return Ok((peeked, None, None));
         };
-        let Some((idx, name)) = crate::route::by_model(&cfg.providers, &cfg.models, &model) else {
-            return Ok((peeked, None));
+        let (idx, name) = match crate::route::by_model(&cfg.providers, &cfg.models, &model) {
+            None => return Ok((peeked, None, None)),
+            Some(ByModel::Provider(i, m)) => (i, m),
+            Some(ByModel::Alias(r)) if r.candidates.len() > 1 => {
+                if let Some(tier) = self.tier(r, &model, ep, b, at.clone(), (tenant, policy)) {
+                    let first = &tier.overs[0];
+                    let idx = r.candidates[first.tier].provider;
+                    let routed = (idx, first.path);
+                    return Ok((Peeked::Whole(first.body.clone()), Some(routed), Some(tier)));
+                }
+                (r.candidates[0].provider, &*r.candidates[0].model)
+            }
+            Some(ByModel::Alias(r)) => (r.candidates[0].provider, &*r.candidates[0].model),
         };
         let provider = &cfg.providers[idx];
         let path = provider
             .openai_compat(ep)
             .ok_or_else(|| crate::route::RouteError::NoCompatEndpoint(provider.name.to_string()))?;
         let rewritten = crate::route::with_model(b, at, name);
-        Ok((Peeked::Whole(rewritten), Some((idx, path))))
+        Ok((Peeked::Whole(rewritten), Some((idx, path)), None))
+    }
+
+    /// The candidates of alias `r` the tenant may use, in its rule's order: allowed, with an
+    /// OpenAI-compatible endpoint for `ep`, and a key (its own or the platform's). `None`
+    /// when none qualifies: the first candidate is then tried alone, and its error answers.
+    fn tier(
+        &self,
+        r: &Arc<crate::route::ModelRoute>,
+        alias: &str,
+        ep: CompatEndpoint,
+        body: &[u8],
+        at: std::ops::Range<usize>,
+        (tenant, policy): (&str, &crate::policy::TenantPolicy),
+    ) -> Option<Tier> {
+        let cfg = &*self.config;
+        let price = |c: &crate::route::TierCandidate| {
+            let p = self
+                .metrics
+                .pricing
+                .price(&cfg.providers[c.provider].name, &c.model)?;
+            Some(p.input.saturating_add(p.output))
+        };
+        let snap = self.keyring.snapshot();
+        let now = crate::vocab::unix_now();
+        let has_key = |p: &Provider| {
+            !p.kind.requires_key()
+                || snap.key_for(tenant, &p.name, now).is_some()
+                || (policy.platform_fallback
+                    && snap
+                        .key_for(crate::keys::PLATFORM_TENANT, &p.name, now)
+                        .is_some())
+        };
+        let overs: Vec<Arc<crate::failover::Override>> = r
+            .ordered(price)
+            .into_iter()
+            .filter_map(|i| {
+                let c = &r.candidates[i];
+                let provider = &cfg.providers[c.provider];
+                if !policy.allows(c.provider) || !has_key(provider) {
+                    return None;
+                }
+                Some(Arc::new(crate::failover::Override {
+                    path: provider.openai_compat(ep)?,
+                    body: crate::route::with_model(body, at.clone(), &c.model),
+                    tier: i,
+                    label: format!("{}/{}", provider.name, c.model).into(),
+                }))
+            })
+            .collect();
+        (!overs.is_empty()).then(|| Tier {
+            alias: alias.into(),
+            route: r.clone(),
+            overs,
+        })
+    }
+
+    /// A tiered alias's plan: each candidate's keys in turn, each with its own body.
+    fn tier_plan(
+        &self,
+        parts: &http::request::Parts,
+        tenant: &Arc<str>,
+        policy: &crate::policy::TenantPolicy,
+        tier: &Tier,
+    ) -> Result<crate::failover::Plan, ProxyError> {
+        let cfg = &*self.config;
+        let mut plan: Option<crate::failover::Plan> = None;
+        let mut first_err = None;
+        for o in &tier.overs {
+            let idx = tier.route.candidates[o.tier].provider;
+            match self.plan(parts, tenant, policy, (idx, &cfg.providers[idx])) {
+                Ok(p) => {
+                    let p = p.only(idx).over(o.clone());
+                    plan = Some(match plan {
+                        Some(before) => before.then(p),
+                        None => p,
+                    });
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match (plan, first_err) {
+            (Some(p), _) => Ok(p),
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(CredentialError::NoKey(String::new()).into()),
+        }
     }
 
     /// The allow-list, the rate limits (an admission held until the response ends) and the
@@ -708,6 +828,20 @@ struct Metered {
     admission: Option<crate::policy::Admission>,
     cut: Option<crate::cut::CutPlan>,
 }
+
+/// What routing by model found: the body (rewritten for the chosen provider), that provider
+/// and its endpoint, and for an alias with several candidates, all of them.
+type ModelRouted = (Peeked, Option<(usize, &'static str)>, Option<Tier>);
+
+/// The candidates of a tiered alias this request may try, in order.
+struct Tier {
+    alias: Box<str>,
+    route: Arc<crate::route::ModelRoute>,
+    overs: Vec<Arc<crate::failover::Override>>,
+}
+
+/// Response header naming the candidate of a tiered alias that answered: `provider/model`.
+const MODEL_HEADER: http::HeaderName = http::HeaderName::from_static("x-byokd-model");
 
 /// The request body as the forward step gets it.
 enum Body {

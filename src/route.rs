@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -116,31 +117,101 @@ pub fn route(providers: &[Arc<Provider>], path: &str) -> Result<Route, RouteErro
     }
 }
 
-/// A `models:` alias: the provider (index into the configured providers) and its model name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelRoute {
+/// How an alias orders its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// As listed.
+    Order,
+    /// Lowest price per token first (input plus output, from the price table); unpriced last.
+    Cheapest,
+    /// Lowest moving average of time to first byte first; one never measured goes first, so
+    /// every candidate gets measured.
+    Fastest,
+}
+
+/// One (provider, model) an alias may go to.
+#[derive(Debug)]
+pub struct TierCandidate {
     pub provider: usize,
     pub model: Box<str>,
+    /// Moving average of time to first byte, in µs; 0: not measured yet.
+    ttfb_us: AtomicU64,
+}
+
+impl TierCandidate {
+    pub fn new(provider: usize, model: &str) -> Self {
+        Self {
+            provider,
+            model: model.into(),
+            ttfb_us: AtomicU64::new(0),
+        }
+    }
+
+    /// The moving average of time to first byte, once measured.
+    pub fn ttfb_us(&self) -> Option<u64> {
+        Some(self.ttfb_us.load(Ordering::Relaxed)).filter(|&v| v > 0)
+    }
+
+    /// Adds one time to first byte to the moving average (weight 1/8: a few slow answers
+    /// move it, one does not).
+    pub fn observe(&self, us: u64) {
+        let us = us.max(1);
+        let _ = self
+            .ttfb_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 { us } else { old - old / 8 + us / 8 })
+            });
+    }
+}
+
+/// A `models:` alias: one `provider/model`, or candidates and the rule ordering them.
+#[derive(Debug)]
+pub struct ModelRoute {
+    pub candidates: Box<[TierCandidate]>,
+    pub rule: Rule,
+}
+
+impl ModelRoute {
+    /// Candidate indexes in the rule's order; `price` is a candidate's price per token.
+    pub fn ordered(&self, price: impl Fn(&TierCandidate) -> Option<u64>) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.candidates.len()).collect();
+        match self.rule {
+            Rule::Order => {}
+            Rule::Cheapest => {
+                order.sort_by_key(|&i| price(&self.candidates[i]).unwrap_or(u64::MAX));
+            }
+            Rule::Fastest => order.sort_by_key(|&i| self.candidates[i].ttfb_us().unwrap_or(0)),
+        }
+        order
+    }
+}
+
+/// Where a `/v1` request's `model` sends it.
+#[derive(Debug)]
+pub enum ByModel<'a> {
+    /// `provider/model` naming a configured provider (the rest is its model name).
+    Provider(usize, &'a str),
+    /// A `models:` alias.
+    Alias(&'a Arc<ModelRoute>),
 }
 
 /// Where a `/v1` request's `model` sends it: a `models:` alias, or `provider/model` naming a
-/// configured provider (the rest is that provider's model name). `None`: the tenant's default
-/// provider, model unchanged (an OpenRouter-style `vendor/model` whose vendor is not a
-/// configured provider stays as it is).
+/// configured provider. `None`: the tenant's default provider, model unchanged (an
+/// OpenRouter-style `vendor/model` whose vendor is not a configured provider stays as it is).
 pub fn by_model<'a>(
     providers: &[Arc<Provider>],
-    aliases: &'a HashMap<Box<str>, ModelRoute>,
+    aliases: &'a HashMap<Box<str>, Arc<ModelRoute>>,
     model: &'a str,
-) -> Option<(usize, &'a str)> {
+) -> Option<ByModel<'a>> {
     if let Some(r) = aliases.get(model) {
-        return Some((r.provider, &r.model));
+        return Some(ByModel::Alias(r));
     }
     let (prefix, rest) = model.split_once('/')?;
     if rest.is_empty() {
         return None;
     }
     let idx = providers.iter().position(|p| &*p.name == prefix)?;
-    Some((idx, rest))
+    Some(ByModel::Provider(idx, rest))
 }
 
 /// The top-level `model` of a JSON request body: its text, and the byte range of its JSON
@@ -204,8 +275,12 @@ mod tests {
         )
         .unwrap();
         let idx = |n: &str| cfg.providers.iter().position(|p| &*p.name == n).unwrap();
-        let pick =
-            |m: &str| by_model(&cfg.providers, &cfg.models, m).map(|(i, m)| (i, m.to_string()));
+        let pick = |m: &str| match by_model(&cfg.providers, &cfg.models, m)? {
+            ByModel::Provider(i, m) => Some((i, m.to_string())),
+            ByModel::Alias(r) => {
+                Some((r.candidates[0].provider, r.candidates[0].model.to_string()))
+            }
+        };
         assert_eq!(
             pick("anthropic/claude-sonnet-4-5"),
             Some((idx("anthropic"), "claude-sonnet-4-5".into()))
@@ -232,6 +307,46 @@ mod tests {
             "ft:gpt-4o:acme",
         ] {
             assert_eq!(pick(unchanged), None, "{unchanged}");
+        }
+    }
+
+    #[test]
+    fn tiers_order_their_candidates_by_their_rule() {
+        let cfg = crate::config::Config::from_yaml(
+            "models:\n  t: { candidates: [openai/a, anthropic/b, gemini/c], rule: fastest }\n  c: { candidates: [openai/a, anthropic/b, gemini/c], rule: cheapest }\n  o: { candidates: [gemini/c, openai/a] }\n",
+            std::path::Path::new("/x/byokd.yaml"),
+        )
+        .unwrap();
+        let alias = |n: &'static str| match by_model(&cfg.providers, &cfg.models, n) {
+            Some(ByModel::Alias(r)) => r.clone(),
+            other => panic!("{other:?}"),
+        };
+        let price = |c: &TierCandidate| match &*c.model {
+            "a" => Some(30),
+            "b" => None,
+            _ => Some(10),
+        };
+        assert_eq!(alias("o").ordered(price), [0, 1]);
+        assert_eq!(alias("c").ordered(price), [2, 0, 1], "unpriced last");
+        let t = alias("t");
+        // Unmeasured first, so each gets measured; then the fastest average.
+        t.candidates[0].observe(900);
+        t.candidates[2].observe(300);
+        assert_eq!(t.ordered(price), [1, 2, 0]);
+        t.candidates[1].observe(2_000);
+        assert_eq!(t.ordered(price), [2, 0, 1]);
+        // One slow answer moves the average by an eighth.
+        t.candidates[2].observe(8_300);
+        assert_eq!(t.candidates[2].ttfb_us(), Some(300 - 300 / 8 + 8_300 / 8));
+        for bad in [
+            "models: { x: { candidates: [] } }\n",
+            "models: { x: { candidates: [openai/a], rule: random } }\n",
+            "models: { x: { candidates: [nowhere/a] } }\n",
+        ] {
+            assert!(
+                crate::config::Config::from_yaml(bad, std::path::Path::new("/x/b.yaml")).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -40,9 +40,9 @@ pub(crate) struct FileConfig {
     /// `registered` (default) or `open`: whether a tenant named by a trusted source must
     /// have a key or token in the store (or a config entry) to exist.
     pub(crate) tenants_from_identity: Option<String>,
-    /// Model aliases for `/v1`: alias => `provider/model`.
+    /// Model aliases for `/v1`: alias => `provider/model`, or candidates and a rule.
     #[serde(default)]
-    pub(crate) models: BTreeMap<String, String>,
+    pub(crate) models: BTreeMap<String, ModelFile>,
     #[serde(default)]
     pub(crate) end_user: EndUserFile,
 }
@@ -217,6 +217,17 @@ pub(crate) struct BudgetFile {
     pub(crate) on_exhausted: Option<String>,
     pub(crate) default_max_tokens: Option<u64>,
     pub(crate) on_shared_state_error: Option<String>,
+}
+
+/// One `models:` alias: `provider/model`, or `{ candidates: [provider/model, ...], rule }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum ModelFile {
+    One(String),
+    Tier {
+        candidates: Vec<String>,
+        rule: Option<String>,
+    },
 }
 
 /// `end_user`: where the end user inside a tenant is named.

@@ -103,7 +103,7 @@ pub struct Config {
     /// certificate exists with the `defaults` policy even with nothing in the store.
     pub open_tenants: bool,
     /// `models:` aliases a `/v1` request's `model` may name.
-    pub models: HashMap<Box<str>, crate::route::ModelRoute>,
+    pub models: HashMap<Box<str>, Arc<crate::route::ModelRoute>>,
     /// Where the end user inside a tenant is named.
     pub end_user: crate::identify::EndUserConfig,
 }

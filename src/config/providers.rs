@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::ConfigError;
 use super::Ctx;
-use super::file::ProviderFile;
+use super::file::{ModelFile, ProviderFile};
 use crate::provider::{self, Provider};
 
 /// The provider table: built-ins first, then config entries override or add. Indexes into it
@@ -113,33 +113,66 @@ pub(super) fn pricing(
 /// is matched whole, before any `provider/` prefix, so it may itself contain a `/`.
 pub(super) fn models(
     ctx: &Ctx,
-    file: &BTreeMap<String, String>,
+    file: &BTreeMap<String, ModelFile>,
     providers: &[Provider],
-) -> Result<std::collections::HashMap<Box<str>, crate::route::ModelRoute>, ConfigError> {
+) -> Result<
+    std::collections::HashMap<Box<str>, std::sync::Arc<crate::route::ModelRoute>>,
+    ConfigError,
+> {
+    use crate::route::{ModelRoute, Rule, TierCandidate};
     let mut out = std::collections::HashMap::with_capacity(file.len());
     for (alias, target) in file {
         let field = format!("models.{alias}");
         if alias.is_empty() || alias.len() > 256 {
             return Err(ctx.invalid(&field, "an alias is 1 to 256 characters".into()));
         }
-        let Some((name, model)) = target
-            .split_once('/')
-            .filter(|(p, m)| !p.is_empty() && !m.is_empty())
-        else {
-            return Err(ctx.invalid(
-                &field,
-                format!("`{target}` is not `provider/model` (e.g. `anthropic/claude-sonnet-4-5`)"),
-            ));
+        let (targets, rule) = match target {
+            ModelFile::One(t) => (std::slice::from_ref(t), Rule::Order),
+            ModelFile::Tier { candidates, rule } => {
+                let rule = match rule.as_deref() {
+                    None | Some("order") => Rule::Order,
+                    Some("cheapest") => Rule::Cheapest,
+                    Some("fastest") => Rule::Fastest,
+                    Some(o) => {
+                        return Err(ctx.invalid(
+                            &format!("{field}.rule"),
+                            format!("`{o}`: use order, cheapest or fastest"),
+                        ));
+                    }
+                };
+                if candidates.is_empty() || candidates.len() > crate::failover::MAX_ATTEMPTS {
+                    return Err(ctx.invalid(
+                        &format!("{field}.candidates"),
+                        format!("1 to {} `provider/model`", crate::failover::MAX_ATTEMPTS),
+                    ));
+                }
+                (candidates.as_slice(), rule)
+            }
         };
-        let Some(provider) = providers.iter().position(|p| &*p.name == name) else {
-            return Err(ctx.invalid(&field, format!("no provider named `{name}`")));
-        };
+        let mut candidates = Vec::with_capacity(targets.len());
+        for target in targets {
+            let Some((name, model)) = target
+                .split_once('/')
+                .filter(|(p, m)| !p.is_empty() && !m.is_empty())
+            else {
+                return Err(ctx.invalid(
+                    &field,
+                    format!(
+                        "`{target}` is not `provider/model` (e.g. `anthropic/claude-sonnet-4-5`)"
+                    ),
+                ));
+            };
+            let Some(provider) = providers.iter().position(|p| &*p.name == name) else {
+                return Err(ctx.invalid(&field, format!("no provider named `{name}`")));
+            };
+            candidates.push(TierCandidate::new(provider, model));
+        }
         out.insert(
             alias.as_str().into(),
-            crate::route::ModelRoute {
-                provider,
-                model: model.into(),
-            },
+            std::sync::Arc::new(ModelRoute {
+                candidates: candidates.into(),
+                rule,
+            }),
         );
     }
     Ok(out)

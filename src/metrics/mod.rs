@@ -65,6 +65,7 @@ pub struct Metrics {
     decryptions: Counters<2>,
     cache_hits: IntCounter,
     upstream_errors: IntCounterVec,
+    model_choices: IntCounterVec,
     pub config_reloads: IntCounterVec,
     keys_expiring: prometheus::IntGaugeVec,
     budget_spent: prometheus::GaugeVec,
@@ -149,6 +150,11 @@ impl Metrics {
             "byokd_upstream_errors_total",
             "Failed upstream attempts by kind: connect, timeout, body_too_large.",
             &["provider", "kind"],
+        )?;
+        let model_choices = counter(
+            "byokd_model_choice_total",
+            "Requests to a models: alias with several candidates, by the candidate that answered (provider/model, from the config).",
+            &["alias", "choice"],
         )?;
         let config_reloads = counter(
             "byokd_config_reloads_total",
@@ -281,6 +287,7 @@ impl Metrics {
             decryptions,
             cache_hits,
             upstream_errors,
+            model_choices,
             config_reloads,
             keys_expiring,
             budget_spent,
@@ -375,6 +382,12 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[provider, kind])
             .inc();
+    }
+
+    /// The candidate of a tiered alias that answered. Both labels come from the config, so
+    /// their number is bounded by it.
+    pub fn model_choice(&self, alias: &str, choice: &str) {
+        self.model_choices.with_label_values(&[alias, choice]).inc();
     }
 
     /// A request byokd answered itself.

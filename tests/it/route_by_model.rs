@@ -189,3 +189,111 @@ async fn a_tenant_not_allowed_the_provider_named_by_model_is_refused() {
     assert_eq!(got.status, 403, "{}", got.text());
     assert!(up.seen().is_empty());
 }
+
+async fn ask(up: &byokd::server::Running, tenant: &str, model: &str) -> Got {
+    send(
+        &client(),
+        request(
+            "POST",
+            &format!("http://{}/v1/chat/completions", up.data_addr),
+            &[
+                ("x-tenant-id", tenant),
+                ("content-type", "application/json"),
+            ],
+            &format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#),
+        ),
+    )
+    .await
+}
+
+fn sent_model(up: &FakeUpstream) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&up.last().body).unwrap();
+    v["model"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_tiered_alias_picks_by_its_rule_among_the_tenants_candidates_and_fails_over() {
+    let up = fake_upstream().await;
+    let env = Env::new(&config_yaml(
+        &up.url(),
+        "models:\n  cheap: { candidates: [openai/gpt-4o, anthropic/claude-3-5-haiku, gemini/gemini-2.0-flash], rule: cheapest }\n  listed: { candidates: [anthropic/claude-3-5-haiku, openai/gpt-4o] }\n  quick: { candidates: [anthropic/claude-3-5-haiku, openai/gpt-4o], rule: fastest }\n",
+    ));
+    // acme has no gemini key: gemini-2.0-flash, the cheapest, is not a candidate for it.
+    env.add_key("acme", "openai", CANARY_OPENAI).await;
+    env.add_key("acme", "anthropic", CANARY_ANTHROPIC).await;
+    // beta's anthropic key fails (503): the request moves to the next candidate.
+    env.add_key("beta", "openai", CANARY_OPENAI).await;
+    env.add_key("beta", "anthropic", "sk-ant-fail503-0123456789abcdef")
+        .await;
+    // gamma's anthropic key answers after two seconds.
+    env.add_key("gamma", "openai", CANARY_OPENAI).await;
+    env.add_key("gamma", "anthropic", "sk-ant-slow2s-0123456789abcdef")
+        .await;
+    let byokd = byokd::server::start(env.config()).await.unwrap();
+
+    // cheapest: claude-3-5-haiku ($4.80 per million in + out) before gpt-4o ($12.50).
+    let got = ask(&byokd, "acme", "cheap").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.headers["x-byokd-model"], "anthropic/claude-3-5-haiku");
+    assert_eq!(up.last().headers["x-api-key"], CANARY_ANTHROPIC);
+    assert_eq!(up.last().path, "/v1/chat/completions");
+    assert_eq!(sent_model(&up), "claude-3-5-haiku");
+
+    // order: as listed.
+    let got = ask(&byokd, "acme", "listed").await;
+    assert_eq!(got.headers["x-byokd-model"], "anthropic/claude-3-5-haiku");
+
+    // Failover moves to the next candidate, with that candidate's model and key.
+    let got = ask(&byokd, "beta", "cheap").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.headers["x-byokd-model"], "openai/gpt-4o");
+    assert_eq!(got.headers["x-byokd-attempts"], "2");
+    assert_eq!(sent_model(&up), "gpt-4o");
+    assert_eq!(
+        up.last().headers["authorization"],
+        format!("Bearer {CANARY_OPENAI}").as_str()
+    );
+
+    // fastest: each candidate is measured once (unmeasured first, in order), then the
+    // faster one is chosen.
+    let mut chosen = Vec::new();
+    for _ in 0..3 {
+        let got = ask(&byokd, "gamma", "quick").await;
+        assert_eq!(got.status, 200);
+        chosen.push(got.headers["x-byokd-model"].to_str().unwrap().to_string());
+    }
+    assert_eq!(
+        chosen,
+        [
+            "anthropic/claude-3-5-haiku",
+            "openai/gpt-4o",
+            "openai/gpt-4o"
+        ]
+    );
+
+    let m = metrics_after(byokd.admin_addr, 6).await;
+    let choice = |alias: &str, c: &str| {
+        sample(
+            &m,
+            "byokd_model_choice_total",
+            &[&format!("alias=\"{alias}\""), &format!("choice=\"{c}\"")],
+        )
+    };
+    assert_eq!(
+        choice("cheap", "anthropic/claude-3-5-haiku"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(choice("cheap", "openai/gpt-4o"), Some(1.0));
+    assert_eq!(choice("quick", "openai/gpt-4o"), Some(2.0));
+    // Metered under the provider that answered.
+    assert!(
+        sample(
+            &m,
+            "byokd_requests_total",
+            &["tenant=\"beta\"", "provider=\"openai\""]
+        )
+        .is_some(),
+        "{m}"
+    );
+}
