@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, request};
 use hyper::body::Incoming;
+use sha2::Digest as _;
 
 use crate::forward::Upstream;
 use crate::forward::{ForwardError, SendError};
@@ -479,6 +480,15 @@ impl Attempts<'_> {
                     (b, asked, *self.route)
                 }
             };
+            if let (true, Some(region)) = (provider.kind.signs_body(), &provider.region) {
+                // A signature covers the body: it was read whole for this (a larger one is
+                // refused before any attempt).
+                let whole = body.whole_bytes().ok_or(ForwardError::InvalidCredential)?;
+                parts.extensions.insert(crate::provider::Signing {
+                    region: region.clone(),
+                    payload_sha256: hex::encode(sha2::Sha256::digest(whole)),
+                });
+            }
             rewrite(
                 &mut parts,
                 provider,

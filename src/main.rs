@@ -159,6 +159,12 @@ fn init_tracing(serving: bool) -> tracing_appender::non_blocking::WorkerGuard {
         "warn,byokd::audit=info"
     };
     let filter = EnvFilter::try_from_env("BYOKD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // aws-sigv4 logs the canonical request at debug level, which holds a session token in the
+    // clear: never let it through, whatever BYOKD_LOG asks for.
+    let filter = match "aws_sigv4=off".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(4096)

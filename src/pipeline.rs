@@ -319,6 +319,13 @@ impl Proxy {
             _ => None,
         };
         let request_model = Arc::new(std::sync::OnceLock::new());
+        // APIs that name the model in the path (Bedrock): the label comes from there.
+        if let Some(m) = provider
+            .kind
+            .path_model(route.upstream_path(parts.uri.path()))
+        {
+            let _ = request_model.set(m.into_boxed_str());
+        }
         let body_kind = BodyKind::of(content_type(&parts.headers));
         let outcome = self
             .attempts(&route, &tenant, ctx, body_kind, request_model.clone())
@@ -423,7 +430,12 @@ impl Proxy {
             Body::Read(peeked) => peeked,
             Body::Unread(body) => {
                 let limited = self.limited(body);
-                if !(facts.usage_edit || facts.speech || may_retry || facts.budgeted) {
+                if !(facts.usage_edit
+                    || facts.speech
+                    || may_retry
+                    || facts.budgeted
+                    || facts.signed)
+                {
                     return Ok((Payload::Once(Some(RequestBody::streaming(limited))), read));
                 }
                 self.read_inspected(limited, permit).await?
@@ -441,6 +453,13 @@ impl Proxy {
                     read.characters = speech_characters(&b);
                 }
                 Payload::whole(b, facts.chat_path)
+            }
+            // A signature needs the whole body's hash: past the inspection bound it cannot
+            // be signed without holding all of it.
+            Peeked::Partial(_) if facts.signed => {
+                return Err(LimitError::BodyTooLarge(
+                    crate::stream_usage::MAX_INSPECTED_BODY as u64,
+                ));
             }
             Peeked::Partial(rb) => Payload::Once(Some(*rb)),
         };
@@ -783,6 +802,8 @@ struct Facts {
     speech: bool,
     /// The tenant has a budget: the reservation needs the body's model and output cap.
     budgeted: bool,
+    /// The provider signs requests over their body (SigV4): it is read whole.
+    signed: bool,
     declared_length: u64,
 }
 
@@ -810,6 +831,7 @@ impl Facts {
             usage_edit: chat_path && (provider.stream_usage || by_model),
             speech: is_post && capability == Capability::Speech,
             budgeted: is_post && budgeted,
+            signed: provider.kind.signs_body(),
             declared_length: declared_length(&parts.headers).unwrap_or(0),
         }
     }

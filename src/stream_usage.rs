@@ -135,6 +135,15 @@ impl Drop for RequestBody {
 
 impl RequestBody {
     /// No body (byokd's own calls, such as the key check's list-models).
+    /// The body's bytes when it is known whole (nothing left to stream).
+    pub fn whole_bytes(&self) -> Option<&[u8]> {
+        match (&self.prefix, &self.rest) {
+            (_, Some(_)) => None,
+            (Some(b), None) => Some(b),
+            (None, None) => Some(&[]),
+        }
+    }
+
     pub fn empty() -> Self {
         Self {
             prefix: None,

@@ -159,6 +159,8 @@ pub(crate) struct ProviderFile {
     pub(crate) base_url: Option<String>,
     /// Ask OpenAI-wire streams for usage (`stream_options.include_usage`) when the app did not.
     pub(crate) stream_usage: Option<bool>,
+    /// The cloud region of a kind that signs requests for one (Bedrock).
+    pub(crate) region: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -63,10 +63,33 @@ fn provider(
             ));
         }
     };
-    let base_url = match (&pf.base_url, builtin) {
-        (Some(u), _) => u.clone(),
-        (None, Some(b)) => b.base_url.clone(),
-        (None, None) => {
+    let regional = |r: &str| kind.regional_base_url(r);
+    if kind.regional_base_url("x").is_some() && pf.region.is_none() {
+        return Err(ctx.invalid(
+            &format!("{field}.region"),
+            format!(
+                "the {} kind signs requests for a region: set it (e.g. us-east-1)",
+                kind.name()
+            ),
+        ));
+    }
+    let region = match &pf.region {
+        Some(r) if regional(r).is_none() => {
+            return Err(ctx.invalid(
+                &format!("{field}.region"),
+                format!("the {} kind takes no region", kind.name()),
+            ));
+        }
+        Some(r) if r.is_empty() || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {
+            return Err(ctx.invalid(&format!("{field}.region"), format!("`{r}` is not a region")));
+        }
+        r => r.clone(),
+    };
+    let base_url = match (&pf.base_url, builtin, region.as_deref().and_then(regional)) {
+        (Some(u), _, _) => u.clone(),
+        (None, _, Some(u)) => u,
+        (None, Some(b), None) => b.base_url.clone(),
+        (None, None, None) => {
             return Err(ctx.invalid(
                 &format!("{field}.base_url"),
                 "a provider that is not built in needs a base_url".into(),
@@ -75,6 +98,7 @@ fn provider(
     };
     let mut p = Provider::new(name, kind, &base_url)
         .map_err(|m| ctx.invalid(&format!("{field}.base_url"), m))?;
+    p.region = region.map(|r| r.as_str().into());
     if let Some(su) = pf.stream_usage {
         if su && !kind.stream_usage() {
             let with: Vec<&str> = provider::KINDS

@@ -14,7 +14,7 @@ use super::kms::WrappedKey;
 use super::store::{Change, KeyRecord, KeyState, KeyStore, TokenRecord};
 use super::{KeyError, PLATFORM_TENANT, PlainKey};
 use crate::audit::Audit;
-use crate::provider::{Provider, mask};
+use crate::provider::Provider;
 use crate::vocab::{reserved_tenant_id, unix_now, valid_tenant_id};
 
 /// What a caller asks to register.
@@ -77,7 +77,7 @@ async fn seal(
         state: KeyState::Active,
         created_at: unix_now(),
         expires_at,
-        masked: mask(secret),
+        masked: provider.mask_key(secret),
         kek_id: wrapped.kek_id,
         wrapped_dek: B64.encode(&wrapped.blob),
         nonce: B64.encode(nonce),

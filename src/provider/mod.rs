@@ -21,6 +21,8 @@ use crate::vocab::AuthValue;
 mod anthropic;
 mod azure;
 mod azure_ai;
+#[cfg(feature = "bedrock")]
+mod bedrock;
 mod cohere;
 mod elevenlabs;
 mod gemini;
@@ -28,7 +30,7 @@ mod ollama;
 mod openai;
 
 /// Every kind, by its `kind` config value.
-pub static KINDS: [&dyn Kind; 8] = [
+pub static KINDS: &[&dyn Kind] = &[
     &openai::OpenAi,
     &anthropic::Anthropic,
     &gemini::Gemini,
@@ -37,6 +39,8 @@ pub static KINDS: [&dyn Kind; 8] = [
     &ollama::Ollama,
     &cohere::Cohere,
     &elevenlabs::ElevenLabs,
+    #[cfg(feature = "bedrock")]
+    &bedrock::Bedrock,
 ];
 
 /// Providers that exist without config: name, kind, base URL. An OpenAI-compatible host is
@@ -116,6 +120,11 @@ pub fn auth_headers() -> &'static [HeaderName] {
         let mut v: Vec<HeaderName> = KINDS
             .iter()
             .filter_map(|k| k.auth().header().cloned())
+            .chain(
+                KINDS
+                    .iter()
+                    .flat_map(|k| k.client_signing_headers().iter().cloned()),
+            )
             .collect();
         v.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         v.dedup();
@@ -193,6 +202,42 @@ pub trait Kind: fmt::Debug + Send + Sync {
     fn path_model(&self, _path: &str) -> Option<String> {
         None
     }
+
+    /// Whether its requests are signed over their body (SigV4): the body is then read whole
+    /// before it is sent, and its SHA-256 handed to the authenticator.
+    fn signs_body(&self) -> bool {
+        false
+    }
+
+    /// Headers of a client's own request signature, removed before byokd signs anew.
+    fn client_signing_headers(&self) -> &'static [HeaderName] {
+        &[]
+    }
+
+    /// A format check of its own for credentials that are not one key string (a JSON
+    /// object); `None`: the generic check. The message never contains the key.
+    fn key_format(&self, _key: &str) -> Option<Result<(), String>> {
+        None
+    }
+
+    /// The masked form `keys list` shows, for credentials that are not one key string.
+    fn mask(&self, _key: &str) -> Option<String> {
+        None
+    }
+
+    /// The base URL when the config gives a region and no `base_url`; `None`: the kind
+    /// takes no region.
+    fn regional_base_url(&self, _region: &str) -> Option<String> {
+        None
+    }
+}
+
+/// What a request-signing authenticator needs besides the head: the provider's region and
+/// the body's SHA-256 (lowercase hex). Put in the request's extensions by the attempt loop.
+#[derive(Debug, Clone)]
+pub struct Signing {
+    pub region: Arc<str>,
+    pub payload_sha256: String,
 }
 
 /// How a credential authenticates a request: it sets a header, or (for request-signing
@@ -316,6 +361,8 @@ pub struct Provider {
     /// Add `stream_options.include_usage` to streaming chat requests that lack it (and hide
     /// the result from the app), so streams are metered. Only kinds whose wire has it.
     pub stream_usage: bool,
+    /// The cloud region, for kinds that sign requests for one (Bedrock).
+    pub region: Option<Arc<str>>,
 }
 
 impl Provider {
@@ -328,6 +375,7 @@ impl Provider {
             authority: Authority::from_static("invalid"),
             prefix: String::new(),
             stream_usage: kind.stream_usage(),
+            region: None,
         };
         if base_url.is_empty() {
             return Ok(p);
@@ -410,8 +458,16 @@ impl Provider {
         (model, cap)
     }
 
+    /// The masked form of a key of this provider.
+    pub fn mask_key(&self, key: &str) -> String {
+        self.kind.mask(key).unwrap_or_else(|| mask(key))
+    }
+
     /// Registration-time format check; the message never contains the key.
     pub fn check_key_format(&self, key: &str) -> Result<(), String> {
+        if let Some(r) = self.kind.key_format(key) {
+            return r;
+        }
         if key.len() < 8 || key.len() > 1024 {
             return Err("a provider key is 8 to 1024 characters long".into());
         }

@@ -155,7 +155,7 @@ pub enum Capability {
 impl Capability {
     /// Classifies an upstream path (without query).
     pub fn of_path(path: &str) -> Self {
-        const TOKENS: [&str; 11] = [
+        const TOKENS: [&str; 15] = [
             "/chat/completions",
             "/completions",
             "/responses",
@@ -168,6 +168,11 @@ impl Capability {
             // Cohere v2.
             "/v2/chat",
             "/v2/embed",
+            // Bedrock.
+            "/converse",
+            "/converse-stream",
+            "/invoke",
+            "/invoke-with-response-stream",
         ];
         if TOKENS.iter().any(|s| path.ends_with(s)) || path.ends_with("/api/embed") {
             Self::Tokens

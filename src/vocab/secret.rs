@@ -51,6 +51,14 @@ impl AuthValue {
     }
 }
 
+impl AuthValue {
+    /// The key itself, for a signing scheme that derives each request's signature from it
+    /// (SigV4). It must never reach a log, an error or a header as it is.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl fmt::Debug for AuthValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AuthValue(<redacted>)")

@@ -339,6 +339,13 @@ async fn fake_respond(
             "audio/mpeg",
             Bytes::from_static(b"ID3\x04\x00fake-mp3-frames"),
         )
+    } else if path.ends_with("/converse") {
+        // Bedrock Converse: usage in camelCase, cache reads apart; the answer names no model.
+        full(
+            200,
+            "application/json",
+            r#"{"output":{"message":{"role":"assistant","content":[{"text":"Hello from Bedrock"}]}},"stopReason":"end_turn","usage":{"inputTokens":12,"outputTokens":7,"totalTokens":24,"cacheReadInputTokens":5,"cacheWriteInputTokens":0},"metrics":{"latencyMs":321}}"#,
+        )
     } else if path.ends_with("/v2/chat") {
         // Cohere v2: billed units beside the (larger) tokens; the answer names no model.
         full(

@@ -7,6 +7,7 @@
 mod common;
 
 mod admin_api;
+mod bedrock;
 mod cli;
 mod deploy;
 mod drain;

@@ -147,6 +147,15 @@ const CASES: &[Case] = &[
         tokens: (11, 0, 0, 2, 0),
         model: "Phi-4",
     },
+    // Bedrock Converse: camelCase usage with cache reads apart (and their older `...Count`
+    // twins, ignored); the answer names no model (the path does).
+    Case {
+        file: "bedrock_converse.json",
+        kind: "bedrock",
+        content_type: "application/json",
+        tokens: (14, 1024, 0, 19, 0),
+        model: "",
+    },
     // Cohere v2 bills `billed_units` (not the larger `tokens`, which include its system
     // prompt) and names no model in the answer.
     Case {

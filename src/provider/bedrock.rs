@@ -1,0 +1,308 @@
+//! Amazon Bedrock's runtime API (`/model/{id}/converse`, `converse-stream`, `invoke`,
+//! `invoke-with-response-stream`). A tenant's credential is an AWS access key (the JSON object
+//! `{"access_key_id", "secret_access_key", "session_token"?}`) with which byokd signs each
+//! request anew with SigV4, after removing the client's own signature; or a Bedrock API key,
+//! sent as a bearer token. Usage comes from the Converse answer's `usage`.
+
+use std::sync::LazyLock;
+use std::time::SystemTime;
+
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
+use http::{HeaderName, HeaderValue, StatusCode, request};
+use memchr::memmem;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::{
+    AuthValue, Authenticator, BadCredential, CompatEndpoint, ErrorShape, Kind, Signing, mask,
+};
+use crate::usage::bytes::usage_in_tail;
+use crate::usage::{Dialect, DialectRef, StreamState, Usage};
+
+/// The `bedrock` kind.
+#[derive(Debug)]
+pub struct Bedrock;
+
+/// The signing name of the Bedrock runtime.
+const SERVICE: &str = "bedrock";
+
+static SIGNING_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-amz-date"),
+    HeaderName::from_static("x-amz-security-token"),
+    HeaderName::from_static("x-amz-content-sha256"),
+];
+
+impl Kind for Bedrock {
+    fn name(&self) -> &'static str {
+        "bedrock"
+    }
+
+    fn auth(&self) -> &'static dyn Authenticator {
+        &SIGV4
+    }
+
+    /// Bedrock's OpenAI-compatible endpoint serves only some models; `/v1` by model is
+    /// refused with the native route named.
+    fn openai_compat(&self, _provider: &str, _ep: CompatEndpoint) -> Option<&'static str> {
+        None
+    }
+
+    fn usage(&self) -> DialectRef {
+        Some(&DIALECT)
+    }
+
+    fn errors(&self) -> ErrorShape {
+        ERRORS
+    }
+
+    /// Converse's `inferenceConfig.maxTokens`.
+    fn max_output_tokens(&self, body: &serde_json::Value) -> Option<u64> {
+        body.get("inferenceConfig")?.get("maxTokens")?.as_u64()
+    }
+
+    /// `/model/{id}/...`, the id percent-decoded (an ARN is sent encoded).
+    fn path_model(&self, path: &str) -> Option<String> {
+        let id = path.strip_prefix("/model/")?.split('/').next()?;
+        let decoded: String = form_urlencoded::parse(format!("m={id}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())?;
+        (!decoded.is_empty()).then_some(decoded)
+    }
+
+    fn signs_body(&self) -> bool {
+        true
+    }
+
+    fn client_signing_headers(&self) -> &'static [HeaderName] {
+        &SIGNING_HEADERS
+    }
+
+    fn key_format(&self, key: &str) -> Option<Result<(), String>> {
+        if !key.starts_with('{') {
+            return None;
+        }
+        Some(match serde_json::from_str::<AwsKey>(key) {
+            Ok(k) if valid_key_id(k.access_key_id) && !k.secret_access_key.is_empty() => Ok(()),
+            Ok(_) => Err("access_key_id is 16 to 128 letters and digits, and secret_access_key is required".into()),
+            Err(_) => Err(
+                r#"a Bedrock credential is an API key, or {"access_key_id": "...", "secret_access_key": "...", "session_token": "..."} (session_token optional)"#
+                    .into(),
+            ),
+        })
+    }
+
+    /// An access key shows its key id's ends, as AWS's console does; never the secret.
+    fn mask(&self, key: &str) -> Option<String> {
+        let k: AwsKey = serde_json::from_str(key).ok()?;
+        Some(mask(k.access_key_id))
+    }
+
+    fn regional_base_url(&self, region: &str) -> Option<String> {
+        Some(format!("https://bedrock-runtime.{region}.amazonaws.com"))
+    }
+}
+
+fn valid_key_id(id: &str) -> bool {
+    (16..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A stored AWS access key, borrowed from the decrypted key's own (zeroizing) buffer, so
+/// parsing makes no copy of the secret. A JSON escape inside a value is refused at
+/// registration: it would need one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AwsKey<'a> {
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    #[serde(default)]
+    session_token: Option<&'a str>,
+}
+
+static SIGV4: SigV4 = SigV4;
+
+/// SigV4 with the tenant's access key, or a Bedrock API key as a bearer token.
+#[derive(Debug)]
+struct SigV4;
+
+impl Authenticator for SigV4 {
+    fn credential(&self, key: &[u8]) -> AuthValue {
+        AuthValue::new("", key)
+    }
+
+    fn authorize(&self, req: &mut request::Parts, cred: &AuthValue) -> Result<(), BadCredential> {
+        let raw = cred.expose();
+        if raw.first() != Some(&b'{') {
+            let mut v = Zeroizing::new(Vec::with_capacity(raw.len() + 7));
+            v.extend_from_slice(b"Bearer ");
+            v.extend_from_slice(raw);
+            let mut h = HeaderValue::from_bytes(&v).map_err(|_| BadCredential)?;
+            h.set_sensitive(true);
+            req.headers.insert(http::header::AUTHORIZATION, h);
+            return Ok(());
+        }
+        // Parsed per request rather than cached: the parsed strings would be a second copy
+        // of the secret to keep and wipe, for a parse of some 150 bytes.
+        let key: AwsKey = serde_json::from_slice(raw).map_err(|_| BadCredential)?;
+        let signing = req
+            .extensions
+            .get::<Signing>()
+            .ok_or(BadCredential)?
+            .clone();
+        req.headers.insert(
+            HeaderName::from_static("x-amz-content-sha256"),
+            HeaderValue::from_str(&signing.payload_sha256).map_err(|_| BadCredential)?,
+        );
+        let identity = aws_credential_types::Credentials::new(
+            key.access_key_id,
+            key.secret_access_key,
+            key.session_token.map(str::to_string),
+            None,
+            "byokd",
+        )
+        .into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&signing.region)
+            .name(SERVICE)
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|_| BadCredential)?
+            .into();
+        let uri = req.uri.to_string();
+        // Host is not in the head yet (the client sets it from the URI): sign it as it will go.
+        let host = req.uri.authority().map(|a| a.as_str().to_string());
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(req.headers.len() + 1);
+        if let Some(h) = &host {
+            headers.push(("host", h));
+        }
+        for (k, v) in &req.headers {
+            headers.push((k.as_str(), v.to_str().map_err(|_| BadCredential)?));
+        }
+        let signable = SignableRequest::new(
+            req.method.as_str(),
+            &uri,
+            headers.into_iter(),
+            SignableBody::Precomputed(signing.payload_sha256.clone()),
+        )
+        .map_err(|_| BadCredential)?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|_| BadCredential)?
+            .into_parts();
+        let (new_headers, _) = instructions.into_parts();
+        for h in new_headers {
+            let name = HeaderName::from_bytes(h.name().as_bytes()).map_err(|_| BadCredential)?;
+            let mut value = HeaderValue::from_str(h.value()).map_err(|_| BadCredential)?;
+            value.set_sensitive(h.sensitive());
+            req.headers.insert(name, value);
+        }
+        Ok(())
+    }
+
+    /// Not one header: `authorization` (signature or bearer) is already stripped as the
+    /// OpenAI kind's, and the `x-amz-*` ones as [`Kind::client_signing_headers`].
+    fn header(&self) -> Option<&HeaderName> {
+        None
+    }
+}
+
+const ERRORS: ErrorShape = ErrorShape::new(error_body, None);
+
+/// The AWS JSON error body the SDKs read: `message`, with the error type beside it.
+fn error_body(_status: StatusCode, code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({ "message": message, "__type": code })
+}
+
+static DIALECT: Converse = Converse;
+
+#[derive(Debug)]
+struct Converse;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConverseUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_write_input_tokens: Option<u64>,
+}
+
+fn apply(usage: &mut Usage, c: &ConverseUsage) {
+    usage.found = true;
+    usage.input = c.input_tokens.unwrap_or(0);
+    usage.output = c.output_tokens.unwrap_or(0);
+    usage.cached_input = c.cache_read_input_tokens.unwrap_or(0);
+    usage.cache_write = c.cache_write_input_tokens.unwrap_or(0);
+    usage.clamp_tokens();
+}
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+static KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
+
+impl Dialect for Converse {
+    fn usage_events(&self) -> &'static [&'static [u8]] {
+        &[]
+    }
+
+    fn event(&self, s: &mut StreamState, data: &[u8]) {
+        if KEY.find(data).is_some()
+            && let Some(c) = usage_in_tail::<ConverseUsage>(data, USAGE_KEY)
+        {
+            apply(&mut s.usage, &c);
+        }
+    }
+
+    /// The answer names no model: the meter takes it from the path.
+    fn json(&self, u: &mut Usage, _head: &[u8], tail: &[u8]) {
+        if let Some(c) = usage_in_tail::<ConverseUsage>(tail, USAGE_KEY) {
+            apply(u, &c);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_access_key_or_an_api_key_is_accepted_and_masked_by_its_key_id() {
+        let json = r#"{"access_key_id": "AKIAIOSFODNN7EXAMPLE", "secret_access_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}"#;
+        assert_eq!(Bedrock.key_format(json), Some(Ok(())));
+        assert_eq!(Bedrock.mask(json).as_deref(), Some("AKI...MPLE"));
+        assert!(
+            Bedrock
+                .key_format("ABSKQmVkcm9ja0FQSUtleS1leGFtcGxl")
+                .is_none()
+        );
+        for bad in [
+            r#"{"access_key_id": "short", "secret_access_key": "x"}"#,
+            r#"{"access_key_id": "AKIAIOSFODNN7EXAMPLE"}"#,
+            r#"{"access_key_id": "AKIAIOSFODNN7EXAMPLE", "secret_access_key": "s", "extra": 1}"#,
+        ] {
+            let e = Bedrock.key_format(bad).unwrap().unwrap_err();
+            assert!(!e.contains("wJal") && !e.contains("EXAMPLE"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_model_comes_from_the_path_decoded() {
+        assert_eq!(
+            Bedrock
+                .path_model("/model/anthropic.claude-3-5-haiku-20241022-v1:0/converse")
+                .as_deref(),
+            Some("anthropic.claude-3-5-haiku-20241022-v1:0")
+        );
+        assert_eq!(
+            Bedrock
+                .path_model(
+                    "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fx/invoke"
+                )
+                .as_deref(),
+            Some("arn:aws:bedrock:us-east-1:1:inference-profile/x")
+        );
+        assert_eq!(Bedrock.path_model("/other"), None);
+    }
+}

@@ -1,0 +1,197 @@
+//! Amazon Bedrock through the real binary, with boto3's bedrock-runtime client holding dummy
+//! credentials: byokd strips the client's signature, signs anew with the tenant's AWS key
+//! (checked here by signing the received request again), or sends a Bedrock API key as a
+//! bearer token; Converse usage is metered under the model the path names.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::common;
+
+use std::process::Command;
+use std::time::SystemTime;
+
+use common::bin::*;
+use common::*;
+use sha2::Digest;
+
+const AKID: &str = "AKIAIOSFODNN7EXAMPLE";
+const SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYcanarySECRET";
+const SESSION: &str = "FwoGZXIvYXdzEcanarySESSIONtoken0123456789";
+const API_KEY: &str = "ABSKcanaryBedrockApiKey0123456789abcdef";
+const MODEL: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
+
+fn converse(base: &str, tenant: &str) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(format!(
+            "{}/tests/sdk/bedrock_converse.py",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args([base, tenant])
+        .output()
+        .expect("python3 with boto3 (.ci/deps) is required");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The SigV4 signature of the request the fake received, computed again from its signed
+/// headers, its body and the tenant's key, at the time it names.
+fn signature_of(seen: &Seen, base: &str) -> String {
+    let auth = seen.headers["authorization"].to_str().unwrap();
+    let signed = auth
+        .split("SignedHeaders=")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap();
+    let headers: Vec<(&str, &str)> = signed
+        .split(';')
+        .map(|n| (n, seen.headers[n].to_str().unwrap()))
+        .collect();
+    let format =
+        time::format_description::parse_borrowed::<2>("[year][month][day]T[hour][minute][second]Z")
+            .unwrap();
+    let at = time::PrimitiveDateTime::parse(seen.headers["x-amz-date"].to_str().unwrap(), &format)
+        .unwrap()
+        .assume_utc();
+    let identity =
+        aws_credential_types::Credentials::new(AKID, SECRET, Some(SESSION.into()), None, "t")
+            .into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region("us-east-1")
+        .name("bedrock")
+        .time(SystemTime::from(at))
+        .settings(aws_sigv4::http_request::SigningSettings::default())
+        .build()
+        .unwrap()
+        .into();
+    let uri = match &seen.query {
+        Some(q) => format!("{base}{}?{q}", seen.path),
+        None => format!("{base}{}", seen.path),
+    };
+    let signable = aws_sigv4::http_request::SignableRequest::new(
+        &seen.method,
+        &uri,
+        headers.into_iter(),
+        aws_sigv4::http_request::SignableBody::Bytes(&seen.body),
+    )
+    .unwrap();
+    let (_, signature) = aws_sigv4::http_request::sign(signable, &params)
+        .unwrap()
+        .into_parts();
+    signature
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
+    let up = fake_upstream().await;
+    let yaml = config_yaml(&up.url(), "")
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  bedrock: {{ kind: bedrock, region: us-east-1, base_url: \"{}\" }}\n",
+                up.url()
+            ),
+        )
+        .replace(
+            "allowed_providers: [openai,",
+            "allowed_providers: [bedrock, openai,",
+        );
+    let env = Env::new(&yaml);
+    let access_key = format!(
+        r#"{{"access_key_id": "{AKID}", "secret_access_key": "{SECRET}", "session_token": "{SESSION}"}}"#
+    );
+    let out = ok(byokd(
+        &env.config_path,
+        &["keys", "add", "--tenant", "acme", "--provider", "bedrock"],
+        Some(&access_key),
+    ));
+    assert!(out.contains("AKI...MPLE"), "masked by its key id: {out}");
+    ok(byokd(
+        &env.config_path,
+        &["keys", "add", "--tenant", "beta", "--provider", "bedrock"],
+        Some(API_KEY),
+    ));
+    let bad = byokd(
+        &env.config_path,
+        &["keys", "add", "--tenant", "acme", "--provider", "bedrock"],
+        Some(r#"{"access_key_id": "AKIAIOSFODNN7EXAMPLE"}"#),
+    );
+    assert!(!bad.status.success());
+    let s = serve(&env).await;
+
+    // An access key: the request is signed anew, for the tenant's key, over what was sent.
+    let got = converse(&s.data, "acme");
+    assert_eq!(got["text"], "Hello from Bedrock");
+    assert_eq!(got["usage"]["inputTokens"], 12);
+    let seen = up.last();
+    assert!(
+        seen.path
+            .starts_with("/model/anthropic.claude-3-5-haiku-20241022-v1")
+    );
+    assert!(seen.path.ends_with("/converse"), "{}", seen.path);
+    let auth = seen.headers["authorization"].to_str().unwrap();
+    assert!(
+        auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential={AKID}/")),
+        "{auth}"
+    );
+    assert!(auth.contains("/us-east-1/bedrock/aws4_request"), "{auth}");
+    assert_eq!(seen.headers["x-amz-security-token"], SESSION);
+    assert_eq!(
+        seen.headers["x-amz-content-sha256"],
+        hex::encode(sha2::Sha256::digest(&seen.body)).as_str()
+    );
+    assert!(!seen.headers.contains_key("x-tenant-id"));
+    let signature = auth.rsplit("Signature=").next().unwrap();
+    assert_eq!(signature, signature_of(&seen, &up.url()));
+
+    // A Bedrock API key: a bearer token, and none of the client's signing headers.
+    let got = converse(&s.data, "beta");
+    assert_eq!(got["text"], "Hello from Bedrock");
+    let seen = up.last();
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {API_KEY}").as_str()
+    );
+    for h in ["x-amz-date", "x-amz-content-sha256", "x-amz-security-token"] {
+        assert!(!seen.headers.contains_key(h), "{h} from the client");
+    }
+
+    // Metered from Converse's usage, under the model the path names.
+    let m = metrics_after(s.admin.parse().unwrap(), 2).await;
+    let tokens = |ty: &str| {
+        sample(
+            &m,
+            "byokd_tokens_total",
+            &[
+                "tenant=\"acme\"",
+                "provider=\"bedrock\"",
+                &format!("model=\"{MODEL}\""),
+                &format!("type=\"{ty}\""),
+            ],
+        )
+    };
+    assert_eq!(
+        (tokens("input"), tokens("cached_input"), tokens("output")),
+        (Some(12.0), Some(5.0), Some(7.0)),
+        "{m}"
+    );
+    // Priced from the compiled-in Bedrock prices: 12 × $0.80 + 5 × $0.08 + 7 × $4.00 per
+    // million tokens.
+    let cost = sample(
+        &m,
+        "byokd_cost_usd_total",
+        &["tenant=\"acme\"", "provider=\"bedrock\""],
+    )
+    .unwrap();
+    assert!((cost - 0.000_038).abs() < 1e-12, "{cost}");
+    let logs = s.logs();
+    for secret in [SECRET, SESSION, API_KEY] {
+        assert_no_secret(&logs, secret, "byokd's logs");
+        assert_no_secret(&m, secret, "the metrics");
+    }
+}

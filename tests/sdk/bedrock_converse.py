@@ -1,0 +1,35 @@
+"""boto3's bedrock-runtime client against byokd: dummy AWS credentials (byokd strips the
+client's SigV4 signature and signs anew with the tenant's key), the tenant in a header added
+before signing. Prints the Converse answer's text and usage as JSON.
+
+Usage: python3 bedrock_converse.py BASE_URL TENANT
+"""
+
+import json
+import sys
+
+import boto3
+from botocore.config import Config
+
+base, tenant = sys.argv[1], sys.argv[2]
+client = boto3.client(
+    "bedrock-runtime",
+    region_name="us-east-1",
+    endpoint_url=f"{base}/bedrock",
+    aws_access_key_id="AKIADUMMYDUMMYDUMMY0",
+    aws_secret_access_key="dummy-secret-the-app-never-holds-a-real-one",
+    config=Config(retries={"max_attempts": 1}),
+)
+
+
+def tenant_header(request, **_):
+    request.headers["x-tenant-id"] = tenant
+
+
+client.meta.events.register("before-sign.bedrock-runtime.*", tenant_header)
+resp = client.converse(
+    modelId="anthropic.claude-3-5-haiku-20241022-v1:0",
+    messages=[{"role": "user", "content": [{"text": "hi"}]}],
+    inferenceConfig={"maxTokens": 64},
+)
+print(json.dumps({"text": resp["output"]["message"]["content"][0]["text"], "usage": resp["usage"]}))
