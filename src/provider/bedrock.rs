@@ -238,15 +238,56 @@ fn apply(usage: &mut Usage, c: &ConverseUsage) {
 }
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
+const METRICS_KEY: &[u8] = b"\"amazon-bedrock-invocationMetrics\"";
 
 static KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
 
+/// What Bedrock adds to the last chunk of an `invoke-with-response-stream`, whatever the
+/// model's own format.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InvocationMetrics {
+    input_token_count: Option<u64>,
+    output_token_count: Option<u64>,
+    cache_read_input_token_count: Option<u64>,
+    cache_write_input_token_count: Option<u64>,
+}
+
+/// A `chunk` event's payload: the model's own event, base64 in `bytes`.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow)]
+    bytes: &'a str,
+}
+
 impl Dialect for Converse {
+    /// Event-stream messages: Converse's `metadata` (usage) and invoke's `chunk` (the
+    /// model's events, the last with Bedrock's invocation metrics).
     fn usage_events(&self) -> &'static [&'static [u8]] {
-        &[]
+        &[b"metadata", b"chunk"]
     }
 
     fn event(&self, s: &mut StreamState, data: &[u8]) {
+        if let Ok(c) = serde_json::from_slice::<Chunk<'_>>(data) {
+            use base64::Engine as _;
+            let Ok(inner) = base64::engine::general_purpose::STANDARD.decode(c.bytes) else {
+                return;
+            };
+            if memmem::find(&inner, METRICS_KEY).is_some()
+                && let Some(m) = usage_in_tail::<InvocationMetrics>(&inner, METRICS_KEY)
+            {
+                apply(
+                    &mut s.usage,
+                    &ConverseUsage {
+                        input_tokens: m.input_token_count,
+                        output_tokens: m.output_token_count,
+                        cache_read_input_tokens: m.cache_read_input_token_count,
+                        cache_write_input_tokens: m.cache_write_input_token_count,
+                    },
+                );
+            }
+            return;
+        }
         if KEY.find(data).is_some()
             && let Some(c) = usage_in_tail::<ConverseUsage>(data, USAGE_KEY)
         {

@@ -16,6 +16,8 @@
 //! by the JSON parser, so no byte pattern assumes a layout.
 
 pub mod bytes;
+#[cfg(feature = "bedrock")]
+mod eventstream;
 mod json;
 mod sse;
 
@@ -263,9 +265,21 @@ pub fn scanner_for(dialect: DialectRef, content_type: Option<&[u8]>) -> Scanner 
         Scanner::Sse(SseScanner::ndjson(dialect))
     } else if content_type_has(ct, b"json") {
         Scanner::Json(JsonScanner::new(dialect))
+    } else if cfg!(feature = "bedrock") && content_type_has(ct, b"vnd.amazon.eventstream") {
+        event_stream(dialect)
     } else {
         Scanner::Off
     }
+}
+
+#[cfg(feature = "bedrock")]
+fn event_stream(dialect: &'static dyn Dialect) -> Scanner {
+    Scanner::EventStream(eventstream::EventStreamScanner::new(dialect))
+}
+
+#[cfg(not(feature = "bedrock"))]
+fn event_stream(_: &'static dyn Dialect) -> Scanner {
+    Scanner::Off
 }
 
 /// Picks the scanner for a response of `capability`: speech responses are audio (their units
@@ -305,6 +319,8 @@ pub fn scanner_for_capability(
 pub enum Scanner {
     Sse(SseScanner),
     Json(JsonScanner),
+    #[cfg(feature = "bedrock")]
+    EventStream(eventstream::EventStreamScanner),
     Off,
 }
 
@@ -313,6 +329,8 @@ impl UsageScanner for Scanner {
         match self {
             Self::Sse(s) => s.feed(chunk),
             Self::Json(s) => s.feed(chunk),
+            #[cfg(feature = "bedrock")]
+            Self::EventStream(s) => s.feed(chunk),
             Self::Off => {}
         }
     }
@@ -321,6 +339,8 @@ impl UsageScanner for Scanner {
         match self {
             Self::Sse(s) => s.finish(),
             Self::Json(s) => s.finish(),
+            #[cfg(feature = "bedrock")]
+            Self::EventStream(s) => s.finish(),
             Self::Off => Usage::default(),
         }
     }
@@ -332,6 +352,8 @@ impl Scanner {
         match self {
             Self::Sse(s) => s.buffered(),
             Self::Json(s) => s.buffered(),
+            #[cfg(feature = "bedrock")]
+            Self::EventStream(s) => s.buffered(),
             Self::Off => 0,
         }
     }

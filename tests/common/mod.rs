@@ -339,6 +339,17 @@ async fn fake_respond(
             "audio/mpeg",
             Bytes::from_static(b"ID3\x04\x00fake-mp3-frames"),
         )
+    } else if path.ends_with("/converse-stream") {
+        // Bedrock ConverseStream: binary event-stream frames, usage in the last (`metadata`).
+        full(
+            200,
+            "application/vnd.amazon.eventstream",
+            std::fs::read(format!(
+                "{}/tests/fixtures/bedrock_converse_stream.eventstream",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap(),
+        )
     } else if path.ends_with("/converse") {
         // Bedrock Converse: usage in camelCase, cache reads apart; the answer names no model.
         full(

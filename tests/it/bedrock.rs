@@ -20,12 +20,16 @@ const API_KEY: &str = "ABSKcanaryBedrockApiKey0123456789abcdef";
 const MODEL: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
 
 fn converse(base: &str, tenant: &str) -> serde_json::Value {
+    boto3(&[base, tenant])
+}
+
+fn boto3(args: &[&str]) -> serde_json::Value {
     let out = Command::new("python3")
         .arg(format!(
             "{}/tests/sdk/bedrock_converse.py",
             env!("CARGO_MANIFEST_DIR")
         ))
-        .args([base, tenant])
+        .args(args)
         .output()
         .expect("python3 with boto3 (.ci/deps) is required");
     assert!(
@@ -161,8 +165,25 @@ async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
         assert!(!seen.headers.contains_key(h), "{h} from the client");
     }
 
-    // Metered from Converse's usage, under the model the path names.
-    let m = metrics_after(s.admin.parse().unwrap(), 2).await;
+    // ConverseStream: the event stream passes through whole (the SDK checks every frame's
+    // CRC) and is metered from its `metadata` event.
+    let got = boto3(&[&s.data, "acme", "stream"]);
+    assert_eq!(got["text"], "Hello from Bedrock");
+    assert_eq!(got["usage"]["outputTokens"], 7);
+    let seen = up.last();
+    assert!(seen.path.ends_with("/converse-stream"), "{}", seen.path);
+    assert_eq!(
+        seen.headers["authorization"]
+            .to_str()
+            .unwrap()
+            .rsplit("Signature=")
+            .next()
+            .unwrap(),
+        signature_of(&seen, &up.url())
+    );
+
+    // Metered from Converse's usage, under the model the path names: twice for acme.
+    let m = metrics_after(s.admin.parse().unwrap(), 3).await;
     let tokens = |ty: &str| {
         sample(
             &m,
@@ -177,18 +198,18 @@ async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
     };
     assert_eq!(
         (tokens("input"), tokens("cached_input"), tokens("output")),
-        (Some(12.0), Some(5.0), Some(7.0)),
+        (Some(24.0), Some(10.0), Some(14.0)),
         "{m}"
     );
     // Priced from the compiled-in Bedrock prices: 12 × $0.80 + 5 × $0.08 + 7 × $4.00 per
-    // million tokens.
+    // million tokens, twice.
     let cost = sample(
         &m,
         "byokd_cost_usd_total",
         &["tenant=\"acme\"", "provider=\"bedrock\""],
     )
     .unwrap();
-    assert!((cost - 0.000_038).abs() < 1e-12, "{cost}");
+    assert!((cost - 0.000_076).abs() < 1e-12, "{cost}");
     let logs = s.logs();
     for secret in [SECRET, SESSION, API_KEY] {
         assert_no_secret(&logs, secret, "byokd's logs");

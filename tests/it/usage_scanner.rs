@@ -616,3 +616,46 @@ proptest! {
         prop_assert_eq!(u.model.as_deref(), Some("o3-2025-04-16"));
     }
 }
+
+/// Bedrock's binary event streams: not JSON text, so not restyled; any framing instead, and a
+/// frame failing its CRC.
+const EVENT_STREAMS: &[Case] = &[
+    Case {
+        file: "bedrock_converse_stream.eventstream",
+        kind: "bedrock",
+        content_type: "application/vnd.amazon.eventstream",
+        tokens: (12, 5, 0, 7, 0),
+        model: "",
+    },
+    // invoke-with-response-stream: the model's own events, base64 in `chunk`s; Bedrock's
+    // invocation metrics in the last.
+    Case {
+        file: "bedrock_invoke_stream.eventstream",
+        kind: "bedrock",
+        content_type: "application/vnd.amazon.eventstream",
+        tokens: (15, 0, 0, 6, 0),
+        model: "",
+    },
+];
+
+#[test]
+fn bedrock_event_streams_in_any_framing_and_with_a_bad_crc() {
+    for case in EVENT_STREAMS {
+        let body = fixture(case.file);
+        check(case, &scan(case, &body, &[]));
+        let every: Vec<usize> = (1..body.len()).collect();
+        check(case, &scan(case, &body, &every));
+        for cut in 0..body.len() {
+            check(case, &scan(case, &body, &[cut, cut * 7 / 3]));
+        }
+        // The last frame carries the usage: one flipped bit in it fails its CRC.
+        let mut bad = body.clone();
+        let at = body.len() - 10;
+        bad[at] ^= 1;
+        assert!(!scan(case, &bad, &[]).found, "{}", case.file);
+        // A length no frame has (over the bound) stops the scan without buffering.
+        let mut huge = body.clone();
+        huge.splice(0..0, [0x7f, 0, 0, 0]);
+        assert!(!scan(case, &huge, &[]).found);
+    }
+}

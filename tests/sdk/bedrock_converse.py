@@ -2,7 +2,7 @@
 client's SigV4 signature and signs anew with the tenant's key), the tenant in a header added
 before signing. Prints the Converse answer's text and usage as JSON.
 
-Usage: python3 bedrock_converse.py BASE_URL TENANT
+Usage: python3 bedrock_converse.py BASE_URL TENANT [stream]
 """
 
 import json
@@ -27,9 +27,20 @@ def tenant_header(request, **_):
 
 
 client.meta.events.register("before-sign.bedrock-runtime.*", tenant_header)
-resp = client.converse(
+args = dict(
     modelId="anthropic.claude-3-5-haiku-20241022-v1:0",
     messages=[{"role": "user", "content": [{"text": "hi"}]}],
     inferenceConfig={"maxTokens": 64},
 )
-print(json.dumps({"text": resp["output"]["message"]["content"][0]["text"], "usage": resp["usage"]}))
+if len(sys.argv) > 3 and sys.argv[3] == "stream":
+    # The SDK parses every frame of the event stream (CRCs checked) as it arrives.
+    text, usage = "", None
+    for event in client.converse_stream(**args)["stream"]:
+        if "contentBlockDelta" in event:
+            text += event["contentBlockDelta"]["delta"]["text"]
+        if "metadata" in event:
+            usage = event["metadata"]["usage"]
+    print(json.dumps({"text": text, "usage": usage}))
+else:
+    resp = client.converse(**args)
+    print(json.dumps({"text": resp["output"]["message"]["content"][0]["text"], "usage": resp["usage"]}))
