@@ -64,6 +64,7 @@ fn recorder(metrics: &Arc<Metrics>) -> Recorder {
         compressed: false,
         admission: None,
         cut: None,
+        header_usage: None,
     }
 }
 

@@ -233,6 +233,7 @@ mod tests {
             compressed: false,
             admission: None,
             cut: None,
+            header_usage: None,
         }
     }
 

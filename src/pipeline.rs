@@ -760,6 +760,9 @@ impl Proxy {
             compressed,
             admission: metered.admission,
             cut: metered.cut.as_ref().map(|p| p.state.clone()),
+            header_usage: ok
+                .then(|| provider.kind.header_usage(&rparts.headers))
+                .flatten(),
         };
         let event_stream =
             content_type(&rparts.headers).is_some_and(|v| v.starts_with(b"text/event-stream"));

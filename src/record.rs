@@ -55,10 +55,18 @@ pub struct Recorder {
     pub admission: Option<crate::policy::Admission>,
     /// Set when the stream may be cut for budget (`on_exhausted: cut`).
     pub cut: Option<Arc<crate::cut::CutState>>,
+    /// Usage the response headers reported (Bedrock's `invoke`), for when the body has none.
+    pub header_usage: Option<Usage>,
 }
 
 impl Recorder {
     pub fn finish(mut self, mut usage: Usage, outcome: Outcome, bytes: u64) {
+        if let (false, Some(h)) = (usage.found, self.header_usage.take()) {
+            usage = Usage {
+                model: usage.model.take(),
+                ..h
+            };
+        }
         if usage.model.is_none() {
             usage.model = self.request_model.get().map(|m| m.to_string());
         }

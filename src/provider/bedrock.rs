@@ -74,6 +74,31 @@ impl Kind for Bedrock {
         true
     }
 
+    /// `invoke` answers in the model's own format; Bedrock counts its tokens in headers.
+    fn header_usage(&self, headers: &http::HeaderMap) -> Option<Usage> {
+        let n = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let input = n("x-amzn-bedrock-input-token-count");
+        let output = n("x-amzn-bedrock-output-token-count");
+        if input.is_none() && output.is_none() {
+            return None;
+        }
+        let mut u = Usage {
+            found: true,
+            input: input.unwrap_or(0),
+            output: output.unwrap_or(0),
+            cached_input: n("x-amzn-bedrock-cache-read-input-token-count").unwrap_or(0),
+            cache_write: n("x-amzn-bedrock-cache-write-input-token-count").unwrap_or(0),
+            ..Usage::default()
+        };
+        u.clamp_tokens();
+        Some(u)
+    }
+
     fn client_signing_headers(&self) -> &'static [HeaderName] {
         &SIGNING_HEADERS
     }
@@ -229,6 +254,11 @@ struct ConverseUsage {
 }
 
 fn apply(usage: &mut Usage, c: &ConverseUsage) {
+    // A `usage` in a model's own format (an `invoke` answer) is not Converse's: its tokens
+    // are in the response headers instead.
+    if c.input_tokens.is_none() && c.output_tokens.is_none() {
+        return;
+    }
     usage.found = true;
     usage.input = c.input_tokens.unwrap_or(0);
     usage.output = c.output_tokens.unwrap_or(0);

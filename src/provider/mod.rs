@@ -203,6 +203,12 @@ pub trait Kind: fmt::Debug + Send + Sync {
         None
     }
 
+    /// Usage an API reports in response headers rather than the body (Bedrock's `invoke`);
+    /// used when the body reported none.
+    fn header_usage(&self, _headers: &http::HeaderMap) -> Option<crate::usage::Usage> {
+        None
+    }
+
     /// Whether its requests are signed over their body (SigV4): the body is then read whole
     /// before it is sent, and its SHA-256 handed to the authenticator.
     fn signs_body(&self) -> bool {

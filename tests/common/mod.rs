@@ -339,6 +339,21 @@ async fn fake_respond(
             "audio/mpeg",
             Bytes::from_static(b"ID3\x04\x00fake-mp3-frames"),
         )
+    } else if path.ends_with("/invoke") {
+        // Bedrock InvokeModel: the model's own answer (Anthropic's here); Bedrock's token
+        // counts are in headers.
+        let mut r = full(
+            200,
+            "application/json",
+            r#"{"id":"msg_bdrk_1","type":"message","role":"assistant","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"Hi!"}],"stop_reason":"end_turn","usage":{"input_tokens":15,"output_tokens":6}}"#,
+        );
+        for (k, v) in [
+            ("x-amzn-bedrock-input-token-count", "15"),
+            ("x-amzn-bedrock-output-token-count", "6"),
+        ] {
+            r.headers_mut().insert(k, v.parse().unwrap());
+        }
+        r
     } else if path.ends_with("/converse-stream") {
         // Bedrock ConverseStream: binary event-stream frames, usage in the last (`metadata`).
         full(

@@ -182,8 +182,14 @@ async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
         signature_of(&seen, &up.url())
     );
 
-    // Metered from Converse's usage, under the model the path names: twice for acme.
-    let m = metrics_after(s.admin.parse().unwrap(), 3).await;
+    // InvokeModel: the model's own answer, Bedrock's token counts in headers.
+    let got = boto3(&[&s.data, "acme", "invoke"]);
+    assert_eq!(got["text"], "Hi!");
+    assert!(up.last().path.ends_with("/invoke"));
+
+    // Metered from Converse's usage (twice), and invoke's headers, under the model the path
+    // names.
+    let m = metrics_after(s.admin.parse().unwrap(), 4).await;
     let tokens = |ty: &str| {
         sample(
             &m,
@@ -198,18 +204,18 @@ async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
     };
     assert_eq!(
         (tokens("input"), tokens("cached_input"), tokens("output")),
-        (Some(24.0), Some(10.0), Some(14.0)),
+        (Some(24.0 + 15.0), Some(10.0), Some(14.0 + 6.0)),
         "{m}"
     );
     // Priced from the compiled-in Bedrock prices: 12 × $0.80 + 5 × $0.08 + 7 × $4.00 per
-    // million tokens, twice.
+    // million tokens, twice, and 15 × $0.80 + 6 × $4.00.
     let cost = sample(
         &m,
         "byokd_cost_usd_total",
         &["tenant=\"acme\"", "provider=\"bedrock\""],
     )
     .unwrap();
-    assert!((cost - 0.000_076).abs() < 1e-12, "{cost}");
+    assert!((cost - 0.000_112).abs() < 1e-12, "{cost}");
     let logs = s.logs();
     for secret in [SECRET, SESSION, API_KEY] {
         assert_no_secret(&logs, secret, "byokd's logs");

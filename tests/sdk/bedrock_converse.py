@@ -2,7 +2,7 @@
 client's SigV4 signature and signs anew with the tenant's key), the tenant in a header added
 before signing. Prints the Converse answer's text and usage as JSON.
 
-Usage: python3 bedrock_converse.py BASE_URL TENANT [stream]
+Usage: python3 bedrock_converse.py BASE_URL TENANT [converse|stream|invoke]
 """
 
 import json
@@ -32,7 +32,16 @@ args = dict(
     messages=[{"role": "user", "content": [{"text": "hi"}]}],
     inferenceConfig={"maxTokens": 64},
 )
-if len(sys.argv) > 3 and sys.argv[3] == "stream":
+mode = sys.argv[3] if len(sys.argv) > 3 else "converse"
+if mode == "invoke":
+    resp = client.invoke_model(
+        modelId=args["modelId"],
+        body=json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64,
+                         "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    out = json.loads(resp["body"].read())
+    print(json.dumps({"text": out["content"][0]["text"], "usage": out["usage"]}))
+elif mode == "stream":
     # The SDK parses every frame of the event stream (CRCs checked) as it arrives.
     text, usage = "", None
     for event in client.converse_stream(**args)["stream"]:
