@@ -51,6 +51,8 @@ pub struct Candidate {
     load: Option<Arc<KeyLoad>>,
     /// A candidate of a tiered alias: its own endpoint and body.
     over: Option<Arc<Override>>,
+    /// The platform's credential from the environment (`platform_credentials: environment`).
+    environment: bool,
 }
 
 /// One candidate of a `models:` alias with several: the request goes to its provider's
@@ -94,6 +96,7 @@ impl Plan {
                 given: Some(credential),
                 load: None,
                 over: None,
+                environment: false,
             }],
             counted: false,
         }
@@ -174,7 +177,17 @@ pub fn plan(
         pooled: false,
     };
     if !b.own_or_platform(tenant, idx, provider, policy.platform_fallback) {
-        if provider.requires_key() {
+        if policy.platform_fallback && provider.platform_from_environment {
+            b.out.push(Candidate {
+                provider: idx,
+                record: None,
+                source: KeySource::Platform,
+                given: None,
+                load: None,
+                over: None,
+                environment: true,
+            });
+        } else if provider.requires_key() {
             return Err(CredentialError::NoKey(provider.name.to_string()));
         }
         b.keyless(idx);
@@ -224,6 +237,7 @@ fn single(provider: usize, record: Arc<KeyRecord>, source: KeySource) -> Plan {
             given: None,
             load: None,
             over: None,
+            environment: false,
         }],
         counted: false,
     }
@@ -272,6 +286,7 @@ impl Builder<'_> {
                 given: None,
                 load: Some(load),
                 over: None,
+                environment: false,
             };
             if cooling == 0 {
                 self.out.push(c);
@@ -304,6 +319,7 @@ impl Builder<'_> {
             given: None,
             load: None,
             over: None,
+            environment: false,
         });
     }
 }
@@ -609,6 +625,26 @@ impl Attempts<'_> {
     ) -> Result<Option<Credential>, CredentialError> {
         if let Some(c) = &cand.given {
             return Ok(Some(c.clone()));
+        }
+        if cand.environment {
+            let fetch = provider
+                .kind
+                .environment_credential()
+                .ok_or_else(|| CredentialError::NoKey(provider.name.to_string()))?;
+            let value = fetch.await.map_err(|e| {
+                tracing::warn!(request_id = %self.request_id, provider = %provider.name, error = %e,
+                    "platform credential from the environment unavailable");
+                CredentialError::Unavailable {
+                    retry_after: 1,
+                    source: std::sync::Arc::new(crate::keys::KeyError::KmsUnavailable(e)),
+                }
+            })?;
+            return Ok(Some(Credential {
+                value,
+                record: None,
+                source: KeySource::Platform,
+                decrypted: false,
+            }));
         }
         let Some(record) = &cand.record else {
             return Ok(None);

@@ -161,6 +161,8 @@ pub(crate) struct ProviderFile {
     pub(crate) stream_usage: Option<bool>,
     /// The cloud region of a kind that signs requests for one (Bedrock).
     pub(crate) region: Option<String>,
+    /// `environment`: the `_platform` fallback takes its credential from the environment.
+    pub(crate) platform_credentials: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

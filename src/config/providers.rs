@@ -99,6 +99,27 @@ fn provider(
     let mut p = Provider::new(name, kind, &base_url)
         .map_err(|m| ctx.invalid(&format!("{field}.base_url"), m))?;
     p.region = region.map(|r| r.as_str().into());
+    match pf.platform_credentials.as_deref() {
+        None | Some("stored") => {}
+        Some("environment") if kind.environment_credential().is_some() => {
+            p.platform_from_environment = true;
+        }
+        Some("environment") => {
+            return Err(ctx.invalid(
+                &format!("{field}.platform_credentials"),
+                format!(
+                    "the {} kind has no credential in the environment",
+                    kind.name()
+                ),
+            ));
+        }
+        Some(o) => {
+            return Err(ctx.invalid(
+                &format!("{field}.platform_credentials"),
+                format!("`{o}`: use stored or environment"),
+            ));
+        }
+    }
     if let Some(su) = pf.stream_usage {
         if su && !kind.stream_usage() {
             let with: Vec<&str> = provider::KINDS

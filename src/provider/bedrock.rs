@@ -126,6 +126,79 @@ impl Kind for Bedrock {
     fn regional_base_url(&self, region: &str) -> Option<String> {
         Some(format!("https://bedrock-runtime.{region}.amazonaws.com"))
     }
+
+    fn environment_credential(&self) -> Option<super::EnvCredential> {
+        Some(Box::pin(environment::credential()))
+    }
+}
+
+/// The platform's own AWS credential from the standard chain (environment variables, the
+/// web identity token IRSA mounts, the container or instance role): no stored secret.
+mod environment {
+    use std::time::{Duration, SystemTime};
+
+    use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+    use tokio::sync::{Mutex, OnceCell};
+    use zeroize::Zeroizing;
+
+    use super::AuthValue;
+
+    /// Refreshed this long before the credential expires; one with no expiry (environment
+    /// variables) is read again after this long.
+    const MARGIN: Duration = Duration::from_secs(300);
+
+    static CHAIN: OnceCell<Option<SharedCredentialsProvider>> = OnceCell::const_new();
+    /// One fetch at a time: concurrent requests wait for it instead of each asking STS.
+    static CACHED: Mutex<Option<(AuthValue, SystemTime)>> = Mutex::const_new(None);
+
+    pub(super) async fn credential() -> Result<AuthValue, String> {
+        let mut cached = CACHED.lock().await;
+        if let Some((v, until)) = &*cached
+            && SystemTime::now() < *until
+        {
+            return Ok(v.clone());
+        }
+        let chain = CHAIN
+            .get_or_init(|| async {
+                aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .load()
+                    .await
+                    .credentials_provider()
+            })
+            .await
+            .as_ref()
+            .ok_or("no AWS credential chain in this environment")?;
+        let c = chain
+            .provide_credentials()
+            .await
+            .map_err(|e| format!("AWS credential chain: {e}"))?;
+        // The same JSON a tenant registers, so one signer serves both; written into one
+        // zeroizing buffer large enough never to move (a session token is about 1 KiB).
+        #[derive(serde::Serialize)]
+        struct Key<'a> {
+            access_key_id: &'a str,
+            secret_access_key: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            session_token: Option<&'a str>,
+        }
+        let mut json = Zeroizing::new(Vec::with_capacity(8192));
+        serde_json::to_writer(
+            &mut *json,
+            &Key {
+                access_key_id: c.access_key_id(),
+                secret_access_key: c.secret_access_key(),
+                session_token: c.session_token(),
+            },
+        )
+        .map_err(|e| format!("AWS credential: {e}"))?;
+        let value = AuthValue::new("", &json);
+        let until = c
+            .expiry()
+            .and_then(|e| e.checked_sub(MARGIN))
+            .unwrap_or_else(|| SystemTime::now() + MARGIN);
+        *cached = Some((value.clone(), until));
+        Ok(value)
+    }
 }
 
 fn valid_key_id(id: &str) -> bool {

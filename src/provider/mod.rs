@@ -209,6 +209,12 @@ pub trait Kind: fmt::Debug + Send + Sync {
         None
     }
 
+    /// The platform's own credential from the environment (the pod's IAM role), for
+    /// `platform_credentials: environment`; `None`: the kind has no such source.
+    fn environment_credential(&self) -> Option<EnvCredential> {
+        None
+    }
+
     /// Whether its requests are signed over their body (SigV4): the body is then read whole
     /// before it is sent, and its SHA-256 handed to the authenticator.
     fn signs_body(&self) -> bool {
@@ -237,6 +243,10 @@ pub trait Kind: fmt::Debug + Send + Sync {
         None
     }
 }
+
+/// A credential being fetched from the environment (cached by the kind until near expiry).
+pub type EnvCredential =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<AuthValue, String>> + Send>>;
 
 /// What a request-signing authenticator needs besides the head: the provider's region and
 /// the body's SHA-256 (lowercase hex). Put in the request's extensions by the attempt loop.
@@ -369,6 +379,9 @@ pub struct Provider {
     pub stream_usage: bool,
     /// The cloud region, for kinds that sign requests for one (Bedrock).
     pub region: Option<Arc<str>>,
+    /// `platform_credentials: environment`: the `_platform` fallback uses the environment's
+    /// credential (the pod's IAM role) instead of a stored key.
+    pub platform_from_environment: bool,
 }
 
 impl Provider {
@@ -382,6 +395,7 @@ impl Provider {
             prefix: String::new(),
             stream_usage: kind.stream_usage(),
             region: None,
+            platform_from_environment: false,
         };
         if base_url.is_empty() {
             return Ok(p);

@@ -43,6 +43,10 @@ fn boto3(args: &[&str]) -> serde_json::Value {
 /// The SigV4 signature of the request the fake received, computed again from its signed
 /// headers, its body and the tenant's key, at the time it names.
 fn signature_of(seen: &Seen, base: &str) -> String {
+    signature_with(seen, base, (AKID, SECRET, SESSION))
+}
+
+fn signature_with(seen: &Seen, base: &str, (akid, secret, session): (&str, &str, &str)) -> String {
     let auth = seen.headers["authorization"].to_str().unwrap();
     let signed = auth
         .split("SignedHeaders=")
@@ -62,7 +66,7 @@ fn signature_of(seen: &Seen, base: &str) -> String {
         .unwrap()
         .assume_utc();
     let identity =
-        aws_credential_types::Credentials::new(AKID, SECRET, Some(SESSION.into()), None, "t")
+        aws_credential_types::Credentials::new(akid, secret, Some(session.into()), None, "t")
             .into();
     let params = aws_sigv4::sign::v4::SigningParams::builder()
         .identity(&identity)
@@ -90,22 +94,25 @@ fn signature_of(seen: &Seen, base: &str) -> String {
     signature
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
-    let up = fake_upstream().await;
-    let yaml = config_yaml(&up.url(), "")
+fn bedrock_yaml(up: &FakeUpstream, provider_extra: &str, extra: &str) -> String {
+    config_yaml(&up.url(), extra)
         .replace(
             "providers:\n",
             &format!(
-                "providers:\n  bedrock: {{ kind: bedrock, region: us-east-1, base_url: \"{}\" }}\n",
+                "providers:\n  bedrock: {{ kind: bedrock, region: us-east-1, base_url: \"{}\"{provider_extra} }}\n",
                 up.url()
             ),
         )
         .replace(
             "allowed_providers: [openai,",
             "allowed_providers: [bedrock, openai,",
-        );
-    let env = Env::new(&yaml);
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
+    let up = fake_upstream().await;
+    let env = Env::new(&bedrock_yaml(&up, "", ""));
     let access_key = format!(
         r#"{{"access_key_id": "{AKID}", "secret_access_key": "{SECRET}", "session_token": "{SESSION}"}}"#
     );
@@ -220,5 +227,73 @@ async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
     for secret in [SECRET, SESSION, API_KEY] {
         assert_no_secret(&logs, secret, "byokd's logs");
         assert_no_secret(&m, secret, "the metrics");
+    }
+}
+
+/// The platform's own Bedrock access from the pod's environment (here: the AWS variables the
+/// standard chain reads first; IRSA's web identity token is the next link), for tenants
+/// without a key of their own: no stored secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platform_fallback_signs_with_the_environments_credential() {
+    const ENV_AKID: &str = "AKIAENVIRONMENTPLATFORM";
+    const ENV_SECRET: &str = "canaryEnvironmentSecret0123456789abcdef";
+    const ENV_SESSION: &str = "canaryEnvironmentSession0123456789";
+    let up = fake_upstream().await;
+    let env = Env::new(&bedrock_yaml(
+        &up,
+        ", platform_credentials: environment",
+        "tenants:\n  gamma: { fallback: [platform] }\n  delta: {}\n",
+    ));
+    let s = serve_env(
+        &env,
+        "serve",
+        &[
+            ("AWS_ACCESS_KEY_ID", ENV_AKID),
+            ("AWS_SECRET_ACCESS_KEY", ENV_SECRET),
+            ("AWS_SESSION_TOKEN", ENV_SESSION),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    )
+    .await;
+    for _ in 0..2 {
+        let got = converse(&s.data, "gamma");
+        assert_eq!(got["text"], "Hello from Bedrock");
+    }
+    let seen = up.last();
+    let auth = seen.headers["authorization"].to_str().unwrap();
+    assert!(auth.contains(&format!("Credential={ENV_AKID}/")), "{auth}");
+    assert_eq!(seen.headers["x-amz-security-token"], ENV_SESSION);
+    assert_eq!(
+        auth.rsplit("Signature=").next().unwrap(),
+        signature_with(&seen, &up.url(), (ENV_AKID, ENV_SECRET, ENV_SESSION))
+    );
+    // A tenant not allowed the platform fallback still has no key.
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!("{}/bedrock/model/{MODEL}/converse", s.data),
+            &[
+                ("x-tenant-id", "delta"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"messages":[]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(got.code(), "no_key", "{}", got.text());
+    let m = metrics_after(s.admin.parse().unwrap(), 2).await;
+    assert_eq!(
+        sample(
+            &m,
+            "byokd_requests_total",
+            &["tenant=\"gamma\"", "code=\"200\""]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    for secret in [ENV_SECRET, ENV_SESSION] {
+        assert_no_secret(&s.logs(), secret, "byokd's logs");
     }
 }
