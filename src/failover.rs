@@ -496,6 +496,11 @@ impl Attempts<'_> {
                     (b, asked, *self.route)
                 }
             };
+            if let Some(region) = &provider.region {
+                parts.extensions.insert(crate::provider::Scope {
+                    region: region.clone(),
+                });
+            }
             if let (true, Some(region)) = (provider.kind.signs_body(), &provider.region) {
                 // A signature covers the body: it was read whole for this (a larger one is
                 // refused before any attempt).
@@ -636,7 +641,7 @@ impl Attempts<'_> {
                     "platform credential from the environment unavailable");
                 CredentialError::Unavailable {
                     retry_after: 1,
-                    source: std::sync::Arc::new(crate::keys::KeyError::KmsUnavailable(e)),
+                    source: std::sync::Arc::new(crate::keys::KeyError::Exchange(e)),
                 }
             })?;
             return Ok(Some(Credential {
@@ -649,10 +654,29 @@ impl Attempts<'_> {
         let Some(record) = &cand.record else {
             return Ok(None);
         };
-        let c = self
+        let mut c = self
             .keyring
             .resolve(record.clone(), cand.source, provider, self.request_id)
             .await?;
+        let exchanged = match provider.auth().exchange(
+            &c.value,
+            self.upstream,
+            provider.token_uri.as_deref(),
+            provider.project.as_deref(),
+        ) {
+            Some(exchange) => Some(exchange.await.map_err(|e| {
+                tracing::warn!(request_id = %self.request_id, provider = %provider.name, error = %e,
+                    "credential exchange failed");
+                CredentialError::Unavailable {
+                    retry_after: 1,
+                    source: Arc::new(crate::keys::KeyError::Exchange(e)),
+                }
+            })?),
+            None => None,
+        };
+        if let Some(v) = exchanged {
+            c.value = v;
+        }
         self.metrics.key_lookup(
             self.tenant,
             &provider.name,

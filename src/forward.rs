@@ -177,6 +177,34 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
 }
 
+/// The token endpoint call of a credential exchange (Vertex's OAuth grant), through the same
+/// client and timeouts as upstream requests. The answer is read up to 64 KiB.
+impl crate::provider::TokenHttp for Upstream {
+    fn post_form<'a>(&'a self, url: &'a str, form: &'a str) -> crate::provider::TokenAnswer<'a> {
+        Box::pin(async move {
+            use http_body_util::BodyExt as _;
+            let req = Request::post(url)
+                .header(
+                    http::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .header(http::header::CONTENT_LENGTH, form.len())
+                .body(UpstreamBody::whole(bytes::Bytes::copy_from_slice(
+                    form.as_bytes(),
+                )))
+                .map_err(|e| e.to_string())?;
+            let resp = self.send(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((status, body))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -272,7 +272,8 @@ impl Proxy {
         let (dialect, shape) = if by_model {
             openai_wire()
         } else {
-            (provider.dialect(), provider.error_shape())
+            let path = route.upstream_path(parts.uri.path());
+            (provider.kind.usage_at(path), provider.kind.errors_at(path))
         };
         ctx.shape = shape;
         ctx.provider = Some(provider.clone());

@@ -209,7 +209,8 @@ impl Pricing {
             .filter(|(name, _)| {
                 model.len() > name.len()
                     && model.starts_with(name.as_str())
-                    && model.as_bytes()[name.len()] == b'-'
+                    // `-` before a date or version; `@` before Vertex's version of a model.
+                    && matches!(model.as_bytes()[name.len()], b'-' | b'@')
             })
             .max_by_key(|(name, _)| name.len())
             .map(|(_, p)| *p)
@@ -221,6 +222,14 @@ mod tests {
     use super::*;
 
     const TABLE: &str = "openai:\n  gpt-4o: { input: 2.50, cached_input: 1.25, output: 10.00 }\n  gpt-4o-mini: { input: 0.15, cached_input: 0.075, output: 0.60 }\nanthropic:\n  claude-sonnet-4: { input: 3, cached_input: 0.30, cache_write: 3.75, output: 15 }\n";
+
+    #[test]
+    fn a_vertex_version_after_at_matches_its_model() {
+        let p =
+            Pricing::from_yaml("vertex:\n  claude-sonnet-4-5: { input: 3, output: 15 }\n").unwrap();
+        assert!(p.price("vertex", "claude-sonnet-4-5@20250929").is_some());
+        assert!(p.price("vertex", "claude-sonnet-4-50").is_none());
+    }
 
     #[test]
     fn exact_then_longest_dated_prefix() {

@@ -163,6 +163,11 @@ pub(crate) struct ProviderFile {
     pub(crate) region: Option<String>,
     /// `environment`: the `_platform` fallback takes its credential from the environment.
     pub(crate) platform_credentials: Option<String>,
+    /// Vertex: the location (its `region`), the project for accounts that name none, and
+    /// where tokens are minted.
+    pub(crate) location: Option<String>,
+    pub(crate) project: Option<String>,
+    pub(crate) token_uri: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

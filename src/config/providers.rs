@@ -64,7 +64,12 @@ fn provider(
         }
     };
     let regional = |r: &str| kind.regional_base_url(r);
-    if kind.regional_base_url("x").is_some() && pf.region.is_none() {
+    // Google calls it a location, AWS a region: either key, not both.
+    if pf.region.is_some() && pf.location.is_some() {
+        return Err(ctx.invalid(&field, "set region or location, not both".into()));
+    }
+    let pf_region = pf.region.clone().or_else(|| pf.location.clone());
+    if kind.regional_base_url("x").is_some() && pf_region.is_none() {
         return Err(ctx.invalid(
             &format!("{field}.region"),
             format!(
@@ -73,7 +78,7 @@ fn provider(
             ),
         ));
     }
-    let region = match &pf.region {
+    let region = match &pf_region {
         Some(r) if regional(r).is_none() => {
             return Err(ctx.invalid(
                 &format!("{field}.region"),
@@ -99,6 +104,13 @@ fn provider(
     let mut p = Provider::new(name, kind, &base_url)
         .map_err(|m| ctx.invalid(&format!("{field}.base_url"), m))?;
     p.region = region.map(|r| r.as_str().into());
+    p.project = pf.project.as_deref().map(Into::into);
+    if let Some(u) = &pf.token_uri {
+        if !(u.starts_with("https://") || u.starts_with("http://")) {
+            return Err(ctx.invalid(&format!("{field}.token_uri"), "an http(s) URL".into()));
+        }
+        p.token_uri = Some(u.as_str().into());
+    }
     match pf.platform_credentials.as_deref() {
         None | Some("stored") => {}
         Some("environment") if kind.environment_credential().is_some() => {

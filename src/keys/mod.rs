@@ -96,6 +96,10 @@ pub enum KeyError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// A credential could not be exchanged for a token (an OAuth token endpoint), or read
+    /// from the environment.
+    #[error("the provider credential is not available: {0}")]
+    Exchange(String),
 }
 
 impl KeyError {
@@ -104,6 +108,7 @@ impl KeyError {
         matches!(
             self,
             Self::KmsUnavailable(_)
+                | Self::Exchange(_)
                 | Self::KmsCoolingDown
                 | Self::Audit(_)
                 | Self::StoreUnavailable(_)

@@ -28,6 +28,7 @@ mod elevenlabs;
 mod gemini;
 mod ollama;
 mod openai;
+mod vertex;
 
 /// Every kind, by its `kind` config value.
 pub static KINDS: &[&dyn Kind] = &[
@@ -41,6 +42,7 @@ pub static KINDS: &[&dyn Kind] = &[
     &elevenlabs::ElevenLabs,
     #[cfg(feature = "bedrock")]
     &bedrock::Bedrock,
+    &vertex::Vertex,
 ];
 
 /// Providers that exist without config: name, kind, base URL. An OpenAI-compatible host is
@@ -185,6 +187,17 @@ pub trait Kind: fmt::Debug + Send + Sync {
     /// The shape of its error bodies and stream error events.
     fn errors(&self) -> ErrorShape;
 
+    /// The usage dialect of a request to `path` (below the base URL), for APIs that serve
+    /// several wires (Vertex: Gemini's and Anthropic's).
+    fn usage_at(&self, _path: &str) -> DialectRef {
+        self.usage()
+    }
+
+    /// The error shape of a request to `path`, as [`Kind::usage_at`].
+    fn errors_at(&self, _path: &str) -> ErrorShape {
+        self.errors()
+    }
+
     /// Whether streaming chat requests may be given `stream_options.include_usage` (and
     /// are, unless the provider's config says `stream_usage: false`).
     fn stream_usage(&self) -> bool {
@@ -267,6 +280,40 @@ pub trait Authenticator: fmt::Debug + Send + Sync {
 
     /// The header it authenticates with, if it is one header.
     fn header(&self) -> Option<&HeaderName>;
+
+    /// For a credential exchanged for a short-lived token before use (OAuth): the token
+    /// credential, cached or fetched through `http` from `token_uri` (the config's, or the
+    /// kind's default). `project`: the config's, for accounts that name none.
+    fn exchange<'a>(
+        &'a self,
+        _cred: &'a AuthValue,
+        _http: &'a dyn TokenHttp,
+        _token_uri: Option<&'a str>,
+        _project: Option<&'a str>,
+    ) -> Option<Exchange<'a>> {
+        None
+    }
+}
+
+/// A credential exchange in flight (see [`Authenticator::exchange`]).
+pub type Exchange<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<AuthValue, String>> + Send + 'a>>;
+
+/// The one HTTP call a credential exchange makes: a form POST, answered with the status and
+/// a bounded body. The upstream client implements it.
+pub trait TokenHttp: Send + Sync {
+    fn post_form<'a>(&'a self, url: &'a str, form: &'a str) -> TokenAnswer<'a>;
+}
+
+/// A token endpoint's status and (bounded) body, in flight.
+pub type TokenAnswer<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(u16, Bytes), String>> + Send + 'a>>;
+
+/// The provider's region or location, for authenticators that use it (Vertex puts it in
+/// the path). Put in the request's extensions by the attempt loop.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub region: Arc<str>,
 }
 
 /// A stored key that cannot be sent (not a valid header value).
@@ -382,6 +429,10 @@ pub struct Provider {
     /// `platform_credentials: environment`: the `_platform` fallback uses the environment's
     /// credential (the pod's IAM role) instead of a stored key.
     pub platform_from_environment: bool,
+    /// The cloud project, for accounts that name none (Vertex).
+    pub project: Option<Arc<str>>,
+    /// Where credentials are exchanged for tokens, instead of the kind's default (Vertex).
+    pub token_uri: Option<Box<str>>,
 }
 
 impl Provider {
@@ -396,6 +447,8 @@ impl Provider {
             stream_usage: kind.stream_usage(),
             region: None,
             platform_from_environment: false,
+            project: None,
+            token_uri: None,
         };
         if base_url.is_empty() {
             return Ok(p);

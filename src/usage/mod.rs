@@ -157,7 +157,7 @@ pub enum Capability {
 impl Capability {
     /// Classifies an upstream path (without query).
     pub fn of_path(path: &str) -> Self {
-        const TOKENS: [&str; 15] = [
+        const TOKENS: [&str; 17] = [
             "/chat/completions",
             "/completions",
             "/responses",
@@ -175,6 +175,9 @@ impl Capability {
             "/converse-stream",
             "/invoke",
             "/invoke-with-response-stream",
+            // Anthropic on Vertex.
+            ":rawPredict",
+            ":streamRawPredict",
         ];
         if TOKENS.iter().any(|s| path.ends_with(s)) || path.ends_with("/api/embed") {
             Self::Tokens

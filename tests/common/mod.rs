@@ -379,8 +379,19 @@ async fn fake_respond(
             "application/json",
             r#"{"id":"c1","finish_reason":"COMPLETE","message":{"role":"assistant","content":[{"type":"text","text":"hi"}]},"usage":{"billed_units":{"input_tokens":5,"output_tokens":12},"tokens":{"input_tokens":71,"output_tokens":12}}}"#,
         )
-    } else if path.ends_with("/v1/messages") {
-        if streaming {
+    } else if path.ends_with("/token") {
+        // Google's OAuth token endpoint: a JWT-bearer grant answered with an access token.
+        full(
+            200,
+            "application/json",
+            r#"{"access_token":"ya29.canary-VERTEX-access-token","expires_in":3599,"token_type":"Bearer"}"#,
+        )
+    } else if path.ends_with("/v1/messages")
+        || path.contains(":rawPredict")
+        || path.contains(":streamRawPredict")
+    {
+        // Anthropic, natively or on Vertex (rawPredict takes the Messages API body).
+        if streaming || path.contains(":streamRawPredict") {
             sse(state, styled(anthropic_events(n)), pace)
         } else {
             full(200, "application/json", ANTHROPIC_JSON)

@@ -31,3 +31,4 @@ mod transfer;
 mod upstream_tls;
 mod usage_api;
 mod usage_scanner;
+mod vertex;
