@@ -48,10 +48,14 @@ impl Kind for Vertex {
         &OAUTH
     }
 
-    /// Vertex's OpenAI-compatible endpoint needs the project in its path: not offered by
-    /// model name yet.
-    fn openai_compat(&self, _provider: &str, _ep: CompatEndpoint) -> Option<&'static str> {
-        None
+    /// Vertex's OpenAI-compatible endpoint; the project and location placeholders are set
+    /// per request like any Vertex path (the model is `publisher/model`:
+    /// `vertex/google/gemini-2.5-flash`).
+    fn openai_compat(&self, _provider: &str, ep: CompatEndpoint) -> Option<&'static str> {
+        Some(match ep {
+            CompatEndpoint::Chat => "/v1/projects/-/locations/-/endpoints/openapi/chat/completions",
+            CompatEndpoint::Embeddings => "/v1/projects/-/locations/-/endpoints/openapi/embeddings",
+        })
     }
 
     fn usage(&self) -> DialectRef {

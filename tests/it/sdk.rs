@@ -60,6 +60,7 @@ async fn official_python_sdks_through_the_binary() {
     let env = Env::new(&config_yaml(&up.url(), ""));
     env.add_key("acme", "openai", CANARY_OPENAI).await;
     env.add_key("acme", "anthropic", CANARY_ANTHROPIC).await;
+    env.add_key("acme", "gemini", CANARY_GEMINI).await;
     let (mut child, dp, ap) = serve_binary(&env).await;
     let base = format!("http://127.0.0.1:{dp}");
 
@@ -83,6 +84,13 @@ async fn official_python_sdks_through_the_binary() {
             "openai_sdk_by_model.py",
             "x-api-key",
             CANARY_ANTHROPIC.to_string(),
+            2,
+        ),
+        // And Gemini, on its OpenAI-compatible endpoint.
+        (
+            "openai_sdk_by_model_gemini.py",
+            "x-goog-api-key",
+            CANARY_GEMINI.to_string(),
             2,
         ),
     ] {

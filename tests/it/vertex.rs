@@ -163,8 +163,31 @@ async fn vertex_sdks_reach_the_tenants_project_with_a_minted_token() {
     }
     assert_eq!(token_requests(&up).len(), 1, "the token is cached");
 
+    // An OpenAI SDK by model name: Vertex's OpenAI endpoint in the tenant's project.
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!("{}/v1/chat/completions", s.data),
+            &[("x-tenant-id", "acme"), ("content-type", "application/json")],
+            r#"{"model":"vertex/google/gemini-2.5-flash","messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let seen = up.last();
+    assert_eq!(
+        seen.path,
+        "/v1/projects/tenant-proj/locations/europe-west1/endpoints/openapi/chat/completions"
+    );
+    assert!(String::from_utf8_lossy(&seen.body).contains(r#""model":"google/gemini-2.5-flash""#));
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {TOKEN}").as_str()
+    );
+
     // Metered as Gemini and as Anthropic, under the provider `vertex`.
-    let m = metrics_after(s.admin.parse().unwrap(), 12).await;
+    let m = metrics_after(s.admin.parse().unwrap(), 13).await;
     let input = |model: &str| {
         sample(
             &m,
