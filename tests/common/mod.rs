@@ -43,6 +43,133 @@ pub struct FakeState {
     /// Streams whose body was dropped before the last event was sent.
     pub cancelled: Mutex<u32>,
     pub completed: Mutex<u32>,
+    /// AWS access keys the fake knows (key id => secret): a SigV4-signed request under one
+    /// of them is checked with botocore and refused 403 if its signature is wrong, as
+    /// Bedrock does.
+    pub aws_secrets: Mutex<std::collections::HashMap<String, String>>,
+    /// Service accounts the token endpoint knows (email => PKCS#8 DER of its key): a grant
+    /// whose JWT is not signed by that key, or is for another audience, is refused.
+    pub google_keys: Mutex<std::collections::HashMap<String, Vec<u8>>>,
+}
+
+impl FakeUpstream {
+    /// Makes the token endpoint accept grants of this service account, signed by this key.
+    pub fn know_google_key(&self, email: &str, pkcs8_der: &[u8]) {
+        self.state
+            .google_keys
+            .lock()
+            .unwrap()
+            .insert(email.into(), pkcs8_der.to_vec());
+    }
+
+    /// Makes the fake check SigV4 signatures made with this access key.
+    pub fn know_aws_key(&self, key_id: &str, secret: &str) {
+        self.state
+            .aws_secrets
+            .lock()
+            .unwrap()
+            .insert(key_id.into(), secret.into());
+    }
+}
+
+/// Google's check of a JWT-bearer grant: RS256 by the account's key (PKCS#1 v1.5 is
+/// deterministic, so signing the same input with the key gives the same signature), for
+/// this token endpoint, for an hour at most, with a scope. `None`: an unknown account.
+fn jwt_grant_valid(state: &FakeState, body: &[u8], aud: &str) -> Option<bool> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let form: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(body).into_owned().collect();
+    if form.get("grant_type")? != "urn:ietf:params:oauth:grant-type:jwt-bearer" {
+        return Some(false);
+    }
+    let jwt = form.get("assertion")?;
+    let (signed, sig) = jwt.rsplit_once('.')?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&b64.decode(signed.split('.').nth(1)?).ok()?).ok()?;
+    let key = state
+        .google_keys
+        .lock()
+        .unwrap()
+        .get(claims["iss"].as_str()?)
+        .cloned()?;
+    let pair = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&key).ok()?;
+    let mut expect = vec![0; pair.public_modulus_len()];
+    pair.sign(
+        &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+        &aws_lc_rs::rand::SystemRandom::new(),
+        signed.as_bytes(),
+        &mut expect,
+    )
+    .ok()?;
+    let life = claims["exp"].as_u64()? as i64 - claims["iat"].as_u64()? as i64;
+    Some(
+        b64.encode(expect) == sig
+            && claims["aud"] == aud
+            && (1..=3600).contains(&life)
+            && claims["scope"].as_str().is_some_and(|s| !s.is_empty()),
+    )
+}
+
+/// Bedrock's check of a SigV4 signature, with an independent implementation (botocore):
+/// `Some(false)` for a wrong one, `None` for a request not signed with a known key.
+async fn sigv4_valid(
+    state: &FakeState,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    base: &str,
+) -> Option<bool> {
+    use base64::Engine as _;
+    let auth = parts.headers.get("authorization")?.to_str().ok()?;
+    let rest = auth.strip_prefix("AWS4-HMAC-SHA256 Credential=")?;
+    let (scope, rest) = rest.split_once(", SignedHeaders=")?;
+    let (signed, signature) = rest.split_once(", Signature=")?;
+    let parts_of_scope: Vec<&str> = scope.split('/').collect();
+    let secret = state
+        .aws_secrets
+        .lock()
+        .unwrap()
+        .get(parts_of_scope[0])
+        .cloned()?;
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+        .collect();
+    let url = match parts.uri.query() {
+        Some(q) => format!("{base}{}?{q}", parts.uri.path()),
+        None => format!("{base}{}", parts.uri.path()),
+    };
+    let input = serde_json::json!({
+        "method": parts.method.as_str(), "url": url, "headers": headers,
+        "signed": signed.split(';').collect::<Vec<_>>(),
+        "body_b64": base64::engine::general_purpose::STANDARD.encode(body),
+        "access_key_id": parts_of_scope[0], "secret": secret,
+        "session_token": parts.headers.get("x-amz-security-token").and_then(|v| v.to_str().ok()),
+        "region": parts_of_scope[2], "service": parts_of_scope[3],
+        "amz_date": parts.headers.get("x-amz-date")?.to_str().ok()?,
+        "signature": signature,
+    });
+    let script = format!("{}/tests/sdk/sigv4_check.py", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with botocore (.ci/deps)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).trim() == "ok")
 }
 
 pub struct FakeUpstream {
@@ -247,6 +374,24 @@ async fn fake_respond(
     body: Bytes,
 ) -> Response<FakeBody> {
     let h = &parts.headers;
+    if parts.uri.path().starts_with("/model/") {
+        let base = format!(
+            "http://{}",
+            h.get("host").and_then(|v| v.to_str().ok()).unwrap_or("")
+        );
+        if sigv4_valid(&state, parts, &body, &base).await == Some(false) {
+            let mut r = full(
+                403,
+                "application/json",
+                r#"{"message":"The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method."}"#,
+            );
+            r.headers_mut().insert(
+                "x-amzn-errortype",
+                "InvalidSignatureException".parse().unwrap(),
+            );
+            return r;
+        }
+    }
     if let Some(ms) = header_num(h, "x-fake-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -381,6 +526,17 @@ async fn fake_respond(
         )
     } else if path.ends_with("/token") {
         // Google's OAuth token endpoint: a JWT-bearer grant answered with an access token.
+        let aud = format!(
+            "http://{}/token",
+            h.get("host").and_then(|v| v.to_str().ok()).unwrap_or("")
+        );
+        if jwt_grant_valid(&state, &body, &aud) == Some(false) {
+            return full(
+                400,
+                "application/json",
+                r#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#,
+            );
+        }
         full(
             200,
             "application/json",

@@ -1,6 +1,7 @@
 //! Amazon Bedrock through the real binary, with boto3's bedrock-runtime client holding dummy
 //! credentials: byokd strips the client's signature, signs anew with the tenant's AWS key
-//! (checked here by signing the received request again), or sends a Bedrock API key as a
+//! (the fake checks it with botocore, as Bedrock would, and refuses a wrong one; the test
+//! also signs the received request again with aws-sigv4), or sends a Bedrock API key as a
 //! bearer token; Converse usage is metered under the model the path names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -112,6 +113,9 @@ fn bedrock_yaml(up: &FakeUpstream, provider_extra: &str, extra: &str) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
     let up = fake_upstream().await;
+    // The fake checks signatures under these keys with botocore, as Bedrock would.
+    up.know_aws_key(AKID, SECRET);
+    up.know_aws_key("AKIAWRONGSECRETTENANT", "the-secret-aws-knows-0123456789");
     let env = Env::new(&bedrock_yaml(&up, "", ""));
     let access_key = format!(
         r#"{{"access_key_id": "{AKID}", "secret_access_key": "{SECRET}", "session_token": "{SESSION}"}}"#
@@ -133,7 +137,36 @@ async fn boto3_reaches_bedrock_through_byokd_signed_with_the_tenants_key() {
         Some(r#"{"access_key_id": "AKIAIOSFODNN7EXAMPLE"}"#),
     );
     assert!(!bad.status.success());
+    ok(byokd(
+        &env.config_path,
+        &["keys", "add", "--tenant", "wrong", "--provider", "bedrock"],
+        Some(
+            r#"{"access_key_id": "AKIAWRONGSECRETTENANT", "secret_access_key": "not-the-secret-aws-knows"}"#,
+        ),
+    ));
     let s = serve(&env).await;
+
+    // A tenant whose secret is wrong: the fake (botocore) refuses the signature, as Bedrock
+    // does, and its answer passes through.
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!("{}/bedrock/model/{MODEL}/converse", s.data),
+            &[
+                ("x-tenant-id", "wrong"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert!(
+        got.text().contains("signature we calculated"),
+        "{}",
+        got.text()
+    );
 
     // An access key: the request is signed anew, for the tenant's key, over what was sent.
     let got = converse(&s.data, "acme");
@@ -239,6 +272,7 @@ async fn the_platform_fallback_signs_with_the_environments_credential() {
     const ENV_SECRET: &str = "canaryEnvironmentSecret0123456789abcdef";
     const ENV_SESSION: &str = "canaryEnvironmentSession0123456789";
     let up = fake_upstream().await;
+    up.know_aws_key(ENV_AKID, ENV_SECRET);
     let env = Env::new(&bedrock_yaml(
         &up,
         ", platform_credentials: environment",

@@ -28,6 +28,12 @@ async fn vertex_sdks_reach_the_tenants_project_with_a_minted_token() {
     let up = fake_upstream().await;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
     let pem = key.serialize_pem();
+    // The token endpoint checks each grant against the account's key, as Google's does.
+    up.know_google_key(EMAIL, &key.serialize_der());
+    // Another key claiming the same account: its grants are refused.
+    let forged = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)
+        .unwrap()
+        .serialize_pem();
     let sa = serde_json::json!({
         "type": "service_account", "project_id": "tenant-proj", "private_key_id": "kid-1",
         "private_key": pem, "client_email": EMAIL, "client_id": "1",
@@ -56,7 +62,41 @@ async fn vertex_sdks_reach_the_tenants_project_with_a_minted_token() {
         Some(r#"{"type": "authorized_user", "client_email": "x", "private_key": "y"}"#),
     );
     assert!(!bad.status.success());
+    let forged_sa = serde_json::json!({
+        "type": "service_account", "project_id": "tenant-proj", "private_key_id": "kid-9",
+        "private_key": forged, "client_email": EMAIL,
+    })
+    .to_string();
+    ok(byokd(
+        &env.config_path,
+        &["keys", "add", "--tenant", "forger", "--provider", "vertex"],
+        Some(&forged_sa),
+    ));
     let s = serve(&env).await;
+
+    // A grant signed by a key Google does not know for the account: refused, and byokd
+    // answers 503 key_unavailable without sending the request.
+    let got = send(
+        &client(),
+        request(
+            "POST",
+            &format!("{}/vertex/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-flash:generateContent", s.data),
+            &[("x-tenant-id", "forger")],
+            r#"{"contents":[]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (got.status.as_u16(), got.code()),
+        (503, "key_unavailable"),
+        "{}",
+        got.text()
+    );
+    assert!(
+        up.seen()
+            .iter()
+            .all(|r| !r.path.contains(":generateContent"))
+    );
 
     // Ten requests at once: one token is minted, the others wait for it.
     let path = "/vertex/v1beta1/projects/app-side/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent";
@@ -83,8 +123,10 @@ async fn vertex_sdks_reach_the_tenants_project_with_a_minted_token() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
+    // The forger's refused grant, then one token for ten concurrent requests.
     let minted = token_requests(&up);
-    assert_eq!(minted.len(), 1, "one token for ten concurrent requests");
+    assert_eq!(minted.len(), 2, "one token for ten concurrent requests");
+    let minted = &minted[1..];
 
     // The grant: a JWT for this account, for the configured token endpoint (not the one the
     // account names), signed RS256 with its key (PKCS#1 v1.5 is deterministic: signing the
@@ -161,7 +203,7 @@ async fn vertex_sdks_reach_the_tenants_project_with_a_minted_token() {
             format!("Bearer {TOKEN}").as_str()
         );
     }
-    assert_eq!(token_requests(&up).len(), 1, "the token is cached");
+    assert_eq!(token_requests(&up).len(), 2, "the token is cached");
 
     // An OpenAI SDK by model name: Vertex's OpenAI endpoint in the tenant's project.
     let got = send(
