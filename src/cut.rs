@@ -42,27 +42,78 @@ pub struct CutFilter {
     events: u64,
     crossed: bool,
     at_boundary: bool,
+    /// A binary event stream (Bedrock's): messages framed by their length, counted as events.
+    framing: Option<Framing>,
+}
+
+/// Where a length-framed stream is: the bytes of the current message's length read so far,
+/// then how many of its bytes are still to come.
+#[derive(Debug, Default)]
+struct Framing {
+    prelude: Vec<u8>,
+    left: usize,
+}
+
+impl Framing {
+    /// Messages completed in `d`; after it, whether the stream is between messages.
+    fn feed(&mut self, mut d: &[u8]) -> (u64, bool) {
+        let mut done = 0;
+        while !d.is_empty() {
+            if self.left == 0 {
+                let take = (4 - self.prelude.len()).min(d.len());
+                self.prelude.extend_from_slice(&d[..take]);
+                d = &d[take..];
+                if let Ok(b) = <[u8; 4]>::try_from(self.prelude.as_slice()) {
+                    // A message is at least its 16 bytes of framing; 4 are read.
+                    self.left = (u32::from_be_bytes(b) as usize).max(16) - 4;
+                    self.prelude.clear();
+                }
+            } else {
+                let take = self.left.min(d.len());
+                self.left -= take;
+                d = &d[take..];
+                if self.left == 0 {
+                    done += 1;
+                }
+            }
+        }
+        (done, self.left == 0 && self.prelude.is_empty())
+    }
 }
 
 impl CutFilter {
     pub fn new(plan: CutPlan) -> Self {
+        let framing = plan.shape.framed().then(Framing::default);
         Self {
             plan,
             events: 0,
             crossed: false,
             at_boundary: true,
+            framing,
         }
     }
 
     /// Sees one data frame; `Some(error event)` when the stream must end after it (the
     /// caller sends the event and drops the upstream body, which cancels the request).
     pub fn on_data(&mut self, d: &[u8]) -> Option<Bytes> {
+        if let Some(f) = &mut self.framing {
+            let (done, between) = f.feed(d);
+            self.events += done;
+            self.at_boundary = between;
+            return self.after();
+        }
         self.events += data_events(d);
-        let plan = &self.plan;
-        plan.state.events.store(self.events, Ordering::Relaxed);
         if !d.is_empty() {
             self.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
         }
+        self.after()
+    }
+
+    /// After a frame: whether the estimate crossed the allowance, and the stream is at a
+    /// boundary to end it at.
+    fn after(&mut self) -> Option<Bytes> {
+        let plan = &self.plan;
+        plan.state.events.store(self.events, Ordering::Relaxed);
         let cost = plan
             .input_nanos
             .saturating_add(self.events.saturating_mul(plan.output_nanos_per_token));
@@ -96,6 +147,24 @@ fn error_event(shape: ErrorShape) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn length_framed_messages_are_counted_across_any_split() {
+        // Three messages of 16, 20 and 18 bytes (their length first, big-endian).
+        let mut stream = Vec::new();
+        for n in [16u32, 20, 18] {
+            stream.extend_from_slice(&n.to_be_bytes());
+            stream.extend(std::iter::repeat_n(0xAB, n as usize - 4));
+        }
+        for cut in 0..=stream.len() {
+            let mut f = Framing::default();
+            let (a, between_a) = f.feed(&stream[..cut]);
+            let (b, between_b) = f.feed(&stream[cut..]);
+            assert_eq!(a + b, 3, "split at {cut}");
+            assert!(between_b);
+            assert_eq!(between_a, [0, 16, 36, 54].contains(&cut), "split at {cut}");
+        }
+    }
 
     #[test]
     fn cuts_at_an_event_boundary_with_a_provider_shaped_event() {

@@ -314,7 +314,8 @@ impl Proxy {
             .await?;
         let cut = match admission.as_mut() {
             Some(a) if a.budgeted() => {
-                self.reserve(a, (&provider, shape), &parts, &facts, read.estimate)
+                let path = route.upstream_path(parts.uri.path());
+                self.reserve(a, (&provider, shape), path, &facts, read.estimate)
                     .await?
             }
             _ => None,
@@ -680,12 +681,11 @@ impl Proxy {
         &self,
         admission: &mut crate::policy::Admission,
         (provider, shape): (&Provider, ErrorShape),
-        parts: &http::request::Parts,
+        path: &str,
         facts: &Facts,
         estimate: Estimate,
     ) -> Result<Option<crate::cut::CutPlan>, ProxyError> {
-        let (model, max_out) =
-            provider.model_and_output_cap(estimate.body.as_deref(), parts.uri.path());
+        let (model, max_out) = provider.model_and_output_cap(estimate.body.as_deref(), path);
         let price = model
             .as_deref()
             .and_then(|m| self.metrics.pricing.price(&provider.name, m));
@@ -777,10 +777,14 @@ impl Proxy {
             crate::failover::ATTEMPTS_HEADER,
             crate::failover::attempts_value(ctx.progress.attempts),
         );
-        // Only an event stream can be cut cleanly; a JSON body is whole or nothing.
-        let cut = metered
-            .cut
-            .filter(|_| rparts.status.is_success() && event_stream);
+        // Only an event stream can be cut cleanly; a JSON body is whole or nothing. A binary
+        // event stream (Bedrock's) is cut between its messages, if its wire has an error
+        // message to end it with.
+        let framed_stream = content_type(&rparts.headers)
+            .is_some_and(|v| v.starts_with(b"application/vnd.amazon.eventstream"));
+        let cut = metered.cut.filter(|p| {
+            rparts.status.is_success() && (event_stream || (framed_stream && p.shape.framed()))
+        });
         let body = ResponseBody::new(
             rbody,
             done.lease,

@@ -305,7 +305,29 @@ impl Authenticator for SigV4 {
     }
 }
 
-const ERRORS: ErrorShape = ErrorShape::new(error_body, None);
+const ERRORS: ErrorShape = ErrorShape::new(error_body, None).with_frame(exception_frame);
+
+/// An event-stream exception message, as Bedrock ends a stream that fails: the SDK raises it
+/// as an error of that type (`throttlingException`: the tenant's budget is a quota).
+fn exception_frame(code: &str, message: &str) -> bytes::Bytes {
+    use aws_smithy_types::event_stream::{Header, HeaderValue as Hv, Message};
+    let payload = serde_json::json!({ "message": message, "code": code }).to_string();
+    let msg = Message::new(payload.into_bytes())
+        .add_header(Header::new(":message-type", Hv::String("exception".into())))
+        .add_header(Header::new(
+            ":exception-type",
+            Hv::String("throttlingException".into()),
+        ))
+        .add_header(Header::new(
+            ":content-type",
+            Hv::String("application/json".into()),
+        ));
+    let mut out = Vec::with_capacity(256);
+    match aws_smithy_eventstream::frame::write_message_to(&msg, &mut out) {
+        Ok(()) => out.into(),
+        Err(_) => bytes::Bytes::new(),
+    }
+}
 
 /// The AWS JSON error body the SDKs read: `message`, with the error type beside it.
 fn error_body(_status: StatusCode, code: &str, message: &str) -> serde_json::Value {

@@ -363,6 +363,8 @@ pub struct VerifyCall {
 pub struct ErrorShape {
     body: fn(StatusCode, &str, &str) -> serde_json::Value,
     event: Option<&'static str>,
+    /// A binary event stream's error message (Bedrock's), instead of an SSE event.
+    frame: Option<fn(&str, &str) -> Bytes>,
 }
 
 impl ErrorShape {
@@ -370,7 +372,23 @@ impl ErrorShape {
         body: fn(StatusCode, &str, &str) -> serde_json::Value,
         event: Option<&'static str>,
     ) -> Self {
-        Self { body, event }
+        Self {
+            body,
+            event,
+            frame: None,
+        }
+    }
+
+    /// The stream error of an API whose streams are binary event streams: `frame(code,
+    /// message)` is one whole message of that stream.
+    pub const fn with_frame(mut self, frame: fn(&str, &str) -> Bytes) -> Self {
+        self.frame = Some(frame);
+        self
+    }
+
+    /// Whether its streams are binary event streams (framed by length, not by blank lines).
+    pub fn framed(self) -> bool {
+        self.frame.is_some()
     }
 
     /// A body the provider's own SDK parses, with byokd's stable `code` where the shape has
@@ -379,8 +397,11 @@ impl ErrorShape {
         serde_json::to_vec(&(self.body)(status, code, message)).unwrap_or_default()
     }
 
-    /// The same error as one SSE event, to end a stream with.
+    /// The same error as one SSE event (or event-stream message), to end a stream with.
     pub fn stream_error(self, status: StatusCode, code: &str, message: &str) -> Bytes {
+        if let Some(frame) = self.frame {
+            return frame(code, message);
+        }
         let body = self.error_body(status, code, message);
         let mut ev = Vec::with_capacity(body.len() + 32);
         if let Some(name) = self.event {

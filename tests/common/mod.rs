@@ -223,7 +223,7 @@ impl Drop for StreamGuard {
 }
 
 fn sse(state: Arc<FakeState>, events: Vec<String>, pace: Duration) -> Response<FakeBody> {
-    let stream = async_stream(state, events, pace);
+    let stream = async_stream(state, events.into_iter().map(Bytes::from).collect(), pace);
     Response::builder()
         .status(200)
         .header("content-type", "text/event-stream")
@@ -232,9 +232,25 @@ fn sse(state: Arc<FakeState>, events: Vec<String>, pace: Duration) -> Response<F
         .unwrap()
 }
 
+/// Bedrock's binary event stream, one message per frame, `pace` apart.
+fn amazon_stream(state: Arc<FakeState>, body: Vec<u8>, pace: Duration) -> Response<FakeBody> {
+    let mut frames = Vec::new();
+    let mut rest = &body[..];
+    while rest.len() >= 4 {
+        let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        frames.push(Bytes::copy_from_slice(&rest[..n]));
+        rest = &rest[n..];
+    }
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/vnd.amazon.eventstream")
+        .body(StreamBody::new(async_stream(state, frames, pace)).boxed())
+        .unwrap()
+}
+
 fn async_stream(
     state: Arc<FakeState>,
-    events: Vec<String>,
+    events: Vec<Bytes>,
     pace: Duration,
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
@@ -242,7 +258,7 @@ fn async_stream(
         let mut guard = StreamGuard { state, done: false };
         let n = events.len();
         for (i, e) in events.into_iter().enumerate() {
-            if tx.send(Bytes::from(e)).await.is_err() {
+            if tx.send(e).await.is_err() {
                 return;
             }
             if i + 1 < n && !pace.is_zero() {
@@ -500,15 +516,16 @@ async fn fake_respond(
         }
         r
     } else if path.ends_with("/converse-stream") {
-        // Bedrock ConverseStream: binary event-stream frames, usage in the last (`metadata`).
-        full(
-            200,
-            "application/vnd.amazon.eventstream",
+        // Bedrock ConverseStream: binary event-stream frames, usage in the last (`metadata`),
+        // one message at a time.
+        amazon_stream(
+            state,
             std::fs::read(format!(
                 "{}/tests/fixtures/bedrock_converse_stream.eventstream",
                 env!("CARGO_MANIFEST_DIR")
             ))
             .unwrap(),
+            Duration::from_millis(5),
         )
     } else if path.ends_with("/converse") {
         // Bedrock Converse: usage in camelCase, cache reads apart; the answer names no model.

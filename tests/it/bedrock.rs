@@ -331,3 +331,44 @@ async fn the_platform_fallback_signs_with_the_environments_credential() {
         assert_no_secret(&s.logs(), secret, "byokd's logs");
     }
 }
+
+/// `on_exhausted: cut` on a Bedrock stream: ended between two event-stream messages with an
+/// exception message that boto3 raises, and billed at the running estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bedrock_stream_past_its_budget_ends_with_an_exception_the_sdk_raises() {
+    let up = fake_upstream().await;
+    up.know_aws_key(AKID, SECRET);
+    // Output at $1,000 per million tokens and free input: the budget ($0.0025) admits a
+    // request capped at 2 output tokens ($0.002) and is crossed at the third message.
+    let env = Env::new(&bedrock_yaml(
+        &up,
+        "",
+        "pricing: prices.yaml\ntenants:\n  acme: { budget: { monthly_usd: 0.0025, on_exhausted: cut } }\n",
+    ));
+    std::fs::write(
+        env.dir.path().join("prices.yaml"),
+        "bedrock:\n  anthropic.claude-3-5-haiku: { input: 0, output: 1000 }\n",
+    )
+    .unwrap();
+    let access_key = format!(
+        r#"{{"access_key_id": "{AKID}", "secret_access_key": "{SECRET}", "session_token": "{SESSION}"}}"#
+    );
+    ok(byokd(
+        &env.config_path,
+        &["keys", "add", "--tenant", "acme", "--provider", "bedrock"],
+        Some(&access_key),
+    ));
+    let s = serve(&env).await;
+    let got = boto3(&[&s.data, "acme", "stream-cut"]);
+    assert_eq!(got["error"], "throttlingException", "{got}");
+    assert!(got["message"].as_str().unwrap().contains("budget"), "{got}");
+    // The messages before the cut reached the app; the rest never did.
+    assert_eq!(got["text"], "Hello from Bedrock", "{got}");
+    let m = metrics_after(s.admin.parse().unwrap(), 1).await;
+    let out = sample(
+        &m,
+        "byokd_tokens_total",
+        &["tenant=\"acme\"", "provider=\"bedrock\"", "type=\"output\""],
+    );
+    assert_eq!(out, Some(3.0), "billed at the running estimate: {m}");
+}

@@ -2,7 +2,7 @@
 client's SigV4 signature and signs anew with the tenant's key), the tenant in a header added
 before signing. Prints the Converse answer's text and usage as JSON.
 
-Usage: python3 bedrock_converse.py BASE_URL TENANT [converse|stream|invoke]
+Usage: python3 bedrock_converse.py BASE_URL TENANT [converse|stream|stream-cut|invoke]
 """
 
 import json
@@ -41,6 +41,19 @@ if mode == "invoke":
     )
     out = json.loads(resp["body"].read())
     print(json.dumps({"text": out["content"][0]["text"], "usage": out["usage"]}))
+elif mode == "stream-cut":
+    # A budget that covers two output tokens: byokd ends the stream with an exception
+    # message, which the SDK raises.
+    from botocore.exceptions import EventStreamError
+    args["inferenceConfig"] = {"maxTokens": 2}
+    text = ""
+    try:
+        for event in client.converse_stream(**args)["stream"]:
+            if "contentBlockDelta" in event:
+                text += event["contentBlockDelta"]["delta"]["text"]
+        print(json.dumps({"error": None, "text": text}))
+    except EventStreamError as e:
+        print(json.dumps({"error": e.response["Error"]["Code"], "message": e.response["Error"]["Message"], "text": text}))
 elif mode == "stream":
     # The SDK parses every frame of the event stream (CRCs checked) as it arrives.
     text, usage = "", None
