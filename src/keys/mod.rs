@@ -410,6 +410,17 @@ impl Keyring {
         let flight = match self.inner.inflight.entry(flight_key.clone()) {
             dashmap::Entry::Occupied(e) => e.get().clone(),
             dashmap::Entry::Vacant(v) => {
+                // A flight may have ended between the caller's cache miss and here: it fills
+                // the cache before it leaves `inflight`, so the cache now has its answer.
+                // Without this look, that caller would decrypt the key a second time.
+                if let Some(e) = self.inner.cache.get(record.id.as_str())
+                    && e.version == record.version
+                    && *e.tenant == *record.tenant
+                    && *e.provider == *record.provider
+                    && e.fetched.elapsed() < self.policy.ttl
+                {
+                    return Ok((e.value.clone(), false));
+                }
                 let inner = self.inner.clone();
                 let record = record.clone();
                 let max = self.policy.max_entries;
@@ -586,4 +597,104 @@ pub struct AwsKmsConfig {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     pub timeout: std::time::Duration,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A local KEK that counts its decryptions.
+    struct Counting(kms::LocalKek, AtomicUsize);
+
+    impl Kms for Counting {
+        fn generate_data_key<'a>(
+            &'a self,
+            b: envelope::Binding<'a>,
+        ) -> kms::KmsFuture<'a, (envelope::DataKey, kms::WrappedKey)> {
+            self.0.generate_data_key(b)
+        }
+        fn decrypt<'a>(
+            &'a self,
+            w: &'a kms::WrappedKey,
+            b: envelope::Binding<'a>,
+        ) -> kms::KmsFuture<'a, envelope::DataKey> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.decrypt(w, b)
+        }
+        fn rewrap<'a>(
+            &'a self,
+            w: &'a kms::WrappedKey,
+            b: envelope::Binding<'a>,
+        ) -> kms::KmsFuture<'a, kms::WrappedKey> {
+            self.0.rewrap(w, b)
+        }
+        fn active_id(&self) -> kms::KmsFuture<'_, String> {
+            self.0.active_id()
+        }
+        fn wrap<'a>(
+            &'a self,
+            dek: &'a envelope::DataKey,
+            b: envelope::Binding<'a>,
+        ) -> kms::KmsFuture<'a, kms::WrappedKey> {
+            self.0.wrap(dek, b)
+        }
+    }
+
+    /// A request that missed the cache while another's decryption was finishing reaches
+    /// `fetch` after that flight left: it takes the flight's answer from the cache instead
+    /// of decrypting again (found by the 500-tenant bench: 501 decryptions).
+    #[tokio::test]
+    async fn a_caller_that_missed_a_flight_just_ended_does_not_decrypt_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = kms::LocalKek::load(&[("k1".into(), dir.path().join("kek"))], "k1").unwrap();
+        let counting = Arc::new(Counting(local, AtomicUsize::new(0)));
+        let store: Arc<dyn KeyStore> = Arc::new(store::FileStore::new(dir.path().join("k.json")));
+        let audit = Arc::new(Audit::log_only());
+        let provider = crate::provider::builtins()
+            .into_iter()
+            .find(|p| &*p.name == "openai")
+            .unwrap();
+        let record = manage::add_key(
+            store.as_ref(),
+            counting.as_ref(),
+            &audit,
+            manage::NewKey {
+                tenant: "acme",
+                provider: &provider,
+                secret: &PlainKey::new("sk-race-0123456789abcdefghij".into()),
+                label: None,
+                expires_in: None,
+            },
+        )
+        .await
+        .unwrap();
+        let data = store.load().await.unwrap();
+        let ring = Keyring::new(
+            counting.clone(),
+            store,
+            audit,
+            data,
+            CachePolicy {
+                ttl: Duration::from_secs(300),
+                stale_ttl: Duration::from_secs(3600),
+                max_entries: 10,
+            },
+        );
+        let record = Arc::new(record);
+        let id = crate::vocab::RequestId::new();
+        let first = ring
+            .resolve(record.clone(), KeySource::Tenant, &provider, id)
+            .await
+            .unwrap();
+        assert!(first.decrypted);
+        // The late caller's view: it saw no cache entry, and the flight is gone.
+        let (_, decrypted) = ring
+            .fetch(&record, provider.auth(), id, "cache_miss")
+            .await
+            .unwrap();
+        assert!(!decrypted);
+        assert_eq!(counting.1.load(Ordering::SeqCst), 1);
+    }
 }
