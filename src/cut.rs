@@ -42,7 +42,8 @@ pub struct CutFilter {
     events: u64,
     crossed: bool,
     at_boundary: bool,
-    /// A binary event stream (Bedrock's): messages framed by their length, counted as events.
+    /// A binary event stream (a wire whose error shape is framed): messages framed by their
+    /// length, counted as events.
     framing: Option<Framing>,
 }
 

@@ -177,7 +177,7 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
 }
 
-/// The token endpoint call of a credential exchange (Vertex's OAuth grant), through the same
+/// The token endpoint call of a credential exchange (an OAuth grant), through the same
 /// client and timeouts as upstream requests. The answer is read up to 64 KiB.
 impl crate::provider::TokenHttp for Upstream {
     fn post_form<'a>(&'a self, url: &'a str, form: &'a str) -> crate::provider::TokenAnswer<'a> {

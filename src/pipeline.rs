@@ -321,7 +321,7 @@ impl Proxy {
             _ => None,
         };
         let request_model = Arc::new(std::sync::OnceLock::new());
-        // APIs that name the model in the path (Bedrock): the label comes from there.
+        // APIs that name the model in the path: the label comes from there.
         if let Some(m) = provider
             .kind
             .path_model(route.upstream_path(parts.uri.path()))
@@ -778,8 +778,8 @@ impl Proxy {
             crate::failover::attempts_value(ctx.progress.attempts),
         );
         // Only an event stream can be cut cleanly; a JSON body is whole or nothing. A binary
-        // event stream (Bedrock's) is cut between its messages, if its wire has an error
-        // message to end it with.
+        // event stream is cut between its messages, if its wire has an error message to end
+        // it with.
         let framed_stream = content_type(&rparts.headers)
             .is_some_and(|v| v.starts_with(b"application/vnd.amazon.eventstream"));
         let cut = metered.cut.filter(|p| {

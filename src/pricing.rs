@@ -209,7 +209,7 @@ impl Pricing {
             .filter(|(name, _)| {
                 model.len() > name.len()
                     && model.starts_with(name.as_str())
-                    // `-` before a date or version; `@` before Vertex's version of a model.
+                    // `-` before a date or version; `@` before a `model@version` id.
                     && matches!(model.as_bytes()[name.len()], b'-' | b'@')
             })
             .max_by_key(|(name, _)| name.len())

@@ -55,7 +55,7 @@ pub struct Recorder {
     pub admission: Option<crate::policy::Admission>,
     /// Set when the stream may be cut for budget (`on_exhausted: cut`).
     pub cut: Option<Arc<crate::cut::CutState>>,
-    /// Usage the response headers reported (Bedrock's `invoke`), for when the body has none.
+    /// Usage the response headers reported (`Kind::header_usage`), for when the body has none.
     pub header_usage: Option<Usage>,
 }
 

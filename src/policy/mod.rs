@@ -157,18 +157,19 @@ struct Hold {
     /// The ledger's and the local maps' key: `tenant`, or `tenant/end_user` (`/` is in no
     /// id, so the two never collide).
     subject: Arc<str>,
-    /// The Redis key parts before `res`/`spend`: `{tenant}`, or `{tenant}:@end_user`.
-    parts: Vec<Box<str>>,
     spec: BudgetSpec,
     /// (estimate, period, decided in Redis) once reserved.
     reservation: Option<(u64, String, bool)>,
 }
 
 impl Hold {
+    /// Its Redis key: `{tenant}:what:period`, or `{tenant}:@end_user:what:period` (the
+    /// tenant's hash tag either way, so one script may touch both).
     fn key(&self, p: &Policy, what: &str, period: &str) -> String {
-        let mut parts: Vec<&str> = self.parts.iter().map(|x| &**x).collect();
-        parts.extend([what, period]);
-        p.key(&parts)
+        match self.subject.split_once('/') {
+            Some((tenant, user)) => p.key(&[tenant, &format!("@{user}"), what, period]),
+            None => p.key(&[&self.subject, what, period]),
+        }
     }
 }
 
@@ -282,7 +283,6 @@ impl Policy {
             holds.push(Hold {
                 who: Who::EndUser(u.clone()),
                 subject: end_user_subject(tenant, u).into(),
-                parts: vec![(**tenant).into(), format!("@{u}").into()],
                 spec: b.clone(),
                 reservation: None,
             });
@@ -291,7 +291,6 @@ impl Policy {
             holds.push(Hold {
                 who: Who::Tenant,
                 subject: tenant.clone(),
-                parts: vec![(**tenant).into()],
                 spec: b.clone(),
                 reservation: None,
             });

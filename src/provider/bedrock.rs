@@ -12,7 +12,6 @@ use aws_sigv4::sign::v4;
 use http::{HeaderName, HeaderValue, StatusCode, request};
 use memchr::memmem;
 use serde::Deserialize;
-use zeroize::Zeroizing;
 
 use super::{
     AuthValue, Authenticator, BadCredential, CompatEndpoint, ErrorShape, Kind, Signing, mask,
@@ -224,18 +223,20 @@ static SIGV4: SigV4 = SigV4;
 struct SigV4;
 
 impl Authenticator for SigV4 {
+    /// An API key becomes its `Bearer` header value once per decryption, as a header key
+    /// does; an access key stays the JSON it signs with.
     fn credential(&self, key: &[u8]) -> AuthValue {
-        AuthValue::new("", key)
+        if key.first() == Some(&b'{') {
+            AuthValue::new("", key)
+        } else {
+            AuthValue::new("Bearer ", key)
+        }
     }
 
     fn authorize(&self, req: &mut request::Parts, cred: &AuthValue) -> Result<(), BadCredential> {
         let raw = cred.expose();
         if raw.first() != Some(&b'{') {
-            let mut v = Zeroizing::new(Vec::with_capacity(raw.len() + 7));
-            v.extend_from_slice(b"Bearer ");
-            v.extend_from_slice(raw);
-            let mut h = HeaderValue::from_bytes(&v).map_err(|_| BadCredential)?;
-            h.set_sensitive(true);
+            let h = cred.header_value().ok_or(BadCredential)?;
             req.headers.insert(http::header::AUTHORIZATION, h);
             return Ok(());
         }

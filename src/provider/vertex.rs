@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use dashmap::DashMap;
-use http::{HeaderName, HeaderValue, request};
+use http::{HeaderName, request};
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
@@ -253,9 +253,8 @@ impl Authenticator for OAuth {
     fn authorize(&self, req: &mut request::Parts, cred: &AuthValue) -> Result<(), BadCredential> {
         let raw = cred.expose();
         let nl = memchr::memchr(b'\n', raw).ok_or(BadCredential)?;
-        let (project, bearer) = (&raw[..nl], &raw[nl + 1..]);
-        let mut h = HeaderValue::from_bytes(bearer).map_err(|_| BadCredential)?;
-        h.set_sensitive(true);
+        let project = &raw[..nl];
+        let h = cred.header_value_from(nl + 1).ok_or(BadCredential)?;
         req.headers.insert(http::header::AUTHORIZATION, h);
         // The account's own project, in the configured location, whatever the app's SDK put
         // in the path (it need not know either).

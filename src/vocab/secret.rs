@@ -45,7 +45,13 @@ impl AuthValue {
     /// The one place key material leaves this type: a header value marked sensitive, so
     /// HTTP/2 HPACK never indexes it and `Debug` of the header map hides it.
     pub fn header_value(&self) -> Option<HeaderValue> {
-        let mut v = HeaderValue::from_maybe_shared(self.0.clone()).ok()?;
+        self.header_value_from(0)
+    }
+
+    /// The value past its first `at` bytes as a header value, for a credential that carries
+    /// more than its header (Vertex's project before its token). Shares the buffer.
+    pub fn header_value_from(&self, at: usize) -> Option<HeaderValue> {
+        let mut v = HeaderValue::from_maybe_shared(self.0.slice(at.min(self.0.len())..)).ok()?;
         v.set_sensitive(true);
         Some(v)
     }
