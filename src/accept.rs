@@ -210,11 +210,11 @@ pub async fn serve<F, Fut, B>(
                     let state = state.clone();
                     move |peer: Arc<Peer>| service_fn(move |req| {
                         let busy = Busy::new(&state);
-                        let fut = h(req, peer.clone());
-                        async move {
-                            let resp = fut.await;
+                        // `map`, not an `async` block: that would hold the handler's future
+                        // twice over.
+                        futures_util::FutureExt::map(h(req, peer.clone()), move |resp| {
                             Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, busy: Some(busy) }))
-                        }
+                        })
                     })
                 };
                 let stop = shutdown.clone();

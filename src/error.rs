@@ -160,9 +160,11 @@ impl ProxyError {
             Self::Limit(LimitError::ClientClosed) => Code::ClientClosed,
             Self::Limit(LimitError::BodyTimeout) => Code::RequestTimeout,
             Self::Limit(LimitError::Overloaded) => Code::Overloaded,
-            Self::Forward(ForwardError::Unreachable(_) | ForwardError::BadUpstreamRequest(_)) => {
-                Code::UpstreamUnreachable
-            }
+            Self::Forward(
+                ForwardError::Connect(_)
+                | ForwardError::Unreachable(_)
+                | ForwardError::BadUpstreamRequest(_),
+            ) => Code::UpstreamUnreachable,
             Self::Forward(ForwardError::BodyFailed(e)) => {
                 match crate::timeouts::caused_by::<crate::timeouts::IdleTimedOut>(e.as_ref()) {
                     Some(_) => Code::UpstreamTimeout,
@@ -196,7 +198,8 @@ impl ProxyError {
                 ForwardError::BadUpstreamRequest(_) | ForwardError::InvalidCredential,
             ) => Blame::Internal,
             Self::Forward(
-                ForwardError::Unreachable(_)
+                ForwardError::Connect(_)
+                | ForwardError::Unreachable(_)
                 | ForwardError::Timeout(_)
                 | ForwardError::BodyFailed(_),
             ) => Blame::Upstream,

@@ -14,7 +14,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, request};
-use hyper::body::Incoming;
 use sha2::Digest as _;
 
 use crate::forward::Upstream;
@@ -29,7 +28,6 @@ use crate::provider::Provider;
 use crate::rewrite::rewrite;
 use crate::route::Route;
 use crate::stream_usage::{BodyKind, RequestBody, add_include_usage};
-use crate::timeouts::IdleTimeout;
 use crate::vocab::RequestId;
 use crate::vocab::unix_now;
 
@@ -387,7 +385,7 @@ impl Payload {
 
 /// The answer the loop settled on.
 pub struct Attempted {
-    pub response: Response<IdleTimeout<Incoming>>,
+    pub response: Response<crate::forward::ResponseBody>,
     pub provider: usize,
     pub source: KeySource,
     /// The key's in-flight count, held until the response body ends.

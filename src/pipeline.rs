@@ -30,12 +30,12 @@ use crate::route::{ByModel, Target, check_method, route};
 use crate::stream_usage::{
     BodyKind, Peeked, RequestBody, StripUsage, read_bounded, speech_characters,
 };
-use crate::timeouts::{IdleTimeout, Side};
+use crate::timeouts::Side;
 use crate::usage::{Capability, scanner_for_capability};
 use crate::vocab::{ErrorChain, RequestId};
 
 /// What the data listener answers with: a metered upstream body or byokd's own error.
-pub type ProxyBody = Either<ResponseBody<IdleTimeout<Incoming>>, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody<crate::forward::ResponseBody>, Full<Bytes>>;
 
 /// Per-request state shared by the steps.
 #[derive(Debug)]
@@ -99,7 +99,13 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: errors become provider-shaped responses.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    /// Takes its `Arc`s by value so the listener can call it without an `async` wrapper,
+    /// which would make every request's future twice the size.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<ProxyBody> {
         let mut ctx = RequestCtx {
             id: RequestId::new(),
             started: Instant::now(),
@@ -111,7 +117,7 @@ impl Proxy {
         };
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
-        match self.run(parts, &mut body, peer, &mut ctx).await {
+        match self.run(parts, &mut body, &peer, &mut ctx).await {
             Ok(resp) => resp,
             Err(e) => {
                 if let Some(b) = body {

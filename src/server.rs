@@ -244,7 +244,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .sum();
     metrics.key_expiry(keyring.snapshot().expiring_soon(crate::vocab::unix_now()));
     let policy = crate::policy::Policy::new(cfg.shared_state.as_ref(), metrics.clone());
+    let upstream = Upstream::new(&cfg.upstream, &cfg.limits)?;
     let sweeper = {
+        let upstream = upstream.clone();
         let keyring = keyring.clone();
         let metrics = metrics.clone();
         let policy = policy.clone();
@@ -261,13 +263,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     }
                     _ = flush.tick() => {
                         policy.sweep();
+                        upstream.sweep();
                         flush_ledger(&metrics, pg.as_deref()).await;
                     }
                 }
             }
         })
     };
-    let upstream = Upstream::new(&cfg.upstream, &cfg.limits)?;
     let proxy = Arc::new(Proxy::new(
         cfg.clone(),
         keyring,
@@ -320,10 +322,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         accept::data_builder(&cfg.limits),
         tls.as_ref()
             .map(|t| (t.acceptor.clone(), cfg.limits.header_timeout)),
-        move |req, peer| {
-            let p = p.clone();
-            async move { p.handle(req, &peer).await }
-        },
+        move |req, peer| p.clone().handle(req, peer),
         data_rx,
         accept::ConnLimits {
             keepalive_timeout: cfg.limits.keepalive_timeout,

@@ -939,3 +939,45 @@ async fn redis_reset_mid_operation_leaks_no_slot_and_no_reservation() {
     );
     r.shutdown().await;
 }
+
+/// The upstream pool: requests in a row share one connection; a pooled connection the
+/// network reset while it sat idle is noticed and a new one made, with no request failed
+/// or counted as an upstream error; a connection idle past `upstream.pool_idle_timeout` is
+/// not used again.
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_dead_or_stale_ones_replaced() {
+    let u = Upstream::start("upstream: { pool_idle_timeout: 1s }\n", &["acme"]).await;
+    let accepted = || u.px.stats.accepted.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        assert_eq!(chat(&u.base, "acme").await.status, StatusCode::OK);
+    }
+    // One per worker thread at most (this test's runtime has one); without a pool, 20.
+    assert!(
+        accepted() <= 2,
+        "20 requests opened {} connections",
+        accepted()
+    );
+
+    let before = accepted();
+    u.px.reset();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        assert_eq!(chat(&u.base, "acme").await.status, StatusCode::OK);
+    }
+    assert!(accepted() > before, "the reset connection was not replaced");
+    assert_eq!(u.metric("byokd_upstream_errors_total", &[]).await, 0.0);
+
+    let before = accepted();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(chat(&u.base, "acme").await.status, StatusCode::OK);
+    assert_eq!(
+        accepted(),
+        before + 1,
+        "a connection idle past pool_idle_timeout was used again"
+    );
+    assert_eq!(
+        u.up.seen().len(),
+        26,
+        "every request reached the provider once"
+    );
+}
