@@ -370,16 +370,29 @@ impl Payload {
                 if *chat && (provider.stream_usage || openai_wire) {
                     let e = edited.get_or_init(|| add_include_usage(original).map(Bytes::from));
                     if let Some(e) = e {
-                        headers.insert(header::CONTENT_LENGTH, e.len().into());
+                        set_length(headers, e.len());
                         return (RequestBody::whole(e.clone()), true);
                     }
                 }
                 // The body is known whole: its length is said, whatever the app's header said
                 // (a body routed by model had its `model` rewritten).
-                headers.insert(header::CONTENT_LENGTH, original.len().into());
+                set_length(headers, original.len());
                 (RequestBody::whole(original.clone()), false)
             }
         }
+    }
+}
+
+/// Sets `Content-Length`, unless the app's header already says exactly that (the usual case:
+/// a header value made from a number is an allocation, and the insert a hash).
+fn set_length(headers: &mut HeaderMap, len: usize) {
+    let said = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<usize>().ok());
+    if said != Some(len) || headers.get_all(header::CONTENT_LENGTH).iter().count() != 1 {
+        headers.insert(header::CONTENT_LENGTH, len.into());
     }
 }
 
@@ -702,4 +715,27 @@ fn clone_parts(p: &request::Parts) -> request::Parts {
 /// `x-byokd-attempts: n`.
 pub fn attempts_value(n: u32) -> HeaderValue {
     HeaderValue::from(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_is_kept_only_when_it_says_exactly_the_length() {
+        let mut h = HeaderMap::new();
+        set_length(&mut h, 12);
+        assert_eq!(h[header::CONTENT_LENGTH], "12");
+        for (app, want) in [("12", "12"), ("13", "12"), ("+12", "12"), ("012", "012")] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_LENGTH, http::HeaderValue::from_static(app));
+            set_length(&mut h, 12);
+            assert_eq!(h[header::CONTENT_LENGTH], want, "app said {app}");
+        }
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, http::HeaderValue::from_static("12"));
+        h.append(header::CONTENT_LENGTH, http::HeaderValue::from_static("12"));
+        set_length(&mut h, 12);
+        assert_eq!(h.get_all(header::CONTENT_LENGTH).iter().count(), 1);
+    }
 }

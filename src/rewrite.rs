@@ -43,16 +43,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the headers the `Connection` headers name, all of them (a message may carry
-/// several); rare, so only then are the names collected.
+/// several). Most name only `keep-alive` or `close` (an upstream's every response does), which
+/// go anyway or are no header: those are skipped before anything is parsed or collected.
 fn strip_connection_named(headers: &mut HeaderMap) {
-    if !headers.contains_key(header::CONNECTION) {
-        return;
-    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in named {
         headers.remove(n);
