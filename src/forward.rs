@@ -426,7 +426,7 @@ impl Upstream {
                         Ok(resp) => Tried::Answered(resp, None),
                         Err(mut e) => match e.take_message() {
                             Some(r) => {
-                                self.forget_h2(slot, &scheme, &authority, &sender);
+                                self.forget_h2(slot, &scheme, &authority);
                                 Tried::Unsent(r)
                             }
                             None => Tried::Failed(e.into_error()),
@@ -497,20 +497,13 @@ impl Upstream {
         None
     }
 
-    fn forget_h2(
-        &self,
-        slot: usize,
-        scheme: &Scheme,
-        authority: &Authority,
-        gone: &http2::SendRequest<UpstreamBody>,
-    ) {
+    /// Drops this thread's HTTP/2 connection to the host once it has closed (a request it
+    /// refused unsent is the sign). Every clone of a sender sees the close, so a newer, open
+    /// connection stored meanwhile stays.
+    fn forget_h2(&self, slot: usize, scheme: &Scheme, authority: &Authority) {
         let mut pool = self.pools.lock(slot);
         let host = pool.host(scheme, authority);
-        if host
-            .h2
-            .as_ref()
-            .is_some_and(|s| s.is_closed() || gone.is_closed())
-        {
+        if host.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
             host.h2 = None;
         }
     }
@@ -543,11 +536,7 @@ impl Upstream {
                 .handshake(io)
                 .await
                 .map_err(|e| ForwardError::Connect(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
+            drive(conn);
             let mut pool = self.pools.lock(slot);
             pool.host(scheme, authority).h2 = Some(sender.clone());
             return Ok(Conn::H2(sender));
@@ -556,13 +545,21 @@ impl Upstream {
             .handshake(io)
             .await
             .map_err(|e| ForwardError::Connect(e.into()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
+        drive(conn);
         Ok(Conn::H1(sender))
     }
+}
+
+/// Runs an upstream connection's task on this runtime to its end.
+fn drive<C>(conn: C)
+where
+    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
 }
 
 fn absolute(
