@@ -212,10 +212,11 @@ fn bench(c: &mut Criterion) {
     });
     let cred = ready(keyring.credential("tenant-500", &openai, false, RequestId::new())).unwrap();
     let r = route(&cfg.providers, "/v1/chat/completions").unwrap();
+    let strip = byokd::rewrite::HeaderSet::request(&[http::HeaderName::from_static("x-tenant-id")]);
     c.bench_function("rewrite (incl. parts clone)", |b| {
         b.iter(|| {
             let mut p = by_header.clone();
-            rewrite(&mut p, &openai, &r, cred.as_ref(), &[]).unwrap();
+            rewrite(&mut p, &openai, &r, cred.as_ref(), &strip).unwrap();
             p
         })
     });
@@ -238,7 +239,7 @@ fn bench(c: &mut Criterion) {
                 let provider = &cfg.providers[policy.default_provider];
                 let cred =
                     ready(keyring.credential(&tenant, provider, false, RequestId::new())).unwrap();
-                rewrite(&mut p, provider, &r, cred.as_ref(), &[]).unwrap();
+                rewrite(&mut p, provider, &r, cred.as_ref(), &strip).unwrap();
                 p
             })
         },

@@ -121,20 +121,28 @@ pub fn write(line: &Line<'_>) {
 }
 
 /// The line as `tracing_subscriber`'s JSON formatter writes events (`flatten_event`), so
-/// access lines and other lines read alike.
+/// access lines and other lines read alike. Numbers are written digit by digit (`itoa` and
+/// fixed-width fields), not through `core::fmt`, whose machinery was most of a line's cost.
 pub fn format_line(buf: &mut Vec<u8>, l: &Line<'_>, now: time::OffsetDateTime) {
-    let _ = write!(
-        buf,
-        "{{\"timestamp\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"level\":\"INFO\",\"request_id\":\"{}\",\"tenant\":",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        now.microsecond(),
-        l.request_id,
-    );
+    // A typical line's length: the pushes below then never grow the buffer.
+    buf.reserve(512);
+    buf.extend_from_slice(b"{\"timestamp\":\"");
+    fixed(buf, u32::try_from(now.year()).unwrap_or(0), 4);
+    buf.push(b'-');
+    fixed(buf, u32::from(u8::from(now.month())), 2);
+    buf.push(b'-');
+    fixed(buf, u32::from(now.day()), 2);
+    buf.push(b'T');
+    fixed(buf, u32::from(now.hour()), 2);
+    buf.push(b':');
+    fixed(buf, u32::from(now.minute()), 2);
+    buf.push(b':');
+    fixed(buf, u32::from(now.second()), 2);
+    buf.push(b'.');
+    fixed(buf, now.microsecond(), 6);
+    buf.extend_from_slice(b"Z\",\"level\":\"INFO\",\"request_id\":\"");
+    hex16(buf, l.request_id.as_u64());
+    buf.extend_from_slice(b"\",\"tenant\":");
     // Tenant and provider names are restricted to safe characters, but the model comes from
     // the request or the upstream: every string goes through the JSON encoder.
     json_str(buf, l.tenant);
@@ -144,28 +152,59 @@ pub fn format_line(buf: &mut Vec<u8>, l: &Line<'_>, now: time::OffsetDateTime) {
     }
     buf.extend_from_slice(b",\"provider\":");
     json_str(buf, l.provider);
-    let _ = write!(buf, ",\"status\":{},\"model\":", l.status);
+    buf.extend_from_slice(b",\"status\":");
+    int(buf, u64::from(l.status));
+    buf.extend_from_slice(b",\"model\":");
     json_str(buf, l.model);
-    let _ = write!(
-        buf,
-        ",\"input_tokens\":{},\"cached_input_tokens\":{},\"cache_write_tokens\":{},\"output_tokens\":{},\"reasoning_tokens\":{},\"usage_found\":{},\"key_source\":",
-        l.input_tokens,
-        l.cached_input_tokens,
-        l.cache_write_tokens,
-        l.output_tokens,
-        l.reasoning_tokens,
-        l.usage_found,
-    );
+    for (name, n) in [
+        (&b",\"input_tokens\":"[..], l.input_tokens),
+        (b",\"cached_input_tokens\":", l.cached_input_tokens),
+        (b",\"cache_write_tokens\":", l.cache_write_tokens),
+        (b",\"output_tokens\":", l.output_tokens),
+        (b",\"reasoning_tokens\":", l.reasoning_tokens),
+    ] {
+        buf.extend_from_slice(name);
+        int(buf, n);
+    }
+    buf.extend_from_slice(if l.usage_found {
+        b",\"usage_found\":true,\"key_source\":"
+    } else {
+        b",\"usage_found\":false,\"key_source\":"
+    });
     json_str(buf, l.key_source);
     if let Some(c) = l.cost_usd {
         buf.extend_from_slice(b",\"cost_usd\":");
         json_f64(buf, c);
     }
-    let _ = write!(buf, ",\"bytes\":{},\"outcome\":", l.bytes);
+    buf.extend_from_slice(b",\"bytes\":");
+    int(buf, l.bytes);
+    buf.extend_from_slice(b",\"outcome\":");
     json_str(buf, l.outcome);
     buf.extend_from_slice(b",\"duration_ms\":");
     json_f64(buf, l.duration_ms);
     buf.extend_from_slice(b",\"target\":\"byokd::access\"}\n");
+}
+
+fn int(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `n` zero-padded to `width` digits (its lowest `width` digits if it has more).
+fn fixed(buf: &mut Vec<u8>, mut n: u32, width: usize) {
+    let at = buf.len();
+    buf.resize(at + width, b'0');
+    for d in buf[at..].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// The request id as its `Display` writes it: 16 lowercase hex digits.
+fn hex16(buf: &mut Vec<u8>, n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..16).rev() {
+        buf.push(HEX[(n >> (shift * 4)) as usize & 0xf]);
+    }
 }
 
 fn json_str(buf: &mut Vec<u8>, s: &str) {
@@ -255,5 +294,43 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&without).unwrap();
         assert!(v.get("cost_usd").is_none(), "absent when unpriced");
         assert!(v.get("end_user").is_none(), "absent without an end user");
+        assert_eq!(v["usage_found"], true);
+        assert_eq!(v["status"], 200);
+    }
+
+    #[test]
+    fn small_fields_are_zero_padded_and_the_request_id_matches_its_display() {
+        // 2027-01-02T03:04:05.000006Z
+        let now =
+            time::OffsetDateTime::from_unix_timestamp_nanos(1_798_859_045_000_006_000).unwrap();
+        let id = crate::vocab::RequestId::new();
+        let mut buf = Vec::new();
+        let line = Line {
+            request_id: id,
+            tenant: "t",
+            end_user: None,
+            provider: "p",
+            status: 429,
+            model: "",
+            input_tokens: 0,
+            cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: u64::MAX,
+            reasoning_tokens: 0,
+            usage_found: false,
+            key_source: "none",
+            cost_usd: Some(f64::NAN),
+            bytes: 0,
+            outcome: "rejected",
+            duration_ms: 0.0,
+        };
+        format_line(&mut buf, &line, now);
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(v["timestamp"], "2027-01-02T03:04:05.000006Z");
+        assert_eq!(v["request_id"], id.to_string());
+        assert_eq!(v["output_tokens"], u64::MAX);
+        assert_eq!(v["usage_found"], false);
+        assert_eq!(v["status"], 429);
+        assert!(v["cost_usd"].is_null(), "NaN is written as null");
     }
 }

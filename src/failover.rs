@@ -417,7 +417,8 @@ pub struct Attempts<'a> {
     pub upstream: &'a Upstream,
     pub route: &'a Route,
     pub tenant: &'a str,
-    pub tenant_headers: &'a [HeaderName],
+    /// The request headers that never go upstream.
+    pub strip: &'a crate::rewrite::HeaderSet,
     pub request_id: RequestId,
     pub started: Instant,
     /// For the request-model tap, set on every attempt's body (first answer wins).
@@ -526,7 +527,7 @@ impl Attempts<'_> {
                 provider,
                 &route,
                 credential.as_ref(),
-                self.tenant_headers,
+                self.strip,
             )?;
             if let Some(kind) = self.body_kind {
                 body.tap_model(kind, self.request_model.clone());
@@ -714,12 +715,24 @@ fn clone_parts(p: &request::Parts) -> request::Parts {
 
 /// `x-byokd-attempts: n`.
 pub fn attempts_value(n: u32) -> HeaderValue {
-    HeaderValue::from(n)
+    // Every answered request carries it: the usual counts need no allocation.
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(n),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attempts_header_values_are_the_decimal_count() {
+        for n in [0, 1, 9, 10, 4_000_000_000] {
+            assert_eq!(attempts_value(n).to_str().unwrap(), n.to_string());
+        }
+    }
 
     #[test]
     fn content_length_is_kept_only_when_it_says_exactly_the_length() {

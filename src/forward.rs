@@ -162,12 +162,18 @@ struct Host {
     idle: VecDeque<(http1::SendRequest<UpstreamBody>, Instant)>,
 }
 
+/// Authorities compare without case; the same provider's URI gives the same bytes every time,
+/// so those are compared first (a plain `memcmp`).
+fn same_authority(a: &Authority, b: &Authority) -> bool {
+    a.as_str() == b.as_str() || a == b
+}
+
 impl Pool {
     fn host(&mut self, scheme: &Scheme, authority: &Authority) -> &mut Host {
         let i = match self
             .hosts
             .iter()
-            .position(|h| h.authority == *authority && h.scheme == *scheme)
+            .position(|h| same_authority(&h.authority, authority) && h.scheme == *scheme)
         {
             Some(i) => i,
             None => {

@@ -59,8 +59,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub upstream: Upstream,
     pub policy: Arc<crate::policy::Policy>,
-    /// Identity headers to strip before forwarding.
-    tenant_headers: Vec<HeaderName>,
+    /// Request headers stripped before forwarding (identity headers among them).
+    strip: crate::rewrite::HeaderSet,
     /// Request-body bytes held in memory across all connections.
     buffers: crate::accept::BufferBudget,
 }
@@ -73,7 +73,7 @@ impl Proxy {
         upstream: Upstream,
         policy: Arc<crate::policy::Policy>,
     ) -> Self {
-        let tenant_headers = config
+        let tenant_headers: Vec<HeaderName> = config
             .identity
             .iter()
             .flat_map(|s| match s {
@@ -93,7 +93,7 @@ impl Proxy {
             metrics,
             upstream,
             policy,
-            tenant_headers,
+            strip: crate::rewrite::HeaderSet::request(&tenant_headers),
             buffers,
         }
     }
@@ -216,16 +216,18 @@ impl Proxy {
         // name another provider (`provider/model` or an alias).
         let mut early = None;
         let mut tier = None;
+        let mut known = BodyKnown::default();
         let idx = match route.target {
             Target::Default => match CompatEndpoint::of_path(parts.uri.path())
                 .filter(|_| parts.method == http::Method::POST)
             {
                 Some(ep) => {
                     let incoming = body.take().ok_or(LimitError::ClientClosed)?;
-                    let (peeked, routed, t) = self
+                    let (peeked, routed, t, k) = self
                         .by_model(incoming, ep, &mut permit, (&tenant, policy))
                         .await?;
                     early = Some(peeked);
+                    known = k;
                     tier = t;
                     match routed {
                         Some((i, path)) => {
@@ -310,7 +312,9 @@ impl Proxy {
         let budgeted = admission
             .as_ref()
             .is_some_and(crate::policy::Admission::budgeted);
-        let facts = Facts::of(&parts, budgeted, &provider, by_model);
+        let mut facts = Facts::of(&parts, budgeted, &provider, by_model);
+        // A chat known not to stream needs no `include_usage`: no second parse to find out.
+        facts.chat_path &= known.streams != Some(false);
         let body = match early {
             Some(peeked) => Body::Read(peeked),
             None => Body::Unread(body.take().ok_or(LimitError::ClientClosed)?),
@@ -333,6 +337,8 @@ impl Proxy {
             .path_model(route.upstream_path(parts.uri.path()))
         {
             let _ = request_model.set(m.into_boxed_str());
+        } else if let Some(m) = known.model.take() {
+            let _ = request_model.set(m);
         }
         let body_kind = BodyKind::of(content_type(&parts.headers));
         let outcome = self
@@ -386,7 +392,7 @@ impl Proxy {
             upstream: &self.upstream,
             route,
             tenant,
-            tenant_headers: &self.tenant_headers,
+            strip: &self.strip,
             request_id: ctx.id,
             started: ctx.started,
             body_kind,
@@ -520,20 +526,35 @@ impl Proxy {
         let cfg = &*self.config;
         let peeked = self.read_inspected(self.limited(body), permit).await?;
         let Peeked::Whole(b) = &peeked else {
-            return Ok((peeked, None, None));
+            return Ok((peeked, None, None, BodyKnown::default()));
         };
-        let Some((model, at)) = crate::route::body_model(b) else {
-            return Ok((peeked, None, None));
+        let head = crate::route::body_head(b);
+        let mut known = BodyKnown {
+            streams: head.streams,
+            model: None,
+        };
+        let Some((model, at)) = head.model else {
+            return Ok((peeked, None, None, known));
         };
         let (idx, name) = match crate::route::by_model(&cfg.providers, &cfg.models, &model) {
-            None => return Ok((peeked, None, None)),
+            None => {
+                known.model = BodyKnown::label(model);
+                return Ok((peeked, None, None, known));
+            }
             Some(ByModel::Provider(i, m)) => (i, m),
             Some(ByModel::Alias(r)) if r.candidates.len() > 1 => {
                 if let Some(tier) = self.tier(r, &model, ep, b, at.clone(), (tenant, policy)) {
                     let first = &tier.overs[0];
                     let idx = r.candidates[first.tier].provider;
                     let routed = (idx, first.path);
-                    return Ok((Peeked::Whole(first.body.clone()), Some(routed), Some(tier)));
+                    // Each candidate's body names its own model: the label comes from the
+                    // one sent.
+                    return Ok((
+                        Peeked::Whole(first.body.clone()),
+                        Some(routed),
+                        Some(tier),
+                        known,
+                    ));
                 }
                 (r.candidates[0].provider, &*r.candidates[0].model)
             }
@@ -544,7 +565,8 @@ impl Proxy {
             .openai_compat(ep)
             .ok_or_else(|| crate::route::RouteError::NoCompatEndpoint(provider.name.to_string()))?;
         let rewritten = crate::route::with_model(b, at, name);
-        Ok((Peeked::Whole(rewritten), Some((idx, path)), None))
+        known.model = BodyKnown::label(name.to_string());
+        Ok((Peeked::Whole(rewritten), Some((idx, path)), None, known))
     }
 
     /// The candidates of alias `r` the tenant may use, in its rule's order: allowed, with an
@@ -867,7 +889,29 @@ struct Metered {
 
 /// What routing by model found: the body (rewritten for the chosen provider), that provider
 /// and its endpoint, and for an alias with several candidates, all of them.
-type ModelRouted = (Peeked, Option<(usize, &'static str)>, Option<Tier>);
+type ModelRouted = (
+    Peeked,
+    Option<(usize, &'static str)>,
+    Option<Tier>,
+    BodyKnown,
+);
+
+/// What reading the body for routing learnt, so that later steps need not parse it again.
+#[derive(Debug, Default)]
+struct BodyKnown {
+    /// Whether the body asks for a stream, when known.
+    streams: Option<bool>,
+    /// The model the body sent upstream names, as the meter's label.
+    model: Option<Box<str>>,
+}
+
+impl BodyKnown {
+    /// As the body tap would label it: a name of at most 256 bytes.
+    fn label(model: String) -> Option<Box<str>> {
+        (!model.is_empty() && model.len() <= crate::stream_usage::MAX_MODEL_LABEL)
+            .then(|| model.into_boxed_str())
+    }
+}
 
 /// The candidates of a tiered alias this request may try, in order.
 struct Tier {

@@ -224,7 +224,44 @@ pub fn body_model(body: &[u8]) -> Option<(String, Range<usize>)> {
         model: Option<&'a RawValue>,
     }
     let head: Head<'_> = serde_json::from_slice(body).ok()?;
-    let raw = head.model?.get();
+    model_at(body, head.model?)
+}
+
+/// What one parse of a JSON request body's top level tells byokd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyHead {
+    /// As [`body_model`] reads it.
+    pub model: Option<(String, Range<usize>)>,
+    /// Whether `stream` is `true`; `None` when that is not known (the body did not parse as
+    /// an object with at most one of each of `model` and `stream`).
+    pub streams: Option<bool>,
+}
+
+/// The body's `model` and whether it asks for a stream, in one parse: a chat that does not
+/// stream needs no second parse to decide whether usage must be asked for.
+pub fn body_head(body: &[u8]) -> BodyHead {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+        #[serde(borrow)]
+        stream: Option<&'a RawValue>,
+    }
+    match serde_json::from_slice::<Head<'_>>(body) {
+        Ok(h) => BodyHead {
+            model: h.model.and_then(|raw| model_at(body, raw)),
+            streams: Some(h.stream.is_some_and(|s| s.get() == "true")),
+        },
+        // A duplicate `stream` must not stop routing by model: that reads `model` alone.
+        Err(_) => BodyHead {
+            model: body_model(body),
+            streams: None,
+        },
+    }
+}
+
+fn model_at(body: &[u8], raw: &RawValue) -> Option<(String, Range<usize>)> {
+    let raw = raw.get();
     let model: String = serde_json::from_str(raw).ok()?;
     // The raw value borrows from `body`: its offset is where it starts.
     let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
@@ -379,6 +416,27 @@ mod tests {
         ] {
             assert!(body_model(not_routable).is_none());
         }
+    }
+
+    #[test]
+    fn one_parse_finds_the_model_and_whether_the_body_streams() {
+        let head = body_head(br#"{"model" : "m", "stream" : true, "messages":[]}"#);
+        assert_eq!(head.model.map(|m| m.0), Some("m".to_string()));
+        assert_eq!(head.streams, Some(true));
+        for not_streaming in [
+            &br#"{"model":"m"}"#[..],
+            br#"{"model":"m","stream":false}"#,
+            br#"{"model":"m","stream":"true"}"#,
+            br#"{"stream":null}"#,
+        ] {
+            assert_eq!(body_head(not_streaming).streams, Some(false));
+            assert!(crate::stream_usage::add_include_usage(not_streaming).is_none());
+        }
+        // Duplicate keys or no JSON: not known, and the model is still read where it can be.
+        let dup = body_head(br#"{"model":"p/m","stream":true,"stream":true}"#);
+        assert_eq!(dup.streams, None);
+        assert_eq!(dup.model.map(|m| m.0), Some("p/m".to_string()));
+        assert_eq!(body_head(b"not json").streams, None);
     }
 
     #[test]

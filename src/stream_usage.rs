@@ -40,6 +40,9 @@ pub struct RequestBody {
 /// first form fields (multipart, before the file), so a small head suffices.
 pub const MODEL_HEAD: usize = 4096;
 
+/// Longest request `model` kept as a metric label; a longer one is not a model name.
+pub const MAX_MODEL_LABEL: usize = 256;
+
 /// How the request body is encoded, for the model tap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {
@@ -76,13 +79,17 @@ impl ModelTap {
     }
 
     fn resolve(self) {
-        let model = match self.kind {
-            BodyKind::Json => string_after(&self.head, b"\"model\""),
-            BodyKind::Multipart => multipart_field(&self.head, b"model"),
-        };
-        if let Some(m) = model.filter(|m| m.len() <= 256) {
-            let _ = self.out.set(m.into());
-        }
+        resolve_model(&self.head, self.kind, &self.out);
+    }
+}
+
+fn resolve_model(head: &[u8], kind: BodyKind, out: &OnceLock<Box<str>>) {
+    let model = match kind {
+        BodyKind::Json => string_after(head, b"\"model\""),
+        BodyKind::Multipart => multipart_field(head, b"model"),
+    };
+    if let Some(m) = model.filter(|m| m.len() <= MAX_MODEL_LABEL) {
+        let _ = out.set(m.into());
     }
 }
 
@@ -117,6 +124,14 @@ impl RequestBody {
     /// Looks for the request's `model` in the body's head as it is sent; the answer lands
     /// in `out` (for the meter, when the response names no model).
     pub fn tap_model(&mut self, kind: BodyKind, out: Arc<OnceLock<Box<str>>>) {
+        if out.get().is_some() {
+            return;
+        }
+        // A body held whole is looked at where it lies, not copied as it passes.
+        if let Some(whole) = self.whole_bytes() {
+            resolve_model(&whole[..whole.len().min(MODEL_HEAD)], kind, &out);
+            return;
+        }
         self.tap = Some(ModelTap {
             head: Vec::new(),
             kind,

@@ -262,6 +262,10 @@ pub fn scanner_for(dialect: DialectRef, content_type: Option<&[u8]>) -> Scanner 
     let Some(dialect) = dialect else {
         return Scanner::Off;
     };
+    // Nearly every response says exactly this: no scans of it for other types.
+    if ct.eq_ignore_ascii_case(b"application/json") {
+        return Scanner::Json(JsonScanner::new(dialect));
+    }
     if content_type_has(ct, b"text/event-stream") {
         Scanner::Sse(SseScanner::new(dialect))
     } else if content_type_has(ct, b"ndjson") {
@@ -293,11 +297,16 @@ pub fn scanner_for_capability(
     capability: Capability,
     content_type: Option<&[u8]>,
 ) -> Scanner {
+    if !matches!(capability, Capability::Images | Capability::Transcription) {
+        return match capability {
+            Capability::Speech => Scanner::Off,
+            _ => scanner_for(dialect, content_type),
+        };
+    }
     let json = content_type
         .is_some_and(|ct| content_type_has(ct, b"json") && !content_type_has(ct, b"ndjson"));
     let sse = content_type.is_some_and(|ct| content_type_has(ct, b"text/event-stream"));
     match (capability, dialect) {
-        (Capability::Speech, _) => Scanner::Off,
         (Capability::Images, Some(d)) if json => {
             let mut s = JsonScanner::new(d);
             s.images = Some(DataCounter::default());
