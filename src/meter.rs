@@ -50,6 +50,13 @@ impl Meter {
 pub struct ResponseBody<B> {
     /// `None` once the stream ended or was cut: dropping it cancels the upstream request.
     source: Option<B>,
+    /// Boxed: the response is moved several times on its way to the connection, and a
+    /// kilobyte of filter state moved with it cost more than this one allocation.
+    f: Box<Filters>,
+}
+
+/// The filters after the source, in order.
+struct Filters {
     lease: Option<Lease>,
     cut: Option<CutFilter>,
     meter: Meter,
@@ -69,15 +76,17 @@ impl<B> ResponseBody<B> {
     ) -> Self {
         Self {
             source: Some(source),
-            lease,
-            cut,
-            meter: Meter {
-                scanner,
-                recorder: Some(recorder),
-                bytes: 0,
-            },
-            strip,
-            tail: None,
+            f: Box::new(Filters {
+                lease,
+                cut,
+                meter: Meter {
+                    scanner,
+                    recorder: Some(recorder),
+                    bytes: 0,
+                },
+                strip,
+                tail: None,
+            }),
         }
     }
 
@@ -85,10 +94,11 @@ impl<B> ResponseBody<B> {
     /// the strip held back for the last frame. `last` goes out before it.
     fn end(&mut self, outcome: Outcome, last: Option<Bytes>) {
         self.source = None;
-        self.lease = None;
-        self.meter.end(outcome);
-        let held = self.strip.as_mut().map(StripUsage::finish);
-        self.tail = match (last, held) {
+        let f = &mut *self.f;
+        f.lease = None;
+        f.meter.end(outcome);
+        let held = f.strip.as_mut().map(StripUsage::finish);
+        f.tail = match (last, held) {
             (Some(a), Some(b)) if !b.is_empty() => {
                 let mut both = BytesMut::with_capacity(a.len() + b.len());
                 both.extend_from_slice(&a);
@@ -102,7 +112,7 @@ impl<B> ResponseBody<B> {
 
     /// A data frame as it leaves: through the strip when there is one.
     fn out(&mut self, d: Bytes) -> Bytes {
-        match &mut self.strip {
+        match &mut self.f.strip {
             Some(s) => s.transform(&d),
             None => d,
         }
@@ -111,7 +121,7 @@ impl<B> ResponseBody<B> {
 
 impl<B> Drop for ResponseBody<B> {
     fn drop(&mut self) {
-        self.meter.end(Outcome::ClientGone);
+        self.f.meter.end(Outcome::ClientGone);
     }
 }
 
@@ -129,7 +139,7 @@ where
         let this = self.get_mut();
         loop {
             let Some(source) = this.source.as_mut() else {
-                return Poll::Ready(this.tail.take().map(|t| Ok(Frame::data(t))));
+                return Poll::Ready(this.f.tail.take().map(|t| Ok(Frame::data(t))));
             };
             let frame = match Pin::new(&mut *source).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -140,7 +150,7 @@ where
                 Poll::Ready(Some(Err(e))) => {
                     this.end(Outcome::UpstreamError, None);
                     // What the strip held is dropped with the failed stream.
-                    this.tail = None;
+                    this.f.tail = None;
                     return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(Some(Ok(f))) => f,
@@ -155,11 +165,11 @@ where
                     return Poll::Ready(Some(Ok(trailers)));
                 }
             };
-            let cut = this.cut.as_mut().and_then(|c| c.on_data(&data));
-            this.meter.on_data(&data);
+            let cut = this.f.cut.as_mut().and_then(|c| c.on_data(&data));
+            this.f.meter.on_data(&data);
             let out = this.out(data);
             if let Some(event) = cut {
-                this.meter.on_data(&event);
+                this.f.meter.on_data(&event);
                 let event = this.out(event);
                 this.end(Outcome::Complete, Some(event).filter(|e| !e.is_empty()));
             } else if ended {
@@ -172,15 +182,15 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.tail.is_none()
-            && self.strip.as_ref().is_none_or(StripUsage::holds_nothing)
+        self.f.tail.is_none()
+            && self.f.strip.as_ref().is_none_or(StripUsage::holds_nothing)
             && self.source.as_ref().is_none_or(|s| s.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             // Filters that may change the length make it unknown.
-            Some(s) if self.strip.is_none() && self.cut.is_none() => s.size_hint(),
+            Some(s) if self.f.strip.is_none() && self.f.cut.is_none() => s.size_hint(),
             _ => SizeHint::default(),
         }
     }

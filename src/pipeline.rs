@@ -763,12 +763,15 @@ impl Proxy {
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
         let ok = rparts.status.is_success() && !compressed;
+        let ct = content_type(&rparts.headers);
+        let event_stream = ct.is_some_and(|v| v.starts_with(b"text/event-stream"));
+        // Only an event stream can be cut cleanly; a JSON body is whole or nothing. A binary
+        // event stream is cut between its messages, if its wire has an error message to end
+        // it with.
+        let framed_stream =
+            ct.is_some_and(|v| v.starts_with(b"application/vnd.amazon.eventstream"));
         let scanner = if ok {
-            scanner_for_capability(
-                metered.dialect,
-                metered.capability,
-                content_type(&rparts.headers),
-            )
+            scanner_for_capability(metered.dialect, metered.capability, ct)
         } else {
             crate::usage::Scanner::Off
         };
@@ -793,8 +796,6 @@ impl Proxy {
                 .then(|| provider.kind.header_usage(&rparts.headers))
                 .flatten(),
         };
-        let event_stream =
-            content_type(&rparts.headers).is_some_and(|v| v.starts_with(b"text/event-stream"));
         let sse = ok && event_stream;
         // The app never asked for usage, so its stream must not carry any.
         let strip = done.asked_usage && sse;
@@ -805,11 +806,6 @@ impl Proxy {
             crate::failover::ATTEMPTS_HEADER,
             crate::failover::attempts_value(ctx.progress.attempts),
         );
-        // Only an event stream can be cut cleanly; a JSON body is whole or nothing. A binary
-        // event stream is cut between its messages, if its wire has an error message to end
-        // it with.
-        let framed_stream = content_type(&rparts.headers)
-            .is_some_and(|v| v.starts_with(b"application/vnd.amazon.eventstream"));
         let cut = metered.cut.filter(|p| {
             rparts.status.is_success() && (event_stream || (framed_stream && p.shape.framed()))
         });

@@ -1,6 +1,8 @@
 //! JSON byte helpers shared by the scanners: find a member by key whatever the whitespace,
 //! read the value after it, keep a bounded tail.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 
 use super::*;
@@ -33,7 +35,67 @@ pub fn value_after_key(hay: &[u8], key_end: usize) -> Option<usize> {
 
 /// The value positions of every member named `key` (quotes included) in `hay`, in order.
 pub fn member_values<'a>(hay: &'a [u8], key: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
-    memmem::find_iter(hay, key).filter_map(move |p| value_after_key(hay, p + key.len()))
+    let finder = Search::new(key);
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        while let Some(p) = hay.get(from..).and_then(|rest| finder.get().find(rest)) {
+            let p = from + p;
+            from = p + 1;
+            if let Some(v) = value_after_key(hay, p + key.len()) {
+                return Some(v);
+            }
+        }
+        None
+    })
+}
+
+/// The keys every response is searched for, with their searchers built once: building one
+/// costs more than searching a small body with it.
+const HOT_KEYS: [&[u8]; 2] = [b"\"usage\"", b"\"model\""];
+
+fn hot_finders() -> &'static [memmem::Finder<'static>; 2] {
+    static F: LazyLock<[memmem::Finder<'static>; 2]> =
+        LazyLock::new(|| HOT_KEYS.map(memmem::Finder::new));
+    &F
+}
+
+fn hot_finders_rev() -> &'static [memmem::FinderRev<'static>; 2] {
+    static F: LazyLock<[memmem::FinderRev<'static>; 2]> =
+        LazyLock::new(|| HOT_KEYS.map(memmem::FinderRev::new));
+    &F
+}
+
+/// A forward searcher for `key`: a shared one for a hot key, else its own.
+// Lives on the stack of one search, never moved around: boxing `Own` would only add an
+// allocation to every search for another key.
+#[allow(clippy::large_enum_variant)]
+enum Search<'a> {
+    Hot(&'static memmem::Finder<'static>),
+    Own(memmem::Finder<'a>),
+}
+
+impl<'a> Search<'a> {
+    fn new(key: &'a [u8]) -> Self {
+        match HOT_KEYS.iter().position(|k| *k == key) {
+            Some(i) => Self::Hot(&hot_finders()[i]),
+            None => Self::Own(memmem::Finder::new(key)),
+        }
+    }
+
+    fn get(&self) -> &memmem::Finder<'a> {
+        match self {
+            Self::Hot(f) => f,
+            Self::Own(f) => f,
+        }
+    }
+}
+
+/// The last occurrence of `key` in `hay`.
+fn rfind(hay: &[u8], key: &[u8]) -> Option<usize> {
+    match HOT_KEYS.iter().position(|k| *k == key) {
+        Some(i) => hot_finders_rev()[i].rfind(hay),
+        None => memmem::rfind(hay, key),
+    }
 }
 
 /// Whether some member named `key` has one of the string values `values` (without quotes).
@@ -75,7 +137,7 @@ pub fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
 /// whose value parses as usage (earlier ones may be in content or cut by the window).
 pub fn usage_in_tail<T: serde::de::DeserializeOwned>(tail: &[u8], key: &[u8]) -> Option<T> {
     let mut end = tail.len();
-    while let Some(p) = memmem::rfind(&tail[..end], key) {
+    while let Some(p) = rfind(&tail[..end], key) {
         if let Some(at) = usage_value_at(&tail[p..], key) {
             let mut it = serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<T>();
             if let Some(Ok(u)) = it.next() {
