@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, request};
 use sha2::Digest as _;
+use smallvec::{SmallVec, smallvec};
 
 use crate::forward::Upstream;
 use crate::forward::{ForwardError, SendError};
@@ -69,7 +70,8 @@ pub struct Override {
 /// plan of one candidate built without touching the pool state.
 #[derive(Debug)]
 pub struct Plan {
-    candidates: Vec<Candidate>,
+    /// Inline for the usual single attempt: no allocation per request.
+    candidates: SmallVec<[Candidate; 1]>,
     /// Count the request's key as in flight: it belongs to a pool of several, or other
     /// attempts may follow.
     counted: bool,
@@ -87,7 +89,7 @@ impl Plan {
     /// bring.
     pub fn given(provider: usize, credential: Credential) -> Self {
         Self {
-            candidates: vec![Candidate {
+            candidates: smallvec![Candidate {
                 provider,
                 record: None,
                 source: credential.source,
@@ -221,14 +223,14 @@ pub fn plan(
     out.truncate(MAX_ATTEMPTS);
     let counted = pooled || out.len() > 1;
     Ok(Plan {
-        candidates: out,
+        candidates: out.into(),
         counted,
     })
 }
 
 fn single(provider: usize, record: Arc<KeyRecord>, source: KeySource) -> Plan {
     Plan {
-        candidates: vec![Candidate {
+        candidates: smallvec![Candidate {
             provider,
             record: Some(record),
             source,
@@ -354,12 +356,16 @@ impl Payload {
     /// response must be stripped of it).
     /// `openai_wire`: the request was routed by model to an OpenAI-compatible endpoint, which
     /// takes `include_usage` whatever the provider's native API does.
+    /// `last`: no attempt follows, so the body is handed over rather than shared (sharing a
+    /// body read into a `Vec` costs an allocation on its first clone).
     fn body_for(
         &mut self,
         provider: &Provider,
         openai_wire: bool,
         headers: &mut HeaderMap,
+        last: bool,
     ) -> (RequestBody, bool) {
+        let give = |b: &mut Bytes| if last { std::mem::take(b) } else { b.clone() };
         match self {
             Self::Once(b) => (b.take().unwrap_or_else(RequestBody::empty), false),
             Self::Whole {
@@ -368,16 +374,16 @@ impl Payload {
                 chat,
             } => {
                 if *chat && (provider.stream_usage || openai_wire) {
-                    let e = edited.get_or_init(|| add_include_usage(original).map(Bytes::from));
-                    if let Some(e) = e {
+                    edited.get_or_init(|| add_include_usage(original).map(Bytes::from));
+                    if let Some(Some(e)) = edited.get_mut() {
                         set_length(headers, e.len());
-                        return (RequestBody::whole(e.clone()), true);
+                        return (RequestBody::whole(give(e)), true);
                     }
                 }
                 // The body is known whole: its length is said, whatever the app's header said
                 // (a body routed by model had its `model` rewritten).
                 set_length(headers, original.len());
-                (RequestBody::whole(original.clone()), false)
+                (RequestBody::whole(give(original)), false)
             }
         }
     }
@@ -495,6 +501,7 @@ impl Attempts<'_> {
                         provider,
                         true,
                         &mut parts.headers,
+                        true,
                     );
                     let route = Route {
                         path: Some(o.path),
@@ -503,8 +510,13 @@ impl Attempts<'_> {
                     (b, asked, route)
                 }
                 None => {
-                    let (b, asked) =
-                        payload.body_for(provider, self.route.path.is_some(), &mut parts.headers);
+                    let last = candidates.len() == 0;
+                    let (b, asked) = payload.body_for(
+                        provider,
+                        self.route.path.is_some(),
+                        &mut parts.headers,
+                        last,
+                    );
                     (b, asked, *self.route)
                 }
             };

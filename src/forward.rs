@@ -390,9 +390,9 @@ impl Upstream {
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<Checkin>), ForwardError> {
-        let uri = req.uri();
-        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
-        else {
+        // Taken apart, not cloned: cloning a path made from a `String` allocates.
+        let uri = std::mem::take(req.uri_mut()).into_parts();
+        let (Some(scheme), Some(authority)) = (uri.scheme, uri.authority) else {
             // The rewrite step always builds an absolute URI from the provider's base URL.
             return Err(ForwardError::Connect(
                 "the upstream URI has no scheme or host".into(),
@@ -400,9 +400,8 @@ impl Upstream {
         };
         // Taken and given back here even if the task moves to another thread meanwhile.
         let slot = self.pools.mine();
-        let path = uri
-            .path_and_query()
-            .cloned()
+        let mut path = uri
+            .path_and_query
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         loop {
             let (conn, pooled) = match self.checkout(slot, &scheme, &authority) {
@@ -417,7 +416,8 @@ impl Upstream {
             let tried = match conn {
                 Conn::H1(sender) => {
                     // HTTP/1 sends the origin form and names the host in `Host`.
-                    *req.uri_mut() = Uri::from(path.clone());
+                    let p = std::mem::replace(&mut path, PathAndQuery::from_static("/"));
+                    *req.uri_mut() = Uri::from(p);
                     if !req.headers().contains_key(http::header::HOST) {
                         let host = http::HeaderValue::from_str(authority.as_str())
                             .map_err(|e| ForwardError::BadUpstreamRequest(e.into()))?;
@@ -444,7 +444,12 @@ impl Upstream {
                 Tried::Answered(resp, back) => return Ok((resp, back)),
                 Tried::Failed(e) => return Err(ForwardError::Unreachable(e)),
                 // A pooled connection the upstream had closed: try the next, or a new one.
-                Tried::Unsent(r) if pooled => req = r,
+                Tried::Unsent(r) if pooled => {
+                    if let Some(p) = r.uri().path_and_query() {
+                        path = p.clone();
+                    }
+                    req = r;
+                }
                 Tried::Unsent(_) => {
                     return Err(ForwardError::Connect(
                         "the new upstream connection closed before the request was sent".into(),

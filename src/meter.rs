@@ -33,9 +33,9 @@ struct Meter {
 }
 
 impl Meter {
-    fn on_data(&mut self, d: &[u8]) {
+    fn on_data(&mut self, d: &Bytes) {
         self.bytes += d.len() as u64;
-        self.scanner.feed(d);
+        self.scanner.feed_bytes(d);
     }
 
     fn end(&mut self, outcome: Outcome) {

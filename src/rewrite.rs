@@ -184,6 +184,11 @@ pub fn rewrite(
             .authorize(parts, &c.value)
             .map_err(|_| ForwardError::InvalidCredential)?;
     }
+    // The app's `Host` was stripped above; the provider's, made once, saves the forward step
+    // from making it per request (HTTP/2 drops it for `:authority`).
+    if let Some(host) = provider.host_for(&parts.uri) {
+        parts.headers.insert(header::HOST, host);
+    }
     Ok(())
 }
 
@@ -296,15 +301,12 @@ mod tests {
         );
         assert_eq!(parts.headers["x-goog-api-key"], "sk-provider-key-123456");
         assert!(parts.headers["x-goog-api-key"].is_sensitive());
-        for gone in [
-            "host",
-            "connection",
-            "x-hop",
-            "x-byokd-debug",
-            "x-tenant-id",
-        ] {
+        for gone in ["connection", "x-hop", "x-byokd-debug", "x-tenant-id"] {
             assert!(!parts.headers.contains_key(gone), "{gone}");
         }
+        // The app's `Host` is replaced by the provider's.
+        let hosts: Vec<_> = parts.headers.get_all("host").iter().collect();
+        assert_eq!(hosts, ["generativelanguage.googleapis.com"]);
     }
 
     #[test]
@@ -347,7 +349,6 @@ mod tests {
             .find(|p| &*p.name == "openai")
             .unwrap();
         let gone = [
-            "host",
             "connection",
             "keep-alive",
             "te",
@@ -363,7 +364,9 @@ mod tests {
             "x-byokd-debug",
             "x-named-by-connection",
         ];
-        let mut b = http::Request::builder().uri("/v1/chat/completions");
+        let mut b = http::Request::builder()
+            .uri("/v1/chat/completions")
+            .header("host", "127.0.0.1:8787");
         for g in gone {
             b = b.header(g, "x");
         }
@@ -393,6 +396,10 @@ mod tests {
         for g in gone {
             assert!(!parts.headers.contains_key(g), "{g} was forwarded");
         }
+        assert_eq!(
+            parts.headers["host"], "api.openai.com",
+            "the provider's, not the app's"
+        );
         assert_eq!(
             parts.headers["authorization"],
             "Bearer sk-provider-key-123456"

@@ -440,6 +440,9 @@ pub struct Provider {
     pub base_url: String,
     scheme: Scheme,
     authority: Authority,
+    /// `authority` as a `Host` value, made once: every HTTP/1 request to this provider
+    /// carries it.
+    host: HeaderValue,
     /// Path of the base URL without a trailing slash ("" or "/api").
     prefix: String,
     /// Add `stream_options.include_usage` to streaming chat requests that lack it (and hide
@@ -464,6 +467,7 @@ impl Provider {
             base_url: base_url.to_string(),
             scheme: Scheme::HTTPS,
             authority: Authority::from_static("invalid"),
+            host: HeaderValue::from_static("invalid"),
             prefix: String::new(),
             stream_usage: kind.stream_usage(),
             region: None,
@@ -481,6 +485,8 @@ impl Provider {
             (Some(s), Some(a)) if *s == Scheme::HTTP || *s == Scheme::HTTPS => {
                 p.scheme = s.clone();
                 p.authority = a.clone();
+                p.host = HeaderValue::from_str(a.as_str())
+                    .map_err(|e| format!("`{base_url}`: its host is not a header value: {e}"))?;
             }
             _ => {
                 return Err(format!(
@@ -493,6 +499,14 @@ impl Provider {
         }
         p.prefix = uri.path().trim_end_matches('/').to_string();
         Ok(p)
+    }
+
+    /// The `Host` header for a request whose URI is still this provider's (a signing step
+    /// may have sent it elsewhere).
+    pub fn host_for(&self, uri: &Uri) -> Option<HeaderValue> {
+        uri.authority()
+            .is_some_and(|a| a.as_str() == self.authority.as_str())
+            .then(|| self.host.clone())
     }
 
     pub fn error_shape(&self) -> ErrorShape {

@@ -1,6 +1,8 @@
 //! Whole JSON bodies: a bounded head (for `model`) and tail (for `usage`), and the counter of
 //! a body's top-level `data` elements (images).
 
+use ::bytes::Bytes;
+
 use super::bytes::*;
 use super::*;
 
@@ -123,6 +125,9 @@ impl DataCounter {
 #[derive(Debug)]
 pub struct JsonScanner {
     dialect: &'static dyn Dialect,
+    /// The body while it has come as one frame, held rather than copied: most JSON answers
+    /// are one frame. Copied into `head` and `tail` when a second one comes.
+    first: Option<Bytes>,
     head: Vec<u8>,
     pub(super) tail: Vec<u8>,
     /// Image generation: counts the `data` array's elements as the body passes.
@@ -135,6 +140,7 @@ impl JsonScanner {
     pub fn new(dialect: &'static dyn Dialect) -> Self {
         Self {
             dialect,
+            first: None,
             head: Vec::new(),
             tail: Vec::new(),
             images: None,
@@ -144,7 +150,30 @@ impl JsonScanner {
 
     /// Bytes held now (capacity), for the memory-bound tests.
     pub fn buffered(&self) -> usize {
-        self.head.capacity() + self.tail.capacity()
+        self.first.as_ref().map_or(0, Bytes::len) + self.head.capacity() + self.tail.capacity()
+    }
+
+    /// As [`UsageScanner::feed`], holding a first frame instead of copying it.
+    pub fn feed_bytes(&mut self, chunk: &Bytes) {
+        if let Some(c) = &mut self.images {
+            c.feed(chunk);
+        }
+        if self.first.is_none() && self.head.is_empty() {
+            self.first = Some(chunk.clone());
+            return;
+        }
+        if let Some(f) = self.first.take() {
+            self.hold(&f);
+        }
+        self.hold(chunk);
+    }
+
+    fn hold(&mut self, chunk: &[u8]) {
+        if self.head.len() < JSON_HEAD {
+            let n = (JSON_HEAD - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..n]);
+        }
+        keep_tail(&mut self.tail, chunk);
     }
 }
 
@@ -153,23 +182,35 @@ impl UsageScanner for JsonScanner {
         if let Some(c) = &mut self.images {
             c.feed(chunk);
         }
-        if self.head.len() < JSON_HEAD {
-            let n = (JSON_HEAD - self.head.len()).min(chunk.len());
-            self.head.extend_from_slice(&chunk[..n]);
+        if let Some(f) = self.first.take() {
+            self.hold(&f);
         }
-        keep_tail(&mut self.tail, chunk);
+        self.hold(chunk);
     }
 
     fn finish(&mut self) -> Usage {
+        match self.first.take() {
+            // One frame: its head and tail are slices of it, what `hold` would have copied.
+            Some(f) => {
+                let tail = &f[f.len().saturating_sub(JSON_TAIL)..];
+                self.finish_with(&f[..f.len().min(JSON_HEAD)], tail)
+            }
+            None => self.finish_with(&self.head, &self.tail),
+        }
+    }
+}
+
+impl JsonScanner {
+    fn finish_with(&self, head: &[u8], tail: &[u8]) -> Usage {
         let mut usage = Usage::default();
-        self.dialect.json(&mut usage, &self.head, &self.tail);
+        self.dialect.json(&mut usage, head, tail);
         if let Some(c) = &self.images {
             usage.images = c.count();
             usage.found |= usage.images > 0;
         }
         if self.transcription && usage.audio_ms == 0 && usage.total() == 0 {
             // verbose_json: `"duration":8.47` leads the body, before the text and segments.
-            if let Some(sec) = float_after(&self.head, b"\"duration\"") {
+            if let Some(sec) = float_after(head, b"\"duration\"") {
                 usage.audio_ms = seconds_to_ms(sec);
                 usage.found = true;
             }

@@ -359,6 +359,14 @@ impl UsageScanner for Scanner {
 }
 
 impl Scanner {
+    /// As [`UsageScanner::feed`], for a frame the scanner may hold instead of copying.
+    pub fn feed_bytes(&mut self, chunk: &::bytes::Bytes) {
+        match self {
+            Self::Json(s) => s.feed_bytes(chunk),
+            _ => self.feed(chunk),
+        }
+    }
+
     /// Bytes the scanner holds right now (buffer capacities): what the memory bound is about.
     pub fn buffered(&self) -> usize {
         match self {
@@ -452,6 +460,40 @@ mod tests {
         let u = feed_split(JsonScanner::new(d("anthropic")), an.as_bytes(), 7);
         assert_eq!((u.input, u.cached_input, u.output), (10, 4, 5));
         assert_eq!(u.model.as_deref(), Some("claude-3-5-haiku-20241022"));
+    }
+
+    /// A JSON body held as one frame, or fed as frames after a held first one, reads as the
+    /// same body copied piece by piece, also past the head and tail bounds.
+    #[test]
+    fn json_frames_held_or_copied_read_alike() {
+        let pad = "x".repeat(3 * JSON_TAIL);
+        let long = format!(
+            r#"{{"model":"gpt-4o-mini","choices":[{{"message":{{"content":"{pad}"}}}}],"usage":{{"prompt_tokens":9,"completion_tokens":12}}}}"#
+        );
+        for body in [
+            long.as_str(),
+            r#"{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+        ] {
+            let copied = feed_split(JsonScanner::new(d("openai")), body.as_bytes(), 7);
+            let mut whole = JsonScanner::new(d("openai"));
+            whole.feed_bytes(&::bytes::Bytes::copy_from_slice(body.as_bytes()));
+            assert!(
+                whole.buffered() >= body.len(),
+                "the frame is held, not copied"
+            );
+            let whole = whole.finish();
+            let mut mixed = JsonScanner::new(d("openai"));
+            let (a, b) = body.split_at(body.len() / 3);
+            mixed.feed_bytes(&::bytes::Bytes::copy_from_slice(a.as_bytes()));
+            mixed.feed_bytes(&::bytes::Bytes::copy_from_slice(b.as_bytes()));
+            let mixed = mixed.finish();
+            for u in [&whole, &mixed] {
+                assert_eq!(
+                    (u.input, u.output, u.model.as_deref(), u.found),
+                    (copied.input, copied.output, copied.model.as_deref(), true)
+                );
+            }
+        }
     }
 
     #[test]
