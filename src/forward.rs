@@ -321,10 +321,6 @@ pub fn tls_config(
 }
 
 /// How one try on one connection ended.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a short-lived value on the stack; boxing would allocate per request"
-)]
 enum Tried {
     Answered(Response<Incoming>, Option<Checkin>),
     /// The connection was gone before the request went out: the request comes back.

@@ -32,8 +32,10 @@ const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
 /// looks at the first [`MODEL_HEAD`] bytes as they pass, for the request's `model`.
 pub struct RequestBody {
     prefix: Option<Bytes>,
-    rest: Option<http_body_util::Limited<crate::timeouts::ClientBody>>,
-    tap: Option<ModelTap>,
+    /// Boxed, as `tap`: most bodies are read whole, and the request is moved a dozen times
+    /// on its way into hyper's connection, so the rare parts are kept out of its size.
+    rest: Option<Box<http_body_util::Limited<crate::timeouts::ClientBody>>>,
+    tap: Option<Box<ModelTap>>,
 }
 
 /// Bytes of a request body looked at for its `model`: SDKs put it first (JSON) or among the
@@ -107,7 +109,7 @@ impl RequestBody {
     pub fn streaming(rest: http_body_util::Limited<crate::timeouts::ClientBody>) -> Self {
         Self {
             prefix: None,
-            rest: Some(rest),
+            rest: Some(Box::new(rest)),
             tap: None,
         }
     }
@@ -132,11 +134,11 @@ impl RequestBody {
             resolve_model(&whole[..whole.len().min(MODEL_HEAD)], kind, &out);
             return;
         }
-        self.tap = Some(ModelTap {
+        self.tap = Some(Box::new(ModelTap {
             head: Vec::new(),
             kind,
             out,
-        });
+        }));
     }
 }
 
@@ -181,7 +183,7 @@ impl Body for RequestBody {
             Poll::Ready(Some(Ok(Frame::data(p))))
         } else {
             match &mut this.rest {
-                Some(rest) => Pin::new(rest).poll_frame(cx),
+                Some(rest) => Pin::new(&mut **rest).poll_frame(cx),
                 None => Poll::Ready(None),
             }
         };
@@ -318,7 +320,7 @@ pub async fn read_bounded(
         if buf.len() > MAX_INSPECTED_BODY {
             return Ok(Peeked::Partial(Box::new(RequestBody {
                 prefix: Some(buf.freeze()),
-                rest: Some(body),
+                rest: Some(Box::new(body)),
                 tap: None,
             })));
         }
