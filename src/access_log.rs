@@ -208,7 +208,15 @@ fn hex16(buf: &mut Vec<u8>, n: u64) {
 }
 
 fn json_str(buf: &mut Vec<u8>, s: &str) {
-    let _ = serde_json::to_writer(&mut *buf, s);
+    // What serde_json escapes: control characters, `"` and `\`. Tenant, provider and most
+    // model names have none and are written as they are; the rest go through the encoder.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *buf, s);
+    }
 }
 
 fn json_f64(buf: &mut Vec<u8>, f: f64) {
@@ -296,6 +304,24 @@ mod tests {
         assert!(v.get("end_user").is_none(), "absent without an end user");
         assert_eq!(v["usage_found"], true);
         assert_eq!(v["status"], 200);
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "acme",
+            "gpt-4o-mini",
+            "m\"q",
+            "back\\slash",
+            "tab\there",
+            "\u{7f}\u{1f}",
+            "ünï",
+            "",
+        ] {
+            let mut ours = Vec::new();
+            json_str(&mut ours, s);
+            assert_eq!(ours, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]
