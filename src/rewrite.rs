@@ -212,6 +212,16 @@ mod tests {
     use crate::provider::builtins;
     use crate::route::Target;
 
+    /// Rewrites a request that named provider `p` by its path `prefix`, with a tenant key.
+    fn rewrite_named(parts: &mut request::Parts, p: &Provider, prefix: &str) {
+        let r = Route {
+            target: Target::Named(0),
+            strip: prefix.len(),
+            path: None,
+        };
+        rewrite(parts, p, &r, Some(&cred("")), &HeaderSet::request(&[])).unwrap();
+    }
+
     fn cred(prefix: &str) -> Credential {
         Credential {
             value: AuthValue::new(prefix, b"sk-provider-key-123456"),
@@ -282,19 +292,7 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, ()) = req.into_parts();
-        let r = Route {
-            target: Target::Named(0),
-            strip: "/gemini".len(),
-            path: None,
-        };
-        rewrite(
-            &mut parts,
-            &p,
-            &r,
-            Some(&cred("")),
-            &HeaderSet::request(&[]),
-        )
-        .unwrap();
+        rewrite_named(&mut parts, &p, "/gemini");
         assert_eq!(
             parts.uri.to_string(),
             "https://generativelanguage.googleapis.com/v1beta/models/m:streamGenerateContent?alt=sse"
@@ -322,19 +320,7 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, ()) = req.into_parts();
-        let r = Route {
-            target: Target::Named(0),
-            strip: "/anthropic".len(),
-            path: None,
-        };
-        rewrite(
-            &mut parts,
-            &p,
-            &r,
-            Some(&cred("")),
-            &HeaderSet::request(&[]),
-        )
-        .unwrap();
+        rewrite_named(&mut parts, &p, "/anthropic");
         assert_eq!(parts.headers["x-api-key"], "sk-provider-key-123456");
         assert_eq!(parts.headers["anthropic-version"], "2023-06-01");
         assert!(!parts.headers.contains_key("authorization"));

@@ -38,3 +38,22 @@ http {
 NGX
   nginx -c "$work/upstream.conf" -g 'daemon off;' & pids+=($!)
 }
+
+# What every nginx location proxying to a provider does here: replace the app's auth with the
+# key ($1), keep upstream connections alive, buffer nothing.
+nginx_inject() {
+  printf '%s' 'proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Authorization "Bearer '"$1"'"; proxy_set_header x-tenant-id ""; proxy_buffering off; proxy_request_buffering off;'
+}
+
+# HAProxy for the same job: keep-alive to the upstream shared across clients, no delay.
+haproxy_defaults='defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-no-delay
+  http-reuse always'
+# A backend's header injection, with the key $1.
+haproxy_inject() {
+  printf '  http-request set-header Authorization "Bearer %s"\n  http-request del-header x-tenant-id' "$1"
+}

@@ -47,11 +47,7 @@ http {
     listen 127.0.0.1:$PORT;
     location / {
       proxy_pass http://provider;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer $KEY";
-      proxy_set_header x-tenant-id "";
-      proxy_buffering off;
+      $(nginx_inject "$KEY")
     }
   }
 }
@@ -59,19 +55,12 @@ NGX
 cat > "$work/haproxy.cfg" <<HAP
 global
   nbthread 1
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-no-delay
-  http-reuse always
+$haproxy_defaults
 frontend fe
   bind 127.0.0.1:$PORT
   default_backend provider
 backend provider
-  http-request set-header Authorization "Bearer $KEY"
-  http-request del-header x-tenant-id
+$(haproxy_inject "$KEY")
   server up 127.0.0.1:$UP
 HAP
 cat > "$work/byokd.yaml" <<YAML

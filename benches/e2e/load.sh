@@ -40,9 +40,7 @@ UP=18080; NGX=18081; HAP=18086; BYOKD=18082; ADMIN=18083; BYOKD_LOGGED=18084; AD
 SSE=18087
 KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
 
-# What both nginx locations do: replace the app's auth with the key, keep upstream
-# connections alive, buffer nothing.
-inject='proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Authorization "Bearer '"$KEY"'"; proxy_set_header x-tenant-id ""; proxy_buffering off; proxy_request_buffering off;'
+inject=$(nginx_inject "$KEY")
 # The reference proxy: nginx tuned for plain header injection (auto workers, upstream
 # keepalive, no buffering, no access log).
 cat > "$work/proxy.conf" <<NGX
@@ -67,29 +65,20 @@ http {
   }
 }
 NGX
-# HAProxy for the same job: keep-alive to the upstream shared across clients, no delay.
 cat > "$work/haproxy.cfg" <<HAP
 global
   maxconn 8192
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-no-delay
-  http-reuse always
+$haproxy_defaults
 frontend fe
   bind 127.0.0.1:$HAP
   use_backend sse if { path_beg /sse/ }
   default_backend provider
 backend provider
-  http-request set-header Authorization "Bearer $KEY"
-  http-request del-header x-tenant-id
+$(haproxy_inject "$KEY")
   server up 127.0.0.1:$UP
 backend sse
   http-request replace-path /sse(/.*) \1
-  http-request set-header Authorization "Bearer $KEY"
-  http-request del-header x-tenant-id
+$(haproxy_inject "$KEY")
   server up 127.0.0.1:$SSE
 HAP
 start_upstream $UP
