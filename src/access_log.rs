@@ -181,12 +181,25 @@ pub fn format_line(buf: &mut Vec<u8>, l: &Line<'_>, now: time::OffsetDateTime) {
     buf.extend_from_slice(b",\"outcome\":");
     json_str(buf, l.outcome);
     buf.extend_from_slice(b",\"duration_ms\":");
-    json_f64(buf, l.duration_ms);
+    millis(buf, l.duration_ms);
     buf.extend_from_slice(b",\"target\":\"byokd::access\"}\n");
 }
 
 fn int(buf: &mut Vec<u8>, n: u64) {
     buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Milliseconds to the microsecond (`0.672`, not `0.6721630000000001`), as a JSON number.
+fn millis(buf: &mut Vec<u8>, ms: f64) {
+    if !(ms.is_finite() && ms >= 0.0) {
+        json_f64(buf, ms);
+        return;
+    }
+    // Saturates for absurd values; a request lasts far less than u64::MAX microseconds.
+    let us = (ms * 1000.0).round() as u64;
+    int(buf, us / 1000);
+    buf.push(b'.');
+    fixed(buf, (us % 1000) as u32, 3);
 }
 
 /// `n` zero-padded to `width` digits (its lowest `width` digits if it has more).
@@ -358,5 +371,15 @@ mod tests {
         assert_eq!(v["usage_found"], false);
         assert_eq!(v["status"], 429);
         assert!(v["cost_usd"].is_null(), "NaN is written as null");
+        assert_eq!(v["duration_ms"], 0.0);
+        for (ms, text) in [
+            (0.672_163_000_000_000_1, "0.672"),
+            (1234.5678, "1234.568"),
+            (0.0004, "0.000"),
+        ] {
+            let mut b = Vec::new();
+            millis(&mut b, ms);
+            assert_eq!(String::from_utf8(b).unwrap(), text);
+        }
     }
 }
