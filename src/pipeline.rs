@@ -312,9 +312,7 @@ impl Proxy {
         let budgeted = admission
             .as_ref()
             .is_some_and(crate::policy::Admission::budgeted);
-        let mut facts = Facts::of(&parts, budgeted, &provider, by_model);
-        // A chat known not to stream needs no `include_usage`: no second parse to find out.
-        facts.chat_path &= known.streams != Some(false);
+        let facts = Facts::of(&parts, budgeted, &provider, by_model, known.streams);
         let body = match early {
             Some(peeked) => Body::Read(peeked),
             None => Body::Unread(body.take().ok_or(LimitError::ClientClosed)?),
@@ -538,7 +536,7 @@ impl Proxy {
         };
         let (idx, name) = match crate::route::by_model(&cfg.providers, &cfg.models, &model) {
             None => {
-                known.model = BodyKnown::label(model);
+                known.model = crate::stream_usage::model_label(model);
                 return Ok((peeked, None, None, known));
             }
             Some(ByModel::Provider(i, m)) => (i, m),
@@ -565,7 +563,7 @@ impl Proxy {
             .openai_compat(ep)
             .ok_or_else(|| crate::route::RouteError::NoCompatEndpoint(provider.name.to_string()))?;
         let rewritten = crate::route::with_model(b, at, name);
-        known.model = BodyKnown::label(name.to_string());
+        known.model = crate::stream_usage::model_label(name.to_string());
         Ok((Peeked::Whole(rewritten), Some((idx, path)), None, known))
     }
 
@@ -827,7 +825,8 @@ struct Facts {
     /// What the endpoint bills in. Every billed call is a POST; a GET of the same path lists
     /// or fetches stored objects.
     capability: Capability,
-    /// A POST to `/chat/completions`.
+    /// A POST to `/chat/completions` that may stream. A body already read and found not to
+    /// stream is not one: it needs no `include_usage`, nor a second parse to find that out.
     chat_path: bool,
     /// A streaming chat to a provider that wants `include_usage` added: the body is read.
     usage_edit: bool,
@@ -841,12 +840,14 @@ struct Facts {
 
 impl Facts {
     /// `by_model`: routed by model to an OpenAI-compatible endpoint, which takes
-    /// `include_usage` whatever the provider's native API does.
+    /// `include_usage` whatever the provider's native API does. `streams`: what reading the
+    /// body for routing found, if it was read.
     fn of(
         parts: &http::request::Parts,
         budgeted: bool,
         provider: &Provider,
         by_model: bool,
+        streams: Option<bool>,
     ) -> Self {
         let is_post = parts.method == http::Method::POST;
         let path = parts.uri.path();
@@ -855,7 +856,7 @@ impl Facts {
         } else {
             Capability::Other
         };
-        let chat_path = is_post && path.ends_with("/chat/completions");
+        let chat_path = is_post && path.ends_with("/chat/completions") && streams != Some(false);
         Self {
             is_post,
             capability,
@@ -899,14 +900,6 @@ struct BodyKnown {
     streams: Option<bool>,
     /// The model the body sent upstream names, as the meter's label.
     model: Option<Box<str>>,
-}
-
-impl BodyKnown {
-    /// As the body tap would label it: a name of at most 256 bytes.
-    fn label(model: String) -> Option<Box<str>> {
-        (!model.is_empty() && model.len() <= crate::stream_usage::MAX_MODEL_LABEL)
-            .then(|| model.into_boxed_str())
-    }
 }
 
 /// The candidates of a tiered alias this request may try, in order.

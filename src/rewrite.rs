@@ -66,7 +66,7 @@ fn strip_connection_named(headers: &mut HeaderMap) {
 /// headers and a set some twenty names: most present names are passed over on their length
 /// alone, the rest compared with the few listed names of that length (hashing every listed
 /// name to remove it once took a fifth of byokd's own instructions per request).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct HeaderSet {
     lens: u64,
     names: Box<[HeaderName]>,

@@ -90,9 +90,14 @@ fn resolve_model(head: &[u8], kind: BodyKind, out: &OnceLock<Box<str>>) {
         BodyKind::Json => string_after(head, b"\"model\""),
         BodyKind::Multipart => multipart_field(head, b"model"),
     };
-    if let Some(m) = model.filter(|m| m.len() <= MAX_MODEL_LABEL) {
-        let _ = out.set(m.into());
+    if let Some(m) = model.and_then(model_label) {
+        let _ = out.set(m);
     }
+}
+
+/// A request's `model` as the meter's label: a name of at most [`MAX_MODEL_LABEL`] bytes.
+pub fn model_label(model: String) -> Option<Box<str>> {
+    (!model.is_empty() && model.len() <= MAX_MODEL_LABEL).then(|| model.into_boxed_str())
 }
 
 /// The value of the form field `name` in the head of a multipart body, if it is there whole.
