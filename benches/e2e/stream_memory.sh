@@ -18,7 +18,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 [ -n "${KEEP:-}" ] && trap - EXIT && echo "work dir $work"
-if [ -z "${BIN:-}" ]; then cargo build --release --quiet; BIN=target/release/byokd; fi
+if [ -z "${BIN:-}" ]; then cargo build --profile dist --quiet --bin byokd; BIN=target/dist/byokd; fi
 UP=${UP_PORT:-18180}; BYOKD=${BYOKD_PORT:-18182}; ADMIN=${ADMIN_PORT:-18183}
 
 cat > "$work/upstream.py" <<'PY'
