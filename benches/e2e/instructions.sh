@@ -8,7 +8,8 @@
 # count the kernel's share (the TCP work, the same for every proxy here), nor cache misses or
 # the bytes `rep movs` copies; `load.sh` measures CPU time. Each proxy runs alone under
 # `valgrind --tool=callgrind --instr-atstart=no`; counting is switched on around N requests
-# sent by `pace load` at 100 req/s (RATE) after a 2-second warm-up: slow enough that byokd under valgrind keeps up, so no new connections are opened while counting.
+# sent by `pace load` at 100 req/s (RATE) after a 2-second warm-up: slow enough that byokd
+# under valgrind keeps up, so no connection is opened while counting.
 #
 #   bash benches/e2e/instructions.sh          # N=1000; BIN=path/to/byokd compares a build;
 #                                             # PROFILE=release builds without the `dist` LTO
@@ -98,7 +99,7 @@ measure() {
   $PACE load "http://127.0.0.1:$PORT/v1/chat/completions" --rate "$RATE" --duration 2s "${HDRS[@]}" --body "$CHAT" >/dev/null
   callgrind_control -i on "$vg" >/dev/null 2>&1
   local out
-  out=$($PACE load "http://127.0.0.1:$PORT/v1/chat/completions" --rate "$RATE" --duration "$((N / RATE))s" "${HDRS[@]}" --body "$CHAT")
+  out=$($PACE load "http://127.0.0.1:$PORT/v1/chat/completions" --rate "$RATE" --duration "$(((N + RATE - 1) / RATE))s" "${HDRS[@]}" --body "$CHAT")
   callgrind_control -i off "$vg" >/dev/null 2>&1
   kill "$vg"; wait "$vg" 2>/dev/null || true
   local total
