@@ -12,6 +12,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The byokd under test: BIN if set, else built with PROFILE (`dist`, as shipped; `release` for
+# a quicker build).
+PROFILE=${PROFILE:-dist}
+if [ -z "${BIN:-}" ]; then
+  cargo build --profile "$PROFILE" --quiet --bin byokd
+  BIN=target/$PROFILE/byokd
+fi
+
 # The fixed chat completion the upstream answers every request with.
 BODY='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
 

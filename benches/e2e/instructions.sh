@@ -28,10 +28,7 @@ done
 # shellcheck source=benches/e2e/common.sh
 . benches/e2e/common.sh
 
-# byokd and the floor from the same profile (`dist`, as shipped; PROFILE=release for a quick
-# build), so the floor is built the way byokd is.
-PROFILE=${PROFILE:-dist}
-if [ -z "${BIN:-}" ]; then cargo build --profile "$PROFILE" --quiet --bin byokd; BIN=target/$PROFILE/byokd; fi
+# The floor from byokd's profile (common.sh), so it is built the way byokd is.
 cargo build --profile "$PROFILE" --quiet --example floor
 cargo build --release --quiet --example pace
 PACE=target/release/examples/pace

@@ -32,8 +32,7 @@ command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >
 # shellcheck source=benches/e2e/common.sh
 . benches/e2e/common.sh
 
-# BIN=path/to/other/byokd compares two builds on the same machine state.
-if [ -z "${BIN:-}" ]; then cargo build --profile dist --quiet --bin byokd; BIN=target/dist/byokd; fi
+# common.sh built byokd; BIN=path/to/other/byokd compares two builds on the same machine state.
 cargo build --release --quiet --example pace
 PACE=target/release/examples/pace
 UP=18080; NGX=18081; HAP=18086; BYOKD=18082; ADMIN=18083; BYOKD_LOGGED=18084; ADMIN_LOGGED=18085

@@ -22,7 +22,6 @@ command -v nginx >/dev/null && command -v wrk >/dev/null || {
 # shellcheck source=benches/e2e/common.sh
 . benches/e2e/common.sh
 
-if [ -z "${BIN:-}" ]; then cargo build --profile dist --quiet --bin byokd; BIN=target/dist/byokd; fi
 cargo build --release --quiet --example seed
 UP=18090; BYOKD=18092; ADMIN=18093
 start_upstream $UP
