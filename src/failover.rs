@@ -392,12 +392,21 @@ impl Payload {
 /// Sets `Content-Length`, unless the app's header already says exactly that (the usual case:
 /// a header value made from a number is an allocation, and the insert a hash).
 fn set_length(headers: &mut HeaderMap, len: usize) {
-    let said = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|v| v.parse::<usize>().ok());
-    if said != Some(len) || headers.get_all(header::CONTENT_LENGTH).iter().count() != 1 {
+    // One lookup: exactly one value, all digits, equal to `len`.
+    let mut said = headers.get_all(header::CONTENT_LENGTH).iter();
+    let exact = match (said.next(), said.next()) {
+        (Some(v), None) => {
+            let v = v.as_bytes();
+            !v.is_empty()
+                && v.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    == Some(len)
+        }
+        _ => false,
+    };
+    if !exact {
         headers.insert(header::CONTENT_LENGTH, len.into());
     }
 }
@@ -462,161 +471,190 @@ pub struct Progress {
 }
 
 impl Attempts<'_> {
-    /// Runs the plan. `parts` is the request as received; each attempt rewrites a copy.
-    pub async fn run(
-        &self,
-        plan: Plan,
-        parts: request::Parts,
+    /// Runs the plan. `parts` is the request as received; each attempt rewrites a copy (the
+    /// last one, the original).
+    ///
+    /// An `async` block over the arguments rather than an `async fn`, which would keep each
+    /// argument twice (as passed and as its binding); and each attempt's request is built by
+    /// a plain function, so its parts live on the stack, not in the future. This future is
+    /// inside every request's, which is moved into place a few times per request.
+    // Kept apart from `async fn` on purpose (see above).
+    #[allow(clippy::manual_async_fn)]
+    pub fn run<'s>(
+        &'s self,
+        mut plan: Plan,
+        mut parts: request::Parts,
         mut payload: Payload,
-        progress: &mut Progress,
-    ) -> Result<Attempted, AttemptError> {
-        let max = if payload.replayable() {
-            plan.candidates.len()
-        } else {
-            // A body streamed to the first upstream cannot be sent again.
-            1
-        };
-        let counted = plan.counted;
-        let mut template = Some(parts);
-        // Providers that failed to connect or answer in time during this request: their
-        // other keys reach the same host, so they are skipped.
-        let mut down = 0u64;
-        let mut candidates = plan.candidates.into_iter().take(max);
-        let mut next = self.next_ready(&mut candidates, down, true).await?;
-        while let Some((cand, credential)) = next.take() {
-            let provider = &self.providers[cand.provider];
-            progress.provider = Some(cand.provider);
-            let mut parts = match template.take() {
-                Some(t) if candidates.len() > 0 => {
-                    let copy = clone_parts(&t);
-                    template = Some(t);
-                    copy
-                }
-                Some(t) => t,
-                None => break,
-            };
-            let (mut body, asked_usage, route) = match &cand.over {
-                Some(o) => {
-                    let (b, asked) = Payload::whole(o.body.clone(), true).body_for(
-                        provider,
-                        true,
-                        &mut parts.headers,
-                        true,
-                    );
-                    let route = Route {
-                        path: Some(o.path),
-                        ..*self.route
-                    };
-                    (b, asked, route)
-                }
-                None => {
-                    let last = candidates.len() == 0;
-                    let (b, asked) = payload.body_for(
-                        provider,
-                        self.route.path.is_some(),
-                        &mut parts.headers,
-                        last,
-                    );
-                    (b, asked, *self.route)
-                }
-            };
-            if let Some(region) = &provider.region {
-                parts.extensions.insert(crate::provider::Scope {
-                    region: region.clone(),
-                });
-            }
-            if let (true, Some(region)) = (provider.kind.signs_body(), &provider.region) {
-                // A signature covers the body: it was read whole for this (a larger one is
-                // refused before any attempt).
-                let whole = body.whole_bytes().ok_or(ForwardError::InvalidCredential)?;
-                parts.extensions.insert(crate::provider::Signing {
-                    region: region.clone(),
-                    payload_sha256: hex::encode(sha2::Sha256::digest(whole)),
-                });
-            }
-            rewrite(
-                &mut parts,
-                provider,
-                &route,
-                credential.as_ref(),
-                self.strip,
-            )?;
-            if let Some(kind) = self.body_kind {
-                body.tap_model(kind, self.request_model.clone());
-            }
-            let lease = if counted {
-                cand.load.clone().map(KeyPools::lease)
+        progress: &'s mut Progress,
+    ) -> impl Future<Output = Result<Attempted, AttemptError>> + Send + 's {
+        async move {
+            let max = if payload.replayable() {
+                plan.candidates.len()
             } else {
-                None
+                // A body streamed to the first upstream cannot be sent again.
+                1
             };
-            if progress.attempts == 0 {
-                self.metrics.overhead(self.started);
-            }
-            progress.attempts += 1;
-            let failure = match self.upstream.send(Request::from_parts(parts, body)).await {
-                Err(e) => {
-                    let kind = e.kind();
-                    self.metrics.upstream_error(&provider.name, kind);
-                    if !e.never_sent() {
-                        // Sent (or maybe sent) already: another attempt could be billed a
-                        // second time, so the error is the answer.
-                        return Err(e.into());
-                    }
-                    down |= bit(cand.provider);
-                    (kind, Err(e.into()))
+            let counted = plan.counted;
+            let mut taken = false;
+            // Providers that failed to connect or answer in time during this request: their
+            // other keys reach the same host, so they are skipped.
+            let mut down = 0u64;
+            let mut candidates = plan.candidates.drain(..).take(max);
+            let mut next = self.next_ready(&mut candidates, down, true).await?;
+            loop {
+                let (cand, credential) = match next {
+                    Some(n) => n,
+                    None => break,
+                };
+                if taken {
+                    break;
                 }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
-                        if let Some(r) = &cand.record {
-                            self.keyring
-                                .pools()
-                                .cool_down(&r.id, crate::pool::retry_after(resp.headers()));
+                let provider = &self.providers[cand.provider];
+                progress.provider = Some(cand.provider);
+                let last = candidates.len() == 0;
+                let attempt_parts = if last {
+                    taken = true;
+                    std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+                } else {
+                    clone_parts(&parts)
+                };
+                let (req, asked_usage) = self.prepare(
+                    &cand,
+                    credential.as_ref(),
+                    attempt_parts,
+                    &mut payload,
+                    last,
+                )?;
+                let lease = if counted {
+                    cand.load.clone().map(KeyPools::lease)
+                } else {
+                    None
+                };
+                if progress.attempts == 0 {
+                    self.metrics.overhead(self.started);
+                }
+                progress.attempts += 1;
+                let failure = match self.upstream.send(req).await {
+                    Err(e) => {
+                        let kind = e.kind();
+                        self.metrics.upstream_error(&provider.name, kind);
+                        if !e.never_sent() {
+                            // Sent (or maybe sent) already: another attempt could be billed a
+                            // second time, so the error is the answer.
+                            return Err(e.into());
                         }
-                        "status_429"
-                    } else if status.is_server_error() {
-                        "status_5xx"
-                    } else {
-                        return Ok(Attempted {
-                            response: resp,
-                            provider: cand.provider,
-                            source: cand.source,
-                            lease,
-                            asked_usage,
-                            over: cand.over,
-                        });
-                    };
-                    self.metrics.upstream_error(&provider.name, kind);
-                    (
-                        kind,
-                        Ok(Attempted {
-                            response: resp,
-                            provider: cand.provider,
-                            source: cand.source,
-                            lease,
-                            asked_usage,
-                            over: cand.over.clone(),
-                        }),
-                    )
+                        down |= bit(cand.provider);
+                        (kind, Err(e.into()))
+                    }
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+                            if let Some(r) = &cand.record {
+                                self.keyring
+                                    .pools()
+                                    .cool_down(&r.id, crate::pool::retry_after(resp.headers()));
+                            }
+                            "status_429"
+                        } else if status.is_server_error() {
+                            "status_5xx"
+                        } else {
+                            return Ok(Attempted {
+                                response: resp,
+                                provider: cand.provider,
+                                source: cand.source,
+                                lease,
+                                asked_usage,
+                                over: cand.over,
+                            });
+                        };
+                        self.metrics.upstream_error(&provider.name, kind);
+                        (
+                            kind,
+                            Ok(Attempted {
+                                response: resp,
+                                provider: cand.provider,
+                                source: cand.source,
+                                lease,
+                                asked_usage,
+                                over: cand.over.clone(),
+                            }),
+                        )
+                    }
+                };
+                // Find the next attempt before dropping this answer: if none can be made, this
+                // one passes through unchanged.
+                next = self.next_ready(&mut candidates, down, false).await?;
+                if next.is_none() {
+                    return failure.1;
                 }
-            };
-            // Find the next attempt before dropping this answer: if none can be made, this
-            // one passes through unchanged.
-            next = self.next_ready(&mut candidates, down, false).await?;
-            if next.is_none() {
-                return failure.1;
+                tracing::info!(
+                    request_id = %self.request_id, provider = %provider.name, kind = failure.0,
+                    attempt = progress.attempts, "upstream attempt failed; trying the next"
+                );
             }
-            tracing::info!(
-                request_id = %self.request_id, provider = %provider.name, kind = failure.0,
-                attempt = progress.attempts, "upstream attempt failed; trying the next"
-            );
+            Err(CredentialError::NoKey(
+                progress
+                    .provider
+                    .map_or_else(String::new, |i| self.providers[i].name.to_string()),
+            )
+            .into())
         }
-        Err(CredentialError::NoKey(
-            progress
-                .provider
-                .map_or_else(String::new, |i| self.providers[i].name.to_string()),
-        )
-        .into())
+    }
+
+    /// One attempt's request: its body, the provider's region and signature, the rewrite,
+    /// the model tap. Also whether byokd asked for usage in the body.
+    fn prepare(
+        &self,
+        cand: &Candidate,
+        credential: Option<&Credential>,
+        mut parts: request::Parts,
+        payload: &mut Payload,
+        last: bool,
+    ) -> Result<(Request<crate::forward::UpstreamBody>, bool), AttemptError> {
+        let provider = &self.providers[cand.provider];
+        let (mut body, asked_usage, route) = match &cand.over {
+            Some(o) => {
+                let (b, asked) = Payload::whole(o.body.clone(), true).body_for(
+                    provider,
+                    true,
+                    &mut parts.headers,
+                    true,
+                );
+                let route = Route {
+                    path: Some(o.path),
+                    ..*self.route
+                };
+                (b, asked, route)
+            }
+            None => {
+                let (b, asked) = payload.body_for(
+                    provider,
+                    self.route.path.is_some(),
+                    &mut parts.headers,
+                    last,
+                );
+                (b, asked, *self.route)
+            }
+        };
+        if let Some(region) = &provider.region {
+            parts.extensions.insert(crate::provider::Scope {
+                region: region.clone(),
+            });
+        }
+        if let (true, Some(region)) = (provider.kind.signs_body(), &provider.region) {
+            // A signature covers the body: it was read whole for this (a larger one is
+            // refused before any attempt).
+            let whole = body.whole_bytes().ok_or(ForwardError::InvalidCredential)?;
+            parts.extensions.insert(crate::provider::Signing {
+                region: region.clone(),
+                payload_sha256: hex::encode(sha2::Sha256::digest(whole)),
+            });
+        }
+        rewrite(&mut parts, provider, &route, credential, self.strip)?;
+        if let Some(kind) = self.body_kind {
+            body.tap_model(kind, self.request_model.clone());
+        }
+        Ok((Request::from_parts(parts, body), asked_usage))
     }
 
     /// The next candidate that will really be tried, with its credential: providers that

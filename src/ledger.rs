@@ -228,7 +228,10 @@ impl Ledger {
                 }
             }
         });
-        self.dirty.store(true, Ordering::Relaxed);
+        // Read first: a store on every request would pull the line from the other core.
+        if !self.dirty.load(Ordering::Relaxed) {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The tenant's current month (empty if it has no usage this month).

@@ -184,194 +184,207 @@ impl Proxy {
 
     /// The steps in order. `body` is taken when the request is forwarded; while it is still
     /// there, nothing of it was read.
-    async fn run(
-        &self,
+    /// An `async` block over the arguments rather than an `async fn`, which would keep `parts`
+    /// twice (as passed and as its binding) in the future every request moves around.
+    #[allow(clippy::manual_async_fn)]
+    fn run<'s>(
+        &'s self,
         parts: http::request::Parts,
-        body: &mut Option<Incoming>,
-        peer: &Peer,
-        ctx: &mut RequestCtx,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let cfg = &*self.config;
+        body: &'s mut Option<Incoming>,
+        peer: &'s Peer,
+        ctx: &'s mut RequestCtx,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 's {
+        async move {
+            let cfg = &*self.config;
 
-        // route
-        let mut route = self.route(&parts, ctx)?;
+            // route
+            let mut route = self.route(&parts, ctx)?;
+            let declared = declared_length(&parts.headers);
 
-        // identify
-        let snapshot = self.keyring.snapshot();
-        let tenant = identify(
-            &cfg.identity,
-            &cfg.tenants,
-            &snapshot,
-            &parts.headers,
-            peer,
-            cfg.open_tenants,
-        )?;
-        drop(snapshot);
-        ctx.tenant = Some(tenant.clone());
-        let policy = cfg.policy(&tenant);
-        let mut end_user = crate::identify::end_user(&cfg.end_user, &parts.headers)?;
-        // Held until the upstream answered: the buffered body may be sent again on failover.
-        let mut permit = self.buffers.permit();
-        // route by model: a `/v1` chat or embeddings body read first, when its `model` may
-        // name another provider (`provider/model` or an alias).
-        let mut early = None;
-        let mut tier = None;
-        let mut known = BodyKnown::default();
-        let idx = match route.target {
-            Target::Default => match CompatEndpoint::of_path(parts.uri.path())
-                .filter(|_| parts.method == http::Method::POST)
-            {
-                Some(ep) => {
-                    let incoming = body.take().ok_or(LimitError::ClientClosed)?;
-                    let (peeked, routed, t, k) = self
-                        .by_model(incoming, ep, &mut permit, (&tenant, policy))
-                        .await?;
-                    early = Some(peeked);
-                    known = k;
-                    tier = t;
-                    match routed {
-                        Some((i, path)) => {
-                            route.target = Target::Named(i);
-                            route.path = Some(path);
-                            i
+            // identify
+            let snapshot = self.keyring.snapshot();
+            let tenant = identify(
+                &cfg.identity,
+                &cfg.tenants,
+                &snapshot,
+                &parts.headers,
+                peer,
+                cfg.open_tenants,
+            )?;
+            drop(snapshot);
+            ctx.tenant = Some(tenant.clone());
+            let policy = cfg.policy(&tenant);
+            let mut end_user = crate::identify::end_user(&cfg.end_user, &parts.headers)?;
+            // Held until the upstream answered: the buffered body may be sent again on failover.
+            let mut permit = self.buffers.permit();
+            // route by model: a `/v1` chat or embeddings body read first, when its `model` may
+            // name another provider (`provider/model` or an alias).
+            let mut early = None;
+            let mut tier = None;
+            let mut known = BodyKnown::default();
+            let idx = match route.target {
+                Target::Default => match CompatEndpoint::of_path(parts.uri.path())
+                    .filter(|_| parts.method == http::Method::POST)
+                {
+                    Some(ep) => {
+                        let incoming = body.take().ok_or(LimitError::ClientClosed)?;
+                        let (peeked, routed, t, k) = self
+                            .by_model(incoming, ep, &mut permit, (&tenant, policy))
+                            .await?;
+                        early = Some(peeked);
+                        known = k;
+                        tier = t;
+                        match routed {
+                            Some((i, path)) => {
+                                route.target = Target::Named(i);
+                                route.path = Some(path);
+                                i
+                            }
+                            None => policy.default_provider,
                         }
-                        None => policy.default_provider,
                     }
+                    None => policy.default_provider,
+                },
+                Target::Named(i) => i,
+                Target::Usage => {
+                    let user = match query_value(parts.uri.query(), "end_user") {
+                        Some(u) => Some(crate::identify::valid_end_user(&u)?),
+                        None => None,
+                    };
+                    return Ok(self.usage(&tenant, user.as_deref()).map(Either::Right));
                 }
-                None => policy.default_provider,
-            },
-            Target::Named(i) => i,
-            Target::Usage => {
-                let user = match query_value(parts.uri.query(), "end_user") {
-                    Some(u) => Some(crate::identify::valid_end_user(&u)?),
-                    None => None,
-                };
-                return Ok(self.usage(&tenant, user.as_deref()).map(Either::Right));
+            };
+            let by_model = route.path.is_some();
+            let provider = cfg.providers[idx].clone();
+            // The end user from an OpenAI-wire body's `user` / `safety_identifier`, when allowed
+            // and the header named none: the body is then read before admit.
+            if end_user.is_none()
+                && cfg.end_user.from_body
+                && parts.method == http::Method::POST
+                && (by_model || provider.kind.wire() == "openai")
+            {
+                if early.is_none() {
+                    let incoming = body.take().ok_or(LimitError::ClientClosed)?;
+                    early = Some(
+                        self.read_inspected(self.limited(incoming), &mut permit)
+                            .await?,
+                    );
+                }
+                if let Some(Peeked::Whole(b)) = &early {
+                    end_user = crate::identify::body_end_user(b)?;
+                }
             }
-        };
-        let by_model = route.path.is_some();
-        let provider = cfg.providers[idx].clone();
-        // The end user from an OpenAI-wire body's `user` / `safety_identifier`, when allowed
-        // and the header named none: the body is then read before admit.
-        if end_user.is_none()
-            && cfg.end_user.from_body
-            && parts.method == http::Method::POST
-            && (by_model || provider.kind.wire() == "openai")
-        {
-            if early.is_none() {
-                let incoming = body.take().ok_or(LimitError::ClientClosed)?;
-                early = Some(
-                    self.read_inspected(self.limited(incoming), &mut permit)
-                        .await?,
-                );
+            if end_user.is_none() && policy.require_end_user {
+                return Err(crate::identify::IdentifyError::EndUserRequired(
+                    cfg.end_user.header.clone(),
+                )
+                .into());
             }
-            if let Some(Peeked::Whole(b)) = &early {
-                end_user = crate::identify::body_end_user(b)?;
-            }
-        }
-        if end_user.is_none() && policy.require_end_user {
-            return Err(crate::identify::IdentifyError::EndUserRequired(
-                cfg.end_user.header.clone(),
-            )
-            .into());
-        }
-        ctx.end_user = end_user.clone();
-        // A request routed by model speaks the OpenAI wire whichever provider answers it.
-        let (dialect, shape) = if by_model {
-            openai_wire()
-        } else {
-            let path = route.upstream_path(parts.uri.path());
-            (provider.kind.usage_at(path), provider.kind.errors_at(path))
-        };
-        ctx.shape = shape;
-        ctx.provider = Some(provider.clone());
-
-        // admit
-        let mut admission = self
-            .admit(
-                &parts,
-                (&tenant, end_user.as_ref()),
-                policy,
-                (idx, &provider),
-                ctx,
-            )
-            .await?;
-
-        // credential: the end user's own key if sent (and allowed), else the tenant's key
-        // pool and failover chain; each attempt below decrypts the key it uses.
-        let plan = match &tier {
-            Some(t) => self.tier_plan(&parts, &tenant, policy, t)?,
-            None if by_model => self
-                .plan(&parts, &tenant, policy, (idx, &provider))?
-                .only(idx),
-            None => self.plan(&parts, &tenant, policy, (idx, &provider))?,
-        };
-
-        // forward: the body (read first when byokd must look inside or may resend it), the
-        // budget reservation, then the attempts.
-        let budgeted = admission
-            .as_ref()
-            .is_some_and(crate::policy::Admission::budgeted);
-        let facts = Facts::of(&parts, budgeted, &provider, by_model, known.streams);
-        let body = match early {
-            Some(peeked) => Body::Read(peeked),
-            None => Body::Unread(body.take().ok_or(LimitError::ClientClosed)?),
-        };
-        let (payload, read) = self
-            .payload(body, &facts, plan.can_retry(), &mut permit)
-            .await?;
-        let cut = match admission.as_mut() {
-            Some(a) if a.budgeted() => {
+            ctx.end_user = end_user.clone();
+            // A request routed by model speaks the OpenAI wire whichever provider answers it.
+            let (dialect, shape) = if by_model {
+                openai_wire()
+            } else {
                 let path = route.upstream_path(parts.uri.path());
-                self.reserve(a, (&provider, shape), path, &facts, read.estimate)
-                    .await?
-            }
-            _ => None,
-        };
-        let request_model = Arc::new(std::sync::OnceLock::new());
-        // APIs that name the model in the path: the label comes from there.
-        if let Some(m) = provider
-            .kind
-            .path_model(route.upstream_path(parts.uri.path()))
-        {
-            let _ = request_model.set(m.into_boxed_str());
-        } else if let Some(m) = known.model.take() {
-            let _ = request_model.set(m);
-        }
-        let body_kind = BodyKind::of(content_type(&parts.headers));
-        let outcome = self
-            .attempts(&route, &tenant, ctx, body_kind, request_model.clone())
-            .run(plan, parts, payload, &mut ctx.progress)
-            .await;
-        if let Some(i) = ctx.progress.provider {
-            ctx.provider = Some(cfg.providers[i].clone());
-        }
-        let done = outcome?;
-        self.metrics.first_byte(done.provider, ctx.started);
-        let chosen = done.over.clone();
-        if let (Some(t), Some(o)) = (&tier, &chosen) {
-            let us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            t.route.candidates[o.tier].observe(us);
-            self.metrics.model_choice(&t.alias, &o.label);
-        }
-        drop(permit);
+                (provider.kind.usage_at(path), provider.kind.errors_at(path))
+            };
+            ctx.shape = shape;
+            ctx.provider = Some(provider.clone());
 
-        // meter + record
-        let metered = Metered {
-            dialect,
-            tenant,
-            end_user,
-            capability: facts.capability,
-            characters: read.characters,
-            request_model,
-            admission,
-            cut,
-        };
-        let mut resp = self.respond(done, metered, ctx).await?;
-        if let Some(v) = chosen.and_then(|o| http::HeaderValue::from_str(&o.label).ok()) {
-            resp.headers_mut().insert(MODEL_HEADER, v);
+            // admit
+            let mut admission = self
+                .admit(
+                    declared,
+                    (&tenant, end_user.as_ref()),
+                    policy,
+                    (idx, &provider),
+                    ctx,
+                )
+                .await?;
+
+            // credential: the end user's own key if sent (and allowed), else the tenant's key
+            // pool and failover chain; each attempt below decrypts the key it uses.
+            let plan = match &tier {
+                Some(t) => self.tier_plan(&parts, &tenant, policy, t)?,
+                None if by_model => self
+                    .plan(&parts, &tenant, policy, (idx, &provider))?
+                    .only(idx),
+                None => self.plan(&parts, &tenant, policy, (idx, &provider))?,
+            };
+
+            // forward: the body (read first when byokd must look inside or may resend it), the
+            // budget reservation, then the attempts.
+            let budgeted = admission
+                .as_ref()
+                .is_some_and(crate::policy::Admission::budgeted);
+            let facts = Facts::of(
+                &parts,
+                declared,
+                budgeted,
+                &provider,
+                by_model,
+                known.streams,
+            );
+            let body = match early {
+                Some(peeked) => Body::Read(peeked),
+                None => Body::Unread(body.take().ok_or(LimitError::ClientClosed)?),
+            };
+            let (payload, read) = self
+                .payload(body, &facts, plan.can_retry(), &mut permit)
+                .await?;
+            let cut = match admission.as_mut() {
+                Some(a) if a.budgeted() => {
+                    let path = route.upstream_path(parts.uri.path());
+                    self.reserve(a, (&provider, shape), path, &facts, read.estimate)
+                        .await?
+                }
+                _ => None,
+            };
+            let request_model = Arc::new(std::sync::OnceLock::new());
+            // APIs that name the model in the path: the label comes from there.
+            if let Some(m) = provider
+                .kind
+                .path_model(route.upstream_path(parts.uri.path()))
+            {
+                let _ = request_model.set(m.into_boxed_str());
+            } else if let Some(m) = known.model.take() {
+                let _ = request_model.set(m);
+            }
+            let body_kind = BodyKind::of(content_type(&parts.headers));
+            let outcome = self
+                .attempts(&route, &tenant, ctx, body_kind, request_model.clone())
+                .run(plan, parts, payload, &mut ctx.progress)
+                .await;
+            if let Some(i) = ctx.progress.provider {
+                ctx.provider = Some(cfg.providers[i].clone());
+            }
+            let done = outcome?;
+            self.metrics.first_byte(done.provider, ctx.started);
+            let chosen = done.over.clone();
+            if let (Some(t), Some(o)) = (&tier, &chosen) {
+                let us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                t.route.candidates[o.tier].observe(us);
+                self.metrics.model_choice(&t.alias, &o.label);
+            }
+            drop(permit);
+
+            // meter + record
+            let metered = Metered {
+                dialect,
+                tenant,
+                end_user,
+                capability: facts.capability,
+                characters: read.characters,
+                request_model,
+                admission,
+                cut,
+            };
+            let mut resp = self.respond(done, metered, ctx).await?;
+            if let Some(v) = chosen.and_then(|o| http::HeaderValue::from_str(&o.label).ok()) {
+                resp.headers_mut().insert(MODEL_HEADER, v);
+            }
+            Ok(resp)
         }
-        Ok(resp)
     }
 
     /// The forward step's attempt loop for this request.
@@ -658,7 +671,7 @@ impl Proxy {
     /// declared body size.
     async fn admit(
         &self,
-        parts: &http::request::Parts,
+        declared: Option<u64>,
         (tenant, end_user): (&Arc<str>, Option<&Arc<str>>),
         policy: &crate::policy::TenantPolicy,
         (idx, provider): (usize, &Provider),
@@ -676,7 +689,7 @@ impl Proxy {
             )
             .await?;
         let max_body = self.config.limits.max_body_bytes;
-        if declared_length(&parts.headers).is_some_and(|n| n > max_body) {
+        if declared.is_some_and(|n| n > max_body) {
             return Err(LimitError::BodyTooLarge(max_body).into());
         }
         Ok(admission)
@@ -844,6 +857,7 @@ impl Facts {
     /// body for routing found, if it was read.
     fn of(
         parts: &http::request::Parts,
+        declared: Option<u64>,
         budgeted: bool,
         provider: &Provider,
         by_model: bool,
@@ -865,7 +879,7 @@ impl Facts {
             speech: is_post && capability == Capability::Speech,
             budgeted: is_post && budgeted,
             signed: provider.kind.signs_body(),
-            declared_length: declared_length(&parts.headers).unwrap_or(0),
+            declared_length: declared.unwrap_or(0),
         }
     }
 }

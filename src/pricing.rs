@@ -74,11 +74,15 @@ struct PriceFile {
     per_minute: Option<f64>,
 }
 
-/// provider => model => price.
+/// provider => model => price. Every answered request looks its price up: the tables hash
+/// with foldhash, not SipHash (their keys come from the config and the price list, so no
+/// client can choose them to collide).
 #[derive(Debug, Clone, Default)]
 pub struct Pricing {
-    providers: HashMap<String, HashMap<String, Price>>,
+    providers: FastMap<String, FastMap<String, Price>>,
 }
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PricingError {
@@ -145,9 +149,9 @@ impl Pricing {
     pub fn from_yaml(text: &str) -> Result<Self, String> {
         let file: HashMap<String, HashMap<String, PriceFile>> =
             serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
-        let mut providers = HashMap::new();
+        let mut providers = FastMap::default();
         for (provider, models) in file {
-            let mut table = HashMap::new();
+            let mut table = FastMap::default();
             for (model, p) in models {
                 let at = |f: &str| format!("{provider}.{model}.{f}");
                 let unit_priced = p.per_image.is_some()

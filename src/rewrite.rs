@@ -105,11 +105,20 @@ impl HeaderSet {
 
     /// Removes every header of the set from `h`, in one pass over the names `h` holds.
     pub fn remove_from(&self, h: &mut HeaderMap) {
+        self.remove_except(h, [None, None]);
+    }
+
+    /// [`Self::remove_from`], but for `kept`: names the caller sets again right after, which
+    /// an insert then replaces in place (a removal costs a hash, a probe and a shift).
+    pub fn remove_except(&self, h: &mut HeaderMap, kept: [Option<&HeaderName>; 2]) {
         // The matches are the set's own names, so they outlive the scan of `h`.
         let mut hits: [Option<&HeaderName>; 8] = [None; 8];
         let mut more: Vec<&HeaderName> = Vec::new();
         let mut n = 0;
         for k in h.keys() {
+            if kept.contains(&Some(k)) {
+                continue;
+            }
             if let Some(m) = self.find(k) {
                 match hits.get_mut(n) {
                     Some(slot) => *slot = Some(m),
@@ -159,13 +168,21 @@ pub fn rewrite(
         _ => provider.upstream_uri(path, query),
     }
     .map_err(ForwardError::BadUpstreamRequest)?;
+    // The app's `Host` is replaced by the provider's, made once, which saves the forward step
+    // from making it per request (HTTP/2 drops it for `:authority`).
+    let host = provider.host_for(&uri);
     parts.uri = uri;
     // The pooled client negotiates HTTP/2 itself (ALPN); the app's version is irrelevant.
     parts.version = Version::HTTP_11;
 
+    // The auth header the provider's credential is about to set, and `Host`, are replaced
+    // below rather than removed first; not for an authenticator that signs the request, which
+    // must not see the app's `Host`.
+    let auth = credential.and_then(|_| provider.auth().header());
+    let kept_host = (auth.is_some() && host.is_some()).then_some(&header::HOST);
     let h = &mut parts.headers;
     strip_connection_named(h);
-    strip.remove_from(h);
+    strip.remove_except(h, [auth, kept_host]);
     strip_own_headers(h);
     // The usage scanner reads plain bytes; LLM responses are small next to their latency,
     // so identity encoding costs less than decompressing a copy.
@@ -184,9 +201,7 @@ pub fn rewrite(
             .authorize(parts, &c.value)
             .map_err(|_| ForwardError::InvalidCredential)?;
     }
-    // The app's `Host` was stripped above; the provider's, made once, saves the forward step
-    // from making it per request (HTTP/2 drops it for `:authority`).
-    if let Some(host) = provider.host_for(&parts.uri) {
+    if let Some(host) = host {
         parts.headers.insert(header::HOST, host);
     }
     Ok(())
@@ -285,6 +300,8 @@ mod tests {
             .uri("/gemini/v1beta/models/m:streamGenerateContent?alt=sse&key=AIzaCLIENT")
             .header("x-goog-api-key", "client")
             .header("host", "127.0.0.1:8787")
+            .header("x-goog-api-key", "client-again")
+            .header("host", "second.example")
             .header("connection", "keep-alive, x-hop")
             .header("x-hop", "1")
             .header("x-byokd-debug", "1")
@@ -297,7 +314,9 @@ mod tests {
             parts.uri.to_string(),
             "https://generativelanguage.googleapis.com/v1beta/models/m:streamGenerateContent?alt=sse"
         );
-        assert_eq!(parts.headers["x-goog-api-key"], "sk-provider-key-123456");
+        // Replaced in place, not added beside the app's: every value the app sent is gone.
+        let keys: Vec<_> = parts.headers.get_all("x-goog-api-key").iter().collect();
+        assert_eq!(keys, ["sk-provider-key-123456"]);
         assert!(parts.headers["x-goog-api-key"].is_sensitive());
         for gone in ["connection", "x-hop", "x-byokd-debug", "x-tenant-id"] {
             assert!(!parts.headers.contains_key(gone), "{gone}");

@@ -15,6 +15,7 @@
 #                                             # PROFILE=release builds without the `dist` LTO
 #   ONLY=byokd KEEP=/tmp/cg bash benches/e2e/instructions.sh   # only the paths whose name
 #     contains ONLY; each path's callgrind file kept in KEEP (for callgrind_annotate)
+#   CALLGRIND_ARGS=--cache-sim=yes ...       # extra callgrind options: cache misses by function
 # Fails if a path answers anything but 2xx.
 # Needs: valgrind, nginx, haproxy, curl (Debian: valgrind nginx-light haproxy curl).
 set -euo pipefail
@@ -85,7 +86,7 @@ measure() {
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
-  env "${envs[@]}" valgrind --tool=callgrind --instr-atstart=no \
+  env "${envs[@]}" valgrind --tool=callgrind --instr-atstart=no ${CALLGRIND_ARGS:-} \
     --callgrind-out-file="$work/callgrind.out" "$@" >"$work/valgrind.log" 2>&1 &
   local vg=$!
   for _ in $(seq 300); do

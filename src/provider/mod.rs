@@ -432,6 +432,61 @@ impl fmt::Debug for ErrorShape {
     }
 }
 
+/// Upstream URIs built lately on this thread. Most requests go to a few paths of a few
+/// providers, and building a URI (an allocation, a check of every byte, the builder) costs
+/// several times a lookup here; a clone shares the built one's bytes. Per thread, so the
+/// shared bytes' counts stay in one core's cache. Keyed by what the URI is made of, so a
+/// provider replaced by a reload finds only URIs equal to its own.
+mod recent_uris {
+    use std::cell::RefCell;
+
+    use http::Uri;
+    use http::uri::{Authority, Scheme};
+
+    const SLOTS: usize = 8;
+
+    struct Recent {
+        uris: [Option<Uri>; SLOTS],
+        next: usize,
+    }
+
+    thread_local! {
+        static RECENT: RefCell<Recent> = const {
+            RefCell::new(Recent { uris: [const { None }; SLOTS], next: 0 })
+        };
+    }
+
+    /// The URI `scheme://authority{prefix}{path}`, if built lately.
+    pub(super) fn find(
+        scheme: &Scheme,
+        authority: &Authority,
+        prefix: &str,
+        path: &str,
+    ) -> Option<Uri> {
+        RECENT.with_borrow(|r| {
+            r.uris.iter().flatten().find_map(|u| {
+                let p = u.path();
+                let hit = u.query().is_none()
+                    && p.len() == prefix.len() + path.len()
+                    && p.starts_with(prefix)
+                    && p.ends_with(path)
+                    && u.authority()
+                        .is_some_and(|a| a.as_str() == authority.as_str())
+                    && u.scheme() == Some(scheme);
+                hit.then(|| u.clone())
+            })
+        })
+    }
+
+    pub(super) fn keep(uri: &Uri) {
+        RECENT.with_borrow_mut(|r| {
+            let at = r.next;
+            r.uris[at] = Some(uri.clone());
+            r.next = (at + 1) % SLOTS;
+        });
+    }
+}
+
 /// One configured upstream.
 #[derive(Debug, Clone)]
 pub struct Provider {
@@ -533,6 +588,18 @@ impl Provider {
 
     /// The upstream URI for a request path (already stripped of the `/{provider}` prefix).
     pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        if query.is_some() {
+            return self.build_uri(path, query);
+        }
+        if let Some(u) = recent_uris::find(&self.scheme, &self.authority, &self.prefix, path) {
+            return Ok(u);
+        }
+        let uri = self.build_uri(path, None)?;
+        recent_uris::keep(&uri);
+        Ok(uri)
+    }
+
+    fn build_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut pq = String::with_capacity(
             self.prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1),
         );
@@ -626,6 +693,37 @@ mod tests {
             u.to_string(),
             "https://openrouter.ai/api/v1/chat/completions?a=b"
         );
+    }
+
+    #[test]
+    fn upstream_uris_built_lately_are_reused_only_for_the_same_target() {
+        let openai = kind("openai").unwrap();
+        let a = Provider::new("a", openai, "https://a.example/api").unwrap();
+        let a_http = Provider::new("a2", openai, "http://a.example/api").unwrap();
+        let b = Provider::new("b", openai, "https://b.example").unwrap();
+        let b_deeper = Provider::new("b2", openai, "https://b.example/v1").unwrap();
+        // More paths than the cache holds, twice over: every answer is still its own.
+        for round in 0..2 {
+            for i in 0..12 {
+                let path = format!("/v1/p{i}");
+                for (p, want) in [
+                    (&a, format!("https://a.example/api/v1/p{i}")),
+                    (&a_http, format!("http://a.example/api/v1/p{i}")),
+                    (&b, format!("https://b.example/v1/p{i}")),
+                    (&b_deeper, format!("https://b.example/v1/v1/p{i}")),
+                ] {
+                    let u = p.upstream_uri(&path, None).unwrap();
+                    assert_eq!(u.to_string(), want, "round {round}");
+                }
+            }
+        }
+        // The same path with a query is not the cached query-less one.
+        let u = a.upstream_uri("/v1/p11", Some("x=1")).unwrap();
+        assert_eq!(u.to_string(), "https://a.example/api/v1/p11?x=1");
+        // A prefix and path that split differently but join the same are the same target.
+        let split = Provider::new("c", openai, "https://b.example/v1/v1").unwrap();
+        let u = split.upstream_uri("/p3", None).unwrap();
+        assert_eq!(u.to_string(), "https://b.example/v1/v1/p3");
     }
 
     #[test]
