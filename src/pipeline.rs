@@ -184,6 +184,7 @@ impl Proxy {
 
     /// The steps in order. `body` is taken when the request is forwarded; while it is still
     /// there, nothing of it was read.
+    ///
     /// An `async` block over the arguments rather than an `async fn`, which would keep `parts`
     /// twice (as passed and as its binding) in the future every request moves around.
     #[allow(clippy::manual_async_fn)]
