@@ -10,7 +10,6 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::accept::Peer;
-use std::collections::HashMap;
 
 use crate::keys::store::Snapshot;
 use crate::policy::TenantPolicy;
@@ -104,7 +103,7 @@ pub fn valid_end_user(u: &str) -> Result<Arc<str>, IdentifyError> {
 const TOKEN_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];
 
 /// Tenants named in the config's `tenants:` section (they exist without a key or token).
-pub type Configured = HashMap<Arc<str>, TenantPolicy>;
+pub type Configured = crate::vocab::FastMap<Arc<str>, TenantPolicy>;
 
 /// `open`: a tenant a trusted header or verified certificate names exists even if neither the
 /// store nor the config knows it (`tenants_from_identity: open`).

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use dashmap::DashMap;
+use crate::vocab::FastDashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::usage::Usage;
@@ -124,11 +124,11 @@ pub enum LedgerError {
 /// In-memory ledger with an optional file behind it.
 #[derive(Debug)]
 pub struct Ledger {
-    tenants: DashMap<Box<str>, Mutex<TenantMonth>>,
+    tenants: FastDashMap<Box<str>, Mutex<TenantMonth>>,
     path: Option<PathBuf>,
     dirty: AtomicBool,
     /// Shared mode: usage not yet added to the database. `None` for a file or memory ledger.
-    pending: Option<DashMap<Box<str>, Mutex<TenantMonth>>>,
+    pending: Option<FastDashMap<Box<str>, Mutex<TenantMonth>>>,
 }
 
 use crate::vocab::clock::{month_of, with_month};
@@ -148,7 +148,7 @@ impl Ledger {
     /// An in-memory ledger (tests, or no place to persist).
     pub fn in_memory() -> Self {
         Self {
-            tenants: DashMap::new(),
+            tenants: FastDashMap::default(),
             path: None,
             dirty: AtomicBool::new(false),
             pending: None,
@@ -158,7 +158,7 @@ impl Ledger {
     /// A ledger whose totals live in a shared database (see the module doc).
     pub fn shared() -> Self {
         Self {
-            pending: Some(DashMap::new()),
+            pending: Some(FastDashMap::default()),
             ..Self::in_memory()
         }
     }
@@ -176,7 +176,7 @@ impl Ledger {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerFile::default(),
             Err(e) => return Err(err(e.to_string())),
         };
-        let tenants = DashMap::new();
+        let tenants = FastDashMap::default();
         for (t, m) in file.tenants {
             tenants.insert(t.into_boxed_str(), Mutex::new(m));
         }
@@ -237,7 +237,7 @@ impl Ledger {
     /// The tenant's current month (empty if it has no usage this month).
     pub fn month(&self, tenant: &str, now: i64) -> TenantMonth {
         let period = month_of(now);
-        let of = |map: &DashMap<Box<str>, Mutex<TenantMonth>>| {
+        let of = |map: &FastDashMap<Box<str>, Mutex<TenantMonth>>| {
             map.get(tenant)
                 .and_then(|m| m.lock().ok().map(|g| g.clone()))
                 .filter(|m| m.period == period)

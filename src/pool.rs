@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use dashmap::DashMap;
+use crate::vocab::FastDashMap;
 
 /// Cooldown after a 429 that names no `retry-after`.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
@@ -36,14 +36,14 @@ impl KeyLoad {
 /// In-flight counts and cooldowns of every pooled key, by key id.
 #[derive(Debug)]
 pub struct KeyPools {
-    keys: DashMap<Box<str>, Arc<KeyLoad>>,
+    keys: FastDashMap<Box<str>, Arc<KeyLoad>>,
     epoch: Instant,
 }
 
 impl Default for KeyPools {
     fn default() -> Self {
         Self {
-            keys: DashMap::new(),
+            keys: FastDashMap::default(),
             epoch: Instant::now(),
         }
     }

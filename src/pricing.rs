@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::usage::Usage;
+use crate::vocab::FastMap;
 
 /// One model's prices in integer nano-dollars: per token (= USD per million tokens × 1000),
 /// per image, per character (= USD per million characters × 1000) and per minute of audio.
@@ -81,8 +82,6 @@ struct PriceFile {
 pub struct Pricing {
     providers: FastMap<String, FastMap<String, Price>>,
 }
-
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PricingError {

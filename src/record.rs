@@ -92,13 +92,14 @@ impl Recorder {
             .as_deref()
             .and_then(|m| self.metrics.pricing.price(&self.provider, m))
             .filter(|p| p.covers(&usage));
+        let elapsed = self.started.elapsed();
         self.metrics.completed(
             &Completed {
                 tenant: &self.tenant,
                 provider: &self.provider,
                 provider_idx: self.provider_idx,
                 status: self.status,
-                started: self.started,
+                elapsed,
                 key_source: self.key_source,
                 price: self.price,
                 capability: self.capability,
@@ -141,7 +142,7 @@ impl Recorder {
             cost_usd: self.price.map(|p| p.cost_nanos(&usage) as f64 / 1e9),
             bytes,
             outcome: outcome.as_str(),
-            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
         });
     }
 }

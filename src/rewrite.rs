@@ -47,8 +47,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes the headers the `Connection` headers name, all of them (a message may carry
 /// several). Most name only `keep-alive` or `close` (an upstream's every response does), which
-/// go anyway or are no header: those are skipped before anything is parsed or collected.
+/// go anyway or are no header: such a message is done after one lookup, before anything is
+/// split or collected.
 fn strip_connection_named(headers: &mut HeaderMap) {
+    let plain = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        b.eq_ignore_ascii_case(b"keep-alive") || b.eq_ignore_ascii_case(b"close")
+    };
+    if headers.get_all(header::CONNECTION).iter().all(plain) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -69,16 +77,20 @@ fn strip_connection_named(headers: &mut HeaderMap) {
 #[derive(Debug)]
 pub struct HeaderSet {
     lens: u64,
-    names: Box<[HeaderName]>,
+    /// Sorted by length, so a name is compared only with the listed names of its length.
+    names: Box<[(usize, HeaderName)]>,
 }
 
 impl HeaderSet {
     pub fn new<'a>(names: impl IntoIterator<Item = &'a HeaderName>) -> Self {
-        let mut v: Vec<HeaderName> = names.into_iter().cloned().collect();
-        v.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut v: Vec<(usize, HeaderName)> = names
+            .into_iter()
+            .map(|n| (n.as_str().len(), n.clone()))
+            .collect();
+        v.sort_by(|a, b| (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str())));
         v.dedup();
         Self {
-            lens: v.iter().fold(0, |m, n| m | len_bit(n)),
+            lens: v.iter().fold(0, |m, (_, n)| m | len_bit(n)),
             names: v.into(),
         }
     }
@@ -97,10 +109,16 @@ impl HeaderSet {
     }
 
     fn find(&self, k: &HeaderName) -> Option<&HeaderName> {
-        if self.lens & len_bit(k) == 0 {
+        let len = k.as_str().len();
+        if self.lens & (1 << len.min(63)) == 0 {
             return None;
         }
-        self.names.iter().find(|m| *m == k)
+        let from = self.names.partition_point(|(l, _)| *l < len);
+        self.names[from..]
+            .iter()
+            .take_while(|(l, _)| *l == len)
+            .map(|(_, m)| m)
+            .find(|m| *m == k)
     }
 
     /// Removes every header of the set from `h`, in one pass over the names `h` holds.

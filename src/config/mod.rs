@@ -93,7 +93,7 @@ pub struct Config {
     pub providers: Vec<Arc<Provider>>,
     pub defaults: TenantPolicy,
     /// Tenants with config overrides; the key is the canonical tenant name.
-    pub tenants: HashMap<Arc<str>, TenantPolicy>,
+    pub tenants: crate::identify::Configured,
     pub upstream: UpstreamConfig,
     pub limits: Limits,
     /// Prices loaded from the `pricing` file (empty when none is configured).

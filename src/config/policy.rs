@@ -1,7 +1,7 @@
 //! Validates `defaults` and `tenants` into [`TenantPolicy`] (provider choice, limits and
 //! budget specs; the failover chains in `failover.rs`) and `shared_state` (Redis).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,9 +51,9 @@ pub(super) fn policies(
     defaults: &PolicyFile,
     tenants: &BTreeMap<String, PolicyFile>,
     providers: &[Provider],
-) -> Result<(TenantPolicy, HashMap<Arc<str>, TenantPolicy>), ConfigError> {
+) -> Result<(TenantPolicy, crate::identify::Configured), ConfigError> {
     let defaults = policy(ctx, "defaults", defaults, None, providers)?;
-    let mut out = HashMap::new();
+    let mut out = crate::identify::Configured::default();
     for (name, pf) in tenants {
         if !crate::vocab::valid_tenant_id(name) || crate::vocab::reserved_tenant_id(name) {
             return Err(ctx.invalid(

@@ -22,10 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::vocab::FastDashMap;
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use dashmap::DashMap;
 use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Shared};
 
@@ -164,10 +164,10 @@ pub struct CachePolicy {
 struct Shared_ {
     kms: Arc<dyn Kms>,
     audit: Arc<Audit>,
-    cache: DashMap<Arc<str>, CacheEntry>,
+    cache: FastDashMap<Arc<str>, CacheEntry>,
     /// In-flight decryptions by `id#version`: a hundred cold requests for one key share one
     /// KMS call.
-    inflight: DashMap<String, Flight>,
+    inflight: FastDashMap<String, Flight>,
     /// Milliseconds since `epoch` until which the KMS is not called (0 = healthy).
     kms_down_until: AtomicU64,
     epoch: Instant,
@@ -209,8 +209,8 @@ impl Keyring {
             inner: Arc::new(Shared_ {
                 kms,
                 audit,
-                cache: DashMap::new(),
-                inflight: DashMap::new(),
+                cache: FastDashMap::default(),
+                inflight: FastDashMap::default(),
                 kms_down_until: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),

@@ -400,7 +400,7 @@ pub struct TenantEntry {
 /// An immutable index of the store, swapped atomically when the store changes.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub tenants: HashMap<Arc<str>, TenantEntry>,
+    pub tenants: crate::vocab::FastMap<Arc<str>, TenantEntry>,
     /// SHA-256 of a platform token => tenant.
     pub tokens: HashMap<[u8; 32], Arc<str>>,
 }

@@ -8,7 +8,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dashmap::DashMap;
+use crate::vocab::FastDashMap;
 
 /// One counter: shared by the family (for the scrape) and the handles cached per label slot.
 pub(super) type Counter = Arc<AtomicU64>;
@@ -23,7 +23,7 @@ pub(super) struct Counters<const N: usize> {
     /// The stored integer is divided by this when written (cost: nano-dollars shown as USD).
     divisor: u64,
     /// Keyed by the rendered label set (`a="x",b="y"`), which is also what the scrape writes.
-    series: DashMap<Box<str>, Counter>,
+    series: FastDashMap<Box<str>, Counter>,
 }
 
 impl<const N: usize> Counters<N> {
@@ -34,7 +34,7 @@ impl<const N: usize> Counters<N> {
             help,
             labels,
             divisor: 1,
-            series: DashMap::new(),
+            series: FastDashMap::default(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use dashmap::DashMap;
+use crate::vocab::FastDashMap;
 use prometheus::Histogram;
 
 use super::OTHER;
@@ -16,7 +16,7 @@ use super::family::Counter;
 /// Label values admitted so far, capped; first come, first served.
 #[derive(Debug)]
 pub(super) struct LabelCap {
-    seen: DashMap<Box<str>, ()>,
+    seen: FastDashMap<Box<str>, ()>,
     /// Counted apart from the map: `DashMap::len` would lock every shard.
     admitted: AtomicUsize,
     max: usize,
@@ -25,7 +25,7 @@ pub(super) struct LabelCap {
 impl LabelCap {
     pub(super) fn new(max: usize) -> Self {
         Self {
-            seen: DashMap::new(),
+            seen: FastDashMap::default(),
             admitted: AtomicUsize::new(0),
             max,
         }
@@ -96,7 +96,7 @@ pub(super) fn with<M>(slot: Option<&OnceLock<M>>, make: impl FnOnce() -> M, f: i
 /// `max_models` slots.
 #[derive(Debug)]
 pub(super) struct TenantLabels {
-    seen: DashMap<Box<str>, Vec<Arc<Series>>>,
+    seen: FastDashMap<Box<str>, Vec<Arc<Series>>>,
     admitted: AtomicUsize,
     max_tenants: usize,
     max_models: usize,
@@ -105,7 +105,7 @@ pub(super) struct TenantLabels {
 impl TenantLabels {
     pub(super) fn new(max_tenants: usize, max_models: usize) -> Self {
         Self {
-            seen: DashMap::new(),
+            seen: FastDashMap::default(),
             admitted: AtomicUsize::new(0),
             max_tenants,
             max_models,

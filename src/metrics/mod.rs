@@ -463,7 +463,7 @@ impl Metrics {
                 );
             }
         }
-        let elapsed = r.started.elapsed().as_secs_f64();
+        let elapsed = r.elapsed.as_secs_f64();
         if let Some(s) = self.per_provider.get(r.provider_idx) {
             s.duration.observe(elapsed);
         }
@@ -543,7 +543,9 @@ pub struct Completed<'a> {
     /// Index into the configured providers, for the per-provider histograms.
     pub provider_idx: usize,
     pub status: http::StatusCode,
-    pub started: Instant,
+    /// From the request's arrival to its response's end, read once for every series and
+    /// the access-log line.
+    pub elapsed: std::time::Duration,
     pub key_source: KeySource,
     pub price: Option<crate::pricing::Price>,
     /// What the endpoint bills in; decides whether missing usage is worth counting.
@@ -575,7 +577,7 @@ mod tests {
             provider: "openai",
             provider_idx: 0,
             status: http::StatusCode::from_u16(status).unwrap(),
-            started: Instant::now(),
+            elapsed: std::time::Duration::from_millis(3),
             key_source: KeySource::Tenant,
             price: None,
             capability: crate::usage::Capability::Tokens,
@@ -722,7 +724,7 @@ mod tests {
                 provider: "openai",
                 provider_idx: 0,
                 status: http::StatusCode::from_u16(status).unwrap(),
-                started: Instant::now(),
+                elapsed: std::time::Duration::from_millis(3),
                 key_source: source,
                 price: Some(price),
                 capability: crate::usage::Capability::Tokens,

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use dashmap::DashMap;
+use crate::vocab::FastDashMap;
 
 use super::{LimitSpec, Refusal};
 
@@ -50,11 +50,11 @@ pub(super) struct Scope {
 
 #[derive(Debug, Default)]
 pub(super) struct Local {
-    scopes: DashMap<Box<str>, Arc<Scope>>,
+    scopes: FastDashMap<Box<str>, Arc<Scope>>,
     /// Budget reservations in flight, per tenant, in nano-dollars.
-    pub(super) reserved: DashMap<Box<str>, Arc<AtomicU64>>,
+    pub(super) reserved: FastDashMap<Box<str>, Arc<AtomicU64>>,
     /// Spend settled locally while Redis was away, added to Redis when it returns.
-    pub(super) unsynced_spend: DashMap<(Box<str>, String), u64>,
+    pub(super) unsynced_spend: FastDashMap<(Box<str>, String), u64>,
 }
 
 impl Local {
