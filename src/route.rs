@@ -279,7 +279,8 @@ pub fn with_model(body: &[u8], at: Range<usize>, model: &str) -> Bytes {
 }
 
 /// A path that could leave the provider's base path once the upstream normalises it:
-/// `.` or `..` segments, empty segments, or encoded dots, slashes and backslashes.
+/// `.` or `..` segments, also with path parameters (`..;x`, which servlet-style upstreams
+/// read as `..`), empty segments, or encoded dots, slashes and backslashes.
 fn escapes(path: &str) -> bool {
     let b = path.as_bytes();
     // One SIMD scan for the rare bytes; typical paths have none and stop here.
@@ -289,7 +290,11 @@ fn escapes(path: &str) -> bool {
     if b.contains(&b'\\') || memchr::memmem::find(b, b"//").is_some() {
         return true;
     }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    let dots = |seg: &str| {
+        let name = seg.split_once(';').map_or(seg, |(name, _)| name);
+        name == "." || name == ".."
+    };
+    if path.split('/').any(dots) {
         return true;
     }
     memchr::memchr_iter(b'%', b).any(|i| {
@@ -473,10 +478,13 @@ mod tests {
             "/openai//v1",
             "/openai/v1/%5Cx",
             "/v1/../../x",
+            "/openai/v1/..;/admin",
+            "/openai/.;x/v1",
         ] {
             assert!(route(&cfg.providers, bad).is_err(), "{bad}");
         }
-        // Dots inside a segment are fine (model names, versions).
+        // Dots inside a segment are fine (model names, versions), so is a `;` after a name.
+        assert!(route(&cfg.providers, "/openai/v1/files/a..b;c").is_ok());
         assert!(
             route(
                 &cfg.providers,
