@@ -262,7 +262,16 @@ pub fn body_head(body: &[u8]) -> BodyHead {
 
 fn model_at(body: &[u8], raw: &RawValue) -> Option<(String, Range<usize>)> {
     let raw = raw.get();
-    let model: String = serde_json::from_str(raw).ok()?;
+    // The usual name has no escape: the parser already checked the string, so its text is
+    // the bytes between the quotes, with no second parse.
+    let plain = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .filter(|r| !r.bytes().any(|b| b == b'\\' || b == b'"' || b < 0x20));
+    let model = match plain {
+        Some(m) => m.to_owned(),
+        None => serde_json::from_str(raw).ok()?,
+    };
     // The raw value borrows from `body`: its offset is where it starts.
     let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
     Some((model, start..start + raw.len()))
@@ -420,6 +429,20 @@ mod tests {
             b"not json",
         ] {
             assert!(body_model(not_routable).is_none());
+        }
+    }
+
+    #[test]
+    fn a_model_with_or_without_escapes_reads_the_same() {
+        for body in [
+            &br#"{"model":"openai/gpt-4o","stream":true}"#[..],
+            br#"{"model":"open\u0061i\/gpt-4o","stream":true}"#,
+        ] {
+            let (model, at) = body_head(body).model.unwrap();
+            assert_eq!(model, "openai/gpt-4o");
+            assert_eq!(body[at.start], b'"');
+            assert_eq!(body[at.end - 1], b'"');
+            assert_eq!(&body[at.end..at.end + 1], b",");
         }
     }
 
