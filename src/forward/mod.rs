@@ -11,19 +11,20 @@
 //! hyper-util's legacy client kept one pool behind one lock for every thread and spawned a
 //! task per request to return the connection; a minimal proxy on it cost 1.2–1.4× the same
 //! proxy on per-connection senders (docs/performance.md).
+//!
+//! The usual request is handed to a ready pooled connection as it is made (`answer`): the
+//! future every request carries then holds hyper's answer slot, not the request, the pool
+//! keys and the retry loop, which are boxed for the rare request that needs them.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use futures_util::future::Either;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::LengthLimitError;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
@@ -32,6 +33,13 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tower_service::Service as _;
+
+mod answer;
+mod pool;
+
+use answer::{Answer, Target, Tried, TrySend};
+pub use pool::Pooled;
+use pool::{Checkin, Conn, Pools};
 
 use crate::accept::LimitError;
 use crate::accept::Limits;
@@ -99,10 +107,6 @@ pub enum ClientBuildError {
     Tls(#[from] rustls::Error),
 }
 
-/// An HTTP/1 connection is idle in at most this many copies per thread and host; past it, a
-/// returned connection is closed.
-const MAX_IDLE_PER_HOST: usize = 256;
-
 /// The upstream client: a connector and the per-thread pools.
 #[derive(Clone)]
 pub struct Upstream {
@@ -117,177 +121,6 @@ pub struct Upstream {
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream").finish_non_exhaustive()
-    }
-}
-
-/// The pools, one per worker thread (threads past their number share one). A connection
-/// goes back to the pool it came from: the runtime moves tasks between threads, and a
-/// connection given back where its response happened to end would leave one thread's pool
-/// empty, opening new connections, while another's grew.
-struct Pools(Box<[Mutex<Pool>]>);
-
-impl Pools {
-    fn new() -> Self {
-        let n = std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get);
-        Self((0..n * 2).map(|_| Mutex::default()).collect())
-    }
-
-    /// The index of this thread's pool.
-    fn mine(&self) -> usize {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-        }
-        SLOT.with(|s| *s) % self.0.len()
-    }
-
-    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Pool> {
-        self.0[i].lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// One thread's connections, by host. A linear search: a deployment talks to a handful of
-/// hosts, and comparing a few authorities costs less than hashing one.
-#[derive(Default)]
-struct Pool {
-    hosts: Vec<Host>,
-}
-
-struct Host {
-    scheme: Scheme,
-    authority: Authority,
-    /// An HTTP/2 connection carries every request to its host from this thread at once.
-    h2: Option<http2::SendRequest<UpstreamBody>>,
-    /// Idle HTTP/1 connections, oldest first; the newest is taken first.
-    idle: VecDeque<(http1::SendRequest<UpstreamBody>, Instant)>,
-}
-
-/// Authorities compare without case; the same provider's URI gives the same bytes every time,
-/// so those are compared first (a plain `memcmp`).
-fn same_authority(a: &Authority, b: &Authority) -> bool {
-    a.as_str() == b.as_str() || a == b
-}
-
-impl Pool {
-    fn host(&mut self, scheme: &Scheme, authority: &Authority) -> &mut Host {
-        let i = match self
-            .hosts
-            .iter()
-            .position(|h| same_authority(&h.authority, authority) && h.scheme == *scheme)
-        {
-            Some(i) => i,
-            None => {
-                self.hosts.push(Host {
-                    scheme: scheme.clone(),
-                    authority: authority.clone(),
-                    h2: None,
-                    idle: VecDeque::new(),
-                });
-                self.hosts.len() - 1
-            }
-        };
-        &mut self.hosts[i]
-    }
-
-    fn sweep(&mut self, idle: Duration, now: Instant) {
-        for h in &mut self.hosts {
-            if h.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
-                h.h2 = None;
-            }
-            h.idle
-                .retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < idle);
-        }
-        self.hosts.retain(|h| h.h2.is_some() || !h.idle.is_empty());
-    }
-}
-
-enum Conn {
-    H1(http1::SendRequest<UpstreamBody>),
-    H2(http2::SendRequest<UpstreamBody>),
-}
-
-/// Where a finished HTTP/1 connection goes back to.
-struct Checkin {
-    pools: Arc<Pools>,
-    slot: usize,
-    scheme: Scheme,
-    authority: Authority,
-    sender: http1::SendRequest<UpstreamBody>,
-}
-
-impl Checkin {
-    /// Into the pool it was taken from.
-    fn give_back(self) {
-        if self.sender.is_closed() {
-            return;
-        }
-        let mut pool = self.pools.lock(self.slot);
-        let host = pool.host(&self.scheme, &self.authority);
-        if host.idle.len() >= MAX_IDLE_PER_HOST {
-            host.idle.pop_front();
-        }
-        host.idle.push_back((self.sender, Instant::now()));
-    }
-}
-
-/// An upstream response body that gives its HTTP/1 connection back to the pool once read to
-/// its end. Dropped before that, the connection closes with it: a half-read response cannot
-/// be reused.
-pub struct Pooled {
-    inner: Incoming,
-    back: Option<Checkin>,
-}
-
-impl Pooled {
-    fn new(inner: Incoming, back: Option<Checkin>) -> Self {
-        let mut body = Self { inner, back };
-        if body.inner.is_end_stream() {
-            // Nothing will be polled: the connection is free already.
-            if let Some(c) = body.back.take() {
-                c.give_back();
-            }
-        }
-        body
-    }
-}
-
-impl Body for Pooled {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        // hyper stops polling a body that says it has ended, so the last frame may be the
-        // last call.
-        match &r {
-            Poll::Ready(None) => {
-                if let Some(c) = this.back.take() {
-                    c.give_back();
-                }
-            }
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                if let Some(c) = this.back.take() {
-                    c.give_back();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                this.back.take();
-            }
-            _ => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -318,14 +151,6 @@ pub fn tls_config(
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
-}
-
-/// How one try on one connection ended.
-enum Tried {
-    Answered(Response<Incoming>, Option<Checkin>),
-    /// The connection was gone before the request went out: the request comes back.
-    Unsent(Request<UpstreamBody>),
-    Failed(hyper::Error),
 }
 
 impl Upstream {
@@ -376,63 +201,99 @@ impl Upstream {
     /// Closes idle connections older than `upstream.pool_idle_timeout`, in every thread's
     /// pool. Run by the server's 5-second sweep; a request also skips an expired one.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        for i in 0..self.pools.0.len() {
-            self.pools.lock(i).sweep(self.pool_idle, now);
+        self.pools.sweep(self.pool_idle, Instant::now());
+    }
+
+    /// Sends the request; resolves when the response headers arrive. The usual request goes
+    /// out here, before any future exists: a ready connection from this thread's pool takes
+    /// it at once, and what is awaited is hyper's answer slot. Everything else (no ready
+    /// pooled connection, a new one, a pooled one the upstream had closed) is a boxed future:
+    /// rare, and several times the size of the request that every request's future would
+    /// otherwise carry and move.
+    fn request(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Answer<'_, impl Future<Output = Result<Response<Incoming>, TrySend>> + Send + use<>> {
+        let mut t = match Target::of(&mut req, self.pools.mine()) {
+            Ok(t) => t,
+            Err(e) => return Answer::failed(e),
+        };
+        match self.checkout(t.slot, &t.scheme, &t.authority) {
+            Some(Conn::H1(mut sender)) if sender.is_ready() => {
+                if let Err(e) = t.h1_form(&mut req) {
+                    return Answer::failed(e);
+                }
+                let answer = Either::Left(sender.try_send_request(req));
+                Answer::Pooled {
+                    answer,
+                    back: Some(t.checkin(&self.pools, sender)),
+                    target: Some(t),
+                    up: self,
+                }
+            }
+            Some(Conn::H2(mut sender)) => {
+                if let Err(e) = t.h2_form(&mut req) {
+                    return Answer::failed(e);
+                }
+                Answer::Pooled {
+                    answer: Either::Right(sender.try_send_request(req)),
+                    back: None,
+                    target: Some(t),
+                    up: self,
+                }
+            }
+            conn => Answer::Slow {
+                fut: Box::pin(self.request_slow(req, t, conn)),
+            },
         }
     }
 
-    async fn request(
+    /// [`Self::request`] when no ready pooled connection took it: `conn` (a pooled HTTP/1
+    /// connection not ready yet) first, then the next pooled one, then a new one.
+    async fn request_slow(
         &self,
         mut req: Request<UpstreamBody>,
+        mut t: Target,
+        mut conn: Option<Conn>,
     ) -> Result<(Response<Incoming>, Option<Checkin>), ForwardError> {
-        // Taken apart, not cloned: cloning a path made from a `String` allocates.
-        let uri = std::mem::take(req.uri_mut()).into_parts();
-        let (Some(scheme), Some(authority)) = (uri.scheme, uri.authority) else {
-            // The rewrite step always builds an absolute URI from the provider's base URL.
-            return Err(ForwardError::Connect(
-                "the upstream URI has no scheme or host".into(),
-            ));
-        };
-        // Taken and given back here even if the task moves to another thread meanwhile.
-        let slot = self.pools.mine();
-        let mut path = uri
-            .path_and_query
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         loop {
-            let (conn, pooled) = match self.checkout(slot, &scheme, &authority) {
+            let (conn, pooled) = match conn.take() {
                 Some(c) => (c, true),
-                // Boxed: a new connection is rare, and its future (TLS, HTTP/2 handshake) is
-                // several KiB that every request's future would otherwise carry and move.
-                None => (
-                    Box::pin(self.connect(slot, &scheme, &authority)).await?,
-                    false,
-                ),
+                None => match self.checkout(t.slot, &t.scheme, &t.authority) {
+                    Some(c) => (c, true),
+                    // Boxed: a new connection is rare, and its future (TLS, HTTP/2 handshake)
+                    // is several KiB.
+                    None => (
+                        Box::pin(self.connect(t.slot, &t.scheme, &t.authority)).await?,
+                        false,
+                    ),
+                },
             };
             let tried = match conn {
-                Conn::H1(sender) => {
-                    // HTTP/1 sends the origin form and names the host in `Host`.
-                    let p = std::mem::replace(&mut path, PathAndQuery::from_static("/"));
-                    *req.uri_mut() = Uri::from(p);
-                    if !req.headers().contains_key(http::header::HOST) {
-                        let host = http::HeaderValue::from_str(authority.as_str())
-                            .map_err(|e| ForwardError::BadUpstreamRequest(e.into()))?;
-                        req.headers_mut().insert(http::header::HOST, host);
+                Conn::H1(mut sender) => {
+                    t.h1_form(&mut req)?;
+                    // A connection given back as its response ended may not have taken in
+                    // the end yet.
+                    if sender.ready().await.is_err() {
+                        Tried::Unsent(req)
+                    } else {
+                        match sender.try_send_request(req).await {
+                            Ok(resp) => Tried::Answered(resp, Some(t.checkin(&self.pools, sender))),
+                            Err(e) => Tried::from(e),
+                        }
                     }
-                    self.try_h1(slot, sender, req, &scheme, &authority).await
                 }
                 Conn::H2(mut sender) => {
-                    req.headers_mut().remove(http::header::HOST);
-                    *req.uri_mut() = absolute(&scheme, &authority, &path)?;
+                    t.h2_form(&mut req)?;
                     match sender.try_send_request(req).await {
                         Ok(resp) => Tried::Answered(resp, None),
-                        Err(mut e) => match e.take_message() {
-                            Some(r) => {
-                                self.forget_h2(slot, &scheme, &authority);
-                                Tried::Unsent(r)
+                        Err(e) => {
+                            let tried = Tried::from(e);
+                            if matches!(tried, Tried::Unsent(_)) {
+                                self.forget_h2(t.slot, &t.scheme, &t.authority);
                             }
-                            None => Tried::Failed(e.into_error()),
-                        },
+                            tried
+                        }
                     }
                 }
             };
@@ -441,9 +302,7 @@ impl Upstream {
                 Tried::Failed(e) => return Err(ForwardError::Unreachable(e)),
                 // A pooled connection the upstream had closed: try the next, or a new one.
                 Tried::Unsent(r) if pooled => {
-                    if let Some(p) = r.uri().path_and_query() {
-                        path = p.clone();
-                    }
+                    t.taken_back(&r);
                     req = r;
                 }
                 Tried::Unsent(_) => {
@@ -452,36 +311,6 @@ impl Upstream {
                     ));
                 }
             }
-        }
-    }
-
-    async fn try_h1(
-        &self,
-        slot: usize,
-        mut sender: http1::SendRequest<UpstreamBody>,
-        req: Request<UpstreamBody>,
-        scheme: &Scheme,
-        authority: &Authority,
-    ) -> Tried {
-        // A connection given back as its response ended may not have taken in the end yet.
-        if sender.ready().await.is_err() {
-            return Tried::Unsent(req);
-        }
-        match sender.try_send_request(req).await {
-            Ok(resp) => Tried::Answered(
-                resp,
-                Some(Checkin {
-                    pools: self.pools.clone(),
-                    slot,
-                    scheme: scheme.clone(),
-                    authority: authority.clone(),
-                    sender,
-                }),
-            ),
-            Err(mut e) => match e.take_message() {
-                Some(r) => Tried::Unsent(r),
-                None => Tried::Failed(e.into_error()),
-            },
         }
     }
 
@@ -569,19 +398,6 @@ where
     });
 }
 
-fn absolute(
-    scheme: &Scheme,
-    authority: &Authority,
-    path: &PathAndQuery,
-) -> Result<Uri, ForwardError> {
-    Uri::builder()
-        .scheme(scheme.clone())
-        .authority(authority.clone())
-        .path_and_query(path.clone())
-        .build()
-        .map_err(ForwardError::BadUpstreamRequest)
-}
-
 pub fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     crate::timeouts::caused_by::<LengthLimitError>(e).is_some()
 }
@@ -624,6 +440,34 @@ impl crate::provider::TokenHttp for Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every request's future holds the send future; the request itself goes to hyper before
+    /// it is awaited (it was 1,584 bytes when it carried the request, the pool keys and the
+    /// retry loop).
+    #[tokio::test]
+    async fn the_send_future_does_not_carry_the_request() {
+        let up = Upstream::new(
+            &UpstreamConfig {
+                ca_file: None,
+                connect_timeout: Duration::from_secs(1),
+                pool_idle_timeout: Duration::from_secs(1),
+            },
+            &Limits::default(),
+        )
+        .unwrap();
+        let req = Request::builder()
+            .uri("http://127.0.0.1:9/v1/chat/completions")
+            .body(crate::stream_usage::RequestBody::empty())
+            .unwrap();
+        let request_size = std::mem::size_of_val(&req);
+        let send = up.send(req);
+        assert!(
+            std::mem::size_of_val(&send) < 1024 && request_size < 1024,
+            "send future {} bytes",
+            std::mem::size_of_val(&send)
+        );
+        drop(send);
+    }
 
     #[test]
     fn extra_ca_bundle_errors_are_clear() {
