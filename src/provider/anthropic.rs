@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall};
 use crate::usage::model_and_usage;
-use crate::usage::{Dialect, DialectRef, StreamState, Usage};
+use crate::usage::{Dialect, DialectRef, Field, StreamState, Usage, UsageObject};
 
 /// The `anthropic` kind.
 #[derive(Debug)]
@@ -87,6 +87,25 @@ struct RawUsage {
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
+}
+
+const LEAN: [Field; 4] = [
+    Field::top(b"input_tokens"),
+    Field::top(b"output_tokens"),
+    Field::top(b"cache_creation_input_tokens"),
+    Field::top(b"cache_read_input_tokens"),
+];
+
+impl UsageObject for RawUsage {
+    fn lean(obj: &[u8]) -> Option<Self> {
+        let [input, output, write, read] = crate::usage::lean::counts(obj, &LEAN)?;
+        Some(Self {
+            input_tokens: input,
+            output_tokens: output,
+            cache_creation_input_tokens: write,
+            cache_read_input_tokens: read,
+        })
+    }
 }
 
 /// `input_tokens` excludes cache reads and writes. In streams, later objects

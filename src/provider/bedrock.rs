@@ -17,7 +17,7 @@ use super::{
     AuthValue, Authenticator, BadCredential, CompatEndpoint, ErrorShape, Kind, Signing, mask,
 };
 use crate::usage::bytes::usage_in_tail;
-use crate::usage::{Dialect, DialectRef, StreamState, Usage};
+use crate::usage::{Dialect, DialectRef, StreamState, Usage, UsageObject};
 
 /// The `bedrock` kind.
 #[derive(Debug)]
@@ -349,6 +349,8 @@ struct ConverseUsage {
     cache_write_input_tokens: Option<u64>,
 }
 
+impl UsageObject for ConverseUsage {}
+
 fn apply(usage: &mut Usage, c: &ConverseUsage) {
     // A `usage` in a model's own format (an `invoke` answer) is not Converse's: its tokens
     // are in the response headers instead.
@@ -378,6 +380,8 @@ struct InvocationMetrics {
     cache_read_input_token_count: Option<u64>,
     cache_write_input_token_count: Option<u64>,
 }
+
+impl UsageObject for InvocationMetrics {}
 
 /// A `chunk` event's payload: the model's own event, base64 in `bytes`.
 #[derive(Deserialize)]

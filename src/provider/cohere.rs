@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{Authenticator, CompatEndpoint, ErrorShape, Kind, VerifyCall, openai};
 use crate::usage::bytes::usage_in_tail;
-use crate::usage::{Dialect, DialectRef, StreamState, Usage};
+use crate::usage::{Dialect, DialectRef, StreamState, Usage, UsageObject};
 
 /// The `cohere` kind.
 #[derive(Debug)]
@@ -68,6 +68,9 @@ struct Billed {
     input_tokens: Option<f64>,
     output_tokens: Option<f64>,
 }
+
+// Counts that may be floats: serde reads them.
+impl UsageObject for Billed {}
 
 /// Cohere reports units as JSON numbers that may carry a fraction (`5.0`).
 fn apply(usage: &mut Usage, b: &Billed) {

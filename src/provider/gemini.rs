@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall};
 use crate::usage::bytes::{string_after, usage_value_at};
 use crate::usage::model_and_usage;
-use crate::usage::{Dialect, DialectRef, StreamState, Usage};
+use crate::usage::{Dialect, DialectRef, Field, StreamState, Usage, UsageObject};
 
 /// The `gemini` kind.
 #[derive(Debug)]
@@ -97,6 +97,25 @@ struct RawUsage {
     candidates_token_count: Option<u64>,
     thoughts_token_count: Option<u64>,
     cached_content_token_count: Option<u64>,
+}
+
+const LEAN: [Field; 4] = [
+    Field::top(b"promptTokenCount"),
+    Field::top(b"candidatesTokenCount"),
+    Field::top(b"thoughtsTokenCount"),
+    Field::top(b"cachedContentTokenCount"),
+];
+
+impl UsageObject for RawUsage {
+    fn lean(obj: &[u8]) -> Option<Self> {
+        let [prompt, candidates, thoughts, cached] = crate::usage::lean::counts(obj, &LEAN)?;
+        Some(Self {
+            prompt_token_count: prompt,
+            candidates_token_count: candidates,
+            thoughts_token_count: thoughts,
+            cached_content_token_count: cached,
+        })
+    }
 }
 
 /// Stream chunks carry running totals: the last one replaces the earlier ones.

@@ -11,7 +11,9 @@ use serde_json::value::RawValue;
 
 use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall};
 use crate::usage::bytes::{member_is, usage_in_tail, usage_value_at, value_after_key};
-use crate::usage::{Dialect, DialectRef, StreamState, Usage, model_and_usage, seconds_to_ms};
+use crate::usage::{
+    Dialect, DialectRef, Field, StreamState, Usage, UsageObject, model_and_usage, seconds_to_ms,
+};
 
 /// The `openai` kind.
 #[derive(Debug)]
@@ -118,6 +120,50 @@ struct PromptDetails {
 #[derive(Debug, Default, Deserialize)]
 struct CompletionDetails {
     reasoning_tokens: Option<u64>,
+}
+
+/// Every field of [`RawUsage`], for the lean reading of the usual object.
+const LEAN: [Field; 10] = [
+    Field::top(b"prompt_tokens"),
+    Field::top(b"completion_tokens"),
+    Field::top(b"input_tokens"),
+    Field::top(b"output_tokens"),
+    Field::top(b"total_tokens"),
+    Field::top(b"seconds"),
+    Field::nested(b"prompt_tokens_details", b"cached_tokens"),
+    Field::nested(b"input_tokens_details", b"cached_tokens"),
+    Field::nested(b"completion_tokens_details", b"reasoning_tokens"),
+    Field::nested(b"output_tokens_details", b"reasoning_tokens"),
+];
+
+impl UsageObject for RawUsage {
+    fn lean(obj: &[u8]) -> Option<Self> {
+        let [pt, ct, it, ot, total, seconds, ptd, itd, ctd, otd] =
+            crate::usage::lean::counts(obj, &LEAN)?;
+        let prompt = |c: Option<u64>| {
+            c.map(|v| PromptDetails {
+                cached_tokens: Some(v),
+            })
+        };
+        let completion = |r: Option<u64>| {
+            r.map(|v| CompletionDetails {
+                reasoning_tokens: Some(v),
+            })
+        };
+        Some(Self {
+            prompt_tokens: pt,
+            completion_tokens: ct,
+            prompt_tokens_details: prompt(ptd),
+            completion_tokens_details: completion(ctd),
+            input_tokens: it,
+            output_tokens: ot,
+            input_tokens_details: prompt(itd),
+            output_tokens_details: completion(otd),
+            total_tokens: total,
+            // An integer number of seconds, as serde turns one into an `f64`.
+            seconds: seconds.map(|s| s as f64),
+        })
+    }
 }
 
 /// The object is complete: it replaces what was counted.

@@ -135,11 +135,15 @@ pub fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
 
 /// The usage object that closes a JSON text, from its tail: the last occurrence of `key`
 /// whose value parses as usage (earlier ones may be in content or cut by the window).
-pub fn usage_in_tail<T: serde::de::DeserializeOwned>(tail: &[u8], key: &[u8]) -> Option<T> {
+pub fn usage_in_tail<T: super::UsageObject>(tail: &[u8], key: &[u8]) -> Option<T> {
     let mut end = tail.len();
     while let Some(p) = rfind(&tail[..end], key) {
         if let Some(at) = usage_value_at(&tail[p..], key) {
-            let mut it = serde_json::Deserializer::from_slice(&tail[p + at..]).into_iter::<T>();
+            let obj = &tail[p + at..];
+            if let Some(u) = T::lean(obj) {
+                return Some(u);
+            }
+            let mut it = serde_json::Deserializer::from_slice(obj).into_iter::<T>();
             if let Some(Ok(u)) = it.next() {
                 return Some(u);
             }
@@ -162,11 +166,26 @@ pub fn float_after(hay: &[u8], key: &[u8]) -> Option<f64> {
 /// The string value of object key `key`, if present.
 pub fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
     let at = usage_value_at(hay, key)?;
+    if let Some(s) = plain_string(&hay[at..]) {
+        return (!s.is_empty()).then(|| s.to_owned());
+    }
     serde_json::Deserializer::from_slice(&hay[at..])
         .into_iter::<String>()
         .next()?
         .ok()
         .filter(|s| !s.is_empty())
+}
+
+/// The JSON string `v` starts with when it has no escape and no control character: what
+/// serde would read, without its scratch copy. `None` leaves the rest to serde.
+fn plain_string(v: &[u8]) -> Option<&str> {
+    let rest = v.strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    let s = &rest[..end];
+    if rest[end] != b'"' || s.iter().any(|&b| b < 0x20) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()
 }
 
 /// The value position of the first member named `key`, unless that value is `null`.

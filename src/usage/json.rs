@@ -8,7 +8,7 @@ use super::*;
 
 /// The model (from the head, else the tail) and the usage object closing a whole JSON body,
 /// for dialects whose bodies name them `model_key` and `usage_key`.
-pub fn model_and_usage<T: serde::de::DeserializeOwned>(
+pub fn model_and_usage<T: super::UsageObject>(
     head: &[u8],
     tail: &[u8],
     model_key: &[u8],

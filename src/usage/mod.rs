@@ -19,9 +19,11 @@ pub mod bytes;
 #[cfg(feature = "bedrock")]
 mod eventstream;
 mod json;
+pub mod lean;
 mod sse;
 
 pub use json::{DataCounter, JsonScanner, model_and_usage};
+pub use lean::{Field, UsageObject};
 pub use sse::SseScanner;
 
 /// Longest SSE line kept across frames; longer lines (huge content deltas) are skipped.
@@ -528,6 +530,58 @@ mod tests {
             (u.input, u.output, u.model.as_deref()),
             (3, 1, Some("gemini-2.0-flash"))
         );
+    }
+
+    /// Each dialect's lean reading (the usual object) and serde's (forced here by an escaped
+    /// key, which the lean reader leaves to serde) count the same body the same.
+    #[test]
+    fn lean_and_serde_readings_agree_for_each_dialect() {
+        let cases = [
+            (
+                "openai",
+                r#"{"model":"gpt-4o","usage":{"PT":120,"completion_tokens":30,"total_tokens":150,"prompt_tokens_details":{"cached_tokens":100},"completion_tokens_details":{"reasoning_tokens":10}}}"#,
+                ("prompt_tokens", "prompt\\u005ftokens"),
+                (20, 100, 0, 20, 10),
+            ),
+            (
+                "openai",
+                r#"{"model":"o4-mini","usage":{"input_tokens":200,"input_tokens_details":{"cached_tokens":150},"PT":90,"output_tokens_details":{"reasoning_tokens":64},"total_tokens":290}}"#,
+                ("output_tokens", "output\\u005ftokens"),
+                (50, 150, 0, 26, 64),
+            ),
+            (
+                "anthropic",
+                r#"{"model":"claude-sonnet-4","usage":{"PT":25,"cache_creation_input_tokens":7,"cache_read_input_tokens":300,"output_tokens":42,"service_tier":"standard"}}"#,
+                ("input_tokens", "input\\u005ftokens"),
+                (25, 300, 7, 42, 0),
+            ),
+            (
+                "gemini",
+                r#"{"candidates":[],"usageMetadata":{"PT":90,"candidatesTokenCount":12,"thoughtsTokenCount":5,"cachedContentTokenCount":40,"promptTokensDetails":[{"modality":"TEXT","tokenCount":90}]},"modelVersion":"gemini-2.5-flash"}"#,
+                ("promptTokenCount", "prompt\\u0054okenCount"),
+                (50, 40, 0, 12, 5),
+            ),
+        ];
+        for (kind, body, (plain, escaped), want) in cases {
+            let read = |key: &str| {
+                let body = body.replace("PT", key);
+                let u = feed_split(JsonScanner::new(d(kind)), body.as_bytes(), 4096);
+                (
+                    (
+                        u.input,
+                        u.cached_input,
+                        u.cache_write,
+                        u.output,
+                        u.reasoning,
+                    ),
+                    u.model,
+                )
+            };
+            let (lean, serde) = (read(plain), read(escaped));
+            assert_eq!(lean.0, want, "{kind}: {body}");
+            assert_eq!(lean, serde, "{kind}: {body}");
+            assert!(lean.1.is_some(), "{kind}");
+        }
     }
 
     #[test]
