@@ -137,6 +137,21 @@ fn bench(c: &mut Criterion) {
     c.bench_function("route", |b| {
         b.iter(|| route(&cfg.providers, black_box("/v1/chat/completions")).unwrap())
     });
+    // Routing by model parses the body's top level: its cost grows with the conversation.
+    let small = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#;
+    let turn = r#"{"role":"user","content":"Summarise the quarterly report, keeping every figure."},{"role":"assistant","content":"Revenue rose 12% to $4.1M; costs fell 3%."},"#;
+    let long = format!(
+        r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{}{{"role":"user","content":"and?"}}]}}"#,
+        turn.repeat(32 * 1024 / turn.len())
+    );
+    for (name, body) in [
+        ("route/body_head/small", &small[..]),
+        ("route/body_head/32KiB_conversation", long.as_bytes()),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| byokd::route::body_head(black_box(body)))
+        });
+    }
     c.bench_function("identify/header", |b| {
         b.iter(|| {
             identify(
