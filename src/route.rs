@@ -292,10 +292,10 @@ pub fn with_model(body: &[u8], at: Range<usize>, model: &str) -> Bytes {
 /// read as `..`), empty segments, or encoded dots, slashes and backslashes.
 fn escapes(path: &str) -> bool {
     let b = path.as_bytes();
-    // One SIMD scan for the rare bytes; typical paths have none and stop here.
     // `//` found from the slashes, not with `memmem::find`, which builds a searcher on every
     // call: more work than the search over a path's few slashes.
     let double_slash = || memchr::memchr_iter(b'/', b).any(|i| b.get(i + 1) == Some(&b'/'));
+    // One SIMD scan for the rare bytes; typical paths have none and stop here.
     if memchr::memchr3(b'.', b'%', b'\\', b).is_none() {
         return double_slash();
     }

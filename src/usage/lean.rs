@@ -1,7 +1,7 @@
 //! The usual usage object read without serde: members whose values are unsigned integers,
 //! or objects of them one level down. serde's derive spends about 1,800 instructions on a
 //! three-member object (a scratch copy of each key, a string match over every field name, a
-//! stream deserializer around it), a tenth of byokd's own work per request.
+//! stream deserializer around it), about a twentieth of byokd's own work per request.
 //!
 //! This reader accepts less than JSON: anything it is not sure of (an escape, a non-ASCII
 //! byte, a float or `null` where a count is wanted, a duplicate member, deep nesting, the
