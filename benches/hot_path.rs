@@ -144,9 +144,14 @@ fn bench(c: &mut Criterion) {
         r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{}{{"role":"user","content":"and?"}}]}}"#,
         turn.repeat(32 * 1024 / turn.len())
     );
+    let document = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}],"model":"gpt-4o-mini"}}"#,
+        "Quarterly revenue rose 12% while costs fell. ".repeat(32 * 1024 / 46)
+    );
     for (name, body) in [
         ("route/body_head/small", &small[..]),
         ("route/body_head/32KiB_conversation", long.as_bytes()),
+        ("route/body_head/32KiB_document", document.as_bytes()),
     ] {
         c.bench_function(name, |b| {
             b.iter(|| byokd::route::body_head(black_box(body)))

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! listener ─► route ─► identify ─► admit ─► credential ─► rewrite ─► forward ─► meter ─► record
-//! accept.rs   route.rs identify.rs admit.rs keys/        rewrite.rs forward/   meter.rs record.rs
+//! accept.rs   route/   identify.rs admit.rs keys/        rewrite.rs forward/   meter.rs record.rs
 //! ```
 //!
 //! The modules stack in layers, each importing only its own layer or those below (enforced

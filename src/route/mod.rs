@@ -14,6 +14,8 @@ use serde_json::value::RawValue;
 
 use crate::provider::Provider;
 
+mod head;
+
 /// The route step could not map the path to a provider.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -237,9 +239,14 @@ pub struct BodyHead {
     pub streams: Option<bool>,
 }
 
-/// The body's `model` and whether it asks for a stream, in one parse: a chat that does not
-/// stream needs no second parse to decide whether usage must be asked for.
+/// The body's `model` and whether it asks for a stream, in one pass: a chat that does not
+/// stream needs no second parse to decide whether usage must be asked for. The usual body's
+/// top level is scanned ([`head::scan`]); serde reads any other.
 pub fn body_head(body: &[u8]) -> BodyHead {
+    head::scan(body).unwrap_or_else(|| parsed_head(body))
+}
+
+fn parsed_head(body: &[u8]) -> BodyHead {
     #[derive(Deserialize)]
     struct Head<'a> {
         #[serde(borrow)]
