@@ -14,6 +14,7 @@
 use std::ops::Range;
 
 use super::BodyHead;
+use crate::usage::bytes::{is_json_ws, skip_ws as ws};
 
 /// The body's top level when it is the usual one; `None` leaves the body to serde.
 pub fn scan(body: &[u8]) -> Option<BodyHead> {
@@ -79,13 +80,6 @@ pub fn scan(body: &[u8]) -> Option<BodyHead> {
     })
 }
 
-fn ws(b: &[u8], mut i: usize) -> usize {
-    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-        i += 1;
-    }
-    i
-}
-
 /// The string at `b[i]` when it has no escape: its bytes between the quotes, and the index
 /// just past its closing quote.
 fn plain(b: &[u8], i: usize) -> Option<(&[u8], usize)> {
@@ -140,7 +134,7 @@ fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
         _ => {
             let n = b[i..]
                 .iter()
-                .position(|&c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                .position(|&c| matches!(c, b',' | b'}' | b']') || is_json_ws(c))
                 .unwrap_or(b.len() - i);
             Some(i + n)
         }
