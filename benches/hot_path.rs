@@ -157,6 +157,41 @@ fn bench(c: &mut Criterion) {
             b.iter(|| byokd::route::body_head(black_box(body)))
         });
     }
+    // Every OpenAI chat body is read for whether it streams, and a stream without
+    // `include_usage` is edited to get it.
+    let small_stream =
+        br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}],"stream":true}"#;
+    for (name, body) in [
+        ("stream_usage/add_include_usage/small", &small_stream[..]),
+        (
+            "stream_usage/add_include_usage/32KiB_conversation",
+            long.as_bytes(),
+        ),
+        (
+            "stream_usage/add_include_usage/32KiB_document",
+            document.as_bytes(),
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| byokd::stream_usage::add_include_usage(black_box(body)))
+        });
+    }
+    // A budgeted tenant's request: its model and output cap, for the reservation.
+    for (name, body) in [
+        ("budget/model_and_output_cap/small", &small[..]),
+        (
+            "budget/model_and_output_cap/32KiB_conversation",
+            long.as_bytes(),
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                byokd::route::head::with_members(Some(black_box(body)), |m| {
+                    openai.model_and_output_cap(m, "/v1/chat/completions")
+                })
+            })
+        });
+    }
     c.bench_function("identify/header", |b| {
         b.iter(|| {
             identify(

@@ -72,22 +72,44 @@ pub fn end_user(
 
 /// The end user an OpenAI-wire body names: `user`, else `safety_identifier` (OpenAI's newer
 /// name for the same thing). A body that is not JSON names none; one that names an invalid
-/// id is refused like the header.
+/// id is refused like the header. The usual body's top level is scanned
+/// ([`crate::route::head::members`]) rather than the conversation parsed.
 pub fn body_end_user(body: &[u8]) -> Result<Option<Arc<str>>, IdentifyError> {
-    #[derive(serde::Deserialize)]
-    struct Head<'a> {
-        #[serde(borrow, default)]
-        user: Option<std::borrow::Cow<'a, str>>,
-        #[serde(borrow, default)]
-        safety_identifier: Option<std::borrow::Cow<'a, str>>,
-    }
-    let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
-        return Ok(None);
+    let fields = match crate::route::head::members(body) {
+        Some(m) => scanned_fields(&m),
+        None => parsed_fields(body),
     };
-    match head.user.or(head.safety_identifier) {
+    match fields.and_then(|(user, safety_identifier)| user.or(safety_identifier)) {
         Some(u) if !u.is_empty() => valid_end_user(&u).map(Some),
         _ => Ok(None),
     }
+}
+
+type Field = Option<String>;
+
+/// `user` and `safety_identifier` as serde's typed read gives them: `None` when either is a
+/// duplicate or not a string (or `null`).
+fn scanned_fields(m: &crate::route::head::Members<'_>) -> Option<(Field, Field)> {
+    let field = |key: &str| -> Option<Field> {
+        if m.count(key) > 1 {
+            return None;
+        }
+        m.get(key)
+            .map_or(Some(None), |raw| serde_json::from_slice(raw).ok())
+    };
+    Some((field("user")?, field("safety_identifier")?))
+}
+
+fn parsed_fields(body: &[u8]) -> Option<(Field, Field)> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        user: Field,
+        #[serde(default)]
+        safety_identifier: Field,
+    }
+    let head = serde_json::from_slice::<Head>(body).ok()?;
+    Some((head.user, head.safety_identifier))
 }
 
 /// An end user id from a request body field.
@@ -330,5 +352,44 @@ mod tests {
         for v in ["Basic tok", "Bearertok", "Bear", ""] {
             assert_eq!(bearer_token(v.as_bytes()), None, "{v}");
         }
+    }
+
+    /// The scan's reading of `user` and `safety_identifier` is serde's, for every JSON body
+    /// among the one-byte changes, insertions and deletions of a few.
+    #[test]
+    fn the_end_user_scanned_is_the_end_user_parsed() {
+        let seeds: [&[u8]; 4] = [
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"user":"u-1"}"#,
+            br#"{"user":null,"safety_identifier":"s-2","messages":[{"user":"x"}]}"#,
+            br#"{ "user" : "", "safety_identifier" : "s" }"#,
+            br#"{"messages":[],"user":"caf\u00e9"}"#,
+        ];
+        let mut compared = 0;
+        for seed in seeds {
+            assert!(crate::route::head::members(seed).is_some());
+            crate::route::head::variants(seed, b"{}[]\":,\\ \nusr_1n", |b| {
+                if serde_json::from_slice::<serde_json::Value>(b).is_err() {
+                    return;
+                }
+                if let Some(m) = crate::route::head::members(b) {
+                    let scanned = scanned_fields(&m);
+                    assert_eq!(scanned, parsed_fields(b), "{}", String::from_utf8_lossy(b));
+                    compared += 1;
+                }
+            });
+        }
+        assert!(compared > 1_000, "{compared}");
+        assert_eq!(
+            body_end_user(br#"{"messages":[{"user":"inner"}],"user":"outer"}"#)
+                .unwrap()
+                .as_deref(),
+            Some("outer")
+        );
+        assert!(
+            body_end_user(br#"{"user":"a","user":"b"}"#)
+                .unwrap()
+                .is_none()
+        );
+        assert!(body_end_user(br#"{"user":"bad id with spaces"}"#).is_err());
     }
 }

@@ -725,7 +725,9 @@ impl Proxy {
         facts: &Facts,
         estimate: Estimate,
     ) -> Result<Option<crate::cut::CutPlan>, ProxyError> {
-        let (model, max_out) = provider.model_and_output_cap(estimate.body.as_deref(), path);
+        let (model, max_out) = crate::route::head::with_members(estimate.body.as_deref(), |m| {
+            provider.model_and_output_cap(m, path)
+        });
         let price = model
             .as_deref()
             .and_then(|m| self.metrics.pricing.price(&provider.name, m));

@@ -232,8 +232,20 @@ impl Body for RequestBody {
 #[derive(Deserialize)]
 struct StreamFlags<'a> {
     stream: Option<bool>,
-    #[serde(borrow)]
-    stream_options: Option<&'a RawValue>,
+    /// Present, even as `null`: an `Option<&RawValue>` would read `null` as absent, and an
+    /// insertion would then send a duplicate key whose meaning depends on the provider's
+    /// parser.
+    #[serde(default, borrow)]
+    stream_options: Present<'a>,
+}
+
+#[derive(Default)]
+struct Present<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(|raw| Self(Some(raw)))
+    }
 }
 
 #[derive(Deserialize)]
@@ -265,24 +277,39 @@ fn splice(body: &[u8], at: usize, cut: usize, insert: &[u8]) -> Vec<u8> {
 ///   `"include_usage":true` first inside it;
 /// - `"include_usage":false`: flipped to `true`. An app cannot opt out of being metered, and
 ///   loses nothing: byokd strips the usage again, so it sees the stream it asked for.
+///
+/// Every OpenAI chat request comes here (whether it streams is in its body), so the usual
+/// body's top level is scanned ([`crate::route::head::top`]) rather than the whole
+/// conversation parsed; serde reads any other. As for routing by model, a body that is not
+/// JSON deep inside may get the edit; the provider refuses it either way.
 pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let Some(top) = crate::route::head::top(body) else {
+        return parsed_include_usage(body);
+    };
+    if !top.streams {
+        return None;
+    }
+    match top.stream_options {
+        None => Some(splice(body, top.open + 1, 0, INSERT)),
+        Some(at) => with_options(body, std::str::from_utf8(&body[at]).ok()?),
+    }
+}
+
+/// [`add_include_usage`] by serde's parse of the whole body.
+fn parsed_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     let flags: StreamFlags = serde_json::from_slice(body).ok()?;
     if flags.stream != Some(true) {
         return None;
     }
-    let Some(raw) = flags.stream_options else {
-        // `"stream_options": null` parses as absent: leave such a body alone rather than
-        // send a duplicate key whose meaning depends on the provider's parser.
-        if memchr::memmem::find(body, b"\"stream_options\"").is_some() {
-            return None;
-        }
+    let Some(raw) = flags.stream_options.0 else {
         let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
-        if body[open] != b'{' {
-            return None;
-        }
         return Some(splice(body, open + 1, 0, INSERT));
     };
-    let text = raw.get();
+    with_options(body, raw.get())
+}
+
+/// The edit when the body has `stream_options`: `text`, its value, a slice of `body`.
+fn with_options(body: &[u8], text: &str) -> Option<Vec<u8>> {
     if !text.starts_with('{') {
         return None;
     }
@@ -292,6 +319,7 @@ pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         Some(v) if v.get() == "true" => None,
         Some(v) if v.get() == "false" => Some(splice(body, offset_in(body, v.get())?, 5, b"true")),
         Some(_) => None,
+        // `null`, which serde reads as absent: left alone, as a value byokd does not know.
         None if memchr::memmem::find(text.as_bytes(), b"\"include_usage\"").is_some() => None,
         None => {
             let empty = text[1..].trim_start().starts_with('}');
@@ -873,6 +901,53 @@ mod tests {
                 "step {step}"
             );
         }
+    }
+
+    /// Bodies the scan reads, and the serde path as the reference: the same edit for every
+    /// JSON body among their one-byte changes, insertions and deletions.
+    #[test]
+    fn the_scan_edits_as_the_parse_does() {
+        let seeds: [&[u8]; 8] = [
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+            br#"{"stream":true,"stream_options":{"include_obfuscation":false},"model":"m"}"#,
+            br#"{ "stream" : true , "stream_options" : { "include_usage" : false } }"#,
+            br#"{"stream":true,"stream_options":null,"n":1}"#,
+            br#"{"stream":true,"tools":[{"stream_options":{}}],"x":"\"stream_options\""}"#,
+            "{\n \"stream\": false,\n \"stream_options\": {},\n \"m\": \"\u{e9}\"\n}".as_bytes(),
+            br#"{"stream":null,"stream_options":{}}"#,
+            br#"{"stream":1}"#,
+        ];
+        let mut compared = 0;
+        for seed in seeds {
+            assert!(crate::route::head::top(seed).is_some());
+            crate::route::head::variants(seed, b"{}[]\":,\\ \ntrufalsenl_0", |b| {
+                if serde_json::from_slice::<serde_json::Value>(b).is_err() {
+                    return;
+                }
+                let want = parsed_include_usage(b);
+                assert_eq!(add_include_usage(b), want, "{}", String::from_utf8_lossy(b));
+                if let Some(e) = want {
+                    let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
+                    assert_eq!(v["stream_options"]["include_usage"], true);
+                }
+                compared += 1;
+            });
+        }
+        assert!(compared > 1_000, "{compared}");
+    }
+
+    /// Only the top level's `stream_options` counts: a tool schema or a message that names
+    /// it no longer keeps a stream from being metered.
+    #[test]
+    fn a_nested_stream_options_is_not_the_request_s() {
+        let b = br#"{"tools":[{"parameters":{"stream_options":{"type":"object"}}}],"stream":true}"#;
+        let e = add_include_usage(b).unwrap();
+        assert_eq!(
+            &e[..41],
+            &br#"{"stream_options":{"include_usage":true},"#[..]
+        );
+        assert_eq!(&e[41..], &b[1..]);
+        assert_eq!(parsed_include_usage(b).as_deref(), Some(&e[..]));
     }
 
     #[test]

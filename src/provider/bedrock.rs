@@ -14,7 +14,8 @@ use memchr::memmem;
 use serde::Deserialize;
 
 use super::{
-    AuthValue, Authenticator, BadCredential, CompatEndpoint, ErrorShape, Kind, Signing, mask,
+    AuthValue, Authenticator, BadCredential, CompatEndpoint, ErrorShape, Kind, Member, Signing,
+    mask,
 };
 use crate::usage::bytes::usage_in_tail;
 use crate::usage::{Dialect, DialectRef, StreamState, Usage, UsageObject};
@@ -56,8 +57,8 @@ impl Kind for Bedrock {
     }
 
     /// Converse's `inferenceConfig.maxTokens`.
-    fn max_output_tokens(&self, body: &serde_json::Value) -> Option<u64> {
-        body.get("inferenceConfig")?.get("maxTokens")?.as_u64()
+    fn max_output_tokens(&self, member: &Member<'_>) -> Option<u64> {
+        member("inferenceConfig")?.get("maxTokens")?.as_u64()
     }
 
     /// `/model/{id}/...`, the id percent-decoded (an ARN is sent encoded).

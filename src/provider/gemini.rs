@@ -8,7 +8,7 @@ use http::{HeaderName, StatusCode};
 use memchr::memmem;
 use serde::Deserialize;
 
-use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, VerifyCall};
+use super::{Authenticator, CompatEndpoint, ErrorShape, HeaderAuth, Kind, Member, VerifyCall};
 use crate::usage::bytes::{string_after, usage_value_at};
 use crate::usage::model_and_usage;
 use crate::usage::{Dialect, DialectRef, Field, StreamState, Usage, UsageObject};
@@ -54,8 +54,8 @@ impl Kind for Gemini {
         ERRORS
     }
 
-    fn max_output_tokens(&self, body: &serde_json::Value) -> Option<u64> {
-        body.pointer("/generationConfig/maxOutputTokens")?.as_u64()
+    fn max_output_tokens(&self, member: &Member<'_>) -> Option<u64> {
+        member("generationConfig")?.get("maxOutputTokens")?.as_u64()
     }
 
     /// `/v1beta/models/gemini-2.0-flash:generateContent`: the body has no `model`.

@@ -204,11 +204,12 @@ pub trait Kind: fmt::Debug + Send + Sync {
         false
     }
 
-    /// The output-token cap of a JSON request body, for budget estimates.
-    fn max_output_tokens(&self, body: &serde_json::Value) -> Option<u64> {
+    /// The output-token cap of a JSON request body, for budget estimates, from its
+    /// top-level members.
+    fn max_output_tokens(&self, member: &Member<'_>) -> Option<u64> {
         ["max_completion_tokens", "max_tokens", "max_output_tokens"]
             .iter()
-            .find_map(|k| body.get(*k).and_then(|x| x.as_u64()))
+            .find_map(|k| member(k)?.as_u64())
     }
 
     /// The model named in the request path, for APIs that put it there.
@@ -256,6 +257,11 @@ pub trait Kind: fmt::Debug + Send + Sync {
         None
     }
 }
+
+/// A JSON request body's top-level member by key, parsed; `None` when it has none (or the body
+/// is not JSON). Given by the step that read the body, which scans its top level rather than
+/// parsing a whole conversation.
+pub type Member<'a> = dyn Fn(&str) -> Option<serde_json::Value> + 'a;
 
 /// A credential being fetched from the environment (cached by the kind until near expiry).
 pub type EnvCredential =
@@ -618,19 +624,18 @@ impl Provider {
     }
 
     /// What a budget estimate needs from a request: the model (the JSON body's `model`, or
-    /// the path for APIs that name it there) and the output-token cap. One parse.
+    /// the path for APIs that name it there) and the output-token cap. `member` gives the
+    /// body's top-level members (none without a JSON body).
     pub fn model_and_output_cap(
         &self,
-        body: Option<&[u8]>,
+        member: &Member<'_>,
         path: &str,
     ) -> (Option<String>, Option<u64>) {
-        let v = body.and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
-        let model = v
-            .as_ref()
-            .and_then(|v| v.get("model")?.as_str().map(str::to_string))
-            .or_else(|| self.kind.path_model(path));
-        let cap = v.as_ref().and_then(|v| self.kind.max_output_tokens(v));
-        (model, cap)
+        let model = match member("model") {
+            Some(serde_json::Value::String(m)) => Some(m),
+            _ => self.kind.path_model(path),
+        };
+        (model, self.kind.max_output_tokens(member))
     }
 
     /// The masked form of a key of this provider.
@@ -830,5 +835,32 @@ mod tests {
         .unwrap();
         assert_eq!(b["error"]["code"], "unknown_route");
         assert_eq!(b["error"]["message"], "m");
+    }
+
+    /// Each kind's output cap, from the members it reads.
+    #[test]
+    fn output_caps_by_kind() {
+        let body = serde_json::json!({
+            "max_tokens": 7,
+            "generationConfig": {"maxOutputTokens": 9},
+            "inferenceConfig": {"maxTokens": 11},
+        });
+        let member = |k: &str| body.get(k).cloned();
+        let cap = |name: &str| kind(name).unwrap().max_output_tokens(&member);
+        assert_eq!(cap("openai"), Some(7));
+        assert_eq!(cap("anthropic"), Some(7));
+        assert_eq!(cap("gemini"), Some(9));
+        assert_eq!(cap("vertex"), Some(9));
+        assert_eq!(cap("bedrock"), Some(11));
+        let only_max_tokens = |k: &str| (k == "max_tokens").then(|| serde_json::json!(5));
+        assert_eq!(
+            kind("vertex").unwrap().max_output_tokens(&only_max_tokens),
+            Some(5)
+        );
+        let not_a_count = |k: &str| (k == "max_tokens").then(|| serde_json::json!("5"));
+        assert_eq!(
+            kind("openai").unwrap().max_output_tokens(&not_a_count),
+            None
+        );
     }
 }

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use super::{
-    AuthValue, Authenticator, BadCredential, CompatEndpoint, ErrorShape, Exchange, Kind, Scope,
-    TokenHttp, mask,
+    AuthValue, Authenticator, BadCredential, CompatEndpoint, ErrorShape, Exchange, Kind, Member,
+    Scope, TokenHttp, mask,
 };
 use crate::usage::DialectRef;
 
@@ -82,10 +82,10 @@ impl Kind for Vertex {
         }
     }
 
-    fn max_output_tokens(&self, body: &serde_json::Value) -> Option<u64> {
+    fn max_output_tokens(&self, member: &Member<'_>) -> Option<u64> {
         super::gemini::Gemini
-            .max_output_tokens(body)
-            .or_else(|| body.get("max_tokens")?.as_u64())
+            .max_output_tokens(member)
+            .or_else(|| member("max_tokens")?.as_u64())
     }
 
     /// `.../models/{model}:generateContent`.

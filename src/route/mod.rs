@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 
 use crate::provider::Provider;
 
-mod head;
+pub mod head;
 
 /// The route step could not map the path to a provider.
 #[derive(Debug, thiserror::Error)]
