@@ -278,10 +278,11 @@ fn splice(body: &[u8], at: usize, cut: usize, insert: &[u8]) -> Vec<u8> {
 /// - `"include_usage":false`: flipped to `true`. An app cannot opt out of being metered, and
 ///   loses nothing: byokd strips the usage again, so it sees the stream it asked for.
 ///
-/// Every OpenAI chat request comes here (whether it streams is in its body), so the usual
-/// body's top level is scanned ([`crate::route::head::top`]) rather than the whole
-/// conversation parsed; serde reads any other. As for routing by model, a body that is not
-/// JSON deep inside may get the edit; the provider refuses it either way.
+/// A chat on a provider's own route comes here whether it streams or not (that is in its
+/// body; on `/v1` the routing scan has said so already), so the usual body's top level is
+/// scanned ([`crate::route::head::top`]) rather than the whole conversation parsed; serde
+/// reads any other. As for routing by model, a body that is not JSON deep inside may get the
+/// edit; the provider refuses it either way.
 pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     let Some(top) = crate::route::head::top(body) else {
         return parsed_include_usage(body);
@@ -302,7 +303,11 @@ fn parsed_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let Some(raw) = flags.stream_options.0 else {
+        // serde also reads a struct from an array: only an object takes the insertion.
         let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+        if body[open] != b'{' {
+            return None;
+        }
         return Some(splice(body, open + 1, 0, INSERT));
     };
     with_options(body, raw.get())
@@ -655,6 +660,8 @@ mod tests {
                 .is_none()
         );
         assert!(add_include_usage(b"not json").is_none());
+        // serde reads a struct from an array too; an array is not edited.
+        assert!(add_include_usage(b"[true]").is_none());
         let spaced = b"  \n{ \"stream\": true }";
         let e = add_include_usage(spaced).unwrap();
         assert!(serde_json::from_slice::<serde_json::Value>(&e).is_ok());
