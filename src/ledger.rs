@@ -333,6 +333,29 @@ impl Ledger {
         self.tenants.retain(|t, _| fresh.contains(&**t));
     }
 
+    /// Shared mode: sets the rows the database changed since the last reload (each row's
+    /// totals are the database's, of every replica), leaving the others as they are. A row of
+    /// another month replaces the tenant's month.
+    pub fn update_base(&self, rows: Vec<(String, TenantMonth)>) {
+        for (t, m) in rows {
+            let e = self
+                .tenants
+                .entry(t.into_boxed_str())
+                .or_insert_with(|| Mutex::new(TenantMonth::default()));
+            let Ok(mut g) = e.lock() else { continue };
+            if g.period != m.period {
+                *g = m;
+                continue;
+            }
+            for (provider, models) in m.providers.iter() {
+                let slot = g.providers.entry_or_default(provider);
+                for (model, totals) in models.iter() {
+                    slot.insert(model, totals.clone());
+                }
+            }
+        }
+    }
+
     /// Writes the file (atomically) if anything changed since the last flush.
     pub fn flush(&self) -> Result<(), LedgerError> {
         let Some(path) = &self.path else {
@@ -433,6 +456,45 @@ mod tests {
         assert_eq!(usd(28_500), "0.0000285");
         assert_eq!(usd(2_000_000_000), "2");
         assert_eq!(usd(1_500_000_001), "1.500000001");
+    }
+
+    /// A reload of changed rows sets those rows and leaves the rest; a row of a new month
+    /// replaces the tenant's month.
+    #[test]
+    fn update_base_sets_changed_rows_only() {
+        let l = Ledger::shared();
+        let row = |period: &str, model: &str, requests| {
+            let mut m = TenantMonth {
+                period: period.into(),
+                providers: SmallMap::default(),
+            };
+            m.providers.entry_or_default("openai").insert(
+                model,
+                Totals {
+                    requests,
+                    ..Default::default()
+                },
+            );
+            m
+        };
+        let mut both = row("2026-12", "a", 1);
+        both.merge(&row("2026-12", "b", 2));
+        l.replace_base(vec![("t".into(), both)]);
+        l.update_base(vec![("t".into(), row("2026-12", "b", 5))]);
+        let base = |l: &Ledger| {
+            l.tenants
+                .get("t")
+                .map(|m| m.lock().unwrap().clone())
+                .unwrap()
+        };
+        let m = base(&l);
+        assert_eq!(m.providers["openai"]["a"].requests, 1);
+        assert_eq!(m.providers["openai"]["b"].requests, 5);
+        l.update_base(vec![("t".into(), row("2027-01", "c", 3))]);
+        let m = base(&l);
+        assert_eq!(m.period, "2027-01");
+        assert!(m.providers["openai"].get("a").is_none());
+        assert_eq!(m.providers["openai"]["c"].requests, 3);
     }
 
     #[test]

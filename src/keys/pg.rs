@@ -77,6 +77,34 @@ CREATE TABLE IF NOT EXISTS byokd_usage (
 );
 ";
 
+/// When each usage row last changed, so a reload reads only what changed. Additive and
+/// without a version bump, so replicas of an older byokd keep running beside newer ones
+/// during a rolling upgrade: a trigger stamps every update, theirs included. `now()` (the
+/// transaction's start) is stable, so adding the column does not rewrite the table.
+const SCHEMA_V2_CHANGED_AT: &str = "
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'byokd_usage'
+                     AND column_name = 'changed_at') THEN
+        ALTER TABLE byokd_usage ADD COLUMN changed_at timestamptz NOT NULL DEFAULT now();
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS byokd_usage_changed ON byokd_usage (period, changed_at);
+CREATE OR REPLACE FUNCTION byokd_usage_touch() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    NEW.changed_at := now();
+    RETURN NEW;
+END $f$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgname = 'byokd_usage_touch'
+                     AND tgrelid = 'byokd_usage'::regclass) THEN
+        CREATE TRIGGER byokd_usage_touch BEFORE UPDATE ON byokd_usage
+            FOR EACH ROW EXECUTE FUNCTION byokd_usage_touch();
+    END IF;
+END $$;
+";
+
 const USAGE_COLUMNS: [&str; 11] = [
     "requests",
     "input",
@@ -113,7 +141,36 @@ pub struct PgStore {
     /// One connection for management calls and reloads: they are rare, and a transaction
     /// needs the connection to itself.
     client: Mutex<Option<Client>>,
+    /// The usage ledger's last reload, from which the next reads only the rows changed since.
+    reloaded: std::sync::Mutex<Option<Reloaded>>,
 }
+
+/// When the usage ledger was last read from the database, by the database's clock.
+#[derive(Debug, Clone)]
+struct Reloaded {
+    period: String,
+    at: std::time::SystemTime,
+    /// Reloads of changed rows since the last full one.
+    partial: u32,
+}
+
+/// What a usage sync read back from the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reload {
+    /// Rows read: every row of the month for a full reload, else the changed ones.
+    pub rows: usize,
+    pub full: bool,
+}
+
+/// How far back before the last reload a reload of changed rows looks. A row's
+/// `changed_at` is its writing transaction's start, and that transaction may commit (become
+/// visible) up to [`CALL_TIMEOUT`] later; rows read twice are set, not added, so the overlap
+/// costs reads, never counts.
+const RELOAD_OVERLAP: Duration = Duration::from_secs(30);
+
+/// A full reload every so many syncs (about 5 minutes at one sync per 5 s) puts right what
+/// reloads of changed rows cannot see: rows deleted by hand, a restored database.
+const FULL_RELOAD_EVERY: u32 = 60;
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -156,6 +213,7 @@ impl PgStore {
         let s = Self {
             url: url.to_string(),
             client: Mutex::new(None),
+            reloaded: std::sync::Mutex::new(None),
         };
         let mut g = s.client().await?;
         if let Some(c) = g.as_mut() {
@@ -445,6 +503,9 @@ async fn migrate(c: &mut Client) -> Result<(), KeyError> {
         .map_err(unavailable)?;
     tx.batch_execute(SCHEMA_V1).await.map_err(unavailable)?;
     tx.batch_execute(SCHEMA_V2).await.map_err(unavailable)?;
+    tx.batch_execute(SCHEMA_V2_CHANGED_AT)
+        .await
+        .map_err(unavailable)?;
     let v: Option<i32> = tx
         .query_opt("SELECT max(version) FROM byokd_schema", &[])
         .await
@@ -476,8 +537,10 @@ async fn migrate(c: &mut Client) -> Result<(), KeyError> {
 
 impl PgStore {
     /// Adds this replica's pending usage to the database, then reloads the month's totals
-    /// of all replicas into the ledger's base. A failed write keeps the delta pending.
-    pub async fn sync_usage(&self, ledger: &crate::ledger::Ledger) -> Result<(), KeyError> {
+    /// of all replicas into the ledger's base: the rows changed since the last reload, or the
+    /// whole month at the first sync, a new month, and every [`FULL_RELOAD_EVERY`] syncs. A
+    /// failed write keeps the delta pending.
+    pub async fn sync_usage(&self, ledger: &crate::ledger::Ledger) -> Result<Reload, KeyError> {
         let deltas = ledger.take_pending();
         let written = std::sync::Mutex::new(vec![false; deltas.len()]);
         let r = self
@@ -499,7 +562,7 @@ impl PgStore {
         ledger: &crate::ledger::Ledger,
         deltas: &[(String, crate::ledger::TenantMonth)],
         written: &std::sync::Mutex<Vec<bool>>,
-    ) -> Result<(), KeyError> {
+    ) -> Result<Reload, KeyError> {
         let mut g = self.client().await?;
         let Some(c) = g.as_mut() else {
             return Err(KeyError::StoreUnavailable("no connection".into()));
@@ -556,16 +619,31 @@ impl PgStore {
             return Err(e);
         }
         let period = crate::vocab::clock::month_of(crate::vocab::unix_now());
-        let rows = c
-            .query(
-                &format!(
-                    "SELECT tenant, provider, model, {} FROM byokd_usage WHERE period = $1",
-                    USAGE_COLUMNS.join(", ")
-                ),
-                &[&period],
-            )
+        // Taken before the read: a row changed after it is read again next time.
+        let at: std::time::SystemTime = c
+            .query_one("SELECT now()", &[])
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)?
+            .get(0);
+        let last = self
+            .reloaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|r| r.period == period && r.partial < FULL_RELOAD_EVERY);
+        let select = format!(
+            "SELECT tenant, provider, model, {} FROM byokd_usage WHERE period = $1",
+            USAGE_COLUMNS.join(", ")
+        );
+        let rows = match &last {
+            Some(r) => {
+                let since = r.at.checked_sub(RELOAD_OVERLAP).unwrap_or(r.at);
+                c.query(&format!("{select} AND changed_at > $2"), &[&period, &since])
+                    .await
+            }
+            None => c.query(&select, &[&period]).await,
+        }
+        .map_err(unavailable)?;
         let mut months: std::collections::HashMap<String, crate::ledger::TenantMonth> =
             Default::default();
         for r in &rows {
@@ -593,8 +671,21 @@ impl PgStore {
                 .entry_or_default(r.get(1))
                 .insert(r.get(2), totals);
         }
-        ledger.replace_base(months.into_iter().collect());
-        Ok(())
+        let reload = Reload {
+            rows: rows.len(),
+            full: last.is_none(),
+        };
+        if reload.full {
+            ledger.replace_base(months.into_iter().collect());
+        } else {
+            ledger.update_base(months.into_iter().collect());
+        }
+        *self.reloaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(Reloaded {
+            period,
+            at,
+            partial: last.map_or(0, |r| r.partial + 1),
+        });
+        Ok(reload)
     }
 }
 

@@ -387,3 +387,95 @@ async fn the_usage_ledger_is_shared_by_replicas_and_survives_restarts() {
     assert_eq!(usage_requests(&got), 6, "{}", got.text());
     alice("after a restart")(admin(&c, "GET", "/admin/tenants/acme/usage?by=end_user", "").await);
 }
+
+/// After the first sync, a replica reads back only the usage rows changed since its last
+/// reload, and still ends with every replica's totals: its own writes, another replica's,
+/// and a write by an older byokd that does not know `changed_at` (the trigger stamps it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_reload_reads_only_the_rows_changed_since_the_last() {
+    use byokd::keys::pg::{PgStore, Reload};
+    use byokd::ledger::Ledger;
+    let db = PgDb::create().await;
+    let (a, b) = (
+        PgStore::open(&db.url).await.unwrap(),
+        PgStore::open(&db.url).await.unwrap(),
+    );
+    let (la, lb) = (Ledger::shared(), Ledger::shared());
+    let now = byokd::vocab::unix_now();
+    let usage = |input| byokd::usage::Usage {
+        input,
+        output: 1,
+        found: true,
+        ..Default::default()
+    };
+    for i in 0..50 {
+        la.record(
+            &format!("t{i}"),
+            "openai",
+            "gpt-4o-mini",
+            &usage(10),
+            Some(7),
+            now,
+        );
+    }
+    let first = a.sync_usage(&la).await.unwrap();
+    assert_eq!(
+        first,
+        Reload {
+            rows: 50,
+            full: true
+        }
+    );
+    assert_eq!(
+        b.sync_usage(&lb).await.unwrap(),
+        Reload {
+            rows: 50,
+            full: true
+        }
+    );
+    // Those rows last changed an hour ago (past the reload's overlap window), as a month's
+    // idle tenants have; the trigger is held off for this one update.
+    let pg = db.client().await;
+    pg.batch_execute(
+        "ALTER TABLE byokd_usage DISABLE TRIGGER byokd_usage_touch; \
+         UPDATE byokd_usage SET changed_at = now() - interval '1 hour'; \
+         ALTER TABLE byokd_usage ENABLE TRIGGER byokd_usage_touch;",
+    )
+    .await
+    .unwrap();
+
+    // Two tenants change, one through each replica, and one more through a replica of an
+    // older byokd (its upsert sets no `changed_at`).
+    la.record("t3", "openai", "gpt-4o-mini", &usage(5), Some(7), now);
+    lb.record("t4", "openai", "gpt-4o", &usage(8), Some(9), now);
+    let period = byokd::vocab::clock::month_of(now);
+    pg.execute(
+        "INSERT INTO byokd_usage (tenant, period, provider, model, requests, input) \
+             VALUES ('t5', $1, 'openai', 'gpt-4o-mini', 1, 100) \
+             ON CONFLICT (tenant, period, provider, model) DO UPDATE SET \
+             requests = byokd_usage.requests + EXCLUDED.requests, \
+             input = byokd_usage.input + EXCLUDED.input",
+        &[&period],
+    )
+    .await
+    .unwrap();
+    // A writes t3 and reads t3 and t5; B writes t4 and reads all three; A again, all three.
+    let partial = |rows| Reload { rows, full: false };
+    assert_eq!(a.sync_usage(&la).await.unwrap(), partial(2));
+    assert_eq!(b.sync_usage(&lb).await.unwrap(), partial(3));
+    assert_eq!(a.sync_usage(&la).await.unwrap(), partial(3));
+    let totals = |l: &Ledger, t: &str, model: &str| {
+        l.month(t, now).providers["openai"]
+            .get(model)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for l in [&la, &lb] {
+        assert_eq!(totals(l, "t3", "gpt-4o-mini").input, 15);
+        assert_eq!(totals(l, "t3", "gpt-4o-mini").requests, 2);
+        assert_eq!(totals(l, "t4", "gpt-4o").input, 8);
+        assert_eq!(totals(l, "t4", "gpt-4o-mini").input, 10);
+        assert_eq!(totals(l, "t5", "gpt-4o-mini").input, 110);
+        assert_eq!(totals(l, "t49", "gpt-4o-mini").requests, 1);
+    }
+}
