@@ -156,13 +156,17 @@ impl<'a> Reader<'a> {
     /// An unsigned integer as serde reads one into a `u64`: digits, no leading zero, no
     /// fraction or exponent (serde would call those floats and refuse them).
     fn count(&mut self) -> Option<u64> {
-        let digits = self.digits()?;
-        if matches!(self.hay.get(self.at), Some(b'.' | b'e' | b'E')) {
-            return None;
+        // One pass: the digits are read as they are found (an overflow is serde's refusal too).
+        let start = self.at;
+        let mut n = 0u64;
+        while let Some(&d) = self.hay.get(self.at).filter(|d| d.is_ascii_digit()) {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            self.at += 1;
         }
-        digits.iter().try_fold(0u64, |n, &d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })
+        let len = self.at - start;
+        let leading_zero = len > 1 && self.hay[start] == b'0';
+        let float = matches!(self.hay.get(self.at), Some(b'.' | b'e' | b'E'));
+        (len > 0 && !leading_zero && !float).then_some(n)
     }
 
     /// One run of digits, without a leading zero unless it is the only digit.
