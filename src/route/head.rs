@@ -77,8 +77,8 @@ pub fn top(body: &[u8]) -> Option<Top<'_>> {
 }
 
 /// The top-level members of a usual body (an object whose keys are printable ASCII without
-/// escapes, nothing after it), for the steps that read one or two of them: routing, the
-/// budget's estimate, the end user. Built once per read; a handful of entries.
+/// escapes, nothing after it), for the steps that read one or two of them: the budget's
+/// estimate and the end user (routing and the usage edit use [`top`]). A handful of entries.
 pub struct Members<'a> {
     body: &'a [u8],
     list: Vec<(&'a [u8], Range<usize>)>,
