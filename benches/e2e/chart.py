@@ -16,7 +16,7 @@ COLS = {  # column index in results.tsv -> (label, higher is better)
     7: ("added time to first byte", False),
     10: ("RSS after the run", False),
 }
-COLORS = ["#7f8c8d", "#95a5a6", "#2e86de", "#54a0ff"]
+COLORS = ["#7f8c8d", "#95a5a6", "#c8a165", "#2e86de", "#54a0ff"]
 
 
 def main(src, dst):

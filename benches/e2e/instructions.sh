@@ -16,6 +16,7 @@
 #   ONLY=byokd KEEP=/tmp/cg bash benches/e2e/instructions.sh   # only the paths whose name
 #     contains ONLY; each path's callgrind file kept in KEEP (for callgrind_annotate)
 #   CALLGRIND_ARGS=--cache-sim=yes ...       # extra callgrind options: cache misses by function
+#   FLOOR=path/to/proxy ...                  # another floor build (args: LISTEN_PORT UPSTREAM_PORT)
 # Fails if a path answers anything but 2xx.
 # Needs: valgrind, nginx, haproxy, curl (Debian: valgrind nginx-light haproxy curl).
 set -euo pipefail
@@ -33,7 +34,7 @@ done
 cargo build --profile "$PROFILE" --quiet --example floor
 cargo build --release --quiet --example pace
 PACE=target/release/examples/pace
-FLOOR=target/$PROFILE/examples/floor
+FLOOR=${FLOOR:-target/$PROFILE/examples/floor}
 UP=18190; PORT=18191; ADMIN=18192; KEY=sk-bench-0123456789abcdefghijkl
 start_upstream $UP
 

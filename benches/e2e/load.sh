@@ -4,7 +4,10 @@
 #   (b) a tuned nginx and (c) a tuned HAProxy, each doing plain header-injection proxying
 #       (replace Authorization with the provider key, upstream keep-alive, no buffering):
 #       the cost target, and
-#   (d) byokd (identify + policy + credential + rewrite + metered streaming), access log off,
+#   (d) the floor: a minimal proxy on byokd's own stack (hyper 1 on tokio,
+#       benches/e2e/floor.rs: swap Authorization, drop x-tenant-id, nothing else), so each
+#       run shows how much of byokd's cost is the stack and how much its own work, and
+#   (e) byokd (identify + policy + credential + rewrite + metered streaming), access log off,
 #       then with its default access log on.
 # For each path it measures:
 #   - saturation: wrk with CONNECTIONS connections for DURATION: req/s and the proxy's CPU
@@ -35,8 +38,11 @@ command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >
 # common.sh built byokd; BIN=path/to/other/byokd compares two builds on the same machine state.
 cargo build --release --quiet --example pace
 PACE=target/release/examples/pace
+# The floor from byokd's profile, so it is built the way byokd is.
+cargo build --profile "$PROFILE" --quiet --example floor
+FLOOR=target/$PROFILE/examples/floor
 UP=18080; NGX=18081; HAP=18086; BYOKD=18082; ADMIN=18083; BYOKD_LOGGED=18084; ADMIN_LOGGED=18085
-SSE=18087
+SSE=18087; FLR=18088; FLR_SSE=18089
 KEY="sk-bench-0123456789abcdefghijklmnopqrstuv"
 
 inject=$(nginx_inject "$KEY")
@@ -87,6 +93,11 @@ NGINX_PROXY_PID=$!
 haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & pids+=($!)
 HAPROXY_PID=$!
 
+# The floor has one upstream a process: a second one carries the paced stream.
+TOKIO_WORKER_THREADS=${BYOKD_THREADS:-2} $FLOOR $FLR $UP >"$work/floor.log" 2>&1 & pids+=($!)
+FLOOR_PID=$!
+TOKIO_WORKER_THREADS=${BYOKD_THREADS:-2} $FLOOR $FLR_SSE $SSE >"$work/floor-sse.log" 2>&1 & pids+=($!)
+
 cat > "$work/byokd.yaml" <<YAML
 listen: 127.0.0.1:$BYOKD
 admin: { listen: 127.0.0.1:$ADMIN }
@@ -105,7 +116,7 @@ sed -e "s/127.0.0.1:$BYOKD/127.0.0.1:$BYOKD_LOGGED/" -e "s/127.0.0.1:$ADMIN/127.
 TOKIO_WORKER_THREADS=${BYOKD_THREADS:-2} $BIN --config "$work/byokd-logged.yaml" serve >"$work/byokd-logged.log" 2>&1 & pids+=($!)
 BYOKD_LOGGED_PID=$!
 
-for port in $UP $SSE $NGX $HAP $BYOKD $BYOKD_LOGGED; do
+for port in $UP $SSE $NGX $HAP $FLR $FLR_SSE $BYOKD $BYOKD_LOGGED; do
   for _ in $(seq 100); do curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/v1/chat/completions" -H 'x-tenant-id: acme' && break; sleep 0.1; done
 done
 
@@ -144,7 +155,7 @@ field() { tr ' ' '\n' <<<"$2" | awk -F= -v k="$1" '$1 == k {print $2}'; }
 results="$work/results.tsv"
 # RSS before any load: every server has only answered the readiness probe.
 declare -A idle
-for pid in "${NGINX_PROXY_PID}" "${HAPROXY_PID}" "${BYOKD_PID}" "${BYOKD_LOGGED_PID}"; do idle[$pid]=$(rss "$pid"); done
+for pid in "${NGINX_PROXY_PID}" "${HAPROXY_PID}" "${FLOOR_PID}" "${BYOKD_PID}" "${BYOKD_LOGGED_PID}"; do idle[$pid]=$(rss "$pid"); done
 
 run() {
   local name=$1 port=$2 pid=${3:-} stream_url=${4:-http://127.0.0.1:$2/sse/v1/chat/completions}
@@ -171,6 +182,7 @@ run() {
 run "direct to upstream (no proxy)" $UP "" "http://127.0.0.1:$SSE/v1/chat/completions"
 run "nginx header-injection proxy" $NGX "$NGINX_PROXY_PID"
 run "HAProxy header-injection proxy" $HAP "$HAPROXY_PID"
+run "floor: minimal hyper proxy (byokd's stack)" $FLR "$FLOOR_PID" "http://127.0.0.1:$FLR_SSE/v1/chat/completions"
 run "byokd" $BYOKD "$BYOKD_PID"
 run "byokd, access log on (default)" $BYOKD_LOGGED "$BYOKD_LOGGED_PID"
 
