@@ -326,13 +326,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         data_rx,
         accept::ConnLimits {
             keepalive_timeout: cfg.limits.keepalive_timeout,
+            header_timeout: cfg.limits.header_timeout,
             drain: cfg.limits.drain_timeout,
         },
     ));
     let a = admin.clone();
     let admin_task = tokio::spawn(accept::serve(
         admin_listener,
-        accept::admin_builder(&cfg.limits),
+        accept::admin_builder(),
         None,
         move |req, _peer| {
             let a = a.clone();
@@ -341,6 +342,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         admin_rx,
         accept::ConnLimits {
             keepalive_timeout: cfg.limits.keepalive_timeout,
+            header_timeout: cfg.limits.header_timeout,
             drain: std::time::Duration::from_secs(1),
         },
     ));

@@ -171,6 +171,68 @@ async fn buffered_request_bodies_are_bounded_across_connections() {
     }
 }
 
+/// A head sent a few bytes at a time (slow-loris) holds its connection for at most
+/// `header_timeout`, and so does an HTTP/1.1 connection waiting for its next head, whatever
+/// `keepalive_timeout` says.
+#[tokio::test]
+async fn a_trickling_or_awaited_request_head_is_cut_after_header_timeout() {
+    let h = Harness::new("limits: { header_timeout: 1s, keepalive_timeout: 60s }").await;
+    let mut s = TcpStream::connect(h.byokd.data_addr).await.unwrap();
+    let started = Instant::now();
+    let trickle = async {
+        for b in b"POST /v1/chat/completions HTTP/1.1\r\nhost: byokd\r\nx-tenant-id: acme\r\n" {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // 70 bytes at 100 ms: seven seconds of head, cut after about one.
+    let _ = tokio::time::timeout(Duration::from_secs(10), trickle).await;
+    let got = read_all(&mut s, Duration::from_secs(8)).await;
+    let closed_after = started.elapsed();
+    assert!(got.is_empty(), "{got}");
+    assert!(
+        closed_after < Duration::from_secs(4),
+        "the trickling head held its connection for {closed_after:?}"
+    );
+
+    // One whole request, then silence: closed after header_timeout, not keepalive_timeout.
+    let mut s = TcpStream::connect(h.byokd.data_addr).await.unwrap();
+    s.write_all(b"GET /byokd/usage HTTP/1.1\r\nhost: byokd\r\nx-tenant-id: acme\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let got = read_all(&mut s, Duration::from_secs(8)).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the idle HTTP/1.1 connection stayed open {:?}",
+        started.elapsed()
+    );
+
+    // HTTP/2 awaits no head between requests: its idle connection is kept for keepalive_timeout.
+    let tcp = TcpStream::connect(h.byokd.data_addr).await.unwrap();
+    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for round in 0..2 {
+        let req = http::Request::get(format!("http://{}/byokd/usage", h.byokd.data_addr))
+            .header("x-tenant-id", "acme")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send_req.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "round {round}");
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(!conn.is_finished());
+}
+
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let h = Harness::new("limits: { keepalive_timeout: 1s }").await;
