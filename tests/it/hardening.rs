@@ -171,6 +171,50 @@ async fn buffered_request_bodies_are_bounded_across_connections() {
     }
 }
 
+/// An HTTP/2 (prior knowledge) connection to byokd's data listener, its task spawned.
+async fn h2_connect(
+    h: &Harness,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = TcpStream::connect(h.byokd.data_addr).await.unwrap();
+    let (send_req, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (send_req, tokio::spawn(conn))
+}
+
+/// `GET /byokd/usage` for acme over `send_req`, read to its end: the status.
+async fn h2_usage(
+    h: &Harness,
+    send_req: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+) -> http::StatusCode {
+    let req = http::Request::get(format!("http://{}/byokd/usage", h.byokd.data_addr))
+        .header("x-tenant-id", "acme")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send_req.send_request(req).await.unwrap();
+    let status = resp.status();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+/// `GET /byokd/usage` over HTTP/1.1, then silence: what came back before the server closed
+/// the connection (or 8 s passed), and how long after the request that was.
+async fn h1_usage_then_silence(h: &Harness) -> (String, Duration) {
+    let mut s = TcpStream::connect(h.byokd.data_addr).await.unwrap();
+    s.write_all(b"GET /byokd/usage HTTP/1.1\r\nhost: byokd\r\nx-tenant-id: acme\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let got = read_all(&mut s, Duration::from_secs(8)).await;
+    (got, started.elapsed())
+}
+
 /// A head sent a few bytes at a time (slow-loris) holds its connection for at most
 /// `header_timeout`, and so does an HTTP/1.1 connection waiting for its next head, whatever
 /// `keepalive_timeout` says.
@@ -198,36 +242,17 @@ async fn a_trickling_or_awaited_request_head_is_cut_after_header_timeout() {
     );
 
     // One whole request, then silence: closed after header_timeout, not keepalive_timeout.
-    let mut s = TcpStream::connect(h.byokd.data_addr).await.unwrap();
-    s.write_all(b"GET /byokd/usage HTTP/1.1\r\nhost: byokd\r\nx-tenant-id: acme\r\n\r\n")
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let got = read_all(&mut s, Duration::from_secs(8)).await;
+    let (got, closed_after) = h1_usage_then_silence(&h).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the idle HTTP/1.1 connection stayed open {:?}",
-        started.elapsed()
+        closed_after < Duration::from_secs(4),
+        "the idle HTTP/1.1 connection stayed open {closed_after:?}"
     );
 
     // HTTP/2 awaits no head between requests: its idle connection is kept for keepalive_timeout.
-    let tcp = TcpStream::connect(h.byokd.data_addr).await.unwrap();
-    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send_req, conn) = h2_connect(&h).await;
     for round in 0..2 {
-        let req = http::Request::get(format!("http://{}/byokd/usage", h.byokd.data_addr))
-            .header("x-tenant-id", "acme")
-            .body(http_body_util::Full::new(Bytes::new()))
-            .unwrap();
-        let resp = send_req.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200, "round {round}");
-        resp.into_body().collect().await.unwrap();
+        assert_eq!(h2_usage(&h, &mut send_req).await, 200, "round {round}");
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     assert!(!conn.is_finished());
@@ -237,35 +262,16 @@ async fn a_trickling_or_awaited_request_head_is_cut_after_header_timeout() {
 async fn idle_keep_alive_connections_are_closed() {
     let h = Harness::new("limits: { keepalive_timeout: 1s }").await;
     // HTTP/1.1: one request, then silence; the server closes the connection.
-    let mut s = TcpStream::connect(h.byokd.data_addr).await.unwrap();
-    s.write_all(b"GET /byokd/usage HTTP/1.1\r\nhost: byokd\r\nx-tenant-id: acme\r\n\r\n")
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let got = read_all(&mut s, Duration::from_secs(8)).await;
+    let (got, closed_after) = h1_usage_then_silence(&h).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    let closed_after = started.elapsed();
     assert!(
         closed_after < Duration::from_secs(4),
         "HTTP/1.1 connection still open after {closed_after:?}"
     );
 
     // HTTP/2: the connection ends (GOAWAY) once idle, not while a request is in flight.
-    let tcp = TcpStream::connect(h.byokd.data_addr).await.unwrap();
-    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
-    let req = http::Request::get(format!("http://{}/byokd/usage", h.byokd.data_addr))
-        .header("x-tenant-id", "acme")
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let resp = send_req.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.into_body().collect().await.unwrap();
+    let (mut send_req, conn) = h2_connect(&h).await;
+    assert_eq!(h2_usage(&h, &mut send_req).await, 200);
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(8), conn)
         .await
