@@ -332,7 +332,8 @@ async fn drive<C>(
     });
     let side = Arc::new(SideWake::default());
     let side_waker = std::task::Waker::from(side.clone());
-    // The idle bound passed and the connection was asked to close.
+    // The idle bound passed with nothing in flight: the connection was asked to close (or was
+    // already draining), and is dropped if it is still open a grace period later.
     let mut asked = false;
     let r = std::future::poll_fn(|cx| {
         side.task.register(cx.waker());
@@ -353,23 +354,31 @@ async fn drive<C>(
                 return Poll::Pending;
             }
             let quiet = state.active.load(Ordering::Acquire) == 0;
-            if asked && quiet {
-                // Still open a grace period after it was asked, with nothing in flight: a
-                // first request head that never completed, which hyper waits for before it
-                // closes. Nothing is lost by dropping the connection.
+            let since = state.idle_since();
+            let now = tokio::time::Instant::now();
+            if asked && quiet && since + CLOSE_GRACE <= now {
+                // Asked to close (or the server is draining) and still open, with nothing in
+                // flight for a grace period: a first request head that never completed, which
+                // hyper waits for before it closes. Nothing is lost by dropping it.
                 return Poll::Ready(Ok(()));
             }
             let bound = limits.idle_bound(&state);
-            let next = state.idle_since() + bound;
-            let now = tokio::time::Instant::now();
-            if !closing && quiet && next <= now {
-                closing = true;
-                asked = true;
-                conn.as_mut().shutdown_gracefully();
-                idle.as_mut().reset(now + CLOSE_GRACE);
+            // Every deadline set here is in the future: the next turn finds the timer pending.
+            let at = if !quiet {
+                now + bound
+            } else if since + bound <= now {
+                if !asked {
+                    asked = true;
+                    if !closing {
+                        closing = true;
+                        conn.as_mut().shutdown_gracefully();
+                    }
+                }
+                now + CLOSE_GRACE
             } else {
-                idle.as_mut().reset(if quiet { next } else { now + bound });
-            }
+                since + bound
+            };
+            idle.as_mut().reset(at);
             // Polled again so the timer registers its new deadline.
             side.fired.store(true, Ordering::Release);
         }

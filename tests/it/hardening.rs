@@ -258,6 +258,29 @@ async fn a_trickling_or_awaited_request_head_is_cut_after_header_timeout() {
     assert!(!conn.is_finished());
 }
 
+/// A drain does not wait on a connection whose first request head never completes (hyper's
+/// graceful close waits for that head); nor does the connection's task spin once its idle
+/// bound has passed during the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_with_a_request_head_still_coming_in() {
+    let h = Harness::new("limits: { header_timeout: 1s, drain_timeout: 20s }").await;
+    let mut s = TcpStream::connect(h.byokd.data_addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: byokd\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), h.byokd.shutdown())
+        .await
+        .expect("the drain never ended");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(read_all(&mut s, Duration::from_secs(2)).await, "");
+}
+
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let h = Harness::new("limits: { keepalive_timeout: 1s }").await;
