@@ -122,7 +122,8 @@ impl ConnLimits {
 struct ConnState {
     born: tokio::time::Instant,
     active: AtomicU32,
-    /// Milliseconds after `born` at which the last response ended.
+    /// Milliseconds after `born` at which the last response ended (or the connection was
+    /// ready for its first request).
     last_ms: AtomicU64,
     /// A request came over HTTP/2: no request head is awaited between requests.
     h2: std::sync::atomic::AtomicBool,
@@ -131,6 +132,12 @@ struct ConnState {
 impl ConnState {
     fn idle_since(&self) -> tokio::time::Instant {
         self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Notes now as the moment the connection last had nothing to do.
+    fn mark_idle(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -149,10 +156,7 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let ms = self.0.born.elapsed().as_millis();
-        self.0
-            .last_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.0.mark_idle();
         self.0.active.fetch_sub(1, Ordering::Release);
     }
 }
@@ -316,6 +320,9 @@ async fn drive<C>(
 ) where
     C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulConn,
 {
+    // Idle from now, not from the accept: a TLS handshake's time does not count against the
+    // first request head (hyper's own timer started here too).
+    state.mark_idle();
     let mut conn = std::pin::pin!(conn);
     let mut idle = std::pin::pin!(tokio::time::sleep(limits.idle_bound(&state)));
     let mut closing = *stop.borrow_and_update();
