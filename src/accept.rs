@@ -305,8 +305,9 @@ pub async fn serve<F, Fut, B>(
 
 /// Runs one connection to its end: asks it to finish when the server shuts down, or when it
 /// has had no request in flight for its idle bound ([`ConnLimits::idle_bound`]). Asked while
-/// a request head is only partly in, hyper closes the connection without an answer, as its own
-/// header-read timer did.
+/// a later request head is only partly in, hyper closes the connection without an answer, as
+/// its own header-read timer did; a first head it waits for, so that connection is dropped
+/// [`CLOSE_GRACE`] later.
 ///
 /// The connection is polled on every wake-up of its task (about three a request); the stop
 /// signal and the idle timer only when one of them woke it. They are polled with a waker that
